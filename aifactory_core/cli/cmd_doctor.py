@@ -1,0 +1,51 @@
+"""``aifactory doctor``: host readiness for passthrough — each check PASS/WARN/FAIL with the fix."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from aifactory_core.errors import EXIT_CHECK_FAILED, EXIT_OK
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("doctor", help="check the host's readiness for GPU/NIC passthrough")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run_checks(context: Any) -> list[Any]:
+    from aifactory_core.devices import discover_devices
+    from aifactory_core.host.inventory import HostInventory
+
+    manager, _loaded = context.plugins
+    inventory = HostInventory(context.host)
+    devices = discover_devices(manager, inventory)
+    checks = []
+    for result in manager.hook.aifactory_doctor_checks(inventory=inventory, devices=devices, config=context.config):
+        checks.extend(result or ())
+    if not any(device.kind in ("gpu", "accelerator") for device in devices):
+        from aifactory_core.model import Check
+
+        checks.append(Check("gpus", "WARN", "no GPU or accelerator found on this host",
+                            fix="check the card is seated and visible in lspci"))
+    return checks
+
+
+def run(args: argparse.Namespace, context: Any) -> int:
+    checks = run_checks(context)
+    failed = any(check.status == "FAIL" for check in checks)
+    if args.json:
+        from aifactory_core.cli.output import print_json
+
+        print_json({"ok": not failed, "checks": checks})
+    else:
+        out = sys.stdout
+        for check in checks:
+            subject = f" [{check.subject}]" if check.subject else ""
+            out.write(f"{check.status:<4}  {check.name}{subject}: {check.message}\n")
+            if check.fix and check.status in ("WARN", "FAIL"):
+                out.write(f"      fix: {check.fix}\n")
+        counts = {status: sum(check.status == status for check in checks) for status in ("PASS", "WARN", "FAIL")}
+        out.write(f"\n{counts['PASS']} passed, {counts['WARN']} warnings, {counts['FAIL']} failed\n")
+    return EXIT_CHECK_FAILED if failed else EXIT_OK

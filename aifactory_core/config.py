@@ -1,0 +1,135 @@
+"""The suite's one configuration file (TOML), validated at load with errors naming the bad key.
+
+Location: ``--config FILE``, else ``$AIFACTORY_CONFIG``, else ``/etc/one/aifactory.conf``. A missing
+default file means built-in defaults; a missing file that was asked for is an error.
+
+Sections: ``[plugins]`` (which plugins run, in which order), ``[host]`` (host-wide facts the
+kernel cannot tell), and ``[plugin.NAME]`` tables handed to the plugin called NAME.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aifactory_core.cpulist import parse_cpulist
+from aifactory_core.errors import ConfigError, UsageError
+from aifactory_core.validate import pci_address
+
+DEFAULT_PATH = "/etc/one/aifactory.conf"
+ENV_CONFIG = "AIFACTORY_CONFIG"
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class PluginsConfig:
+    enabled: tuple[str, ...] | None = None
+    disabled: tuple[str, ...] = ()
+    order: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    reserved_cpus: frozenset[int] = frozenset()
+    host_devices: tuple[str, ...] = ()
+    state_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str | None = None
+    plugins: PluginsConfig = field(default_factory=PluginsConfig)
+    host: HostConfig = field(default_factory=HostConfig)
+    plugin_sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    def plugin(self, name: str) -> Mapping[str, Any]:
+        """The ``[plugin.NAME]`` table, empty when absent."""
+        return self.plugin_sections.get(name, {})
+
+
+def _names(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ConfigError(f"config key {key!r} must be a list of plugin names")
+    return tuple(value)
+
+
+def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"unknown config key '{where}.{key}' (allowed: {', '.join(sorted(allowed))})")
+
+
+def _plugins(table: Any) -> PluginsConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("config key 'plugins' must be a table")
+    _check_keys(table, {"enabled", "disabled", "order"}, "plugins")
+    enabled = _names(table["enabled"], "plugins.enabled") if "enabled" in table else None
+    return PluginsConfig(
+        enabled=enabled,
+        disabled=_names(table.get("disabled", []), "plugins.disabled"),
+        order=_names(table.get("order", []), "plugins.order"),
+    )
+
+
+def _host(table: Any) -> HostConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("config key 'host' must be a table")
+    _check_keys(table, {"reserved_cpus", "host_devices", "state_dir"}, "host")
+    reserved = table.get("reserved_cpus", "")
+    if not isinstance(reserved, str):
+        raise ConfigError("config key 'host.reserved_cpus' must be a CPU list string such as \"0-1,56-57\"")
+    try:
+        reserved_cpus = parse_cpulist(reserved, "host.reserved_cpus")
+    except UsageError as error:
+        raise ConfigError(f"config key 'host.reserved_cpus': {error.message}") from None
+    devices = table.get("host_devices", [])
+    if not isinstance(devices, list):
+        raise ConfigError("config key 'host.host_devices' must be a list of PCI addresses")
+    try:
+        host_devices = tuple(pci_address(item) for item in devices)
+    except UsageError as error:
+        raise ConfigError(f"config key 'host.host_devices': {error.message}") from None
+    state_dir = table.get("state_dir")
+    if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
+        raise ConfigError("config key 'host.state_dir' must be an absolute path")
+    return HostConfig(reserved_cpus, host_devices, state_dir)
+
+
+def parse_config(data: Mapping[str, Any], path: str | None = None) -> Config:
+    _check_keys(data, {"plugins", "host", "plugin"}, "")
+    sections = data.get("plugin", {})
+    if not isinstance(sections, dict) or not all(isinstance(value, dict) for value in sections.values()):
+        raise ConfigError("config key 'plugin' must hold tables such as [plugin.vfio]")
+    return Config(
+        path=path,
+        plugins=_plugins(data.get("plugins", {})),
+        host=_host(data.get("host", {})),
+        plugin_sections=sections,
+    )
+
+
+def load_config(option: str | None = None) -> Config:
+    """Load and validate the configuration (see the module docstring for where it comes from)."""
+    import tomllib
+
+    explicit = option or os.environ.get(ENV_CONFIG)
+    path = Path(explicit or DEFAULT_PATH)
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {str(path)!r} not found") from None
+        return Config()
+    except OSError as error:
+        raise ConfigError(f"config file {str(path)!r} unreadable: {error.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {str(path)!r}: {error}") from None
+    return parse_config(data, str(path))

@@ -1,0 +1,128 @@
+"""The public plugin API: every point where the suite acts, as pluggy hook specifications.
+
+A plugin is a module (or object) with functions named like the specs below, decorated with
+:data:`hookimpl`, registered through the ``aifactory.plugins`` entry-point group::
+
+    [project.entry-points."aifactory.plugins"]
+    acme_gpu = "acme_aifactory.plugin"
+
+Each plugin module declares the API version it targets as ``AIFACTORY_API_VERSION = 1``; the
+plugin manager refuses plugins built for a newer API than this core provides. Implementations may
+accept a subset of a spec's arguments (pluggy passes only those they name).
+
+Call order: pluggy calls implementations last-registered-first; the plugin manager registers in
+reverse of the configured order so that ``[plugins] order = ["a", "b"]`` calls ``a`` before ``b``.
+Hooks marked *firstresult* stop at the first implementation that returns something other than
+``None``; the others collect every non-``None`` result into a list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from aifactory_core.config import Config
+    from aifactory_core.host.inventory import HostInventory
+    from aifactory_core.model import Action, Check, DiscoveredDevice, ProbeAttribute
+
+PROJECT = "aifactory"
+API_VERSION = 1
+"""The hook API this core provides. Bumped on any incompatible change to a spec below."""
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -> None:
+    """Called once after loading, with the plugin's own ``[plugin.NAME]`` table as ``section``.
+
+    Validate it here and raise :class:`aifactory_core.errors.ConfigError` naming the bad key.
+    Every plugin receives every call; compare ``name`` with your own plugin name.
+    """
+
+
+@hookspec
+def aifactory_discover_devices(inventory: HostInventory) -> Iterable[DiscoveredDevice] | None:
+    """Device discovery: return the devices this plugin recognises on the host.
+
+    ``inventory`` is the host model (PCI functions, NUMA nodes, CPUs, interfaces, IOMMU groups).
+    Return :class:`~aifactory_core.model.DiscoveredDevice` objects — ``kind`` ``gpu``, ``nic``,
+    ``dpu``, ``nvswitch``, ... — with companions (other functions of the same device that must
+    travel with it, such as a GPU's audio function). Called by ``inventory``, ``doctor`` and the
+    probes. A function claimed by several plugins is kept from the first in call order.
+    """
+
+
+@hookspec
+def aifactory_device_health(
+    inventory: HostInventory, device: DiscoveredDevice
+) -> Iterable[ProbeAttribute] | None:
+    """Device health: readings and a verdict for one device this plugin owns (else ``None``)."""
+
+
+@hookspec
+def aifactory_doctor_checks(
+    inventory: HostInventory, devices: Sequence[DiscoveredDevice], config: Config
+) -> Iterable[Check] | None:
+    """Host readiness: return :class:`~aifactory_core.model.Check` results (PASS/WARN/FAIL + fix).
+
+    ``devices`` are the devices every plugin discovered (see ``aifactory_discover_devices``).
+    Return nothing for checks that do not apply to this host.
+    """
+
+
+@hookspec
+def aifactory_admit(inventory: HostInventory, request: Any, config: Config) -> Iterable[str] | None:
+    """Per-VM admission/policy: return refusal reasons (each names the rule); empty to admit.
+
+    ``request`` is the :class:`aifactory_core.one.vm.VmRequest` parsed from OpenNebula's VM
+    document. Runs on the frontend at creation and again on the host before anything is bound;
+    one refusal from any plugin refuses the VM.
+    """
+
+
+@hookspec
+def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) -> Iterable[Action] | None:
+    """Before boot: return the host changes this VM needs (bind to vfio-pci, create a VF, ...).
+
+    Return :class:`~aifactory_core.model.Action` objects instead of acting: the lifecycle
+    journals, executes and, on any failure, undoes them in reverse — which gives dry-run, explain,
+    rollback and crash repair for every plugin alike.
+    """
+
+
+@hookspec
+def aifactory_domain_xml(inventory: HostInventory, request: Any, domain: Any, config: Config) -> None:
+    """Domain-XML contribution: edit the libvirt ``<domain>`` element (lxml) in place.
+
+    Called in plugin order on the deployment file OpenNebula generated, after ``prepare``.
+    Keep edits additive and idempotent (the same VM may be deployed again).
+    """
+
+
+@hookspec
+def aifactory_release(inventory: HostInventory, request: Any, config: Config) -> Iterable[Action] | None:
+    """After shutdown: return the actions that give the host back what ``prepare`` took."""
+
+
+@hookspec
+def aifactory_network_setup(
+    inventory: HostInventory, request: Any, nic: Any, config: Config
+) -> Iterable[Action] | None:
+    """Network setup for one VM NIC (VF MAC/VLAN/trust/rate, IB GUID/pkey, representor port)."""
+
+
+@hookspec
+def aifactory_network_teardown(
+    inventory: HostInventory, request: Any, nic: Any, config: Config
+) -> Iterable[Action] | None:
+    """Network teardown for one VM NIC: scrub the VF to a verified clean state, unplug ports."""
+
+
+@hookspec
+def aifactory_probe_attributes(inventory: HostInventory, probe: str) -> Iterable[ProbeAttribute] | None:
+    """Monitoring: attributes for an OpenNebula probe (``host-system``, ``vm-monitor``)."""

@@ -1,0 +1,49 @@
+"""Tolerant readers for sysfs attribute files (missing or unreadable gives ``None``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def read_str(path: Path) -> str | None:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(65536).strip()
+    except OSError:
+        return None
+
+
+def read_int(path: Path, base: int = 10) -> int | None:
+    text = read_str(path)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text, base)
+    except ValueError:
+        return None
+
+
+def read_hex(path: Path) -> int | None:
+    text = read_str(path)
+    if not text:
+        return None
+    try:
+        return int(text, 16)
+    except ValueError:
+        return None
+
+
+def link_name(path: Path) -> str | None:
+    """The last component of a symlink's target (``driver`` -> ``nvidia``), or None."""
+    try:
+        return os.path.basename(os.readlink(path))
+    except OSError:
+        return None
+
+
+def list_dir(path: Path) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []

@@ -1,0 +1,1 @@
+"""Built-in aifactory plugins; each module registers through the aifactory.plugins entry points."""

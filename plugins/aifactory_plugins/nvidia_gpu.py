@@ -1,0 +1,126 @@
+"""NVIDIA GPUs and NVSwitches: discovery (with companion functions) and driver readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from aifactory_core.config import Config
+from aifactory_core.hookspecs import hookimpl
+from aifactory_core.host.inventory import HostInventory
+from aifactory_core.host.sysfs import list_dir, read_str
+from aifactory_core.model import PCI_CLASS_DISPLAY, Check, DiscoveredDevice, PciDevice
+from aifactory_plugins.pci_names import model_name
+
+AIFACTORY_API_VERSION = 1
+NAME = "nvidia_gpu"
+NVIDIA = 0x10DE
+_BRIDGE_OTHER = 0x0680  # NVSwitch functions report "bridge: other"
+_HOLDER_NAMES = ("nvidia-persistenced", "nv-hostengine", "nv-fabricmanager", "dcgm")
+
+
+def _is_gpu(device: PciDevice) -> bool:
+    return device.vendor_id == NVIDIA and device.base_class == PCI_CLASS_DISPLAY and not device.is_vf
+
+
+def _is_nvswitch(device: PciDevice) -> bool:
+    return device.vendor_id == NVIDIA and device.class_code >> 8 == _BRIDGE_OTHER
+
+
+def _companions(inventory: HostInventory, device: PciDevice) -> tuple[str, ...]:
+    """Other functions of the same physical GPU (HD audio, USB-C, UCSI) that travel with it."""
+    return tuple(
+        other.address
+        for other in inventory.pci.values()
+        if other.slot == device.slot and other.address != device.address
+    )
+
+
+@hookimpl
+def aifactory_discover_devices(inventory: HostInventory) -> Iterable[DiscoveredDevice]:
+    devices = []
+    for device in inventory.pci.values():
+        if _is_gpu(device):
+            kind = "gpu"
+        elif _is_nvswitch(device):
+            kind = "nvswitch"
+        else:
+            continue
+        node = inventory.device_node(device)
+        devices.append(
+            DiscoveredDevice(
+                address=device.address,
+                kind=kind,  # type: ignore[arg-type]
+                vendor="NVIDIA",
+                model=device.device_name or model_name(device.vendor_id, device.device_id),
+                plugin=NAME,
+                companions=_companions(inventory, device),
+                details=(
+                    ("driver", device.driver or "-"),
+                    ("numa_node", "-" if node is None else str(node)),
+                    ("reset_method", " ".join(device.reset_methods) or "-"),
+                ),
+            )
+        )
+    return devices
+
+
+def _running_holders(inventory: HostInventory) -> list[str]:
+    """NVIDIA daemons that keep /dev/nvidia* open (and so block an unbind), by name and PID."""
+    found = []
+    proc = inventory.host.proc
+    for pid in list_dir(proc):
+        if not pid.isdigit():
+            continue
+        comm = read_str(proc / pid / "comm") or ""
+        # comm is cut at 15 characters: "nvidia-persistenced" reads "nvidia-persiste"
+        if comm and any(name[:15] == comm or comm.startswith(name) for name in _HOLDER_NAMES):
+            found.append(f"{comm}[{pid}]")
+    return found
+
+
+@hookimpl
+def aifactory_doctor_checks(
+    inventory: HostInventory, devices: Sequence[DiscoveredDevice], config: Config
+) -> Iterable[Check]:
+    gpus = [device for device in devices if device.kind == "gpu" and device.plugin == NAME]
+    if not gpus:
+        return []
+    checks = []
+    on_nvidia = [gpu.address for gpu in gpus if inventory.pci[gpu.address].driver == "nvidia"]
+    on_vfio = [gpu.address for gpu in gpus if inventory.pci[gpu.address].driver == "vfio-pci"]
+    version = read_str(inventory.host.path("/sys/module/nvidia/version"))
+    if on_nvidia:
+        checks.append(Check("nvidia-driver", "PASS",
+                            f"NVIDIA driver {version or '(version unknown)'} holds {', '.join(on_nvidia)}"))
+    elif not on_vfio:
+        checks.append(Check("nvidia-driver", "WARN", "no NVIDIA GPU is bound to nvidia or vfio-pci",
+                            fix="install the NVIDIA driver for host monitoring, or load vfio-pci"))
+    holders = _running_holders(inventory)
+    if on_nvidia and holders:
+        checks.append(Check(
+            "nvidia-holders", "WARN",
+            f"processes that keep GPUs open (an unbind for passthrough waits for them): {' '.join(holders)}",
+            fix="let aifactory stop them per GPU, or run them only on GPUs kept for the host pool"))
+    for gpu in gpus:
+        device = inventory.pci[gpu.address]
+        if device.link.degraded:
+            checks.append(Check("gpu-pcie-link", "WARN",
+                                f"link trained at {device.link.current_speed} x{device.link.current_width}, "
+                                f"maximum {device.link.max_speed} x{device.link.max_width}",
+                                fix="reseat the GPU or check the riser/retimer", subject=gpu.address))
+        if not device.reset_methods:
+            checks.append(Check("gpu-reset-method", "WARN", "no reset method: the GPU cannot be "
+                                "sanitised between tenants", fix="check the platform's slot reset support",
+                                subject=gpu.address))
+    nvswitches = [device for device in devices if device.kind == "nvswitch"]
+    if nvswitches:
+        fabric = any(name.startswith("nv-fabricmanager") for name in holders)
+        checks.append(Check("nvswitch-fabric", "PASS" if fabric else "WARN",
+                            f"{len(nvswitches)} NVSwitches; Fabric Manager {'running' if fabric else 'not running'}",
+                            fix=None if fabric else "start nvidia-fabricmanager (shared NVSwitch mode for VMs)"))
+    if on_nvidia:
+        persistence = any(name.startswith("nvidia-persiste") for name in holders)
+        checks.append(Check("nvidia-persistence", "PASS" if persistence else "WARN",
+                            f"persistence daemon {'running' if persistence else 'not running'}",
+                            fix=None if persistence else "enable nvidia-persistenced for GPUs of the host pool"))
+    return checks

@@ -1,0 +1,1 @@
+"""Example aifactory vendor plugin: PCI processing accelerators."""
