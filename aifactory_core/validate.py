@@ -37,7 +37,7 @@ def pci_address(value: object) -> str:
     """
     text = _clean(value, "PCI address")
     for pattern, has_domain in ((_PCI_ADDRESS, True), (_PCI_ONE, True), (_PCI_SHORT, False)):
-        match = pattern.match(text)
+        match = pattern.fullmatch(text)
         if match:
             groups = match.groups()
             if not has_domain:
@@ -48,14 +48,14 @@ def pci_address(value: object) -> str:
 
 def driver_name(value: object) -> str:
     """A kernel driver name as it appears under /sys/bus/pci/drivers (no '/', no spaces)."""
-    if not isinstance(value, str) or not _DRIVER.match(value):
+    if not isinstance(value, str) or not _DRIVER.fullmatch(value):
         raise UsageError(f"invalid driver name {value!r}: letters, digits, '_', '-', '.' only")
     return value
 
 
 def ifname(value: object) -> str:
     """A Linux network interface name (at most 15 characters, no '/', no spaces)."""
-    if not isinstance(value, str) or not _IFNAME.match(value) or value in (".", ".."):
+    if not isinstance(value, str) or not _IFNAME.fullmatch(value) or value in (".", ".."):
         raise UsageError(f"invalid interface name {value!r}")
     return value
 
@@ -63,7 +63,7 @@ def ifname(value: object) -> str:
 def mac_address(value: object, *, allow_multicast: bool = False) -> str:
     """A unicast MAC address in lower-case colon form."""
     text = _clean(value, "MAC address").replace("-", ":")
-    if not _MAC.match(text):
+    if not _MAC.fullmatch(text):
         raise UsageError(f"invalid MAC address {value!r}")
     if not allow_multicast and int(text[:2], 16) & 1:
         raise UsageError(f"MAC address {value!r} is multicast")
@@ -73,7 +73,7 @@ def mac_address(value: object, *, allow_multicast: bool = False) -> str:
 def hex_id(value: object, what: str = "PCI id") -> int:
     """A 16-bit hexadecimal identifier such as a PCI vendor or device id ('10de', '0x10de')."""
     text = _clean(value, what)
-    if not _HEX16.match(text):
+    if not _HEX16.fullmatch(text):
         raise UsageError(f"invalid {what} {value!r}: expected up to 4 hex digits")
     return int(text, 16)
 

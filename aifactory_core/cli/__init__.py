@@ -23,8 +23,8 @@ if TYPE_CHECKING:
     import pluggy
 
     from aifactory_core.config import Config
-    from aifactory_core.plugins import LoadedPlugin
     from aifactory_core.hostroot import HostRoot
+    from aifactory_core.plugins import LoadedPlugin
 
 # command name -> (module under aifactory_core.cli, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {

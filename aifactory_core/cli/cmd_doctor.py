@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aifactory_core.errors import EXIT_CHECK_FAILED, EXIT_OK
+
+if TYPE_CHECKING:
+    from aifactory_core.model import Check
 
 
 def add_parser(subparsers: Any) -> None:
@@ -14,19 +17,18 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def run_checks(context: Any) -> list[Any]:
+def run_checks(context: Any) -> list[Check]:
     from aifactory_core.devices import discover_devices
     from aifactory_core.host.inventory import HostInventory
+    from aifactory_core.model import Check
 
     manager, _loaded = context.plugins
     inventory = HostInventory(context.host)
     devices = discover_devices(manager, inventory)
-    checks = []
+    checks: list[Check] = []
     for result in manager.hook.aifactory_doctor_checks(inventory=inventory, devices=devices, config=context.config):
         checks.extend(result or ())
     if not any(device.kind in ("gpu", "accelerator") for device in devices):
-        from aifactory_core.model import Check
-
         checks.append(Check("gpus", "WARN", "no GPU or accelerator found on this host",
                             fix="check the card is seated and visible in lspci"))
     return checks

@@ -59,7 +59,9 @@ def aifactory_discover_devices(inventory: HostInventory) -> Iterable[DiscoveredD
 
 
 @hookimpl
-def aifactory_device_health(inventory: HostInventory, device: DiscoveredDevice) -> Iterable[ProbeAttribute] | None:
+def aifactory_device_health(
+    inventory: HostInventory, device: DiscoveredDevice
+) -> Iterable[ProbeAttribute] | None:
     if device.plugin != NAME:
         return None
     pci = inventory.pci[device.address]
@@ -78,7 +80,8 @@ def aifactory_doctor_checks(inventory: HostInventory, devices: Sequence[Discover
             continue
         width = inventory.pci[device.address].link.current_width
         if width is not None and width < _settings["expected_link_width"]:
-            checks.append(Check("accelerator-link", "WARN", f"link x{width}, expected x{_settings['expected_link_width']}",
+            expected = _settings["expected_link_width"]
+            checks.append(Check("accelerator-link", "WARN", f"link x{width}, expected x{expected}",
                                 fix="reseat the card", subject=device.address))
         else:
             checks.append(Check("accelerator-link", "PASS", f"link x{width}", subject=device.address))

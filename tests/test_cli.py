@@ -1,0 +1,90 @@
+"""The ``aifactory`` command as a real process: exit codes, one-line errors, JSON output."""
+
+import json
+from pathlib import Path
+
+from hostroots import run_cli
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("aifactory ")
+
+
+def test_inventory_json_lists_the_h100_from_the_real_capture(h100_root: Path) -> None:
+    result = run_cli("--host-root", str(h100_root), "inventory", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    gpus = [device for device in data["devices"] if device["kind"] == "gpu"]
+    assert [gpu["address"] for gpu in gpus] == ["0000:00:06.0"]
+    gpu = gpus[0]
+    assert gpu["ids"] == "10de:2330"
+    assert gpu["driver"] == "nvidia"
+    assert gpu["reset_method"] == ["flr"]
+    assert gpu["numa_node"] == 0 and gpu["numa_node_reported"] is None
+    assert gpu["plugin"] == "nvidia_gpu"
+    assert data["numa_nodes"][0]["cpus"] == "0-15"
+
+
+def test_bundled_sample_is_the_same_capture(h100_root: Path) -> None:
+    sample = json.loads(run_cli("--host-root", "sample:h100-pcie-vm", "inventory", "--json").stdout)
+    direct = json.loads(run_cli("--host-root", str(h100_root), "inventory", "--json").stdout)
+    assert sample["devices"] == direct["devices"]
+
+
+def test_host_root_from_environment(h100_root: Path) -> None:
+    result = run_cli("inventory", "--json", env={"AIFACTORY_HOST_ROOT": str(h100_root)})
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["host_root"] == str(h100_root)
+
+
+def test_plugins_lists_builtins_and_the_example_vendor_plugin() -> None:
+    result = run_cli("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    plugins = {plugin["name"]: plugin for plugin in json.loads(result.stdout)}
+    assert {"vfio", "nvidia_gpu", "pci_inventory", "numa"} <= plugins.keys()
+    assert "example_accel" in plugins, "install it: pip install --no-deps ./plugins/examples/aifactory-example-accel"
+    assert plugins["example_accel"]["distribution"] == "aifactory-example-accel"
+    assert "aifactory_discover_devices" in plugins["example_accel"]["hooks"]
+    assert plugins["nvidia_gpu"]["module"] == "aifactory_plugins.nvidia_gpu"
+
+
+def test_doctor_on_this_machine_fails_with_fixes_and_no_traceback() -> None:
+    # This CI-class machine has no IOMMU and no GPU: doctor must say so, with fixes, and exit 1.
+    result = run_cli("doctor")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("FAIL  iommu-") for line in lines)
+    assert any(line.strip().startswith("fix: ") for line in lines)
+
+
+def test_doctor_json(h100_root: Path) -> None:
+    result = run_cli("--host-root", str(h100_root), "doctor", "--json")
+    data = json.loads(result.stdout)
+    assert result.returncode == 1 and data["ok"] is False
+    by_name = {check["name"]: check for check in data["checks"]}
+    assert by_name["nvidia-driver"]["status"] == "PASS"
+    assert by_name["iommu-kernel"]["status"] == "FAIL"
+
+
+def test_missing_host_root_is_a_usage_error() -> None:
+    result = run_cli("--host-root", "/nonexistent/aifactory", "inventory")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "not a directory" in result.stderr
+
+
+def test_unknown_command_and_option_are_usage_errors() -> None:
+    for args in (("frobnicate",), ("inventory", "--bogus"), ()):
+        result = run_cli(*args)
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "aifactory.conf"
+    config.write_text('[host]\nreserved_cpus = "0-1"\nreserverd = 1\n')
+    result = run_cli("--config", str(config), "plugins")
+    assert result.returncode == 2
+    assert "host.reserverd" in result.stderr and result.stderr.count("\n") == 1
