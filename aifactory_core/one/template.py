@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from aifactory_core.errors import DocumentError
 
-KEY = re.compile(r"^[A-Z0-9_]+$")
+KEY = re.compile(r"\A[A-Z0-9_]+\Z")
 _READ_NAME = re.compile(r"[A-Za-z0-9_]+")
 _UNQUOTED = re.compile(r'[^=#\t \n,\[\]]+')
 # Characters XML 1.0 cannot carry (oned keeps templates as XML): C0 controls other than

@@ -59,9 +59,9 @@ PIN_POLICIES = frozenset({"NONE", "CORE", "THREAD", "SHARED"})
 MEMORY_ACCESS = frozenset({"shared", "private"})
 MAX_ID = 2**31 - 1
 MAX_VNI = 2**24 - 1  # VLAN_ID doubles as the VXLAN VNI
-_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,254}$")
-_CPU_LIST = re.compile(r"^\d{1,5}(,\d{1,5})*$")
-_ATTR_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_SAFE_TOKEN = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,254}\Z")
+_CPU_LIST = re.compile(r"\A\d{1,5}(,\d{1,5})*\Z")
+_ATTR_NAME = re.compile(r"\A[A-Za-z0-9_]+\Z")
 
 
 # --------------------------------------------------------------------------------------------

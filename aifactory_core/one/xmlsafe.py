@@ -210,6 +210,9 @@ def parse_base64_xml(
 
 
 def looks_like_xml(data: bytes) -> bool:
-    """True when ``data`` (after a BOM and whitespace) starts with '<': XML rather than base64."""
+    """True when ``data`` looks like XML rather than base64: it starts with '<' after a byte-order
+    mark and whitespace (UTF-16/32 count as XML, so that the UTF-8 check names the problem)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return True
     body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-    return body.lstrip()[:1] == b"<"
+    return body.lstrip(b" \t\r\n\x00")[:1] == b"<"
