@@ -1,3 +1,3 @@
-"""Test-wide plugins: host-root fixtures (hostroots) and the real-kernel test host (testhost)."""
+"""Shared pytest setup for the whole suite (keep minimal; fixtures live in their own modules)."""
 
-pytest_plugins = ["hostroots"]
+pytest_plugins = ["hostroots", "testhost.pytest_plugin"]
