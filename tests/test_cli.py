@@ -88,3 +88,24 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
     result = run_cli("--config", str(config), "plugins")
     assert result.returncode == 2
     assert "host.reserverd" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_doctor_on_the_dgx_shaped_host_reports_group_isolation_per_gpu(dgx_root: Path) -> None:
+    result = run_cli("--host-root", str(dgx_root), "doctor", "--json")
+    assert "Traceback" not in result.stderr
+    data = json.loads(result.stdout)
+    inventory = json.loads(run_cli("--host-root", str(dgx_root), "inventory", "--json").stdout)
+    gpus = sorted(device["address"] for device in inventory["devices"] if device["kind"] == "gpu")
+    assert len(gpus) == 8
+    isolation = {check["subject"]: check for check in data["checks"] if check["name"] == "iommu-group"}
+    for gpu in gpus:
+        assert isolation[gpu]["status"] == "PASS", isolation[gpu]
+    assert {check["name"] for check in data["checks"]} >= {"iommu-firmware", "iommu-kernel", "vfio-modules"}
+
+
+def test_inventory_places_gpus_on_their_nodes(dgx_root: Path, dgx_nps4_root: Path) -> None:
+    for root, expected in ((dgx_root, [0, 0, 0, 0, 1, 1, 1, 1]), (dgx_nps4_root, [0, 0, 1, 1, 2, 2, 3, 3])):
+        data = json.loads(run_cli("--host-root", str(root), "inventory", "--json").stdout)
+        gpus = sorted((device for device in data["devices"] if device["kind"] == "gpu"), key=lambda d: d["address"])
+        assert [gpu["numa_node"] for gpu in gpus] == expected
+        assert len(data["numa_nodes"]) == max(expected) + 1
