@@ -206,6 +206,41 @@ def test_bars_sit_inside_the_windows_of_every_bridge_above(any_root: Path) -> No
     assert checked > 10
 
 
+def extended_capabilities(config: bytes) -> dict[int, int]:
+    """Extended capability id -> offset, walking the chain from 0x100."""
+    found: dict[int, int] = {}
+    offset = 0x100
+    while offset and len(found) < 32:
+        (header,) = struct.unpack_from("<I", config, offset)
+        if header == 0:
+            break
+        found[header & 0xFFFF] = offset
+        offset = header >> 20
+    return found
+
+
+def test_sriov_capability_in_config_agrees_with_sysfs(any_root: Path) -> None:
+    checked = 0
+    for bdf in devices(any_root):
+        base = any_root / "sys/bus/pci/devices" / bdf
+        if not (base / "sriov_totalvfs").exists():
+            continue
+        config = (base / "config").read_bytes()
+        at = extended_capabilities(config)[0x0010]
+        total, numvfs = struct.unpack_from("<H", config, at + 0x0E)[0], struct.unpack_from("<H", config, at + 0x10)[0]
+        offset, stride, _, vf_device = struct.unpack_from("<HHHH", config, at + 0x14)
+        assert total == int(pci(any_root, bdf, "sriov_totalvfs"))
+        assert numvfs == int(pci(any_root, bdf, "sriov_numvfs"))
+        assert (offset, stride) == (int(pci(any_root, bdf, "sriov_offset")), int(pci(any_root, bdf, "sriov_stride")))
+        assert vf_device == int(pci(any_root, bdf, "sriov_vf_device"), 16)
+        iov = pci(any_root, bdf, "resource").splitlines()[7]  # VF BAR0 region
+        if int(iov.split()[1], 16):
+            low, high = struct.unpack_from("<II", config, at + 0x24)
+            assert (high << 32 | low & 0xFFFFFFF0) == int(iov.split()[0], 16)
+        checked += 1
+    assert checked > 0
+
+
 def test_bars_are_naturally_aligned(any_root: Path) -> None:
     for bdf in devices(any_root):
         for line in pci(any_root, bdf, "resource").splitlines()[:13]:
