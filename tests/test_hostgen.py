@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -132,7 +133,7 @@ def test_bus_entries_point_into_a_pci_hierarchy_under_sys_devices(any_root: Path
         assert re.fullmatch(r"pci[0-9a-f]{4}:[0-9a-f]{2}", parts[4])
         assert all(BDF.match(part) for part in parts[5:])
         # every directory between the root and the device is a bridge whose secondary bus holds the child
-        for parent, child in zip(parts[5:-1], parts[6:], strict=True):
+        for parent, child in itertools.pairwise(parts[5:]):
             assert pci(any_root, parent, "class").startswith("0x0604")
             assert int(pci(any_root, parent, "secondary_bus_number")) == int(child[5:7], 16)
 
