@@ -17,10 +17,7 @@ import pytest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOPOLOGIES = FIXTURES / "topologies"
-CAPTURE_CANDIDATES = (
-    FIXTURES / "hosts" / "h100-pcie-vm" / "sysfs.tar.gz",
-    Path("/work/shared/fixtures/hosts/h100-pcie-vm/sysfs.tar.gz"),
-)
+CAPTURE_CANDIDATES = (FIXTURES / "hosts" / "h100-pcie-vm" / "sysfs.tar.gz",)
 
 sys.path.insert(0, str(FIXTURES))
 try:
