@@ -87,8 +87,10 @@ def test_pinned_domain_threads_follow_vcpupin_emulatorpin_numatune(libvirt_conn:
 
 
 def test_domain_with_unmanaged_vfio_hostdev_starts(
-    libvirt_conn: Virsh, started: list[str], e1000e_on_vfio: str
+    libvirt_conn: Virsh, e1000e_on_vfio: str, started: list[str]
 ) -> None:
+    # Fixture order matters: `started` is torn down first (domain destroyed) and only then is
+    # the e1000e unbound from vfio-pci; unbinding a device QEMU still holds blocks forever.
     domain, bus, slot_fn = e1000e_on_vfio.split(":")
     slot, function = slot_fn.split(".")
     hostdev = HOSTDEV.format(domain=domain, bus=bus, slot=slot, function=function)

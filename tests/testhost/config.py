@@ -88,7 +88,7 @@ class GuestConfig:
     udev: UdevMode = "pci"
     kernel_version: str | None = None  # None: AIFACTORY_TESTHOST_KVER, else newest Debian kernel
     boot_timeout_s: float = 180.0  # kernel start until the guest init says TESTHOST-READY
-    session_timeout_s: float = 900.0  # the whole boot + pytest session
+    session_timeout_s: float = 600.0  # the whole boot + pytest session
     extra_append: tuple[str, ...] = ()
     extra_qemu: tuple[str, ...] = field(default=())
 

@@ -135,7 +135,7 @@ class HostSide:
         nodeids = [i.nodeid for i in items]
         libvirt = any(LIBVIRT_FIXTURE in getattr(i, "fixturenames", ()) for i in items)
         out_dir = Path(tempfile.mkdtemp(prefix="aifactory-testhost-"))
-        job = self._job(nodeids, kver, out_dir, libvirt)
+        job = self._job(guest, nodeids, kver, out_dir, libvirt)
         self._say(f"booting {kver} under QEMU/TCG for {len(nodeids)} realkernel test(s)...")
         try:
             result = runner.run(guest, job, out_dir)
@@ -160,13 +160,15 @@ class HostSide:
             error += result.console_tail()
         return _Verdict(results, session_error=error if not results else None, log_note=note)
 
-    def _job(self, nodeids: list[str], kver: str, out_dir: Path, libvirt: bool) -> runner.GuestJob:
+    def _job(
+        self, guest: GuestConfig, nodeids: list[str], kver: str, out_dir: Path, libvirt: bool
+    ) -> runner.GuestJob:
         config = self.config
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--color=no", "--tb=short"]
         argv += ["--rootdir", str(config.rootpath)]
         if config.inipath is not None:
             argv += ["-c", str(config.inipath)]
-        argv += ["-o", "junit_logging=all", "-o", "junit_log_passing_tests=false"]
+        argv += ["-o", "junit_logging=all", "-o", "junit_log_passing_tests=false", "-o", "faulthandler_timeout=120"]
         argv += ["--junitxml", str(out_dir / "junit.xml"), *nodeids]
         env = (
             (ENV_IN_GUEST, "1"),
@@ -174,7 +176,10 @@ class HostSide:
             ("PYTHONDONTWRITEBYTECODE", "1"),
             ("PYTHONUNBUFFERED", "1"),
         )
-        return runner.GuestJob(tuple(argv), config.rootpath, env, start_libvirt=libvirt)
+        # The guest's pytest is interrupted well before the host kills QEMU, so the results of
+        # the tests that finished still come back in the JUnit XML.
+        inner_timeout = max(30.0, guest.with_env_overrides().session_timeout_s - 60)
+        return runner.GuestJob(tuple(argv), config.rootpath, env, libvirt, inner_timeout)
 
     # -- reports ---------------------------------------------------------------------------------
 

@@ -36,12 +36,16 @@ class GuestJob:
     cwd: Path
     env: tuple[tuple[str, str], ...] = ()
     start_libvirt: bool = False
+    timeout_s: float | None = None  # SIGINT after this (pytest then still writes its JUnit XML)
 
     def script(self) -> str:
         lines = ["#!/bin/bash", "set -u"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.env]
         lines.append(f"cd {shlex.quote(str(self.cwd))} || exit 125")
-        lines.append(" ".join(shlex.quote(a) for a in self.argv))
+        argv = self.argv
+        if self.timeout_s is not None:
+            argv = ("timeout", "--signal=INT", "--kill-after=20", f"{self.timeout_s:.0f}", *argv)
+        lines.append(" ".join(shlex.quote(a) for a in argv))
         return "\n".join(lines) + "\n"
 
 
