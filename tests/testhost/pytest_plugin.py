@@ -26,6 +26,8 @@ from testhost import ENV_IN_GUEST, ENV_NETDEVSIM, junit, runner
 from testhost.config import DEFAULT_GUEST, GuestConfig, find_kernel_version, netdevsim_path
 
 MARKER = "realkernel"
+ENV_KEEP = "AIFACTORY_TESTHOST_KEEP"
+"""Set to ``1`` to keep the run's out dir (console.log, junit.xml, job.sh) even when all passed."""
 LIBVIRT_FIXTURE = "libvirt_conn"
 """Items using this fixture make the guest start libvirtd early, while pytest imports."""
 
@@ -141,7 +143,6 @@ class HostSide:
             result = runner.run(guest, job, out_dir)
         except (OSError, RuntimeError) as exc:
             return _Verdict({}, session_error=f"test host could not start: {exc}")
-        self._say(result.summary() + f"; console: {result.console_log}")
         results: dict[str, junit.InnerResult] = {}
         xml = result.junit_xml
         if xml is not None:
@@ -150,10 +151,11 @@ class HostSide:
             except Exception as exc:  # noqa: BLE001 - a broken XML is reported, not raised
                 return _Verdict({}, session_error=f"cannot read the guest's JUnit XML {xml}: {exc}")
         note = f"{result.summary()}\nconsole log: {result.console_log}"
-        if result.ok and results and all(r.outcome != "failed" for r in results.values()):
-            if len(results) == len(nodeids):
-                shutil.rmtree(result.out_dir, ignore_errors=True)
-                note = result.summary()
+        clean = result.ok and len(results) == len(nodeids) and all(r.outcome != "failed" for r in results.values())
+        if clean and os.environ.get(ENV_KEEP) != "1":
+            shutil.rmtree(result.out_dir, ignore_errors=True)
+            note = result.summary()
+        self._say(note.replace("\n", "; "))
         error = None
         if not result.ok or xml is None:
             error = f"{result.summary()}\nconsole log: {result.console_log}\n--- console tail ---\n"
