@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from testhost import initramfs, junit, runner
 from testhost.config import DEFAULT_GUEST, FOUR_NODES, E1000e, GuestConfig, NvmeSriov, find_kernel_version
 from testhost.pytest_plugin import in_ci
@@ -85,8 +84,10 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
   <failure message="assert 1 == 2">def test_bad(): assert 1 == 2</failure>
   <error message="failed on teardown with &quot;OSError&quot;">OSError: busy</error>
 </testcase>
-<testcase classname="tests.realkernel.test_a.TestC" name="test_skip"><skipped type="pytest.skip" message="no nvme">x</skipped></testcase>
-<testcase classname="tests.realkernel.test_a" name="test_setup"><error message="failed on setup with &quot;E&quot;">E</error></testcase>
+<testcase classname="tests.realkernel.test_a.TestC" name="test_skip">
+  <skipped type="pytest.skip" message="no nvme">x</skipped></testcase>
+<testcase classname="tests.realkernel.test_a" name="test_setup">
+  <error message="failed on setup with &quot;E&quot;">E</error></testcase>
 </testsuite></testsuites>"""
 
 
@@ -152,8 +153,10 @@ def test_plugin_runs_all_realkernel_tests_in_one_boot_and_reports_each(
 ) -> None:
     xml = """<testsuites><testsuite>
     <testcase classname="test_rk" name="test_passes"/>
-    <testcase classname="test_rk" name="test_fails"><failure message="assert 0">inner traceback text</failure></testcase>
-    <testcase classname="test_rk" name="test_skips"><skipped type="pytest.skip" message="needs nvme">x</skipped></testcase>
+    <testcase classname="test_rk" name="test_fails">
+      <failure message="assert 0">inner traceback text</failure></testcase>
+    <testcase classname="test_rk" name="test_skips">
+      <skipped type="pytest.skip" message="needs nvme">x</skipped></testcase>
     <testcase classname="test_rk" name="test_host_never_runs_this_body"/>
     </testsuite></testsuites>"""
     boots: list[runner.GuestJob] = []

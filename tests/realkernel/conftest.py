@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from testhost import ENV_NETDEVSIM
 from testhost.guest import PCI, Virsh, bind, driver_of, find_pci, modprobe, read, sh, wait_for, write
 

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from testhost.guest import Virsh, read
 
 pytestmark = pytest.mark.realkernel
@@ -94,7 +93,9 @@ def test_domain_with_unmanaged_vfio_hostdev_starts(
     domain, bus, slot_fn = e1000e_on_vfio.split(":")
     slot, function = slot_fn.split(".")
     hostdev = HOSTDEV.format(domain=domain, bus=bus, slot=slot, function=function)
-    pid = start_domain(libvirt_conn, started, DOMAIN.format(name="rk-hostdev", cpuset="0-3", tuning="", devices=hostdev))
+    pid = start_domain(
+        libvirt_conn, started, DOMAIN.format(name="rk-hostdev", cpuset="0-3", tuning="", devices=hostdev)
+    )
 
     cmdline = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
     assert re.search(rf'"driver":"vfio-pci","host":"{re.escape(e1000e_on_vfio)}"', cmdline), cmdline

@@ -64,7 +64,9 @@ def test_vlan_filtering_bridge_port_vlans_read_back(ipr: IPRoute) -> None:
         ipr.link("add", ifname="rkp0", kind="veth", peer="rkp0-peer")
         br, port = (ipr.link_lookup(ifname=n)[0] for n in ("rkbr0", "rkp0"))
         ipr.link("set", index=port, master=br, state="up")
-        ipr.vlan_filter("add", index=port, vlan_info={"vid": 100, "flags": BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED})
+        ipr.vlan_filter(
+            "add", index=port, vlan_info={"vid": 100, "flags": BRIDGE_VLAN_INFO_PVID | BRIDGE_VLAN_INFO_UNTAGGED}
+        )
         ipr.vlan_filter("add", index=port, vlan_info={"vid": 200})
         ipr.vlan_filter("del", index=port, vlan_info={"vid": 1})
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from testhost.guest import PCI, iommu_group, read
 
 pytestmark = pytest.mark.realkernel

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from testhost.guest import PCI, bind, driver_of, iommu_group, read, wait_for, write
 
 pytestmark = pytest.mark.realkernel

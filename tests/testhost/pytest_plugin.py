@@ -162,9 +162,7 @@ class HostSide:
             error += result.console_tail()
         return _Verdict(results, session_error=error if not results else None, log_note=note)
 
-    def _job(
-        self, guest: GuestConfig, nodeids: list[str], kver: str, out_dir: Path, libvirt: bool
-    ) -> runner.GuestJob:
+    def _job(self, guest: GuestConfig, nodeids: list[str], kver: str, out_dir: Path, libvirt: bool) -> runner.GuestJob:
         config = self.config
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--color=no", "--tb=short"]
         argv += ["--rootdir", str(config.rootpath)]
