@@ -232,3 +232,16 @@ class Action:
     value: str
     undo_value: str | None
     reason: str
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """What the host knows of a VM at deploy time: its id, its owner (from the deployment file's
+    ``<one:vm>`` metadata) and the PCI functions its domain takes."""
+
+    vm_id: int
+    pci_addresses: tuple[str, ...]
+    uid: int | None = None
+    gid: int | None = None
+    uname: str | None = None
+    gname: str | None = None

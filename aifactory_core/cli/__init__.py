@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plugins": ("cmd_plugins", "list loaded plugins and the hooks they implement"),
     "inventory": ("cmd_inventory", "show the host's devices, NUMA nodes and IOMMU groups"),
     "doctor": ("cmd_doctor", "check the host's readiness for GPU/NIC passthrough"),
+    "device": ("cmd_device", "bind/release devices the way the VMM driver does; who holds what"),
+    "repair": ("cmd_repair", "finish or roll back interrupted device transactions"),
     "vm": ("cmd_vm", "show what the suite reads from an OpenNebula VM document"),
 }
 _GLOBAL_OPTIONS_WITH_VALUE = {"--host-root", "--config", "--log-level"}

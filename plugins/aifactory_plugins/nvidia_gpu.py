@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from aifactory_core.config import Config
+from aifactory_core.errors import HostError
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.host.sysfs import list_dir, read_str
-from aifactory_core.model import PCI_CLASS_DISPLAY, Check, DiscoveredDevice, PciDevice
+from aifactory_core.model import PCI_CLASS_DISPLAY, Check, DeployRequest, DiscoveredDevice, PciDevice
 from aifactory_plugins.pci_names import model_name
 
 AIFACTORY_API_VERSION = 1
@@ -124,3 +126,49 @@ def aifactory_doctor_checks(
                             f"persistence daemon {'running' if persistence else 'not running'}",
                             fix=None if persistence else "enable nvidia-persistenced for GPUs of the host pool"))
     return checks
+
+
+def _device_minor(inventory: HostInventory, address: str) -> int | None:
+    text = read_str(inventory.host.path(f"/proc/driver/nvidia/gpus/{address}/information")) or ""
+    for line in text.splitlines():
+        if line.startswith("Device Minor:") and line.split(":", 1)[1].strip().isdigit():
+            return int(line.split(":", 1)[1])
+    return None
+
+
+def device_holders(inventory: HostInventory, address: str) -> list[str]:
+    """Processes with the GPU's ``/dev/nvidiaN`` open, as ``name[pid]`` (an unbind would wait for them)."""
+    import os
+
+    minor = _device_minor(inventory, address)
+    wanted = {f"/dev/nvidia{minor}"} if minor is not None else None
+    proc = inventory.host.proc
+    holders = []
+    for pid in list_dir(proc):
+        if not pid.isdigit():
+            continue
+        for fd in list_dir(proc / pid / "fd"):
+            try:
+                target = os.readlink(proc / pid / "fd" / fd)
+            except OSError:
+                continue
+            if (target in wanted) if wanted is not None else (
+                    target.startswith("/dev/nvidia") and target[len("/dev/nvidia"):].isdigit()):
+                holders.append(f"{read_str(proc / pid / 'comm') or '?'}[{pid}]")
+                break
+    return holders
+
+
+@hookimpl
+def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) -> None:
+    """Leaving the nvidia driver blocks while anything holds the GPU: refuse fast, naming the PIDs."""
+    if not isinstance(request, DeployRequest):
+        return
+    for address in request.pci_addresses:
+        device = inventory.pci.get(address)
+        if device is None or not _is_gpu(device) or device.driver != "nvidia":
+            continue
+        holders = device_holders(inventory, address)
+        if holders:
+            raise HostError(f"GPU {address} is held open by {' '.join(holders)}; stop them or keep this GPU "
+                            "in the host pool")

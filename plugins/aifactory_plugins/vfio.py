@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from aifactory_core.config import Config
+from aifactory_core.errors import HostError
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
-from aifactory_core.model import PCI_CLASS_STORAGE, Check, DiscoveredDevice
+from aifactory_core.model import PCI_CLASS_STORAGE, Action, Check, DeployRequest, DiscoveredDevice, PciDevice
 
 AIFACTORY_API_VERSION = 1
 NAME = "vfio"
@@ -91,3 +93,95 @@ def aifactory_doctor_checks(
     inventory: HostInventory, devices: Sequence[DiscoveredDevice], config: Config
 ) -> Iterable[Check]:
     return [*_iommu_checks(inventory), _module_check(inventory), *_isolation_checks(inventory, devices, config)]
+
+
+VFIO_DRIVER = "vfio-pci"
+
+
+def group_closure(inventory: HostInventory, address: str, config: Config) -> list[PciDevice]:
+    """Every endpoint that must go to vfio-pci with ``address``: its IOMMU group, bridges excepted.
+
+    Refuses when the function is not on the host, has no IOMMU group, or shares its group with a
+    device the host itself uses (``host.host_devices`` in the config, or storage on a host driver).
+    """
+    device = inventory.pci.get(address)
+    if device is None:
+        raise HostError(f"PCI device {address} is not on this host")
+    if device.iommu_group is None:
+        raise HostError(f"PCI device {address} has no IOMMU group: enable the IOMMU (aifactory doctor)")
+    members = [inventory.pci[member] for member in inventory.iommu_groups.get(device.iommu_group, (address,))]
+    endpoints = [member for member in members if not member.is_bridge]
+    host_devices = set(config.host.host_devices)
+    for member in endpoints:
+        in_use = member.address in host_devices or (
+            member.base_class == PCI_CLASS_STORAGE and member.driver not in (None, VFIO_DRIVER))
+        if member.address != address and in_use:
+            raise HostError(f"{address} shares IOMMU group {device.iommu_group} with {member.address} "
+                            f"({member.driver or 'no driver'}), which the host uses; refusing")
+    return endpoints
+
+
+def bar_bytes_64(devices: list[PciDevice]) -> int:
+    return sum(bar.size for device in devices for bar in device.bars if bar.is_64bit)
+
+
+@hookimpl
+def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) -> list[Action] | None:
+    if not isinstance(request, DeployRequest) or not request.pci_addresses:
+        return None
+    actions: list[Action] = []
+    seen: set[str] = set()
+    for address in request.pci_addresses:
+        for member in group_closure(inventory, address, config):
+            if member.address in seen:
+                continue
+            seen.add(member.address)
+            why = ("requested by the VM" if member.address == address
+                   else f"shares IOMMU group {member.iommu_group} with {address}")
+            actions.append(Action("pci_driver", member.address, VFIO_DRIVER, member.driver or "",
+                                  f"VM {request.vm_id}: {why}"))
+    return actions
+
+
+def _pcihole64_kib(bar_bytes: int) -> int:
+    """A 64-bit PCI hole large enough for the BARs, rounded to a power of two, doubled for alignment."""
+    size = 1
+    while size < bar_bytes:
+        size <<= 1
+    return max(size * 2 // 1024, 32 * 1024 * 1024)
+
+
+@hookimpl
+def aifactory_domain_xml(inventory: HostInventory, request: Any, domain: Any, config: Config) -> None:
+    """The suite prepares whole IOMMU groups itself, so libvirt must not detach/reattach: managed='no'.
+    Devices with large 64-bit BARs (an H100's 128 GiB BAR) get a 64-bit PCI hole that holds them."""
+    if not isinstance(request, DeployRequest):
+        return
+    from aifactory_core.domain import pci_hostdevs
+
+    for hostdev, _ref in pci_hostdevs(domain):
+        hostdev.set("managed", "no")
+    devices = [inventory.pci[address] for address in request.pci_addresses if address in inventory.pci]
+    needed = bar_bytes_64(devices)
+    if needed < 16 << 30:  # QEMU's default q35 64-bit hole covers smaller BARs
+        return
+    from lxml import etree
+
+    root = domain.find("devices/controller[@model='pcie-root']")
+    if root is None:
+        os_type = domain.find("os/type")
+        machine = os_type.get("machine", "") if os_type is not None else ""
+        if "q35" not in machine:
+            raise HostError(f"VM {request.vm_id} needs a {needed >> 30} GiB 64-bit PCI hole for its BARs; "
+                            f"use a q35 machine type (has {machine or 'none'})")
+        devices_element = domain.find("devices")
+        if devices_element is None:
+            devices_element = etree.SubElement(domain, "devices")
+        root = etree.SubElement(devices_element, "controller", type="pci", index="0", model="pcie-root")
+    hole = root.find("pcihole64")
+    kib = _pcihole64_kib(needed)
+    if hole is None or int(hole.text or "0") < kib:
+        if hole is None:
+            hole = etree.SubElement(root, "pcihole64")
+        hole.set("unit", "KiB")
+        hole.text = str(kib)

@@ -1,0 +1,164 @@
+"""Executing actions: journal first, then change the host; undo in reverse on any failure.
+
+Action kinds are pluggable: ``register_executor(kind, do, undo)`` adds one (``do`` and ``undo``
+receive the host root, the action and the sysfs writer; ``undo`` must be idempotent, since a step
+interrupted by a crash is undone without knowing how far it got). Built in: ``pci_driver``
+(target = PCI address, value = driver to put it on, undo_value = the driver it had, ``""`` for none).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from aifactory_core.errors import AifactoryError, HostError
+from aifactory_core.host.pcibind import PciBinder, RecordingWriter, SysfsWrite, Writer
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.lifecycle import ownership
+from aifactory_core.lifecycle.journal import Journal, Step
+from aifactory_core.model import Action
+from aifactory_core.validate import pci_address
+
+log = logging.getLogger(__name__)
+
+ActionFunction = Callable[[HostRoot, Action, Writer], None]
+
+
+@dataclass(frozen=True)
+class ActionExecutor:
+    do: ActionFunction
+    undo: ActionFunction
+    claims_target: bool = False
+    """True when the action's target is a device the VM takes exclusively (ownership is checked)."""
+
+
+EXECUTORS: dict[str, ActionExecutor] = {}
+
+
+def register_executor(kind: str, do: ActionFunction, undo: ActionFunction, *, claims_target: bool = False) -> None:
+    EXECUTORS[kind] = ActionExecutor(do, undo, claims_target)
+
+
+ENV_ROOT_HELPER = "AIFACTORY_ROOT_HELPER"
+DEFAULT_ROOT_HELPER = "/var/tmp/one/aifactory/venv/bin/aifactory-root-helper"
+
+
+def _set_driver(host: HostRoot, address: str, driver: str, writer: Writer) -> None:
+    """Move a function; unprivileged on the live host, through the root helper and sudo."""
+    if host.is_live and os.geteuid() != 0 and not isinstance(writer, RecordingWriter):
+        helper = os.environ.get(ENV_ROOT_HELPER, DEFAULT_ROOT_HELPER)
+        completed = subprocess.run(["sudo", "-n", helper, "set-driver", pci_address(address), driver or "none"],
+                                   capture_output=True, text=True, timeout=120, check=False)
+        if completed.returncode != 0:
+            raise HostError(completed.stderr.strip().splitlines()[-1] if completed.stderr.strip()
+                            else f"root helper failed for {address}")
+        return
+    PciBinder(host, writer).set_driver(address, driver)
+
+
+def _pci_driver_do(host: HostRoot, action: Action, writer: Writer) -> None:
+    _set_driver(host, action.target, action.value, writer)
+
+
+def _pci_driver_undo(host: HostRoot, action: Action, writer: Writer) -> None:
+    _set_driver(host, action.target, action.undo_value or "", writer)
+
+
+register_executor("pci_driver", _pci_driver_do, _pci_driver_undo, claims_target=True)
+
+
+def _executor(kind: str) -> ActionExecutor:
+    try:
+        return EXECUTORS[kind]
+    except KeyError:
+        raise HostError(f"no executor for action kind {kind!r}") from None
+
+
+def plan_writes(host: HostRoot, actions: Sequence[Action]) -> list[SysfsWrite]:
+    """The exact sysfs writes ``actions`` would make, in order (dry run: nothing is changed)."""
+    recorder = RecordingWriter()
+    for action in actions:
+        _executor(action.kind).do(host, action, recorder)
+    return recorder.writes
+
+
+def _undo_steps(host: HostRoot, journal: Journal, writer: Writer) -> list[str]:
+    """Undo every step not yet undone, newest first; returns the errors (keeps going)."""
+    errors = []
+    for step in reversed(journal.steps):
+        if step.status == "undone":
+            continue
+        try:
+            _executor(step.action.kind).undo(host, step.action, writer)
+        except AifactoryError as error:
+            errors.append(error.message)
+            continue
+        step.status = "undone"
+        journal.save()
+    return errors
+
+
+def _disown_all(host: HostRoot, vm: int) -> None:
+    for address, owner in ownership.held_devices(host).items():
+        if owner == vm:
+            ownership.disown(host, address, vm)
+
+
+def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer | None = None) -> Journal:
+    """Claim the devices, then make every action, journaled; on failure undo all and re-raise."""
+    writer = writer if writer is not None else PciBinder(host).writer
+    existing = Journal.load(host, vm)
+    if existing is not None and existing.phase == "prepared":
+        return existing  # deploy retried after success: nothing to do
+    if existing is not None:
+        rollback(host, existing, writer)
+    journal = Journal(host, vm)
+    journal.save()
+    try:
+        for action in actions:
+            if _executor(action.kind).claims_target:
+                ownership.claim(host, action.target, vm)
+        for action in actions:
+            step = Step(action)
+            journal.steps.append(step)
+            journal.save()
+            _executor(action.kind).do(host, action, writer)
+            step.status = "done"
+            journal.save()
+    except BaseException as error:
+        problems = rollback(host, journal, writer)
+        if problems and isinstance(error, AifactoryError):
+            raise HostError(f"{error.message}; rollback also failed: {'; '.join(problems)}") from None
+        raise
+    journal.phase = "prepared"
+    journal.save()
+    return journal
+
+
+def rollback(host: HostRoot, journal: Journal, writer: Writer | None = None) -> list[str]:
+    """Undo an unfinished (or any) transaction and give its devices back."""
+    writer = writer if writer is not None else PciBinder(host).writer
+    problems = _undo_steps(host, journal, writer)
+    if problems:
+        log.error("VM %s: rollback incomplete: %s", journal.vm_id, "; ".join(problems))
+        return problems
+    _disown_all(host, journal.vm_id)
+    journal.remove()
+    return []
+
+
+def release(host: HostRoot, vm: int, writer: Writer | None = None) -> bool:
+    """Give back what ``prepare`` took for ``vm``; False when there was nothing to release."""
+    journal = Journal.load(host, vm)
+    if journal is None:
+        _disown_all(host, vm)
+        return False
+    journal.phase = "releasing"
+    journal.save()
+    problems = rollback(host, journal, writer)
+    if problems:
+        raise HostError(f"release of VM {vm} incomplete: {'; '.join(problems)}")
+    return True

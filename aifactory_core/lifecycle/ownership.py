@@ -1,0 +1,91 @@
+"""Which VM holds which device: per-device fcntl locks and owner files under the state dir.
+
+``claim`` takes the device's lock (so two deploys racing for one GPU are serialised), then reads
+the owner file: a device owned by another VM is refused with "device held by VM N"; otherwise the
+owner file is written before anything is changed. The owner file outlives the process: the device
+belongs to the VM until ``release`` gives it back.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from aifactory_core.errors import HostError
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.lifecycle.atomic import write_atomic
+from aifactory_core.validate import pci_address
+
+LOCK_TIMEOUT_S = 30.0
+
+
+class DeviceHeld(HostError):
+    code = "device-held"
+
+
+def _owners(host: HostRoot) -> Path:
+    return host.state_dir / "owners"
+
+
+@contextmanager
+def device_lock(host: HostRoot, address: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    directory = host.state_dir / "locks"
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / f"{pci_address(address)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise HostError(f"device {address} is locked by another operation") from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)
+
+
+def owner_of(host: HostRoot, address: str) -> int | None:
+    try:
+        text = (_owners(host) / pci_address(address)).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def claim(host: HostRoot, address: str, vm: int) -> None:
+    """Make ``vm`` the owner of ``address`` or raise :class:`DeviceHeld`."""
+    with device_lock(host, address):
+        owner = owner_of(host, address)
+        if owner is not None and owner != vm:
+            raise DeviceHeld(f"device {address} held by VM {owner}")
+        if owner is None:
+            write_atomic(_owners(host) / pci_address(address), f"{vm}\n".encode())
+
+
+def disown(host: HostRoot, address: str, vm: int) -> None:
+    with device_lock(host, address):
+        if owner_of(host, address) == vm:
+            (_owners(host) / pci_address(address)).unlink()
+
+
+def held_devices(host: HostRoot) -> dict[str, int]:
+    """Every device some VM holds: PCI address -> VM id."""
+    try:
+        names = os.listdir(_owners(host))
+    except FileNotFoundError:
+        return {}
+    held = {}
+    for name in sorted(names):
+        if name.startswith("."):
+            continue
+        owner = owner_of(host, name)
+        if owner is not None:
+            held[name] = owner
+    return held

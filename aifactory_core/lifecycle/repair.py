@@ -1,0 +1,42 @@
+"""Finishing what a crash interrupted: roll back half-made prepares, finish half-made releases,
+and drop device ownership no journal explains."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.lifecycle import ownership
+from aifactory_core.lifecycle.executor import rollback
+from aifactory_core.lifecycle.journal import Journal, all_journals
+
+
+@dataclass
+class RepairReport:
+    rolled_back: list[int] = field(default_factory=list)
+    released: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    orphans_dropped: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def repair(host: HostRoot) -> RepairReport:
+    report = RepairReport()
+    journals: list[Journal] = list(all_journals(host))
+    for journal in journals:
+        if journal.phase == "prepared":
+            report.kept.append(journal.vm_id)
+            continue
+        problems = rollback(host, journal)
+        if problems:
+            report.problems.extend(f"VM {journal.vm_id}: {problem}" for problem in problems)
+        elif journal.phase == "preparing":
+            report.rolled_back.append(journal.vm_id)
+        else:
+            report.released.append(journal.vm_id)
+    live = {journal.vm_id for journal in all_journals(host)}
+    for address, owner in ownership.held_devices(host).items():
+        if owner not in live:
+            ownership.disown(host, address, owner)
+            report.orphans_dropped.append(address)
+    return report

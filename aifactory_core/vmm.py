@@ -1,0 +1,147 @@
+"""The KVM VMM driver extension: what the wrapped ``deploy``/``cancel``/``shutdown`` actions do.
+
+OpenNebula calls ``<remotes>/vmm/kvm/<action>`` on the host; the suite's wrapper there runs
+``python -m aifactory_core.vmm <action> <wrapper path> <argv...>``, and this module keeps the
+original contract (same argv; stdout = the original's stdout; non-zero exit + one stderr line on
+refusal) around the original script, kept beside the wrapper as ``<action>.one``:
+
+- ``deploy '<deployment file>' '<host>' <vmid> <host>``, domain XML on stdin: admit (policy
+  plugins), prepare (journaled, rolled back on failure), let plugins edit the domain, run the
+  original with the edited domain; if the original fails, release again.
+- ``cancel``/``shutdown``/``reset``… ``'<deploy id>' '<host>' <vmid> <host>``: run the original, then
+  (when the VM is gone) release what deploy took. Every action is idempotent: ``cancel`` may follow
+  a failed deploy.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aifactory_core.errors import AifactoryError, DocumentError, PolicyRefused, UsageError
+from aifactory_core.model import Action, DeployRequest
+from aifactory_core.validate import vm_id as check_vm_id
+
+if TYPE_CHECKING:
+    from aifactory_core.config import Config
+    from aifactory_core.hostroot import HostRoot
+
+ENV_ORIGINAL_DIR = "AIFACTORY_VMM_ORIGINAL_DIR"
+RELEASING_ACTIONS = ("cancel", "shutdown", "save", "migrate")
+MAX_STDIN = 4 * 1024 * 1024
+
+
+def deploy_request(domain: Any, vm: int) -> DeployRequest:
+    from aifactory_core.domain import one_metadata, pci_hostdevs
+
+    meta = one_metadata(domain)
+    addresses = tuple(dict.fromkeys(ref.address for _element, ref in pci_hostdevs(domain)))
+    return DeployRequest(vm_id=vm, pci_addresses=addresses,
+                         uid=meta.uid if meta else None, gid=meta.gid if meta else None,
+                         uname=meta.uname if meta else None, gname=meta.gname if meta else None)
+
+
+def plan_deploy(host: HostRoot, config: Config, domain: Any, vm: int) -> tuple[DeployRequest, list[Action], Any]:
+    """Admission and the actions every plugin wants, without changing anything."""
+    from aifactory_core.host.inventory import HostInventory
+    from aifactory_core.plugins import build_manager
+
+    manager, _loaded = build_manager(config)
+    inventory = HostInventory(host)
+    request = deploy_request(domain, vm)
+    refusals = [reason for result in manager.hook.aifactory_admit(inventory=inventory, request=request, config=config)
+                for reason in (result or ())]
+    if refusals:
+        raise PolicyRefused(f"VM {vm} refused: {'; '.join(refusals)}")
+    actions = [action for result in manager.hook.aifactory_prepare(inventory=inventory, request=request, config=config)
+               for action in (result or ())]
+    return request, actions, (manager, inventory)
+
+
+def prepare_deploy(host: HostRoot, config: Config, domain_xml: bytes, vm: int) -> bytes:
+    """Admit, prepare (journaled) and rewrite the domain; returns the domain to start."""
+    from aifactory_core.domain import dump_domain, load_domain
+    from aifactory_core.lifecycle.executor import prepare, rollback
+
+    domain = load_domain(domain_xml)
+    request, actions, (manager, inventory) = plan_deploy(host, config, domain, vm)
+    journal = prepare(host, vm, actions)
+    try:
+        manager.hook.aifactory_domain_xml(inventory=inventory, request=request, domain=domain, config=config)
+        return dump_domain(domain)
+    except BaseException:
+        rollback(host, journal)
+        raise
+
+
+def release_vm(host: HostRoot, vm: int) -> bool:
+    from aifactory_core.lifecycle.executor import release
+
+    return release(host, vm)
+
+
+def _original(wrapper: str, action: str) -> Path:
+    directory = os.environ.get(ENV_ORIGINAL_DIR) or os.path.dirname(os.path.abspath(wrapper))
+    return Path(directory) / f"{action}.one"
+
+
+def _run_original(wrapper: str, action: str, argv: Sequence[str], stdin: bytes) -> int:
+    original = _original(wrapper, action)
+    if not os.access(original, os.X_OK):
+        raise UsageError(f"original {action} driver {original} is missing: re-run install.sh --upgrade")
+    completed = subprocess.run([str(original), *argv], input=stdin, check=False)
+    return completed.returncode
+
+
+def _vm_of(action: str, argv: Sequence[str]) -> int:
+    if len(argv) < 3:
+        raise UsageError(f"{action}: expected '<file or deploy id>' '<host>' <vmid> ..., got {len(argv)} arguments")
+    return check_vm_id(argv[2])
+
+
+def _read_stdin() -> bytes:
+    data = sys.stdin.buffer.read(MAX_STDIN + 1)
+    if len(data) > MAX_STDIN:
+        raise DocumentError(f"driver input is larger than {MAX_STDIN} bytes")
+    return data
+
+
+def run_action(action: str, wrapper: str, argv: Sequence[str]) -> int:
+    from aifactory_core.config import load_config
+    from aifactory_core.hostroot import HostRoot
+
+    vm = _vm_of(action, argv)
+    stdin = _read_stdin()
+    host = HostRoot.resolve(None)
+    if action == "deploy":
+        config = load_config(None)
+        domain = prepare_deploy(host, config, stdin, vm)
+        status = _run_original(wrapper, action, argv, domain)
+        if status != 0:
+            release_vm(host, vm)
+        return status
+    status = _run_original(wrapper, action, argv, stdin)
+    if status == 0 and action in RELEASING_ACTIONS:
+        release_vm(host, vm)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2:
+        sys.stderr.write("usage: python -m aifactory_core.vmm ACTION WRAPPER_PATH ARGS...\n")
+        return 2
+    action, wrapper, rest = args[0], args[1], args[2:]
+    try:
+        return run_action(action, wrapper, rest)
+    except AifactoryError as error:
+        sys.stderr.write(f"aifactory {action}: {error.message}\n")
+        return error.exit_status or 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
