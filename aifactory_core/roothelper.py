@@ -4,6 +4,7 @@ OpenNebula runs drivers as ``oneadmin``; moving a PCI function between drivers n
 helper accepts exactly::
 
     aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none>
+    aifactory-root-helper reset <dddd:bb:ss.f>     (prints why the device is unfit, if it is)
 
 — a validated PCI address and a validated driver name, nothing else (no paths, no shell, no
 environment: it always works on the live ``/``). ``drivers/sudoers/aifactory`` allows only it.
@@ -17,25 +18,54 @@ from collections.abc import Sequence
 from aifactory_core.errors import AifactoryError, UsageError
 from aifactory_core.validate import driver_name, pci_address
 
-USAGE = "usage: aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none>"
+USAGE = "usage: aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none> | reset <dddd:bb:ss.f>"
+ENV_ROOT_HELPER = "AIFACTORY_ROOT_HELPER"
+DEFAULT_ROOT_HELPER = "/var/tmp/one/aifactory/venv/bin/aifactory-root-helper"
 
 
-def parse(argv: Sequence[str]) -> tuple[str, str]:
-    if len(argv) != 3 or argv[0] != "set-driver":
-        raise UsageError(USAGE)
-    driver = "" if argv[2] == "none" else driver_name(argv[2])
-    return pci_address(argv[1]), driver
+def parse(argv: Sequence[str]) -> tuple[str, str, str]:
+    """``(verb, address, driver)``; anything outside the grammar is a UsageError."""
+    if len(argv) == 3 and argv[0] == "set-driver":
+        driver = "" if argv[2] == "none" else driver_name(argv[2])
+        return "set-driver", pci_address(argv[1]), driver
+    if len(argv) == 2 and argv[0] == "reset":
+        return "reset", pci_address(argv[1]), ""
+    raise UsageError(USAGE)
+
+
+def run_privileged(*argv: str) -> str:
+    """Run the helper through ``sudo -n`` (the unprivileged side); its stdout, or HostError."""
+    import os
+    import subprocess
+
+    from aifactory_core.errors import HostError
+
+    parse(argv)  # never hand sudo anything outside the grammar
+    helper = os.environ.get(ENV_ROOT_HELPER, DEFAULT_ROOT_HELPER)
+    completed = subprocess.run(["sudo", "-n", helper, *argv], capture_output=True, text=True, timeout=120,
+                               check=False)
+    if completed.returncode != 0:
+        lines = completed.stderr.strip().splitlines()
+        raise HostError(lines[-1] if lines else f"root helper failed: {' '.join(argv)}")
+    return completed.stdout
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        address, driver = parse(list(sys.argv[1:] if argv is None else argv))
+        verb, address, driver = parse(list(sys.argv[1:] if argv is None else argv))
         from pathlib import Path
 
-        from aifactory_core.host.pcibind import PciBinder
         from aifactory_core.hostroot import HostRoot
 
-        PciBinder(HostRoot(Path("/"))).set_driver(address, driver)
+        host = HostRoot(Path("/"))
+        if verb == "reset":
+            from aifactory_core.host.sanitize import reset_and_check
+
+            sys.stdout.write((reset_and_check(host, address) or "") + "\n")
+        else:
+            from aifactory_core.host.pcibind import PciBinder
+
+            PciBinder(host).set_driver(address, driver)
     except AifactoryError as error:
         sys.stderr.write(f"aifactory-root-helper: {error.message}\n")
         return error.exit_status

@@ -35,7 +35,8 @@ def _driver(host: HostRoot, address: str) -> str | None:
 
 
 def _actions(host: HostRoot, *addresses: str, vm: int = 7) -> list[Action]:
-    return [Action("pci_driver", address, "vfio-pci", _driver(host, address) or "", f"VM {vm}") for address in addresses]
+    return [Action("pci_driver", address, "vfio-pci", _driver(host, address) or "", f"VM {vm}")
+            for address in addresses]
 
 
 def test_prepare_journals_claims_and_release_restores(host: HostRoot, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -155,13 +155,16 @@ def test_sudoers_snippet_allows_only_the_root_helper() -> None:
         pytest.skip("visudo not installed")
     result = subprocess.run([visudo, "-cf", str(snippet)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    commands = [line for line in snippet.read_text().splitlines() if line.startswith("Cmnd_Alias")]
-    assert commands == ["Cmnd_Alias AIFACTORY_ROOT_HELPER = /var/tmp/one/aifactory/venv/bin/aifactory-root-helper "
-                        "set-driver *"]
+    text = snippet.read_text()
+    helper = "/var/tmp/one/aifactory/venv/bin/aifactory-root-helper"
+    assert f"{helper} set-driver *" in text and f"{helper} reset *" in text
+    granted = [line for line in text.splitlines() if line.startswith("oneadmin")]
+    assert granted == ["oneadmin ALL=(root) NOPASSWD: AIFACTORY_ROOT_HELPER"]
 
 
 @pytest.mark.parametrize("argv", [["set-driver", "../0000:00:03.0", "vfio-pci"], ["set-driver", "0000:00:03.0", "a/b"],
-                                  ["set-driver", "0000:00:03.0", "vfio pci"], ["unbind", "0000:00:03.0"], []])
+                                  ["set-driver", "0000:00:03.0", "vfio pci"], ["unbind", "0000:00:03.0"], [],
+                                  ["reset", "0000:00:03.0", "extra"], ["reset", "/sys/bus/pci/devices/x"]])
 def test_root_helper_grammar_is_closed(argv: list[str]) -> None:
     from aifactory_core.roothelper import parse
 

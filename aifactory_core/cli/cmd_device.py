@@ -22,6 +22,8 @@ def add_parser(subparsers: Any) -> None:
     release = actions.add_parser("release", help="give a device (and what was taken with it) back")
     release.add_argument("address", metavar="ADDR")
     actions.add_parser("list", help="devices, their drivers and the VMs holding them")
+    clear = actions.add_parser("clear", help="lift the quarantine of a device that failed its health check")
+    clear.add_argument("address", metavar="ADDR")
 
 
 def _owner_label(vm: int) -> str:
@@ -81,18 +83,20 @@ def _list(context: Any) -> int:
     from aifactory_core.cli.output import print_table
     from aifactory_core.devices import discover_devices
     from aifactory_core.host.inventory import HostInventory
+    from aifactory_core.host.sanitize import quarantined
     from aifactory_core.lifecycle.ownership import held_devices
 
     manager, _loaded = context.plugins
     inventory = HostInventory(context.host)
     held = held_devices(context.host)
-    addresses = sorted({device.address for device in discover_devices(manager, inventory)} | set(held))
+    bad = quarantined(context.host)
+    addresses = sorted({device.address for device in discover_devices(manager, inventory)} | set(held) | set(bad))
     rows = []
     for address in addresses:
         device = inventory.pci.get(address)
         rows.append([address, device.ids if device else "?", (device.driver if device else None) or "-",
-                     _owner_label(held[address]) if address in held else "-"])
-    print_table(["ADDRESS", "IDS", "DRIVER", "HELD BY"], rows)
+                     _owner_label(held[address]) if address in held else "-", bad.get(address, "-")])
+    print_table(["ADDRESS", "IDS", "DRIVER", "HELD BY", "QUARANTINE"], rows)
     return EXIT_OK
 
 
@@ -103,4 +107,13 @@ def run(args: argparse.Namespace, context: Any) -> int:
         return _release(args, context)
     if args.device_command == "list":
         return _list(context)
+    if args.device_command == "clear":
+        from aifactory_core.host.sanitize import clear_quarantine
+        from aifactory_core.validate import pci_address
+
+        address = pci_address(args.address)
+        if not clear_quarantine(context.host, address):
+            raise UsageError(f"device {address} is not quarantined")
+        sys.stdout.write(f"{address}: quarantine lifted\n")
+        return EXIT_OK
     raise UsageError("device needs an action: bind, release or list")

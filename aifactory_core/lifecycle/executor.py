@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -42,19 +41,12 @@ def register_executor(kind: str, do: ActionFunction, undo: ActionFunction, *, cl
     EXECUTORS[kind] = ActionExecutor(do, undo, claims_target)
 
 
-ENV_ROOT_HELPER = "AIFACTORY_ROOT_HELPER"
-DEFAULT_ROOT_HELPER = "/var/tmp/one/aifactory/venv/bin/aifactory-root-helper"
-
-
 def _set_driver(host: HostRoot, address: str, driver: str, writer: Writer) -> None:
     """Move a function; unprivileged on the live host, through the root helper and sudo."""
     if host.is_live and os.geteuid() != 0 and not isinstance(writer, RecordingWriter):
-        helper = os.environ.get(ENV_ROOT_HELPER, DEFAULT_ROOT_HELPER)
-        completed = subprocess.run(["sudo", "-n", helper, "set-driver", pci_address(address), driver or "none"],
-                                   capture_output=True, text=True, timeout=120, check=False)
-        if completed.returncode != 0:
-            raise HostError(completed.stderr.strip().splitlines()[-1] if completed.stderr.strip()
-                            else f"root helper failed for {address}")
+        from aifactory_core.roothelper import run_privileged
+
+        run_privileged("set-driver", pci_address(address), driver or "none")
         return
     PciBinder(host, writer).set_driver(address, driver)
 
@@ -64,7 +56,20 @@ def _pci_driver_do(host: HostRoot, action: Action, writer: Writer) -> None:
 
 
 def _pci_driver_undo(host: HostRoot, action: Action, writer: Writer) -> None:
+    """Give the function back; a function leaving vfio-pci is reset and checked first, and one that
+    fails the check stays on vfio-pci, quarantined, so no tenant's state reaches anyone else."""
+    if action.value == "vfio-pci" and action.undo_value != "vfio-pci" and _is_on(host, action.target, "vfio-pci"):
+        from aifactory_core.host.sanitize import sanitize
+
+        if sanitize(host, action.target, writer) is not None:
+            return
     _set_driver(host, action.target, action.undo_value or "", writer)
+
+
+def _is_on(host: HostRoot, address: str, driver: str) -> bool:
+    from aifactory_core.host.sysfs import link_name
+
+    return link_name(host.pci_devices / address / "driver") == driver
 
 
 register_executor("pci_driver", _pci_driver_do, _pci_driver_undo, claims_target=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aifactory_core.errors import HostError
+from aifactory_core.errors import AifactoryError, HostError
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle.atomic import write_atomic
 from aifactory_core.validate import pci_address
@@ -61,10 +61,16 @@ def owner_of(host: HostRoot, address: str) -> int | None:
 
 def claim(host: HostRoot, address: str, vm: int) -> None:
     """Make ``vm`` the owner of ``address`` or raise :class:`DeviceHeld`."""
+    from aifactory_core.host.sanitize import quarantined
+
     with device_lock(host, address):
         owner = owner_of(host, address)
         if owner is not None and owner != vm:
             raise DeviceHeld(f"device {address} held by VM {owner}")
+        reason = quarantined(host).get(pci_address(address))
+        if reason is not None:
+            raise HostError(f"device {address} is quarantined ({reason}); check it, then "
+                            f"'aifactory device clear {address}'")
         if owner is None:
             write_atomic(_owners(host) / pci_address(address), f"{vm}\n".encode())
 
@@ -85,7 +91,10 @@ def held_devices(host: HostRoot) -> dict[str, int]:
     for name in sorted(names):
         if name.startswith("."):
             continue
-        owner = owner_of(host, name)
+        try:
+            owner = owner_of(host, name)
+        except AifactoryError:  # a stray file that is not a PCI address
+            continue
         if owner is not None:
             held[name] = owner
     return held

@@ -79,6 +79,9 @@ def test_prepare_binds_e1000e_and_nvme_vf_and_release_restores(state_dir: Path, 
         assert ownership.held_devices(host)[e1000e_bdf] == 42
     finally:
         executor.release(host, 42)
+    from aifactory_core.host.sanitize import quarantined
+
+    assert quarantined(host) == {}
     assert {address: driver_of(address) for address in before} == before
     assert read(PCI / e1000e_bdf / "driver_override") == "(null)"
     assert ownership.held_devices(host) == {}

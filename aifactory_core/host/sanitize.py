@@ -1,0 +1,115 @@
+"""The gate between tenants: reset a function before the host (or the next VM) gets it back, check
+it came back healthy, and quarantine it when it did not.
+
+Reset goes through the kernel's ``reset`` attribute, which tries the device's ``reset_method``s in
+order (FLR, PM, bus...). FLR alone does not always clear a GPU; when the reset fails and the
+topology allows a secondary bus reset, ``bus`` is tried explicitly. Afterwards the config space must
+read back (not all-ones: the device fell off the bus) and the link must train at its maximum width.
+
+A quarantined device is refused to new VMs (``ownership.claim``) and reported by the probes until
+an administrator clears it (``aifactory device clear ADDR``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from aifactory_core.errors import HostError
+from aifactory_core.host.pcibind import RecordingWriter, SysfsWriter, Writer
+from aifactory_core.host.sysfs import list_dir, read_int, read_str
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.lifecycle.atomic import write_atomic
+from aifactory_core.validate import pci_address
+
+
+def _quarantine_dir(host: HostRoot) -> str:
+    return str(host.state_dir / "quarantine")
+
+
+def quarantined(host: HostRoot) -> dict[str, str]:
+    """Quarantined devices: PCI address -> reason."""
+    result = {}
+    for name in list_dir(host.state_dir / "quarantine"):
+        reason = read_str(host.state_dir / "quarantine" / name)
+        if reason is not None and not name.startswith("."):
+            result[name] = reason
+    return result
+
+
+def quarantine(host: HostRoot, address: str, reason: str) -> None:
+    write_atomic(host.state_dir / "quarantine" / pci_address(address), f"{reason}\n".encode())
+
+
+def clear_quarantine(host: HostRoot, address: str) -> bool:
+    try:
+        os.unlink(host.state_dir / "quarantine" / pci_address(address))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _reset(host: HostRoot, address: str, writer: Writer) -> None:
+    device = host.pci_devices / address
+    if not (device / "reset").exists():
+        return  # no reset method at all: nothing the kernel can do; the health checks still run
+    try:
+        writer.write(device / "reset", "1", f"reset {address} before it changes hands")
+    except HostError:
+        methods = (read_str(device / "reset_method") or "").split()
+        if "bus" not in methods or not (device / "reset_method").exists():
+            raise
+        writer.write(device / "reset_method", "bus", f"FLR failed on {address}: try a secondary bus reset")
+        try:
+            writer.write(device / "reset", "1", f"bus reset of {address}")
+        finally:
+            writer.write(device / "reset_method", " ".join(methods), f"restore the reset methods of {address}")
+
+
+def health_problem(host: HostRoot, address: str) -> str | None:
+    """Why the function is not fit to hand over, or None."""
+    device = host.pci_devices / address
+    try:
+        with open(device / "config", "rb") as handle:
+            head = handle.read(64)
+    except OSError as error:
+        return f"config space unreadable ({error.strerror})"
+    # All-ones across the whole header: nothing answers. (A VF's vendor/device ids alone read
+    # all-ones by the SR-IOV specification, so the first dword is not enough.)
+    if len(head) == 64 and head == b"\xff" * 64:
+        return "config space reads all-ones: the device fell off the bus"
+    if (device / "physfn").exists():
+        return None  # a VF has no link of its own: the PF's link is checked with the PF
+    current, maximum = read_int(device / "current_link_width"), read_int(device / "max_link_width")
+    if current is not None and maximum and 0 < current < maximum:
+        return f"link trained at x{current} of x{maximum}"
+    if current == 0 and maximum:
+        return "link down after reset"
+    return None
+
+
+def reset_and_check(host: HostRoot, address: str, writer: Writer | None = None) -> str | None:
+    """Reset ``address`` and return why it is unfit to hand over, or None (needs root)."""
+    address = pci_address(address)
+    writer = writer if writer is not None else SysfsWriter()
+    try:
+        _reset(host, address, writer)
+    except HostError as error:
+        return f"reset failed: {error.message}"
+    return None if isinstance(writer, RecordingWriter) else health_problem(host, address)
+
+
+def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str | None:
+    """Reset and check ``address``; quarantine it and return the reason when it is not healthy.
+
+    Unprivileged on the live host, the reset runs through the root helper (``reset ADDR``)."""
+    address = pci_address(address)
+    if host.is_live and os.geteuid() != 0 and not isinstance(writer, RecordingWriter):
+        from aifactory_core.roothelper import run_privileged
+
+        output = run_privileged("reset", address)
+        problem = output.strip() or None
+    else:
+        problem = reset_and_check(host, address, writer)
+    if problem is not None and not isinstance(writer, RecordingWriter):
+        quarantine(host, address, problem)
+    return problem
