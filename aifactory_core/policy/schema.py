@@ -132,37 +132,44 @@ class Policy:
 
 
 class _Lines:
+    _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?")
+
     def __init__(self, text: str) -> None:
-        self.lines = text.splitlines()
+        self.sections: list[tuple[str, int, int]] = [("", 0, 0)]  # (table, occurrence, line)
+        self.keys: list[list[tuple[str, int]]] = [[]]
+        counts: dict[str, int] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            found = self._HEADER.match(line)
+            if found:
+                name = re.sub(r"\s*\.\s*", ".", found.group(2)).replace('"', "")
+                occurrence = counts.get(name, 0)
+                counts[name] = occurrence + 1
+                self.sections.append((name, occurrence, number))
+                self.keys.append([])
+                continue
+            key = re.match(r'^\s*"?([A-Za-z0-9_.-]+)"?\s*=', line)
+            if key:
+                self.keys[-1].append((key.group(1), number))
 
     def find(self, path: Sequence[str | int]) -> int | None:
-        """1-based line of the key at ``path`` (table names and keys; ints index arrays of tables)."""
-        names = [part for part in path if isinstance(part, str)]
-        if not names:
-            return None
-        key = names[-1]
-        tables = [".".join(names[:cut]) for cut in range(len(names), 0, -1)]
-        header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?")
-        current = ""
-        best: int | None = None
-        for number, line in enumerate(self.lines, 1):
-            found = header.match(line)
-            if found:
-                current = re.sub(r"\s*\.\s*", ".", found.group(1)).replace('"', "")
-                if current in tables[:1]:
-                    best = best or number
-                continue
-            stripped = line.strip()
-            if not stripped or stripped.startswith("#"):
-                continue
-            for table in tables[1:] + [""]:
-                prefix = names[len(table.split(".")) if table else 0:]
-                dotted = ".".join(prefix)
-                if current == table and re.match(rf"^{re.escape(dotted)}\s*=", stripped):
-                    return number
-            if current == ".".join(names[:-1]) and re.match(rf"^\"?{re.escape(key)}\"?\s*=", stripped):
-                return number
-        return best
+        """1-based line of the key at ``path`` (ints index arrays of tables and arrays)."""
+        for cut in range(len(path), -1, -1):
+            prefix, rest = path[:cut], [part for part in path[cut:] if isinstance(part, str)]
+            if prefix and isinstance(prefix[-1], int):
+                name, occurrence = ".".join(str(p) for p in prefix[:-1] if isinstance(p, str)), prefix[-1]
+            else:
+                if any(isinstance(part, int) for part in prefix):
+                    continue
+                name, occurrence = ".".join(str(p) for p in prefix), 0
+            for index, (table, seen, line) in enumerate(self.sections):
+                if table != name or seen != occurrence:
+                    continue
+                if not rest:
+                    return line or None
+                for key, key_line in self.keys[index]:
+                    if key == rest[0] or key == ".".join(rest):
+                        return key_line
+        return None
 
 
 class _Reader:
@@ -176,7 +183,9 @@ class _Reader:
         where = f"{self.source}:{line}" if line else self.source
         return PolicyError(f"{where}: {dotted}: {message}")
 
-    def table(self, value: Any, path: Sequence[str | int], allowed: set[str], required: set[str] = set()) -> dict[str, Any]:
+    def table(
+        self, value: Any, path: Sequence[str | int], allowed: set[str], required: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(path, "must be a table")
         for key in value:
@@ -252,7 +261,7 @@ _DEVICE_KEYS = {"name", "vendor", "device", "class", "clusters"}
 
 
 def _device(reader: _Reader, value: Any, path: list[str | int], tenant_clusters: tuple[int, ...]) -> DeviceGrant:
-    table = reader.table(value, path, _DEVICE_KEYS, {"name", "vendor"})
+    table = reader.table(value, path, _DEVICE_KEYS, frozenset({"name", "vendor"}))
     clusters = None
     if "clusters" in table:
         ids = reader.ints(table["clusters"], [*path, "clusters"])
@@ -271,7 +280,7 @@ def _device(reader: _Reader, value: Any, path: list[str | int], tenant_clusters:
 
 def _tenant(reader: _Reader, key: str, value: Any) -> Tenant:
     path: list[str | int] = ["tenant", key]
-    table = reader.table(value, path, _TENANT_KEYS, {"group", "max_gpus"})
+    table = reader.table(value, path, _TENANT_KEYS, frozenset({"group", "max_gpus"}))
     clusters = reader.ints(table.get("clusters", []), [*path, "clusters"])
     devices_raw = table.get("devices", [])
     if not isinstance(devices_raw, list):
@@ -307,7 +316,9 @@ def _check_disjoint(reader: _Reader, tenants: Mapping[str, Tenant]) -> None:
     seen_gids: dict[int, str] = {}
     for key, tenant in tenants.items():
         if tenant.group in seen_groups:
-            raise reader.fail(["tenant", key, "group"], f"group {tenant.group!r} is already tenant {seen_groups[tenant.group]!r}")
+            raise reader.fail(
+                ["tenant", key, "group"], f"group {tenant.group!r} is already tenant {seen_groups[tenant.group]!r}"
+            )
         seen_groups[tenant.group] = key
         if tenant.group_id is not None:
             if tenant.group_id in seen_gids:
@@ -317,12 +328,15 @@ def _check_disjoint(reader: _Reader, tenants: Mapping[str, Tenant]) -> None:
         spans = sorted(
             (low, high, key) for key, tenant in tenants.items() for low, high in getattr(tenant, attribute).ranges
         )
-        for (low_a, high_a, key_a), (low_b, _high_b, key_b) in zip(spans, spans[1:]):
-            if low_b <= high_a and key_a != key_b:
-                raise reader.fail(
-                    ["tenant", key_b, attribute],
-                    f"{low_b} overlaps tenant {key_a!r} ({low_a}-{high_a}): fabric ids isolate tenants",
-                )
+        reach: dict[str, int] = {}  # per tenant: the highest id its ranges seen so far cover
+        for low, high, key in spans:
+            for other, other_high in reach.items():
+                if other != key and low <= other_high:
+                    raise reader.fail(
+                        ["tenant", key, attribute],
+                        f"{low}-{high} overlaps tenant {other!r} (up to {other_high}): fabric ids isolate tenants",
+                    )
+            reach[key] = max(reach.get(key, -1), high)
 
 
 def parse_policy(text: str, source: str = "policy") -> Policy:
@@ -334,7 +348,7 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     except tomllib.TOMLDecodeError as error:
         raise PolicyError(f"{source}: not valid TOML: {error}") from None
     reader = _Reader(text, source)
-    reader.table(data, [], {"opennebula", "tenant"}, {"tenant"})
+    reader.table(data, [], {"opennebula", "tenant"}, frozenset({"tenant"}))
     one = reader.table(data.get("opennebula", {}), ["opennebula"], {"version", "zone", "infrastructure_admin_groups"})
     version = one.get("version", "7.0")
     if version not in VERSIONS:
@@ -345,7 +359,8 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     admins = frozenset(
         reader.name(item, ["opennebula", "infrastructure_admin_groups", index]) for index, item in enumerate(admins_raw)
     )
-    tenants_raw = reader.table(data["tenant"], ["tenant"], set(data["tenant"]) if isinstance(data["tenant"], dict) else set())
+    keys = set(data["tenant"]) if isinstance(data["tenant"], dict) else set()
+    tenants_raw = reader.table(data["tenant"], ["tenant"], keys)
     tenants: dict[str, Tenant] = {}
     for key, value in tenants_raw.items():
         reader.name(key, ["tenant", key])
