@@ -22,7 +22,7 @@ def add_parser(subparsers: Any) -> None:
     release = actions.add_parser("release", help="give a device (and what was taken with it) back")
     release.add_argument("address", metavar="ADDR")
     actions.add_parser("list", help="devices, their drivers and the VMs holding them")
-    clear = actions.add_parser("clear", help="lift the quarantine of a device that failed its health check")
+    clear = actions.add_parser("clear", help="lift a quarantine and accept a device's new identity (after a swap)")
     clear.add_argument("address", metavar="ADDR")
 
 
@@ -54,13 +54,14 @@ def _bind(args: argparse.Namespace, context: Any) -> int:
                           f"{_owner_label(vm)}: administrator asked for {driver}") for address in addresses]
     if args.dry_run:
         for action in actions:
-            sys.stdout.write(f"# {action.target}: {action.undo_value or 'no driver'} -> {action.value} "
-                             f"({action.reason})\n")
+            if action.kind == "pci_driver":
+                sys.stdout.write(f"# {action.target}: {action.undo_value or 'no driver'} -> {action.value} "
+                                 f"({action.reason})\n")
         for write in plan_writes(host, actions):
             sys.stdout.write(f"echo {write.value.strip() or chr(39) * 2} > {write.path}    # {write.why}\n")
         return EXIT_OK
     prepare(host, vm, actions)
-    for action in actions:
+    for action in (action for action in actions if action.kind == "pci_driver"):
         sys.stdout.write(f"{action.target}: {action.undo_value or 'no driver'} -> {action.value}\n")
     return EXIT_OK
 
@@ -108,12 +109,14 @@ def run(args: argparse.Namespace, context: Any) -> int:
     if args.device_command == "list":
         return _list(context)
     if args.device_command == "clear":
+        from aifactory_core.host.fingerprint import forget
         from aifactory_core.host.sanitize import clear_quarantine
         from aifactory_core.validate import pci_address
 
         address = pci_address(args.address)
-        if not clear_quarantine(context.host, address):
-            raise UsageError(f"device {address} is not quarantined")
-        sys.stdout.write(f"{address}: quarantine lifted\n")
+        lifted, forgotten = clear_quarantine(context.host, address), forget(context.host, address)
+        if not (lifted or forgotten):
+            raise UsageError(f"device {address} is neither quarantined nor fingerprinted")
+        sys.stdout.write(f"{address}: {'quarantine lifted; ' if lifted else ''}fingerprint will be taken anew\n")
         return EXIT_OK
     raise UsageError("device needs an action: bind, release or list")

@@ -75,6 +75,22 @@ def _is_on(host: HostRoot, address: str, driver: str) -> bool:
 register_executor("pci_driver", _pci_driver_do, _pci_driver_undo, claims_target=True)
 
 
+def _fingerprint_do(host: HostRoot, action: Action, writer: Writer) -> None:
+    import json
+
+    from aifactory_core.host.fingerprint import record
+
+    if not isinstance(writer, RecordingWriter):
+        record(host, action.target, json.loads(action.value))
+
+
+def _keep(host: HostRoot, action: Action, writer: Writer) -> None:
+    """A record that stays after release: nothing to undo."""
+
+
+register_executor("fingerprint", _fingerprint_do, _keep)
+
+
 def _executor(kind: str) -> ActionExecutor:
     try:
         return EXECUTORS[kind]

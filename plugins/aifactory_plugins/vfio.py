@@ -129,6 +129,10 @@ def bar_bytes_64(devices: list[PciDevice]) -> int:
 def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) -> list[Action] | None:
     if not isinstance(request, DeployRequest) or not request.pci_addresses:
         return None
+    import json
+
+    from aifactory_core.host.fingerprint import check_drift
+
     actions: list[Action] = []
     seen: set[str] = set()
     for address in request.pci_addresses:
@@ -136,6 +140,9 @@ def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) ->
             if member.address in seen:
                 continue
             seen.add(member.address)
+            identity = check_drift(inventory.host, member.address)
+            actions.append(Action("fingerprint", member.address, json.dumps(identity, sort_keys=True), None,
+                                  "remember what this device is, to notice a swap or a retrained link"))
             why = ("requested by the VM" if member.address == address
                    else f"shares IOMMU group {member.iommu_group} with {address}")
             actions.append(Action("pci_driver", member.address, VFIO_DRIVER, member.driver or "",
