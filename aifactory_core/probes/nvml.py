@@ -1,0 +1,253 @@
+"""A small NVML reader: per-GPU readings as plain dicts, from the library or from a recording.
+
+A reading is ``{"address": "0000:17:00.0", "fields": {NAME: value}, "errors": {NAME: text},
+"status": "ok" | "error" | "timeout", "problem": text}``. Field names are those of the recorded
+``nvml.json`` format (``Name``, ``UUID``, ``MemoryInfo``, ``ECC_uncorr_vol``...).
+
+Two backends share the same deadline machinery: every GPU is read in its own daemon worker
+thread and the caller waits at most ``budget_s`` in all, so a hung NVML call costs the probe its
+budget, never more, and the other GPUs are still reported. An exception on one GPU (or one
+field) is kept as that GPU's (field's) error.
+
+* :class:`LiveNvml` imports pynvml lazily, and only when ``libnvidia-ml.so.1`` exists on the host
+  (checked with a few ``stat`` calls — ``ctypes.util.find_library`` would spawn ``ldconfig``).
+* :class:`ReplayNvml` reads the recorded format: ``{"driver": {"value"|"error", "us"}, "nvml",
+  "cuda", "count", "devices": [{FIELD: {"value": V} | {"error": "E"}, "us": latency}]}``. A
+  device entry ``{"error": "E"}`` stands for a GPU whose handle cannot be obtained. With
+  ``honour_latency`` the recorded latency (``us``) of each call is slept, so a recording with a
+  very long call stands for a hung one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+TYPE_CHECKING = False  # typing is not loaded at interpreter start-up; mypy reads the name
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    Reading = dict[str, Any]
+
+LIBRARY_DIRS = (
+    "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+    "/lib/x86_64-linux-gnu", "/lib64", "/usr/local/nvidia/lib64",
+)
+LIBRARY = "libnvidia-ml.so.1"
+DEFAULT_BUDGET_S = 5.0
+
+# Recorded field name -> (pynvml function, extra arguments after the handle). The live backend
+# reads exactly these; values are normalised to what the recording holds (lists of strings for
+# tuples, dicts for structures).
+LIVE_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "Name": ("nvmlDeviceGetName", ()),
+    "UUID": ("nvmlDeviceGetUUID", ()),
+    "Serial": ("nvmlDeviceGetSerial", ()),
+    "PciInfo": ("nvmlDeviceGetPciInfo", ()),
+    "MemoryInfo": ("nvmlDeviceGetMemoryInfo", ()),
+    "UtilizationRates": ("nvmlDeviceGetUtilizationRates", ()),
+    "PowerUsage": ("nvmlDeviceGetPowerUsage", ()),
+    "EnforcedPowerLimit": ("nvmlDeviceGetEnforcedPowerLimit", ()),
+    "TotalEnergyConsumption": ("nvmlDeviceGetTotalEnergyConsumption", ()),
+    "PerformanceState": ("nvmlDeviceGetPerformanceState", ()),
+    "VbiosVersion": ("nvmlDeviceGetVbiosVersion", ()),
+    "NumaNodeId": ("nvmlDeviceGetNumaNodeId", ()),
+    "MigMode": ("nvmlDeviceGetMigMode", ()),
+    "EccMode": ("nvmlDeviceGetEccMode", ()),
+    "CurrPcieLinkGeneration": ("nvmlDeviceGetCurrPcieLinkGeneration", ()),
+    "CurrPcieLinkWidth": ("nvmlDeviceGetCurrPcieLinkWidth", ()),
+    "MaxPcieLinkGeneration": ("nvmlDeviceGetMaxPcieLinkGeneration", ()),
+    "MaxPcieLinkWidth": ("nvmlDeviceGetMaxPcieLinkWidth", ()),
+    "PcieReplayCounter": ("nvmlDeviceGetPcieReplayCounter", ()),
+    "RetiredPagesPendingStatus": ("nvmlDeviceGetRetiredPagesPendingStatus", ()),
+    "RemappedRows": ("nvmlDeviceGetRemappedRows", ()),
+    "CurrentClocksThrottleReasons": ("nvmlDeviceGetCurrentClocksThrottleReasons", ()),
+    "Temperature": ("nvmlDeviceGetTemperature", ("NVML_TEMPERATURE_GPU",)),
+    "Clock_SM": ("nvmlDeviceGetClockInfo", ("NVML_CLOCK_SM",)),
+    "Clock_MEM": ("nvmlDeviceGetClockInfo", ("NVML_CLOCK_MEM",)),
+    "ECC_corr_vol": ("nvmlDeviceGetTotalEccErrors",
+                     ("NVML_MEMORY_ERROR_TYPE_CORRECTED", "NVML_VOLATILE_ECC")),
+    "ECC_corr_agg": ("nvmlDeviceGetTotalEccErrors",
+                     ("NVML_MEMORY_ERROR_TYPE_CORRECTED", "NVML_AGGREGATE_ECC")),
+    "ECC_uncorr_vol": ("nvmlDeviceGetTotalEccErrors",
+                       ("NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC")),
+    "ECC_uncorr_agg": ("nvmlDeviceGetTotalEccErrors",
+                       ("NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_AGGREGATE_ECC")),
+}
+
+
+def bus_id(value: object) -> str | None:
+    """NVML's ``00000000:17:00.0`` (or legacy ``0000:17:00.0``) as sysfs's ``0000:17:00.0``."""
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    parts = text.split(":")
+    if len(parts) != 3:
+        return None
+    return f"{int(parts[0], 16):04x}:{parts[1]}:{parts[2]}" if parts[0] else None
+
+
+def library_path(root: str = "/") -> str | None:
+    """Where ``libnvidia-ml.so.1`` is on the host, or None (a few stats, no subprocess)."""
+    for directory in LIBRARY_DIRS:
+        candidate = os.path.join(root, directory.lstrip("/"), LIBRARY)
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def _normalise(value: object) -> object:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, (str, int, float)) or value is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return [str(_normalise(item)) for item in value]
+    fields = getattr(value, "_fields_", None)
+    if fields:
+        return {name: _normalise(getattr(value, name)) for name, *_ in fields}
+    return str(value)
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:200]
+
+
+class _Collector:
+    """Runs one reader function per GPU in daemon threads under one shared deadline."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.budget_s = budget_s
+
+    def collect(self, jobs: list[tuple[str, Callable[[Reading], None]]]) -> list[Reading]:
+        import threading
+
+        readings: list[Reading] = []
+        threads = []
+        for label, job in jobs:
+            reading: Reading = {"address": None, "label": label, "fields": {}, "errors": {},
+                                "status": "ok", "problem": ""}
+            readings.append(reading)
+
+            def run(job: Callable[[Reading], None] = job, reading: Reading = reading) -> None:
+                try:
+                    job(reading)
+                except Exception as error:  # one GPU's failure stays that GPU's
+                    reading["status"] = "error"
+                    reading["problem"] = _error_text(error)
+                reading["done"] = True
+
+            thread = threading.Thread(target=run, name=f"nvml-{label}", daemon=True)
+            thread.start()
+            threads.append(thread)
+        deadline = time.monotonic() + self.budget_s
+        for thread, reading in zip(threads, readings, strict=True):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if not reading.get("done"):
+                reading["status"] = "timeout"
+                reading["problem"] = f"NVML did not answer within {self.budget_s:g} s"
+        # A timed-out thread keeps writing into its own dict: hand back copies.
+        return [{**reading, "fields": dict(reading["fields"]), "errors": dict(reading["errors"])}
+                for reading in readings]
+
+
+class ReplayNvml:
+    """NVML readings from a recorded ``nvml.json`` (tests, ``--nvml-replay FILE``)."""
+
+    def __init__(self, path: str, budget_s: float = DEFAULT_BUDGET_S, honour_latency: bool = False) -> None:
+        import json
+
+        with open(path, encoding="utf-8") as handle:
+            self.recording: dict[str, Any] = json.load(handle)
+        self.path = path
+        self.budget_s = budget_s
+        self.honour_latency = honour_latency
+
+    def _entry(self, name: str) -> tuple[object, str | None]:
+        entry = self.recording.get(name) or {}
+        return entry.get("value"), entry.get("error")
+
+    def driver_version(self) -> tuple[str | None, str | None]:
+        value, error = self._entry("driver")
+        return (str(value) if value is not None else None), error
+
+    def _reader(self, device: dict[str, Any]) -> Callable[[Reading], None]:
+        def read(reading: Reading) -> None:
+            if "error" in device and "Name" not in device:
+                raise RuntimeError(str(device["error"]))
+            for name, entry in device.items():
+                if not isinstance(entry, dict) or name == "nvlink":
+                    continue
+                if self.honour_latency:
+                    time.sleep(float(entry.get("us", 0)) / 1e6)
+                if "error" in entry:
+                    reading["errors"][name] = str(entry["error"])
+                else:
+                    reading["fields"][name] = entry.get("value")
+            reading["fields"]["nvlink"] = device.get("nvlink") or []
+            pci = reading["fields"].get("PciInfo")
+            if isinstance(pci, dict):
+                reading["address"] = bus_id(pci.get("busId") or pci.get("busIdLegacy"))
+        return read
+
+    def read(self) -> list[Reading]:
+        devices = self.recording.get("devices") or []
+        jobs = [(str(index), self._reader(device)) for index, device in enumerate(devices)]
+        return _Collector(self.budget_s).collect(jobs)
+
+
+class LiveNvml:
+    """NVML readings from the library through pynvml (imported on first use)."""
+
+    def __init__(self, budget_s: float = DEFAULT_BUDGET_S) -> None:
+        self.budget_s = budget_s
+        self._nvml: Any = None
+
+    def _init(self) -> Any:
+        if self._nvml is None:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        return self._nvml
+
+    def driver_version(self) -> tuple[str | None, str | None]:
+        try:
+            return str(_normalise(self._init().nvmlSystemGetDriverVersion())), None
+        except Exception as error:
+            return None, _error_text(error)
+
+    def _reader(self, index: int) -> Callable[[Reading], None]:
+        def read(reading: Reading) -> None:
+            nvml = self._nvml
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            for name, (function, constants) in LIVE_FIELDS.items():
+                try:
+                    arguments = [getattr(nvml, constant) for constant in constants]
+                    reading["fields"][name] = _normalise(getattr(nvml, function)(handle, *arguments))
+                except Exception as error:
+                    reading["errors"][name] = _error_text(error)
+                    if "GpuIsLost" in type(error).__name__:
+                        break  # fallen off the bus: every further call fails the same way
+            pci = reading["fields"].get("PciInfo")
+            if isinstance(pci, dict):
+                reading["address"] = bus_id(pci.get("busId") or pci.get("busIdLegacy"))
+        return read
+
+    def read(self) -> list[Reading]:
+        """Init and count run under the same deadline as the reads (a hung init is a time-out)."""
+        counted = _Collector(self.budget_s).collect([("init", self._count)])[0]
+        if counted["status"] != "ok":
+            raise RuntimeError(counted["problem"] or "NVML init failed")
+        count = int(counted["fields"]["count"])
+        return _Collector(self.budget_s).collect([(str(index), self._reader(index)) for index in range(count)])
+
+    def _count(self, reading: Reading) -> None:
+        reading["fields"]["count"] = self._init().nvmlDeviceGetCount()
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # shutting down a broken library must not fail the probe
+                pass

@@ -1,0 +1,83 @@
+"""Small sysfs/procfs readers under a host-root prefix (the probes' only file access).
+
+The host root is the same one :class:`aifactory_core.hostroot.HostRoot` maps (``--host-root``,
+``AIFACTORY_HOST_ROOT``); the probes take it as a plain string so that their start-up does not
+pay for the dataclass machinery. Every read returns None (never raises) when a file is missing or
+unreadable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+PCI_ADDRESS = re.compile(r"\A[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]\Z")
+DEFAULT_STATE_DIR = "/var/lib/one/aifactory"
+
+
+class Root:
+    """A host root (``/`` on the live machine) and the suite's state directory under it."""
+
+    __slots__ = ("prefix", "state_dir")
+
+    def __init__(self, root: str = "/", state_dir: str | None = None) -> None:
+        self.prefix = os.path.abspath(root)
+        self.state_dir = state_dir or self.path(DEFAULT_STATE_DIR)
+
+    @classmethod
+    def from_environment(cls) -> Root:
+        return cls(os.environ.get("AIFACTORY_HOST_ROOT") or "/", os.environ.get("AIFACTORY_STATE_DIR") or None)
+
+    @property
+    def is_live(self) -> bool:
+        return self.prefix == "/"
+
+    def path(self, absolute: str) -> str:
+        return self.prefix.rstrip("/") + absolute if self.prefix != "/" else absolute
+
+    def text(self, absolute: str) -> str | None:
+        try:
+            with open(self.path(absolute), encoding="utf-8", errors="replace") as handle:
+                return handle.read().strip()
+        except OSError:
+            return None
+
+    def number(self, absolute: str, base: int = 10) -> int | None:
+        text = self.text(absolute)
+        try:
+            return int(text, base) if text is not None else None
+        except ValueError:
+            return None
+
+    def listdir(self, absolute: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self.path(absolute)))
+        except OSError:
+            return []
+
+    def link_name(self, absolute: str) -> str | None:
+        """The last component of a symlink's target (a driver's or group's name)."""
+        try:
+            return os.path.basename(os.readlink(self.path(absolute)))
+        except OSError:
+            return None
+
+    def exists(self, absolute: str) -> bool:
+        return os.path.exists(self.path(absolute))
+
+
+def pci_functions(root: Root) -> list[str]:
+    """Every PCI function address under ``/sys/bus/pci/devices`` (strictly validated)."""
+    return [name for name in root.listdir("/sys/bus/pci/devices") if PCI_ADDRESS.match(name)]
+
+
+def pci_ids(root: Root, address: str) -> tuple[int, int, int]:
+    """(vendor, device, class) of a function; -1 where unreadable."""
+    base = f"/sys/bus/pci/devices/{address}/"
+    return (root.number(base + "vendor", 16) or -1, root.number(base + "device", 16) or -1,
+            root.number(base + "class", 16) or -1)
+
+
+def one_address(address: str) -> str:
+    """OpenNebula's PCI ``ADDRESS`` spelling: ``0000:17:00:0`` (``:`` before the function)."""
+    return address[:-2] + ":" + address[-1]
