@@ -1,0 +1,198 @@
+"""Frontend admission: what the API hook does after oned ran a VM-shaping call.
+
+OpenNebula hooks run after the call and cannot veto it, so GPU templates are created on hold
+(``SUBMIT_ON_HOLD = "YES"``) and this step *releases* the VMs that pass, and keeps on hold (or,
+with ``on_refusal = "terminate"``, terminates) the ones that do not, writing the reason into the
+VM's ``USER_TEMPLATE`` (``AIFACTORY_POLICY_ERROR``) where the owner sees it.
+
+The hook receives ``$API`` (base64 of ``<CALL_INFO>``) followed by the method name on stdin
+(hook template ``ARGUMENTS = "$API one.vm.attachpci"``, ``ARGUMENTS_STDIN = "YES"``): CALL_INFO
+does not name its method. Steps, each pure but the last:
+
+1. :func:`read_event` — decode and parse (hardened); malformed input is a DocumentError.
+2. :func:`vm_id_of` — the VM the call created or changed.
+3. :func:`plan` — from the VM document, the tenant's usage and the policy: the calls to make.
+4. :func:`execute` — make them through :class:`aifactory_core.policy.oned.Oned`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from aifactory_core.errors import DocumentError
+
+if TYPE_CHECKING:
+    from aifactory_core.one.payload import CallInfo
+    from aifactory_core.one.vm import VmRequest
+    from aifactory_core.policy.decide import Decision, Usage
+    from aifactory_core.policy.oned import Oned
+    from aifactory_core.policy.schema import Policy
+
+HOOKED_CALLS = (
+    "one.template.instantiate", "one.vm.allocate", "one.vm.attachpci", "one.vm.attachnic",
+    "one.vm.updateconf", "one.vm.resize",
+)  # fmt: skip
+CREATING_CALLS = frozenset({"one.template.instantiate", "one.vm.allocate"})
+HOLD_PARAMETER = {"one.template.instantiate": 4, "one.vm.allocate": 3}
+ERROR_ATTRIBUTE = "AIFACTORY_POLICY_ERROR"
+STATUS_ATTRIBUTE = "AIFACTORY_ADMISSION"
+MAX_STDIN = 24 * 1024 * 1024
+# States whose VMs hold their devices: PENDING, ACTIVE, SUSPENDED, POWEROFF (oned keeps the PCI
+# allocation through poweroff/suspend; HOLD VMs are not admitted yet, STOPPED/UNDEPLOYED freed them).
+HOLDING_STATES = frozenset({1, 3, 5, 8})
+STATE_HOLD, STATE_PENDING = 2, 1
+
+OnRefusal = Literal["hold", "terminate"]
+
+
+@dataclass(frozen=True)
+class Event:
+    method: str
+    call: CallInfo
+
+
+@dataclass(frozen=True)
+class Step:
+    """One XML-RPC call the hook makes: ``method`` with ``params`` (session added by the client)."""
+
+    method: str
+    params: tuple[object, ...]
+
+    def __str__(self) -> str:
+        return f"{self.method}{self.params!r}"
+
+
+def read_event(stdin: bytes, argv_method: str | None = None) -> Event:
+    """Split ``"<base64> <method>"`` and parse the CALL_INFO; refuses anything unexpected."""
+    from aifactory_core.one.payload import parse_call_info
+
+    if len(stdin) > MAX_STDIN:
+        raise DocumentError(f"hook input is larger than {MAX_STDIN} bytes")
+    parts = stdin.split()
+    if not parts:
+        raise DocumentError("hook input is empty: expected '$API METHOD' on stdin (ARGUMENTS_STDIN = \"YES\")")
+    method = argv_method
+    if len(parts) == 2:
+        method = parts[1].decode("ascii", "replace")
+    elif len(parts) > 2:
+        raise DocumentError(f"hook input has {len(parts)} words: expected '$API METHOD'")
+    if method not in HOOKED_CALLS:
+        raise DocumentError(f"hook input names method {str(method)[:60]!r}: expected one of {', '.join(HOOKED_CALLS)}")
+    return Event(method, parse_call_info(parts[0], "$API payload", encoding="base64", method=method))
+
+
+def vm_id_of(event: Event) -> int | None:
+    """The VM the call acted on: OUT 2 for creating calls, IN 2 for calls on an existing VM."""
+    if event.method in CREATING_CALLS:
+        return event.call.object_id
+    raw = event.call.inputs().get(2)
+    if raw is None or not raw.isdigit() or len(raw) > 10:
+        raise DocumentError(f"CALL_INFO of {event.method}: IN parameter 2 (the VM id) is missing or not an id")
+    return int(raw)
+
+
+def caller_asked_hold(event: Event) -> bool:
+    position = HOLD_PARAMETER.get(event.method)
+    return position is not None and event.call.inputs().get(position, "0").strip().lower() in ("1", "true")
+
+
+def usage_from_pool(policy: Policy, vms: Iterable[VmRequest]) -> Usage:
+    from aifactory_core.policy.decide import Usage, gpu_count
+
+    usage = Usage()
+    for vm in vms:
+        if vm.state not in HOLDING_STATES:
+            continue
+        tenant = policy.tenant_for(vm.gid, vm.gname)
+        if tenant is not None:
+            usage.set(vm.vm_id, tenant.key, gpu_count(vm))
+    return usage
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")[:1000]
+
+
+def plan(event: Event, vm: VmRequest, decision: Decision, on_refusal: OnRefusal = "hold") -> list[Step]:
+    """The calls that carry out ``decision`` for ``vm`` (empty: nothing to change)."""
+    steps: list[Step] = []
+    held_for_admission = vm.state == STATE_HOLD and event.method in CREATING_CALLS and not caller_asked_hold(event)
+    if decision.admitted:
+        if vm.user_template.get(ERROR_ATTRIBUTE) is not None or held_for_admission:
+            steps.append(Step("one.vm.update", (vm.vm_id, f'{STATUS_ATTRIBUTE}="ADMITTED"\n{ERROR_ATTRIBUTE}=""', 1)))
+        if held_for_admission:
+            steps.append(Step("one.vm.action", ("release", vm.vm_id)))
+        return steps
+    reason = _quote(decision.reason)
+    steps.append(Step("one.vm.update", (vm.vm_id, f'{STATUS_ATTRIBUTE}="REFUSED"\n{ERROR_ATTRIBUTE}="{reason}"', 1)))
+    if on_refusal == "terminate":
+        steps.append(Step("one.vm.action", ("terminate-hard", vm.vm_id)))
+    elif vm.state == STATE_PENDING:
+        steps.append(Step("one.vm.action", ("hold", vm.vm_id)))
+    elif vm.state != STATE_HOLD:
+        steps.append(Step("one.vm.action", ("poweroff-hard", vm.vm_id)))  # devices freed, VM kept
+    return steps
+
+
+def fetch_vm(oned: Oned, vm_id: int) -> VmRequest:
+    from aifactory_core.one.vm import vm_from_element
+
+    return vm_from_element(oned.document("one.vm.info", vm_id, False))
+
+
+def fetch_usage(oned: Oned, policy: Policy, gid: int) -> Usage:
+    """Usage of the VM's group: one.vmpool.info(filter=-1 all, -1, -1, state=-1 any but DONE)."""
+    from aifactory_core.one.vm import vm_from_element
+
+    pool = oned.document("one.vmpool.info", -1, -1, -1, -1)
+    mine = (vm_from_element(item) for item in pool.iterfind("VM") if item.findtext("GID") == str(gid))
+    return usage_from_pool(policy, mine)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    vm_id: int | None
+    decision: Decision | None
+    steps: tuple[Step, ...]
+    note: str
+
+    def summary(self) -> str:
+        verdict = "no VM" if self.decision is None else ("admitted" if self.decision.admitted else "refused")
+        head = f"VM {self.vm_id}: {verdict}" if self.vm_id is not None else verdict
+        detail = f" ({self.decision.reason})" if self.decision is not None and not self.decision.admitted else ""
+        done = "; ".join(str(step) for step in self.steps) or "no change"
+        return f"{head}{detail}; {self.note}; {done}"
+
+
+def admit_event(
+    event: Event, policy: Policy, oned_factory: type[Oned] | None = None, *, on_refusal: OnRefusal = "hold",
+    endpoint: str | None = None, session: str | None = None,
+) -> Outcome:  # fmt: skip
+    """Decide one hook event and carry the decision out (oned is contacted only when needed)."""
+    from aifactory_core.policy.decide import decide, gpu_count
+
+    if not event.call.success:
+        return Outcome(None, None, (), f"{event.method} failed in oned; nothing to admit")
+    vm_id = vm_id_of(event)
+    if vm_id is None:
+        raise DocumentError(f"CALL_INFO of {event.method}: OUT parameter 2 (the new VM id) is missing")
+    extra = event.call.extra_vm
+    if extra is not None and extra.vm_id == vm_id and not extra.pci and not extra.nics:
+        if extra.state != STATE_HOLD:
+            return Outcome(vm_id, decide(policy, extra), (), "no devices or NICs requested")
+    if oned_factory is None:
+        from aifactory_core.policy.oned import Oned as oned_factory
+    oned = oned_factory(endpoint, session)
+    vm = fetch_vm(oned, vm_id)
+    if vm.vm_id != vm_id:
+        raise DocumentError(f"one.vm.info {vm_id} answered VM {vm.vm_id}")
+    usage = None
+    if vm.gid is not None and gpu_count(vm):
+        usage = fetch_usage(oned, policy, vm.gid)
+    decision = decide(policy, vm, usage)
+    steps = plan(event, vm, decision, on_refusal)
+    for step in steps:
+        oned.call(step.method, *step.params)
+    return Outcome(vm_id, decision, tuple(steps), f"{event.method} on VM in state {vm.state_name}")
