@@ -19,46 +19,19 @@ Rules (the ``rule`` of a :class:`Refusal`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from aifactory_core.policy.schema import Policy, Tenant
 
+if TYPE_CHECKING:
+    from aifactory_core.one.vm import NicRequest, PciRequest, VmRequest
+
+    RequestLike = VmRequest
+
 PKEY_ATTRIBUTES = ("IB_PKEY", "PKEY")
 VXLAN_DRIVERS = frozenset({"vxlan"})
-
-
-class PciLike(Protocol):
-    vendor: int | None
-    device: int | None
-    device_class: int | None
-    network_id: int | None
-    vlan_id: int | None
-    vn_mad: str | None
-    attributes: Mapping[str, str]
-
-    @property
-    def is_nic(self) -> bool: ...
-
-
-class NicLike(Protocol):
-    network_id: int | None
-    vlan_id: int | None
-    vn_mad: str | None
-    attributes: Mapping[str, str]
-
-
-class RequestLike(Protocol):
-    """What the decision reads; :class:`aifactory_core.one.vm.VmRequest` satisfies it."""
-
-    vm_id: int
-    uid: int | None
-    gid: int | None
-    gname: str | None
-    cluster_id: int | None
-    pci: tuple[PciLike, ...]
-    nics: tuple[NicLike, ...]
 
 
 @dataclass(frozen=True)
@@ -158,7 +131,7 @@ def _device_refusals(tenant: Tenant, request: RequestLike) -> list[Refusal]:
 
 def _network_refusals(tenant: Tenant, request: RequestLike) -> list[Refusal]:
     refusals = []
-    interfaces: list[NicLike | PciLike] = [*request.nics, *(item for item in request.pci if item.is_nic)]
+    interfaces: list[NicRequest | PciRequest] = [*request.nics, *(item for item in request.pci if item.is_nic)]
     for nic in interfaces:
         if nic.network_id is None or nic.network_id not in tenant.networks:
             refusals.append(Refusal(f"tenant.{tenant.key}.networks",
