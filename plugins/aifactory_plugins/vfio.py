@@ -151,11 +151,12 @@ def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) ->
 
 
 def _pcihole64_kib(bar_bytes: int) -> int:
-    """A 64-bit PCI hole large enough for the BARs, rounded to a power of two, doubled for alignment."""
+    """A 64-bit PCI hole for the BARs: their sum rounded up to a power of two, which also leaves room
+    to align the largest BAR naturally; never below QEMU's 32 GiB default."""
     size = 1
     while size < bar_bytes:
         size <<= 1
-    return max(size * 2 // 1024, 32 * 1024 * 1024)
+    return max(size // 1024, 32 * 1024 * 1024)
 
 
 @hookimpl

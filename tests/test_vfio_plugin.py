@@ -1,0 +1,93 @@
+"""The vfio and nvidia_gpu plugins' prepare-side decisions on generated and captured hosts."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from aifactory_plugins import nvidia_gpu, vfio
+
+from aifactory_core.config import parse_config
+from aifactory_core.domain import dump_domain, load_domain
+from aifactory_core.errors import HostError
+from aifactory_core.host.inventory import HostInventory
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.model import DeployRequest
+
+GPU = "0000:1b:00.0"
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> HostRoot:
+    from hostroots import generate_host
+
+    return HostRoot(generate_host("dgx-h100", tmp_path / "root"), tmp_path / "state")
+
+
+def _prepare(host: HostRoot, *addresses: str, config: dict | None = None) -> list:
+    request = DeployRequest(vm_id=3, pci_addresses=addresses)
+    return vfio.aifactory_prepare(HostInventory(host), request, parse_config(config or {})) or []
+
+
+def test_closure_takes_the_whole_group_and_fingerprints(host: HostRoot) -> None:
+    actions = _prepare(host, "0000:01:00.0")
+    assert [(a.kind, a.target) for a in actions if a.kind == "pci_driver"] == [
+        ("pci_driver", "0000:01:00.0"), ("pci_driver", "0000:01:00.1")]
+    assert all(a.undo_value == "ixgbe" for a in actions if a.kind == "pci_driver")
+    assert {a.target for a in actions if a.kind == "fingerprint"} == {"0000:01:00.0", "0000:01:00.1"}
+
+
+def test_group_with_a_host_device_is_refused(host: HostRoot) -> None:
+    with pytest.raises(HostError, match="0000:01:00.1 .* which the host uses"):
+        _prepare(host, "0000:01:00.0", config={"host": {"host_devices": ["0000:01:00.1"]}})
+
+
+def test_fingerprint_drift_is_refused(host: HostRoot) -> None:
+    from aifactory_core.host.fingerprint import fingerprint, record
+
+    record(host, GPU, fingerprint(host, GPU))
+    assert _prepare(host, GPU)
+    (host.pci_devices / GPU / "max_link_width").write_text("8\n")
+    with pytest.raises(HostError, match=r"changed since it was last assigned \(max_link_width 16 -> 8\)"):
+        _prepare(host, GPU)
+
+
+def test_large_bar_gets_a_64bit_hole_that_libvirt_accepts(host: HostRoot, tmp_path: Path) -> None:
+    domain = load_domain(b"<domain type='kvm'><name>one-3</name><memory unit='KiB'>1048576</memory><vcpu>1</vcpu>"
+                         b"<os><type arch='x86_64' machine='q35'>hvm</type></os><devices>"
+                         b"<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x0000' "
+                         b"bus='0x1b' slot='0x00' function='0x0'/></source></hostdev></devices></domain>")
+    request = DeployRequest(vm_id=3, pci_addresses=(GPU,))
+    vfio.aifactory_domain_xml(HostInventory(host), request, domain, parse_config({}))
+    assert domain.find("devices/hostdev").get("managed") == "no"
+    assert int(domain.findtext("devices/controller[@model='pcie-root']/pcihole64")) == 256 * 1024 * 1024
+    if shutil.which("virt-xml-validate"):
+        path = tmp_path / "domain.xml"
+        path.write_bytes(dump_domain(domain))
+        result = subprocess.run(["virt-xml-validate", str(path), "domain"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def test_large_bar_on_i440fx_is_refused(host: HostRoot) -> None:
+    domain = load_domain(b"<domain type='kvm'><os><type machine='pc-i440fx-7.2'>hvm</type></os><devices/></domain>")
+    with pytest.raises(HostError, match="128 GiB 64-bit PCI hole.*q35"):
+        vfio.aifactory_domain_xml(HostInventory(host), DeployRequest(3, (GPU,)), domain, parse_config({}))
+
+
+def test_gpu_held_open_is_refused_with_the_pids(h100_root: Path, tmp_path: Path) -> None:
+    """The captured H100 host, with a process table added that holds /dev/nvidia0 open."""
+    root = tmp_path / "h100"
+    shutil.copytree(h100_root, root, symlinks=True)
+    gpu = "0000:00:06.0"
+    info = root / "proc/driver/nvidia/gpus" / gpu
+    info.mkdir(parents=True)
+    (info / "information").write_text("Model: \t\t NVIDIA H100 80GB HBM3\nDevice Minor: \t 0\n")
+    for pid, comm, target in (("4242", "nvidia-persiste", "/dev/nvidia0"), ("77", "bash", "/dev/null")):
+        (root / "proc" / pid / "fd").mkdir(parents=True)
+        (root / "proc" / pid / "comm").write_text(comm + "\n")
+        os.symlink(target, root / "proc" / pid / "fd" / "3")
+    inventory = HostInventory(HostRoot(root))
+    assert nvidia_gpu.device_holders(inventory, gpu) == ["nvidia-persiste[4242]"]
+    with pytest.raises(HostError, match=r"GPU 0000:00:06.0 is held open by nvidia-persiste\[4242\]"):
+        nvidia_gpu.aifactory_prepare(inventory, DeployRequest(1, (gpu,)), parse_config({}))
