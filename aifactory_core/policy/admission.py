@@ -183,7 +183,9 @@ def admit_event(
         if extra.state != STATE_HOLD:
             return Outcome(vm_id, decide(policy, extra), (), "no devices or NICs requested")
     if oned_factory is None:
-        from aifactory_core.policy.oned import Oned as oned_factory
+        from aifactory_core.policy.oned import Oned as default_factory
+
+        oned_factory = default_factory
     oned = oned_factory(endpoint, session)
     vm = fetch_vm(oned, vm_id)
     if vm.vm_id != vm_id:
