@@ -1,0 +1,262 @@
+"""One pass over the host: GPUs (NVML or host side), SR-IOV PFs, IB ports, hugepages, readiness.
+
+:func:`collect` returns a plain snapshot that the host/system, vm/monitor and Prometheus writers
+all render, so the three outputs always agree. Each section is isolated: an exception in one is
+recorded in ``snapshot["problems"]`` and the others are still reported. Nothing here raises.
+"""
+
+from __future__ import annotations
+
+import os
+
+from aifactory_core.probes import gpu as gpu_health
+from aifactory_core.probes import host_side
+from aifactory_core.probes.sysfs import Root, one_address, pci_functions, pci_ids
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    Snapshot = dict[str, Any]
+
+NVIDIA = 0x10DE
+SEVERITY = {"OK": 0, "DEGRADED": 1, "FAILED": 2}
+INVENTORY_CACHE = "gpu-inventory.json"
+CACHED_KEYS = ("MODEL", "UUID", "SERIAL", "MEMORY_MIB", "VBIOS")
+# Every AIF_GPU vector carries all of these (empty when unknown), whatever its driver.
+GPU_KEYS = (
+    "ADDRESS", "SHORT_ADDRESS", "BUS_ID", "VENDOR", "DEVICE", "CLASS", "NUMA_NODE", "IOMMU_GROUP",
+    "DRIVER", "STATE", "VM_ID", "MODEL", "UUID", "SERIAL", "MEMORY_MIB", "VBIOS", "INVENTORY_SOURCE",
+    "MIG_MODE", "ECC_MODE", "ECC_CORRECTED_VOLATILE", "ECC_CORRECTED_AGGREGATE", "ECC_UNCORRECTED_VOLATILE",
+    "ECC_UNCORRECTED_AGGREGATE", "REMAPPED_ROWS_CORRECTABLE", "REMAPPED_ROWS_UNCORRECTABLE",
+    "REMAPPED_ROWS_PENDING", "REMAPPED_ROWS_FAILURE", "RETIRED_PAGES_PENDING", "PCIE_REPLAY_COUNTER",
+    "PCIE_LINK_GEN", "PCIE_LINK_WIDTH", "PCIE_LINK_GEN_MAX", "PCIE_LINK_WIDTH_MAX", "LINK_SPEED",
+    "LINK_SPEED_MAX", "LINK_WIDTH", "LINK_WIDTH_MAX", "AER_CORRECTABLE", "AER_NONFATAL", "AER_FATAL",
+    "CONFIG_SPACE", "QUARANTINED", "LAST_RESET", "THROTTLE_REASONS", "XID_SINCE_LAST", "FABRIC_STATE",
+    "NVML_STATUS", "NVML_PROBLEM", "HEALTH", "HEALTH_REASON", "HEALTH_SOURCE",
+)
+
+
+def _problem(snapshot: Snapshot, section: str, error: BaseException) -> None:
+    snapshot["problems"].append(f"{section}: {type(error).__name__}: {' '.join(str(error).split())}"[:300])
+
+
+def gpu_functions(root: Root, functions: list[str]) -> list[str]:
+    """NVIDIA display-class functions (3D controller, VGA)."""
+    found = []
+    for address in functions:
+        vendor, _device, klass = pci_ids(root, address)
+        if vendor == NVIDIA and klass >> 16 == 0x03:
+            found.append(address)
+    return found
+
+
+def _nvml_source(root: Root, gpus: list[str], drivers: dict[str, str], replay: str | None,
+                 budget_s: float) -> tuple[Any, str]:
+    from aifactory_core.probes import nvml
+
+    if replay:
+        return nvml.ReplayNvml(replay, budget_s), "replay"
+    if not any(drivers.get(address) == "nvidia" for address in gpus):
+        return None, "unused: no GPU on the nvidia driver"
+    if nvml.library_path(root.prefix) is None:
+        return None, f"unavailable: {nvml.LIBRARY} not found"
+    if not root.is_live:
+        return None, "unavailable: NVML reads only the live host"
+    return nvml.LiveNvml(budget_s), "live"
+
+
+def _read_cache(root: Root) -> dict[str, dict[str, object]]:
+    import json
+
+    try:
+        with open(os.path.join(root.state_dir, "probes", INVENTORY_CACHE), encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(root: Root, cache: dict[str, dict[str, object]]) -> None:
+    import json
+
+    path = os.path.join(root.state_dir, "probes", INVENTORY_CACHE)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(cache, handle, sort_keys=True)
+        os.replace(temporary, path)
+    except OSError:
+        pass
+
+
+def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: str | None,
+                  budget_s: float) -> None:
+    gpus = gpu_functions(root, functions)
+    drivers = {address: root.link_name(f"/sys/bus/pci/devices/{address}/driver") or "" for address in gpus}
+    snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": "", "SOURCE": ""}
+    readings: dict[str, dict[str, Any]] = {}
+    if gpus or replay:
+        source, status = _nvml_source(root, gpus, drivers, replay, budget_s)
+        snapshot["nvml"]["STATUS"] = status
+        if source is not None:
+            try:
+                version, _error = source.driver_version()
+                snapshot["nvml"]["DRIVER_VERSION"] = version or ""
+                for reading in source.read():
+                    if reading.get("address"):
+                        readings[reading["address"]] = reading
+                    else:
+                        snapshot["problems"].append(
+                            f"nvml: GPU index {reading.get('label')}: {reading.get('problem') or 'no PCI address'}")
+                snapshot["nvml"]["STATUS"] = "ok" if status == "live" else status
+            except Exception as error:  # NVML init failure, unreadable recording
+                snapshot["nvml"]["STATUS"] = f"error: {type(error).__name__}: {error}"[:200]
+            finally:
+                close = getattr(source, "close", None)
+                if close is not None:
+                    close()
+    xids: dict[str, list[int]] = {}
+    if gpus and (root.is_live or root.exists("/dev/kmsg")):
+        from aifactory_core.probes.xid import read_new_xids
+
+        xids, snapshot["xid_source"] = read_new_xids(root)
+    quarantined = host_side.quarantine_reasons(root)
+    held = snapshot["held"]
+    cache = _read_cache(root) if any(address not in readings for address in gpus) else {}
+    cache_changed = False
+    rows: list[dict[str, object]] = []
+    for address in sorted(set(gpus) | set(readings)):
+        vendor, device, klass = pci_ids(root, address)
+        numa = root.number(f"/sys/bus/pci/devices/{address}/numa_node")
+        row: dict[str, object] = dict.fromkeys(GPU_KEYS, "")
+        row.update({
+            "ADDRESS": one_address(address), "SHORT_ADDRESS": address[5:], "BUS_ID": address,
+            "VENDOR": f"{vendor:04x}" if vendor >= 0 else "", "DEVICE": f"{device:04x}" if device >= 0 else "",
+            "CLASS": f"{klass >> 8:04x}" if klass >= 0 else "",
+            "NUMA_NODE": "-" if numa is None or numa < 0 else numa,
+            "IOMMU_GROUP": root.link_name(f"/sys/bus/pci/devices/{address}/iommu_group") or "",
+            "DRIVER": drivers.get(address, ""),
+            "STATE": "ASSIGNED" if address in held or drivers.get(address) == "vfio-pci" else "HOST",
+            "VM_ID": held.get(address, ""),
+        })
+        row.update(host_side.link(root, address))
+        bus_xids = xids.get(address[:-2], [])
+        reading = readings.get(address)
+        if reading is not None:
+            side = host_side.attributes(root, address, quarantined)
+            row.update({key: side[key] for key in ("AER_CORRECTABLE", "AER_NONFATAL", "AER_FATAL", "CONFIG_SPACE")})
+            row.update(gpu_health.nvml_attributes(reading, bus_xids))
+            row["INVENTORY_SOURCE"] = "NVML"
+            if reading.get("status") == "ok" and row["UUID"]:
+                fresh = {key: row[key] for key in CACHED_KEYS}
+                if _read_cache(root).get(address) != fresh:
+                    cache = cache or _read_cache(root)
+                    cache[address] = fresh
+                    cache_changed = True
+            row["_metrics"] = gpu_health.metrics(reading)
+        else:
+            row.update(host_side.attributes(root, address, quarantined))
+            remembered = cache.get(address)
+            if remembered:
+                row.update({key: remembered.get(key, "") for key in CACHED_KEYS})
+                row["INVENTORY_SOURCE"] = "CACHED"
+            fatal = [xid for xid in bus_xids if xid in gpu_health.FATAL_XIDS]
+            row["XID_SINCE_LAST"] = ",".join(str(xid) for xid in bus_xids)
+            if fatal and row["HEALTH"] != "FAILED":
+                row["HEALTH"], row["HEALTH_REASON"] = "FAILED", f"XID {fatal[0]} since the last run"
+            if drivers.get(address) == "nvidia":
+                row["NVML_STATUS"] = "not seen"
+                row["NVML_PROBLEM"] = snapshot["nvml"]["STATUS"]
+            row["_metrics"] = {}
+        if address in quarantined:
+            row["QUARANTINED"], row["LAST_RESET"] = "YES", f"FAILED: {quarantined[address]}"
+            if row["HEALTH"] != "FAILED":
+                row["HEALTH"], row["HEALTH_REASON"] = "FAILED", f"quarantined: {quarantined[address]}"
+        elif not row["QUARANTINED"]:
+            row["QUARANTINED"] = "NO"
+        rows.append(row)
+    if cache_changed:
+        _write_cache(root, cache)
+    snapshot["gpus"] = rows
+
+
+def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None:
+    rows = []
+    held = snapshot["held"]
+    for address in functions:
+        base = f"/sys/bus/pci/devices/{address}/"
+        total = root.number(base + "sriov_totalvfs")
+        if not total:
+            continue
+        vfs = []
+        for name in root.listdir(base.rstrip("/")):
+            if name.startswith("virtfn") and name[6:].isdigit():
+                target = root.link_name(base + name)
+                if target:
+                    vfs.append(target)
+        used = [vf for vf in vfs if vf in held or root.link_name(f"/sys/bus/pci/devices/{vf}/driver") == "vfio-pci"]
+        interfaces = root.listdir(base + "net")
+        mode = ""
+        for interface in interfaces:
+            mode = root.text(f"/sys/class/net/{interface}/compat/devlink/mode") or mode
+        vendor, device, _klass = pci_ids(root, address)
+        rows.append({
+            "ADDRESS": one_address(address), "SHORT_ADDRESS": address[5:], "BUS_ID": address,
+            "VENDOR": f"{vendor:04x}", "DEVICE": f"{device:04x}", "IFNAME": ",".join(interfaces),
+            "TOTAL_VFS": total, "NUM_VFS": root.number(base + "sriov_numvfs") or 0, "USED_VFS": len(used),
+            "ESWITCH_MODE": mode.upper(),
+        })
+    snapshot["sriov"] = rows
+
+
+def _collect_ib(root: Root, snapshot: Snapshot) -> None:
+    rows = []
+    for device in root.listdir("/sys/class/infiniband"):
+        base = f"/sys/class/infiniband/{device}"
+        address = root.link_name(f"{base}/device") or ""
+        for port in root.listdir(f"{base}/ports"):
+            pbase = f"{base}/ports/{port}"
+            state = (root.text(f"{pbase}/state") or "").partition(":")
+            physical = (root.text(f"{pbase}/phys_state") or "").partition(":")
+            rows.append({
+                "DEVICE_NAME": device, "PORT": port, "BUS_ID": address,
+                "STATE": state[2].strip() or state[0], "PHYS_STATE": physical[2].strip() or physical[0],
+                "RATE": root.text(f"{pbase}/rate") or "", "LID": root.text(f"{pbase}/lid") or "",
+                "LINK_LAYER": root.text(f"{pbase}/link_layer") or "",
+                "NODE_GUID": root.text(f"{base}/node_guid") or "",
+                "PORT_GID": root.text(f"{pbase}/gids/0") or "",
+            })
+    snapshot["ib"] = rows
+
+
+def collect(root: Root, replay: str | None = None, budget_s: float = 5.0) -> Snapshot:
+    """Read everything the probes report; never raises."""
+    from aifactory_core.probes import readiness
+
+    snapshot: Snapshot = {"problems": [], "gpus": [], "sriov": [], "ib": [], "hugepages": [], "checks": [],
+                          "nvml": {"STATUS": "", "DRIVER_VERSION": "", "SOURCE": ""}, "held": {},
+                          "xid_source": "unused"}
+    functions = pci_functions(root)
+    try:
+        snapshot["held"] = host_side.holders(root)
+    except Exception as error:
+        _problem(snapshot, "holders", error)
+    sections = (
+        ("gpu", lambda: _collect_gpus(root, snapshot, functions, replay, budget_s)),
+        ("sriov", lambda: _collect_sriov(root, snapshot, functions)),
+        ("infiniband", lambda: _collect_ib(root, snapshot)),
+        ("hugepages", lambda: snapshot.__setitem__("hugepages", readiness.hugepages(root))),
+        ("readiness", lambda: snapshot.__setitem__("checks", readiness.checks(root, functions))),
+    )
+    for name, section in sections:
+        try:
+            section()
+        except Exception as error:  # one section's failure never hides the others
+            _problem(snapshot, name, error)
+    return snapshot
+
+
+def worst(verdicts: list[str]) -> str:
+    return max(verdicts, key=lambda verdict: SEVERITY.get(verdict, 1)) if verdicts else "OK"

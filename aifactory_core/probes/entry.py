@@ -1,0 +1,42 @@
+"""Entry points of the installed probe executables (``drivers/im/kvm-probes.d/...``).
+
+OpenNebula runs each probe as ``<probe> kvm <host_id> <hostname>`` with the monitord config XML on
+stdin, concatenates the outputs of a directory, and fails the whole directory (host in ERROR) when
+one probe exits non-zero. So these never exit non-zero, never print a traceback, and do not read
+stdin (the config XML is not needed). Options, for operators and tests only:
+``AIFACTORY_HOST_ROOT``, ``AIFACTORY_STATE_DIR``, ``AIFACTORY_NVML_REPLAY`` (a recorded
+``nvml.json``), ``AIFACTORY_PROBE_BUDGET_S`` (NVML deadline, default 5 s; the SYSTEM_HOST probe
+timeout in monitord is far longer).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _budget() -> float:
+    try:
+        return min(max(float(os.environ.get("AIFACTORY_PROBE_BUDGET_S", "5")), 0.1), 60.0)
+    except ValueError:
+        return 5.0
+
+
+def run(kind: str) -> int:
+    """Print the ``host-system`` or ``vm-monitor`` probe's output; always returns 0."""
+    try:
+        from aifactory_core.probes.sysfs import Root
+
+        root = Root.from_environment()
+        replay = os.environ.get("AIFACTORY_NVML_REPLAY") or None
+        if kind == "host-system":
+            from aifactory_core.probes.host_system import probe
+        else:
+            from aifactory_core.probes.vm_monitor import probe  # type: ignore[assignment]
+        sys.stdout.write(probe(root, replay, _budget()))
+        sys.stdout.flush()
+    except BaseException as error:  # noqa: BLE001 - the stream must stay valid whatever happens
+        if kind == "host-system":
+            text = " ".join(f"{type(error).__name__}: {error}".split())[:300].replace('"', "'").rstrip("\\")
+            sys.stdout.write(f'AIF_PROBE=[ STATUS="FAILED", PROBLEMS="{text}" ]\n')
+    return 0

@@ -1,0 +1,123 @@
+"""Health of a GPU the host driver cannot see (bound to vfio-pci, in a VM), from the host side only.
+
+Never from numbers the tenant's guest reports: PCIe AER counters (``aer_dev_correctable``,
+``aer_dev_nonfatal``, ``aer_dev_fatal`` — the ``TOTAL_*`` lines), link speed/width against the
+maximum, config-space readability (all-ones means the device fell off the bus), and the lifecycle
+engine's quarantine marker (``<state dir>/quarantine/<address>``, holding the failed reset's
+reason) and holder (``held_devices``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from aifactory_core.probes.sysfs import Root
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+def aer_total(root: Root, address: str, kind: str) -> int | None:
+    """The ``TOTAL_ERR_*`` line of ``aer_dev_<kind>`` (None when the kernel exposes no AER)."""
+    text = root.text(f"/sys/bus/pci/devices/{address}/aer_dev_{kind}")
+    if text is None:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("TOTAL_ERR") and value.strip().isdigit():
+            return int(value)
+    return sum(int(parts[1]) for parts in (line.split() for line in text.splitlines())
+               if len(parts) == 2 and parts[1].isdigit())
+
+
+def config_state(root: Root, address: str) -> str:
+    """``READABLE``, ``ALL_ONES`` (fell off the bus) or ``UNREADABLE``."""
+    try:
+        with open(root.path(f"/sys/bus/pci/devices/{address}/config"), "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return "UNREADABLE"
+    return "ALL_ONES" if len(head) == 64 and head == b"\xff" * 64 else "READABLE"
+
+
+def _speed(text: str | None) -> float:
+    try:
+        return float((text or "").split()[0])
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def link(root: Root, address: str) -> dict[str, object]:
+    base = f"/sys/bus/pci/devices/{address}/"
+    return {
+        "LINK_SPEED": root.text(base + "current_link_speed") or "",
+        "LINK_SPEED_MAX": root.text(base + "max_link_speed") or "",
+        "LINK_WIDTH": root.number(base + "current_link_width") or 0,
+        "LINK_WIDTH_MAX": root.number(base + "max_link_width") or 0,
+    }
+
+
+def quarantine_reasons(root: Root) -> dict[str, str]:
+    """The lifecycle engine's quarantine markers: address -> reason."""
+    directory = os.path.join(root.state_dir, "quarantine")
+    result: dict[str, str] = {}
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return result
+    for name in names:
+        if name.startswith("."):
+            continue
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as handle:
+                result[name] = " ".join(handle.read().split())
+        except OSError:
+            continue
+    return result
+
+
+def holders(root: Root) -> dict[str, int]:
+    """Which VM holds which device, through the lifecycle engine (``held_devices``)."""
+    if not os.path.isdir(os.path.join(root.state_dir, "owners")):
+        return {}  # nothing held: skip importing the lifecycle engine
+    from pathlib import Path
+
+    from aifactory_core.hostroot import HostRoot
+    from aifactory_core.lifecycle.ownership import held_devices
+
+    return held_devices(HostRoot(Path(root.prefix), Path(root.state_dir)))
+
+
+def attributes(root: Root, address: str, quarantined: Mapping[str, str]) -> dict[str, object]:
+    """The host-side part of one ``AIF_GPU`` vector, with its verdict."""
+    values = link(root, address)
+    config = config_state(root, address)
+    aer = {kind: aer_total(root, address, kind) for kind in ("correctable", "nonfatal", "fatal")}
+    reason = quarantined.get(address, "")
+    if config != "READABLE":
+        health, why = "FAILED", f"config space {config.lower().replace('_', '-')}"
+    elif reason:
+        health, why = "FAILED", f"quarantined: {reason}"
+    elif aer["fatal"]:
+        health, why = "FAILED", f"{aer['fatal']} fatal PCIe AER errors"
+    elif aer["nonfatal"]:
+        health, why = "DEGRADED", f"{aer['nonfatal']} non-fatal PCIe AER errors"
+    elif 0 < int(str(values["LINK_WIDTH"])) < int(str(values["LINK_WIDTH_MAX"])):
+        health, why = "DEGRADED", f"PCIe link trained at x{values['LINK_WIDTH']} of x{values['LINK_WIDTH_MAX']}"
+    elif _speed(str(values["LINK_SPEED"])) and _speed(str(values["LINK_SPEED"])) < _speed(str(values["LINK_SPEED_MAX"])):
+        health, why = "DEGRADED", f"PCIe link at {values['LINK_SPEED']} of {values['LINK_SPEED_MAX']}"
+    else:
+        health, why = "OK", ""
+    return {
+        **values,
+        "AER_CORRECTABLE": "" if aer["correctable"] is None else aer["correctable"],
+        "AER_NONFATAL": "" if aer["nonfatal"] is None else aer["nonfatal"],
+        "AER_FATAL": "" if aer["fatal"] is None else aer["fatal"],
+        "CONFIG_SPACE": config,
+        "QUARANTINED": "YES" if reason else "NO",
+        "LAST_RESET": f"FAILED: {reason}" if reason else "",
+        "HEALTH": health,
+        "HEALTH_REASON": why,
+        "HEALTH_SOURCE": "HOST_SIDE",
+    }

@@ -1,0 +1,67 @@
+"""The ``host/system`` probe: GPU/NIC/fabric inventory, health and readiness as host attributes.
+
+Output (OpenNebula template syntax; every attribute always present, zero/empty when nothing):
+
+* ``AIF_PROBE = [ VERSION, STATUS=OK|PARTIAL, PROBLEMS ]`` — what went wrong, if anything.
+* ``AIF_NVML = [ STATUS, DRIVER_VERSION ]``; ``AIF_XID_SOURCE``.
+* one ``AIF_GPU = [ ... ]`` per GPU (keys of :data:`collect.GPU_KEYS`; ``ADDRESS``,
+  ``SHORT_ADDRESS``, ``VENDOR``, ``DEVICE``, ``CLASS``, ``NUMA_NODE`` spelt as in OpenNebula's
+  ``PCI`` attribute) and flat summaries the scheduler can match on: ``AIF_GPU_COUNT``,
+  ``AIF_GPU_FREE``, ``AIF_GPU_HEALTHY_FREE``, ``AIF_GPU_MODELS``, ``AIF_GPU_HEALTH`` (the worst).
+* ``AIF_SRIOV = [ ... ]`` per PF, ``AIF_IB_PORT = [ ... ]`` per port, ``AIF_HUGEPAGE = [ NODE_ID,
+  SIZE, PAGES, FREE ]`` per node and size, ``AIF_CHECK = [ NAME, STATUS, DETAIL ]`` per readiness
+  check and ``AIF_READY = YES|NO``.
+
+A later run that finds nothing for a list emits a single placeholder vector (``AIF_GPU = [ ]``) so
+that oned's merge replaces the stale entries (an omitted attribute would stay in the template).
+"""
+
+from __future__ import annotations
+
+from aifactory_core import __version__
+from aifactory_core.probes import render
+from aifactory_core.probes.collect import collect, worst
+from aifactory_core.probes.sysfs import Root
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def attributes(snapshot: dict[str, Any]) -> list[tuple[str, object]]:
+    problems = snapshot["problems"]
+    out: list[tuple[str, object]] = [
+        ("AIF_PROBE", {"VERSION": __version__, "STATUS": "PARTIAL" if problems else "OK",
+                       "PROBLEMS": "; ".join(problems)}),
+        ("AIF_NVML", {"STATUS": snapshot["nvml"]["STATUS"], "DRIVER_VERSION": snapshot["nvml"]["DRIVER_VERSION"]}),
+        ("AIF_XID_SOURCE", snapshot["xid_source"]),
+    ]
+    gpus = snapshot["gpus"]
+    for row in gpus:
+        out.append(("AIF_GPU", {key: value for key, value in row.items() if not key.startswith("_")}))
+    if not gpus:
+        out.append(("AIF_GPU", {}))
+    free = [row for row in gpus if row["STATE"] == "HOST"]
+    out += [
+        ("AIF_GPU_COUNT", len(gpus)),
+        ("AIF_GPU_FREE", len(free)),
+        ("AIF_GPU_HEALTHY_FREE", sum(1 for row in free if row["HEALTH"] == "OK")),
+        ("AIF_GPU_MODELS", ",".join(sorted({str(row["MODEL"]) for row in gpus if row["MODEL"]}))),
+        ("AIF_GPU_HEALTH", worst([str(row["HEALTH"]) for row in gpus])),
+    ]
+    for key, rows in (("AIF_SRIOV", snapshot["sriov"]), ("AIF_IB_PORT", snapshot["ib"]),
+                      ("AIF_HUGEPAGE", snapshot["hugepages"]), ("AIF_CHECK", snapshot["checks"])):
+        out += [(key, row) for row in rows] or [(key, {})]
+    ready = bool(snapshot["checks"]) and all(check["STATUS"] != "FAIL" for check in snapshot["checks"])
+    out.append(("AIF_READY", "YES" if ready else "NO"))
+    return out
+
+
+def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
+    """The probe's whole output; never raises (a failure becomes ``AIF_PROBE/PROBLEMS``)."""
+    try:
+        return render.template(attributes(collect(root, replay, budget_s)))
+    except Exception as error:
+        message = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
+        return render.template([("AIF_PROBE", {"VERSION": __version__, "STATUS": "FAILED", "PROBLEMS": message}),
+                                ("AIF_READY", "NO")])

@@ -1,0 +1,95 @@
+"""Prometheus text exposition format from the same snapshot, for node_exporter's textfile collector.
+
+Metric names follow DCGM-exporter's meaning with an ``aifactory_`` prefix; every GPU sample is
+labelled with ``bus_id``, ``uuid``, ``model`` and ``state``. The file is written atomically
+(temporary file in the same directory, then ``rename``) so the collector never reads half a file.
+"""
+
+from __future__ import annotations
+
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+HEALTH_VALUE = {"OK": 0, "DEGRADED": 1, "FAILED": 2}
+GAUGES = (
+    ("GPU_UTILIZATION", "gpu_utilization_percent", "GPU utilisation (%)"),
+    ("GPU_MEMORY_UTILIZATION", "gpu_memory_utilization_percent", "memory controller utilisation (%)"),
+    ("GPU_MEMORY_USED_MIB", "gpu_memory_used_mebibytes", "frame buffer used (MiB)"),
+    ("GPU_MEMORY_TOTAL_MIB", "gpu_memory_total_mebibytes", "frame buffer total (MiB)"),
+    ("GPU_TEMPERATURE_C", "gpu_temperature_celsius", "GPU temperature (C)"),
+    ("GPU_POWER_MW", "gpu_power_milliwatts", "power draw (mW)"),
+    ("GPU_SM_CLOCK_MHZ", "gpu_sm_clock_megahertz", "SM clock (MHz)"),
+    ("GPU_MEM_CLOCK_MHZ", "gpu_memory_clock_megahertz", "memory clock (MHz)"),
+)
+COUNTERS = (
+    ("GPU_ENERGY_MJ", "gpu_energy_millijoules_total", "energy since the driver loaded (mJ)", "_metrics"),
+    ("ECC_UNCORRECTED_VOLATILE", "gpu_ecc_uncorrected_volatile_total", "uncorrectable ECC errors since boot", ""),
+    ("ECC_CORRECTED_VOLATILE", "gpu_ecc_corrected_volatile_total", "correctable ECC errors since boot", ""),
+    ("PCIE_REPLAY_COUNTER", "gpu_pcie_replay_total", "PCIe replays", ""),
+    ("AER_CORRECTABLE", "gpu_pcie_aer_correctable_total", "PCIe AER correctable errors (host side)", ""),
+    ("AER_NONFATAL", "gpu_pcie_aer_nonfatal_total", "PCIe AER non-fatal errors (host side)", ""),
+    ("AER_FATAL", "gpu_pcie_aer_fatal_total", "PCIe AER fatal errors (host side)", ""),
+)
+
+
+def _label(value: object) -> str:
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(row: dict[str, Any]) -> str:
+    return ",".join(f'{name}="{_label(row.get(key, ""))}"' for name, key in
+                    (("bus_id", "BUS_ID"), ("uuid", "UUID"), ("model", "MODEL"), ("state", "STATE")))
+
+
+def exposition(snapshot: dict[str, Any]) -> str:
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, object]]) -> None:
+        if not samples:
+            return
+        lines.append(f"# HELP aifactory_{name} {help_text}")
+        lines.append(f"# TYPE aifactory_{name} {kind}")
+        lines.extend(f"aifactory_{name}{{{labels}}} {value}" for labels, value in samples)
+
+    gpus = snapshot["gpus"]
+    family("gpu_health", "gauge", "GPU verdict: 0 OK, 1 DEGRADED, 2 FAILED",
+           [(_labels(row), HEALTH_VALUE.get(str(row["HEALTH"]), 1)) for row in gpus])
+    for key, name, help_text in GAUGES:
+        family(name, "gauge", help_text,
+               [(_labels(row), row["_metrics"][key]) for row in gpus if key in row["_metrics"]])
+    for key, name, help_text, where in COUNTERS:
+        samples = []
+        for row in gpus:
+            source = row["_metrics"] if where else row
+            value = source.get(key, "")
+            if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+                samples.append((_labels(row), value))
+        family(name, "counter", help_text, samples)
+    family("hugepages_free", "gauge", "free huge pages per NUMA node and size",
+           [(f'node="{row["NODE_ID"]}",size_kib="{row["SIZE"]}"', row["FREE"]) for row in snapshot["hugepages"]])
+    family("readiness_check", "gauge", "readiness check: 0 PASS, 1 WARN, 2 FAIL",
+           [(f'check="{_label(row["NAME"])}"', {"PASS": 0, "WARN": 1}.get(str(row["STATUS"]), 2))
+            for row in snapshot["checks"]])
+    family("probe_problems", "gauge", "sections of the probe that failed", [("", len(snapshot["problems"]))])
+    return "\n".join(lines) + "\n"
+
+
+def write_textfile(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (same-directory temporary file, fsync, rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise

@@ -1,0 +1,51 @@
+"""The ``vm/monitor`` probe: which GPUs and VFs each running VM holds, with their host-side health.
+
+One line per VM holding devices: ``VM = [ ID, DEPLOY_ID="one-<id>", MONITOR="<base64>" ]``; the
+decoded MONITOR carries flat keys (merged into the VM's monitoring by monitord): ``AIF_PCI_DEVICES``
+(every held function), ``AIF_GPU_COUNT``, ``AIF_GPU_ADDRESSES``, ``AIF_VF_COUNT``,
+``AIF_GPU_HEALTH`` (worst of the VM's GPUs, from the host side: NVML cannot see a GPU a guest owns)
+and ``AIF_GPU_HEALTH_REASON``. Numbers the guest reports are never used.
+"""
+
+from __future__ import annotations
+
+from aifactory_core.probes import render
+from aifactory_core.probes.collect import SEVERITY, collect, worst
+from aifactory_core.probes.sysfs import Root
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def records(snapshot: dict[str, Any]) -> list[tuple[int, list[tuple[str, object]]]]:
+    by_vm: dict[int, list[str]] = {}
+    for address, vm in snapshot["held"].items():
+        by_vm.setdefault(int(vm), []).append(address)
+    gpus = {str(row["BUS_ID"]): row for row in snapshot["gpus"]}
+    result = []
+    for vm in sorted(by_vm):
+        addresses = sorted(by_vm[vm])
+        mine = [gpus[address] for address in addresses if address in gpus]
+        verdict = worst([str(row["HEALTH"]) for row in mine])
+        reasons = [f"{row['BUS_ID']}: {row['HEALTH_REASON']}" for row in mine
+                   if SEVERITY.get(str(row["HEALTH"]), 1) and row["HEALTH_REASON"]]
+        result.append((vm, [
+            ("AIF_PCI_DEVICES", ",".join(addresses)),
+            ("AIF_GPU_COUNT", len(mine)),
+            ("AIF_GPU_ADDRESSES", ",".join(str(row["BUS_ID"]) for row in mine)),
+            ("AIF_VF_COUNT", len(addresses) - len(mine)),
+            ("AIF_GPU_HEALTH", verdict),
+            ("AIF_GPU_HEALTH_REASON", "; ".join(reasons)),
+        ]))
+    return result
+
+
+def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
+    """The probe's whole output; never raises (nothing is printed when nothing can be read)."""
+    try:
+        snapshot = collect(root, replay, budget_s)
+        return "".join(render.vm_line(vm, f"one-{vm}", attributes) + "\n"
+                       for vm, attributes in records(snapshot))
+    except Exception:
+        return ""
