@@ -1,0 +1,44 @@
+"""``aifactory probe host-system|vm-monitor``: the installed IM probes' output, from the same code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from aifactory_core.errors import EXIT_OK
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("probe", help="print an OpenNebula IM probe's output")
+    parser.add_argument("kind", choices=["host-system", "vm-monitor"])
+    parser.add_argument("--nvml-replay", metavar="FILE", help="read a recorded nvml.json instead of NVML")
+    parser.add_argument("--budget", type=float, default=5.0, metavar="SECONDS",
+                        help="deadline for all NVML reads (default 5)")
+
+
+def probe_root(context: Any) -> Any:
+    from aifactory_core.probes.sysfs import Root
+
+    host = context.host
+    return Root(str(host.root), str(host.state_dir))
+
+
+def check_replay(path: str | None) -> str | None:
+    import os
+
+    from aifactory_core.errors import UsageError
+
+    if path is not None and not os.path.isfile(path):
+        raise UsageError(f"NVML recording {path!r} is not a file")
+    return path
+
+
+def run(args: argparse.Namespace, context: Any) -> int:
+    replay = check_replay(args.nvml_replay)
+    if args.kind == "host-system":
+        from aifactory_core.probes.host_system import probe
+    else:
+        from aifactory_core.probes.vm_monitor import probe  # type: ignore[assignment]
+    sys.stdout.write(probe(probe_root(context), replay, args.budget))
+    return EXIT_OK
