@@ -39,6 +39,6 @@ def run(args: argparse.Namespace, context: Any) -> int:
     if args.kind == "host-system":
         from aifactory_core.probes.host_system import probe
     else:
-        from aifactory_core.probes.vm_monitor import probe  # type: ignore[assignment]
+        from aifactory_core.probes.vm_monitor import probe
     sys.stdout.write(probe(probe_root(context), replay, args.budget))
     return EXIT_OK

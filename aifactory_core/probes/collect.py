@@ -15,6 +15,7 @@ from aifactory_core.probes.sysfs import Root, one_address, pci_functions, pci_id
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
     Snapshot = dict[str, Any]
@@ -243,7 +244,7 @@ def collect(root: Root, replay: str | None = None, budget_s: float = 5.0) -> Sna
         snapshot["held"] = host_side.holders(root)
     except Exception as error:
         _problem(snapshot, "holders", error)
-    sections = (
+    sections: tuple[tuple[str, Callable[[], None]], ...] = (
         ("gpu", lambda: _collect_gpus(root, snapshot, functions, replay, budget_s)),
         ("sriov", lambda: _collect_sriov(root, snapshot, functions)),
         ("infiniband", lambda: _collect_ib(root, snapshot)),

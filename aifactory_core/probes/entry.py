@@ -32,7 +32,7 @@ def run(kind: str) -> int:
         if kind == "host-system":
             from aifactory_core.probes.host_system import probe
         else:
-            from aifactory_core.probes.vm_monitor import probe  # type: ignore[assignment]
+            from aifactory_core.probes.vm_monitor import probe
         sys.stdout.write(probe(root, replay, _budget()))
         sys.stdout.flush()
     except BaseException as error:  # noqa: BLE001 - the stream must stay valid whatever happens

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+
 TYPE_CHECKING = False  # typing is not loaded at interpreter start-up; mypy reads the name
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -11,6 +11,7 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from typing import Any
 
 HEALTH_VALUE = {"OK": 0, "DEGRADED": 1, "FAILED": 2}
@@ -47,7 +48,7 @@ def _labels(row: dict[str, Any]) -> str:
 def exposition(snapshot: dict[str, Any]) -> str:
     lines: list[str] = []
 
-    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, object]]) -> None:
+    def family(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, object]]) -> None:
         if not samples:
             return
         lines.append(f"# HELP aifactory_{name} {help_text}")

@@ -19,10 +19,9 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Iterable
 
-    Value = str | int | float | Mapping[str, str | int | float]
-    Attributes = Iterable[tuple[str, Value]]
+    Attributes = Iterable[tuple[str, object]]
 
 
 def clean(value: object) -> str:
