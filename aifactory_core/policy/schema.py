@@ -278,6 +278,17 @@ def _device(reader: _Reader, value: Any, path: list[str | int], tenant_clusters:
     )
 
 
+def _pkeys(reader: _Reader, value: Any, path: list[str | int]) -> IdRanges:
+    """Partition keys: 15-bit identity; the top (full-membership) bit is dropped."""
+    ranges = reader.ranges(value, path, 0xFFFF)
+    result = []
+    for index, (low, high) in enumerate(ranges.ranges):
+        if (low & 0x8000) != (high & 0x8000):
+            raise reader.fail([*path, index], "a pkey range may not cross the membership bit 0x8000")
+        result.append((low & 0x7FFF, high & 0x7FFF))
+    return IdRanges(tuple(sorted(result)))
+
+
 def _tenant(reader: _Reader, key: str, value: Any) -> Tenant:
     path: list[str | int] = ["tenant", key]
     table = reader.table(value, path, _TENANT_KEYS, frozenset({"group", "max_gpus"}))
@@ -302,7 +313,7 @@ def _tenant(reader: _Reader, key: str, value: Any) -> Tenant:
         networks=frozenset(reader.ints(table.get("networks", []), [*path, "networks"])),
         vlans=reader.ranges(table.get("vlans", []), [*path, "vlans"], 4094),
         vnis=reader.ranges(table.get("vnis", []), [*path, "vnis"], 2**24 - 1),
-        ib_pkeys=reader.ranges(table.get("ib_pkeys", []), [*path, "ib_pkeys"], 0x7FFF),
+        ib_pkeys=_pkeys(reader, table.get("ib_pkeys", []), [*path, "ib_pkeys"]),
         price_per_gpu_hour=float(price),
         templates=reader.ints(table.get("templates", []), [*path, "templates"]),
         service_admins=reader.ints(table.get("service_admins", []), [*path, "service_admins"]),

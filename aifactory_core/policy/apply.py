@@ -1,0 +1,151 @@
+"""``tenant apply``: make OpenNebula's groups, VDCs, ACL rules and quotas match the policy.
+
+Read the current state, compare, and make only the missing changes, so a second run changes
+nothing. ``dry_run`` reports the same list of changes without making them (a group that does not
+exist yet is shown as ``@<new:NAME>`` in the rules it will get). Nothing is ever deleted: rules or
+groups the policy no longer names are reported by ``tenant show`` for an operator to remove.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aifactory_core.errors import UsageError
+from aifactory_core.policy.acl import parse_rule, quota_template, tenant_rules
+
+if TYPE_CHECKING:
+    from lxml import etree
+
+    from aifactory_core.policy.oned import Oned
+    from aifactory_core.policy.schema import Policy, Tenant
+
+
+@dataclass
+class OneState:
+    groups: dict[str, int] = field(default_factory=dict)
+    vdcs: dict[str, tuple[int, set[int], set[tuple[int, int]]]] = field(default_factory=dict)
+    acls: set[tuple[int, int, int, int]] = field(default_factory=set)
+
+
+def _hex(text: str | None) -> int:
+    return int((text or "0").strip(), 16)
+
+
+def read_state(oned: Oned) -> OneState:
+    state = OneState()
+    for group in oned.document("one.grouppool.info").iterfind("GROUP"):
+        state.groups[group.findtext("NAME") or ""] = int(group.findtext("ID") or "-1")
+    for vdc in oned.document("one.vdcpool.info").iterfind("VDC"):
+        groups = {int(item.text or "-1") for item in vdc.iterfind("GROUPS/ID")}
+        clusters = {
+            (int(item.findtext("ZONE_ID") or "-1"), int(item.findtext("CLUSTER_ID") or "-1"))
+            for item in vdc.iterfind("CLUSTERS/CLUSTER")
+        }
+        state.vdcs[vdc.findtext("NAME") or ""] = (int(vdc.findtext("ID") or "-1"), groups, clusters)
+    for acl in oned.document("one.acl.info").iterfind("ACL"):
+        state.acls.add(tuple(_hex(acl.findtext(tag)) for tag in ("USER", "RESOURCE", "RIGHTS", "ZONE")))  # type: ignore[arg-type]
+    return state
+
+
+def _quota_now(group: etree._Element) -> dict[str, str]:
+    vm = group.find("VM_QUOTA/VM")
+    if vm is None:
+        return {}
+    return {child.tag: (child.text or "").strip() for child in vm if isinstance(child.tag, str)}
+
+
+def _wanted_quota(policy: Policy, tenant: Tenant) -> dict[str, str]:
+    from aifactory_core.one.template import parse_template
+
+    (_, vector), = parse_template(quota_template(policy, tenant))
+    assert isinstance(vector, dict)
+    return dict(vector)
+
+
+@dataclass(frozen=True)
+class Change:
+    tenant: str
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.tenant}: {self.description}"
+
+
+class _Run:
+    def __init__(self, oned: Oned, policy: Policy, dry_run: bool) -> None:
+        self.oned, self.policy, self.dry_run = oned, policy, dry_run
+        self.changes: list[Change] = []
+
+    def change(self, tenant: Tenant, description: str, method: str, *params: object) -> object:
+        self.changes.append(Change(tenant.key, description))
+        return None if self.dry_run else self.oned.call(method, *params)
+
+    def tenant(self, state: OneState, tenant: Tenant) -> None:
+        gid = state.groups.get(tenant.group)
+        if gid is not None and tenant.group_id is not None and gid != tenant.group_id:
+            raise UsageError(f"tenant {tenant.key}: group {tenant.group} has id {gid} in OpenNebula, "
+                             f"the policy says group_id = {tenant.group_id}")  # fmt: skip
+        if gid is None:
+            created = self.change(tenant, f"create group {tenant.group}", "one.group.allocate", tenant.group)
+            gid = None if created is None else int(str(created))
+            if gid is not None:
+                state.groups[tenant.group] = gid
+        self.vdc(state, tenant, gid)
+        self.acls(state, tenant, gid)
+        self.quota_and_admins(tenant, gid)
+
+    def vdc(self, state: OneState, tenant: Tenant, gid: int | None) -> None:
+        if tenant.vdc is None:
+            return
+        found = state.vdcs.get(tenant.vdc)
+        if found is None:
+            created = self.change(tenant, f"create VDC {tenant.vdc}", "one.vdc.allocate", f'NAME = "{tenant.vdc}"')
+            found = (-1 if created is None else int(str(created)), set(), set())
+            state.vdcs[tenant.vdc] = found
+        vid, groups, clusters = found
+        if gid is None or gid not in groups:
+            self.change(tenant, f"add group {tenant.group} to VDC {tenant.vdc}", "one.vdc.addgroup", vid, gid)
+            if gid is not None:
+                groups.add(gid)
+        for cluster in tenant.clusters:
+            if (self.policy.zone, cluster) not in clusters:
+                self.change(tenant, f"add cluster {cluster} (zone {self.policy.zone}) to VDC {tenant.vdc}",
+                            "one.vdc.addcluster", vid, self.policy.zone, cluster)  # fmt: skip
+                clusters.add((self.policy.zone, cluster))
+
+    def acls(self, state: OneState, tenant: Tenant, gid: int | None) -> None:
+        placeholder = 2**31 - 1  # a group still to be created: its rules are shown, not compared
+        for rule in tenant_rules(self.policy, tenant, placeholder if gid is None else gid):
+            shown = rule if gid is not None else rule.replace(f"@{placeholder}", f"@<new:{tenant.group}>")
+            user, resource, rights, zone = parse_rule(rule)
+            key = (user, resource, rights, zone if zone is not None else 0x100000000)
+            if gid is not None and key in state.acls:
+                continue
+            hexes = [hex(value) for value in key]
+            self.change(tenant, f"add ACL {shown}", "one.acl.addrule", *hexes)
+            state.acls.add(key)
+
+    def quota_and_admins(self, tenant: Tenant, gid: int | None) -> None:
+        wanted = _wanted_quota(self.policy, tenant)
+        now: dict[str, str] = {}
+        admins: set[int] = set()
+        if gid is not None:
+            group = self.oned.document("one.group.info", gid, False)
+            now = _quota_now(group)
+            admins = {int(item.text or "-1") for item in group.iterfind("ADMINS/ID")}
+        if any(now.get(key) != value for key, value in wanted.items()):
+            self.change(tenant, f"set quota {quota_template(self.policy, tenant)}", "one.group.quota",
+                        gid, quota_template(self.policy, tenant))  # fmt: skip
+        for uid in tenant.service_admins:
+            if uid not in admins:
+                self.change(tenant, f"make user {uid} an admin of group {tenant.group}", "one.group.addadmin", gid, uid)
+
+
+def apply_policy(oned: Oned, policy: Policy, *, dry_run: bool = False) -> list[Change]:
+    """Reconcile OpenNebula with ``policy``; return the changes made (or, dry, that would be)."""
+    run = _Run(oned, policy, dry_run)
+    state = read_state(oned)
+    for tenant in policy.tenants.values():
+        run.tenant(state, tenant)
+    return run.changes
