@@ -11,11 +11,11 @@ hold are dropped, ``]]>`` is broken up and a trailing backslash is removed.
 
 from __future__ import annotations
 
-import base64
-import re
+import binascii
 
-KEY = re.compile(r"\A[A-Z0-9_]+\Z")
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+# C0 controls other than TAB/LF/CR: XML 1.0 cannot carry them (oned keeps templates as XML).
+_C0 = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20)])
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -29,8 +29,15 @@ def clean(value: object) -> str:
     if value is None:
         return ""
     text = str(int(value)) if isinstance(value, bool) else str(value)
-    text = _NOT_XML.sub("", text).replace("]]>", "]] >")
-    return text.rstrip("\\")
+    text = text.translate(_C0)
+    if not text.isascii():  # surrogates and U+FFFE/U+FFFF cannot be stored either
+        text = "".join(char for char in text if not ("\ud800" <= char <= "\udfff" or char in "\ufffe\uffff"))
+    return text.replace("]]>", "]] >").rstrip("\\")
+
+
+def valid_key(key: str) -> bool:
+    """``[A-Z0-9_]+``, the names OpenNebula's writer and reader agree on."""
+    return bool(key) and _KEY_CHARS.issuperset(key)
 
 
 def quote(value: object) -> str:
@@ -39,11 +46,11 @@ def quote(value: object) -> str:
 
 def attribute(key: str, value: object) -> str:
     """``KEY="value"`` or ``KEY=[ A="1", B="x" ]`` on one line."""
-    if not KEY.match(key):
+    if not valid_key(key):
         raise ValueError(f"invalid attribute name {key!r}")
     if isinstance(value, dict):
         for name in value:
-            if not KEY.match(name):
+            if not valid_key(name):
                 raise ValueError(f"invalid attribute name {key}/{name!r}")
         pairs = ", ".join(f"{name}={quote(item)}" for name, item in value.items())
         return f"{key}=[ {pairs} ]" if pairs else f"{key}=[ ]"
@@ -56,5 +63,5 @@ def template(attributes: Attributes) -> str:
 
 def vm_line(vm_id: int, deploy_id: str, attributes: Attributes) -> str:
     """``VM = [ ID="42", DEPLOY_ID="one-42", MONITOR="<base64>" ]`` as ``domain.rb`` writes it."""
-    encoded = base64.b64encode(template(attributes).encode("utf-8")).decode("ascii")
+    encoded = binascii.b2a_base64(template(attributes).encode("utf-8"), newline=False).decode("ascii")
     return f'VM = [ ID="{int(vm_id)}", DEPLOY_ID={quote(deploy_id)}, MONITOR="{encoded}" ]'

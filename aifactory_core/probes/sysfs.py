@@ -9,9 +9,8 @@ unreadable.
 from __future__ import annotations
 
 import os
-import re
 
-PCI_ADDRESS = re.compile(r"\A[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]\Z")
+_HEX = frozenset("0123456789abcdef")
 DEFAULT_STATE_DIR = "/var/lib/one/aifactory"
 
 
@@ -66,9 +65,15 @@ class Root:
         return os.path.exists(self.path(absolute))
 
 
+def is_pci_address(name: str) -> bool:
+    """``dddd:bb:ss.f`` in lower-case hex, function 0-7 (what the kernel names a PCI function)."""
+    return (len(name) == 12 and name[4] == ":" and name[7] == ":" and name[10] == "."
+            and _HEX.issuperset(name[0:4] + name[5:7] + name[8:10]) and name[11] in "01234567")
+
+
 def pci_functions(root: Root) -> list[str]:
     """Every PCI function address under ``/sys/bus/pci/devices`` (strictly validated)."""
-    return [name for name in root.listdir("/sys/bus/pci/devices") if PCI_ADDRESS.match(name)]
+    return [name for name in root.listdir("/sys/bus/pci/devices") if is_pci_address(name)]
 
 
 def pci_ids(root: Root, address: str) -> tuple[int, int, int]:
