@@ -1,7 +1,9 @@
 """Frontend admission: what the API hook does after oned ran a VM-shaping call.
 
 OpenNebula hooks run after the call and cannot veto it, so GPU templates are created on hold
-(``SUBMIT_ON_HOLD = "YES"``) and this step *releases* the VMs that pass, and keeps on hold (or,
+(``SUBMIT_ON_HOLD = "YES"``, or ``hold = true`` in the call) and this step *releases* the VMs
+that pass — once: a VM already marked ``AIFACTORY_ADMISSION`` or carrying
+``AIFACTORY_KEEP_HOLD = "YES"`` stays as it is — and keeps on hold (or,
 with ``on_refusal = "terminate"``, terminates) the ones that do not, writing the reason into the
 VM's ``USER_TEMPLATE`` (``AIFACTORY_POLICY_ERROR``) where the owner sees it.
 
@@ -35,9 +37,9 @@ HOOKED_CALLS = (
     "one.vm.updateconf", "one.vm.resize",
 )  # fmt: skip
 CREATING_CALLS = frozenset({"one.template.instantiate", "one.vm.allocate"})
-HOLD_PARAMETER = {"one.template.instantiate": 4, "one.vm.allocate": 3}
 ERROR_ATTRIBUTE = "AIFACTORY_POLICY_ERROR"
 STATUS_ATTRIBUTE = "AIFACTORY_ADMISSION"
+KEEP_HOLD_ATTRIBUTE = "AIFACTORY_KEEP_HOLD"  # the owner wants the VM held: admit, do not release
 MAX_STDIN = 24 * 1024 * 1024
 # States whose VMs hold their devices: PENDING, ACTIVE, SUSPENDED, POWEROFF (oned keeps the PCI
 # allocation through poweroff/suspend; HOLD VMs are not admitted yet, STOPPED/UNDEPLOYED freed them).
@@ -93,11 +95,6 @@ def vm_id_of(event: Event) -> int | None:
     return int(raw)
 
 
-def caller_asked_hold(event: Event) -> bool:
-    position = HOLD_PARAMETER.get(event.method)
-    return position is not None and event.call.inputs().get(position, "0").strip().lower() in ("1", "true")
-
-
 def usage_from_pool(policy: Policy, vms: Iterable[VmRequest]) -> Usage:
     from aifactory_core.policy.decide import Usage, gpu_count
 
@@ -118,7 +115,12 @@ def _quote(text: str) -> str:
 def plan(event: Event, vm: VmRequest, decision: Decision, on_refusal: OnRefusal = "hold") -> list[Step]:
     """The calls that carry out ``decision`` for ``vm`` (empty: nothing to change)."""
     steps: list[Step] = []
-    held_for_admission = vm.state == STATE_HOLD and event.method in CREATING_CALLS and not caller_asked_hold(event)
+    held_for_admission = (
+        vm.state == STATE_HOLD
+        and event.method in CREATING_CALLS
+        and STATUS_ATTRIBUTE not in vm.user_template
+        and vm.user_template.get(KEEP_HOLD_ATTRIBUTE, "").upper() != "YES"
+    )
     if decision.admitted:
         if vm.user_template.get(ERROR_ATTRIBUTE) is not None or held_for_admission:
             steps.append(Step("one.vm.update", (vm.vm_id, f'{STATUS_ATTRIBUTE}="ADMITTED"\n{ERROR_ATTRIBUTE}=""', 1)))

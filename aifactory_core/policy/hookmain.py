@@ -1,0 +1,92 @@
+"""The frontend hook executables: ``admission`` (API hooks) and ``accounting`` (state hooks).
+
+``python -m aifactory_core.policy.hookmain admission|accounting`` reads the hook payload from
+stdin (``ARGUMENTS_STDIN = "YES"``), prints one line for the hook log and exits 0 when the event
+was handled, 2 when the payload is malformed or hostile (nothing was changed), 1 when oned or
+the ledger failed. Only the stdlib, the hardened XML parser and the policy modules load on the
+way to a decision; pyone is imported only when oned must be called.
+
+Configuration: ``[plugin.policy]`` in ``/etc/one/aifactory.conf`` — ``file`` (the policy,
+default ``/etc/one/aifactory-policy.toml``), ``on_refusal`` (``hold`` or ``terminate``),
+``accounting_dir``. ``AIFACTORY_POLICY`` overrides ``file``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aifactory_core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, AifactoryError
+
+DEFAULT_POLICY = "/etc/one/aifactory-policy.toml"
+MAX_STDIN = 24 * 1024 * 1024
+
+
+def _settings() -> dict[str, Any]:
+    path = os.environ.get("AIFACTORY_CONFIG", "/etc/one/aifactory.conf")
+    if not os.path.exists(path):
+        return {}
+    from aifactory_core.config import load_config
+
+    return dict(load_config(path).plugin("policy"))
+
+
+def _stdin() -> bytes:
+    data = sys.stdin.buffer.read(MAX_STDIN + 1)
+    if len(data) > MAX_STDIN:
+        from aifactory_core.errors import DocumentError
+
+        raise DocumentError(f"hook input is larger than {MAX_STDIN} bytes")
+    return data
+
+
+def admission(argv: Sequence[str]) -> str:
+    from aifactory_core.policy.admission import admit_event, read_event
+    from aifactory_core.policy.schema import load_policy
+
+    event = read_event(_stdin(), argv[0] if argv else None)
+    settings = _settings()
+    policy = load_policy(os.environ.get("AIFACTORY_POLICY") or str(settings.get("file", DEFAULT_POLICY)))
+    on_refusal = settings.get("on_refusal", "hold")
+    if on_refusal not in ("hold", "terminate"):
+        from aifactory_core.errors import ConfigError
+
+        raise ConfigError(f"[plugin.policy] on_refusal = {on_refusal!r}: expected hold or terminate")
+    return admit_event(event, policy, on_refusal=on_refusal).summary()
+
+
+def accounting(argv: Sequence[str]) -> str:
+    from aifactory_core.one.payload import load_document, vm_element_of
+    from aifactory_core.policy.accounting import Ledger, default_directory, vm_usage_from_element
+
+    words = _stdin().split()
+    if not words:
+        from aifactory_core.errors import DocumentError
+
+        raise DocumentError("hook input is empty: expected $TEMPLATE on stdin (ARGUMENTS_STDIN = \"YES\")")
+    element, _ = vm_element_of(load_document(words[0], "$TEMPLATE payload", encoding="base64"))
+    usage = vm_usage_from_element(element)
+    directory = os.environ.get("AIFACTORY_ACCOUNTING_DIR") or _settings().get("accounting_dir")
+    Ledger(Path(directory) if directory else default_directory()).record(usage)
+    return f"VM {usage.vm_id}: {usage.gpus} GPUs, {len(usage.intervals)} running intervals recorded"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    handlers = {"admission": admission, "accounting": accounting}
+    if not args or args[0] not in handlers:
+        print("usage: hookmain admission|accounting [METHOD] < payload", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        print(handlers[args[0]](args[1:]))
+    except AifactoryError as error:
+        print(f"aifactory-{args[0]}: {error.message}", file=sys.stderr)
+        return error.exit_status if error.exit_status in (EXIT_USAGE, EXIT_CHECK_FAILED) else EXIT_CHECK_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
