@@ -1,0 +1,199 @@
+"""What the other pinned VMs on this host hold.
+
+:class:`HeldCpus` is the interface the planner's caller reads; two providers:
+
+- :class:`StateFileHeld` reads the small JSON records this plugin writes at deploy
+  (``<state_dir>/pinning/<vmid>.json``, atomic: temp file, fsync, rename). Where the host has
+  libvirt's live-domain directory (``/run/libvirt/qemu``), records of VMs that no longer run there
+  are ignored, so a VM that vanished without a release does not hold CPUs for ever.
+- :class:`DomainXmlHeld` reads pins from libvirt domain XML files in a directory (the live
+  ``/run/libvirt/qemu/*.xml``, or ``virsh dumpxml`` output saved by an operator).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from aifactory_core.cpulist import format_cpulist, parse_cpulist
+from aifactory_core.errors import UsageError
+from aifactory_plugins.cpu_pinning.planner import HostUsage, Placement
+
+if TYPE_CHECKING:
+    from aifactory_core.hostroot import HostRoot
+
+STATE_SUBDIR = "pinning"
+LIBVIRT_RUN_DIR = "/run/libvirt/qemu"
+_RECORD = re.compile(r"\A(\d{1,10})\.json\Z")
+_ONE_DOMAIN = re.compile(r"\Aone-(\d{1,10})\.xml\Z")
+MAX_RECORD_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Holding:
+    """CPUs, and memory per node, one pinned VM holds."""
+
+    vm_id: int | None
+    cpus: frozenset[int]
+    memory_kib: tuple[tuple[int, int], ...] = ()  # (node, KiB) without hugepages
+    pages: tuple[tuple[int, int, int], ...] = ()  # (node, page KiB, pages)
+
+
+class HeldCpus(Protocol):
+    """Where the planner learns what the other pinned VMs hold."""
+
+    def holdings(self) -> Iterable[Holding]: ...
+
+
+def usage_of(provider: HeldCpus, exclude_vm: int | None = None) -> HostUsage:
+    """Sum the holdings of every VM but ``exclude_vm`` (a VM being deployed again)."""
+    cpus: set[int] = set()
+    memory: dict[int, int] = {}
+    pages: dict[tuple[int, int], int] = {}
+    for holding in provider.holdings():
+        if exclude_vm is not None and holding.vm_id == exclude_vm:
+            continue
+        cpus |= holding.cpus
+        for node, kib in holding.memory_kib:
+            memory[node] = memory.get(node, 0) + kib
+        for node, size, count in holding.pages:
+            pages[(node, size)] = pages.get((node, size), 0) + count
+    return HostUsage(frozenset(cpus), memory, pages)
+
+
+def holding_of(placement: Placement) -> Holding:
+    memory: list[tuple[int, int]] = []
+    pages: list[tuple[int, int, int]] = []
+    for cell in placement.cells:
+        if placement.hugepage_kib:
+            pages.append((cell.host_node, placement.hugepage_kib, cell.memory_kib // placement.hugepage_kib))
+        else:
+            memory.append((cell.host_node, cell.memory_kib))
+    return Holding(placement.vm_id, placement.held_cpus, tuple(memory), tuple(pages))
+
+
+def _running_vm_ids(host: HostRoot) -> set[int] | None:
+    directory = host.path(LIBVIRT_RUN_DIR)
+    if not directory.is_dir():
+        return None
+    result = set()
+    for name in os.listdir(directory):
+        match = _ONE_DOMAIN.match(name)
+        if match:
+            result.add(int(match.group(1)))
+    return result
+
+
+@dataclass(frozen=True)
+class StateFileHeld:
+    """The plugin's own records under ``<state_dir>/pinning``."""
+
+    host: HostRoot
+
+    @property
+    def directory(self) -> Path:
+        return self.host.state_dir / STATE_SUBDIR
+
+    def holdings(self) -> Iterable[Holding]:
+        if not self.directory.is_dir():
+            return []
+        running = _running_vm_ids(self.host)
+        result = []
+        for name in sorted(os.listdir(self.directory)):
+            match = _RECORD.match(name)
+            if not match or (running is not None and int(match.group(1)) not in running):
+                continue
+            holding = _read_record(self.directory / name)
+            if holding is not None:
+                result.append(holding)
+        return result
+
+    def record(self, placement: Placement) -> Path:
+        """Write the VM's record atomically (temp file, fsync, rename, fsync of the directory)."""
+        holding = holding_of(placement)
+        data = json.dumps({
+            "vm_id": holding.vm_id,
+            "cpus": format_cpulist(holding.cpus),
+            "memory_kib": [list(item) for item in holding.memory_kib],
+            "pages": [list(item) for item in holding.pages],
+        }, sort_keys=True).encode()  # fmt: skip
+        self.directory.mkdir(parents=True, exist_ok=True)
+        target = self.directory / f"{placement.vm_id}.json"
+        temporary = self.directory / f".{placement.vm_id}.json.tmp"
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            os.write(descriptor, data)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, target)
+        directory = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        return target
+
+    def forget(self, vm_id: int) -> bool:
+        try:
+            (self.directory / f"{vm_id}.json").unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+
+def _read_record(path: Path) -> Holding | None:
+    """A record, or ``None`` when it is torn or malformed (it then holds nothing)."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_RECORD_BYTES + 1)
+        if len(raw) > MAX_RECORD_BYTES:
+            return None
+        data = json.loads(raw)
+        cpus = parse_cpulist(str(data["cpus"]), "held CPUs")
+        memory = tuple((int(node), int(kib)) for node, kib in data.get("memory_kib", []))
+        pages = tuple((int(node), int(size), int(count)) for node, size, count in data.get("pages", []))
+        return Holding(int(data["vm_id"]), cpus, memory, pages)
+    except (OSError, ValueError, KeyError, TypeError, UsageError):
+        return None
+
+
+@dataclass(frozen=True)
+class DomainXmlHeld:
+    """Pins of the libvirt domains whose XML files lie in ``directory`` (``*.xml``)."""
+
+    directory: Path
+
+    def holdings(self) -> Iterable[Holding]:
+        from aifactory_core.errors import AifactoryError
+        from aifactory_core.one.xmlsafe import parse_xml
+
+        if not self.directory.is_dir():
+            return []
+        result = []
+        for name in sorted(os.listdir(self.directory)):
+            if not name.endswith(".xml"):
+                continue
+            try:
+                domain = parse_xml((self.directory / name).read_bytes(), name)
+            except (OSError, AifactoryError):
+                continue
+            root = domain.find("domstatus/domain") if domain.tag == "domstatus" else domain
+            if root is None:
+                continue
+            cpus: set[int] = set()
+            for tag in ("cputune/vcpupin", "cputune/emulatorpin"):
+                for pin in root.findall(tag):
+                    try:
+                        cpus |= parse_cpulist(pin.get("cpuset"), "cpuset")
+                    except UsageError:
+                        continue
+            if cpus:
+                match = _ONE_DOMAIN.match(name)
+                result.append(Holding(int(match.group(1)) if match else None, frozenset(cpus)))
+        return result
