@@ -56,10 +56,11 @@ class Root:
 
     def link_name(self, absolute: str) -> str | None:
         """The last component of a symlink's target (a driver's or group's name)."""
-        try:
-            return os.path.basename(os.readlink(self.path(absolute)))
-        except OSError:
+        path = self.path(absolute)
+        if not os.path.islink(path):
             return None
+        name = os.path.basename(os.path.realpath(path))
+        return name or None
 
     def exists(self, absolute: str) -> bool:
         return os.path.exists(self.path(absolute))

@@ -1,0 +1,49 @@
+"""NVML recordings for the probe tests, all derived from the real H100 capture.
+
+``tests/fixtures/hosts/h100-pcie-vm/nvml.json`` is one H100 PCIe's NVML answers recorded on a real
+host (value or error and latency of each call). The multi-GPU recordings below are *derived* from
+it: the real device entry copied once per GPU of the DGX-shaped synthetic host, with that GPU's
+PCI bus id and a distinct UUID/serial, and the fault under test written into one copy in the
+recording's own format (an error string where a value was, a very long recorded latency).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+H100_NVML = Path(__file__).resolve().parent / "fixtures" / "hosts" / "h100-pcie-vm" / "nvml.json"
+DGX_GPUS = ["0000:1b:00.0", "0000:43:00.0", "0000:52:00.0", "0000:61:00.0",
+            "0000:9d:00.0", "0000:c3:00.0", "0000:d1:00.0", "0000:df:00.0"]
+
+
+def recording() -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(H100_NVML.read_text())
+    return data
+
+
+def multi_gpu(addresses: list[str]) -> dict[str, Any]:
+    """The real H100 entry once per address (bus id, UUID and serial made distinct)."""
+    data = recording()
+    real = data["devices"][0]
+    devices = []
+    for index, address in enumerate(addresses):
+        device = copy.deepcopy(real)
+        domain, bus, rest = address.split(":")
+        device["PciInfo"]["value"]["busId"] = f"0000{domain}:{bus}:{rest}".upper()
+        device["PciInfo"]["value"]["busIdLegacy"] = address.upper()
+        device["PciInfo"]["value"]["bus"] = int(bus, 16)
+        device["UUID"]["value"] = real["UUID"]["value"][:-2] + f"{index:02x}"
+        device["Serial"]["value"] = str(int(real["Serial"]["value"]) + index)
+        device["Index"]["value"] = index
+        devices.append(device)
+    data["devices"] = devices
+    data["count"] = len(devices)
+    return data
+
+
+def write(data: dict[str, Any], path: Path) -> Path:
+    path.write_text(json.dumps(data))
+    return path
