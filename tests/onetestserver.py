@@ -213,12 +213,17 @@ class OneTestServer:
     def add_vm(self, vm_id: int, *, uid: int = 5, gid: int = 100, gname: str = "tenant-a", state: int = 2,
                lcm_state: int = 0, pci: list[dict[str, str]] | None = None,
                nics: list[dict[str, str]] | None = None) -> etree._Element:  # fmt: skip
-        """A VM from the sample document with the given owner, state, PCI and NIC requests."""
+        """A VM from the sample document with the given owner, state, PCI and NIC requests
+        (``pci`` and ``nics`` both None: the sample's own GPU, SR-IOV VF and NIC)."""
         root = _vm_base()
         for tag, value in (("ID", vm_id), ("UID", uid), ("GID", gid), ("GNAME", gname), ("STATE", state),
                            ("LCM_STATE", lcm_state)):  # fmt: skip
             root.find(tag).text = str(value)
         template = root.find("TEMPLATE")
+        root.find("TEMPLATE/VMID").text = str(vm_id)
+        self.vms[vm_id] = root
+        if pci is None and nics is None:
+            return root
         for old in template.findall("PCI") + template.findall("NIC"):
             template.remove(old)
 

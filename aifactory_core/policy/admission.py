@@ -80,6 +80,8 @@ def read_event(stdin: bytes, argv_method: str | None = None) -> Event:
         method = parts[1].decode("ascii", "replace")
     elif len(parts) > 2:
         raise DocumentError(f"hook input has {len(parts)} words: expected '$API METHOD'")
+    if method is None:
+        raise DocumentError("hook input names no method: expected '$API METHOD' (ARGUMENTS = \"$API one.vm.allocate\")")
     if method not in HOOKED_CALLS:
         raise DocumentError(f"hook input names method {str(method)[:60]!r}: expected one of {', '.join(HOOKED_CALLS)}")
     return Event(method, parse_call_info(parts[0], "$API payload", encoding="base64", method=method))
@@ -145,10 +147,11 @@ def fetch_vm(oned: Oned, vm_id: int) -> VmRequest:
 
 
 def fetch_usage(oned: Oned, policy: Policy, gid: int) -> Usage:
-    """Usage of the VM's group: one.vmpool.info(filter=-1 all, -1, -1, state=-1 any but DONE)."""
+    """Usage of the VM's group: ``one.vmpool.infoextended(-2 all, -1, -1, -1 any state but DONE)``
+    (the extended pool: the short ``one.vmpool.info`` body carries no PCI)."""
     from aifactory_core.one.vm import vm_from_element
 
-    pool = oned.document("one.vmpool.info", -1, -1, -1, -1)
+    pool = oned.document("one.vmpool.infoextended", -2, -1, -1, -1)
     mine = (vm_from_element(item) for item in pool.iterfind("VM") if item.findtext("GID") == str(gid))
     return usage_from_pool(policy, mine)
 
