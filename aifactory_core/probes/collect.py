@@ -99,7 +99,10 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
     snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": "", "SOURCE": ""}
     readings: dict[str, dict[str, Any]] = {}
     if gpus or replay:
-        source, status = _nvml_source(root, gpus, drivers, replay, budget_s)
+        try:
+            source, status = _nvml_source(root, gpus, drivers, replay, budget_s)
+        except Exception as error:  # an unreadable recording
+            source, status = None, f"error: {type(error).__name__}: {error}"[:200]
         snapshot["nvml"]["STATUS"] = status
         if source is not None:
             try:

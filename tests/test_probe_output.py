@@ -1,0 +1,288 @@
+"""Probe output on the real H100 capture and the DGX-shaped host, read back with the project's
+template reader and compared field by field with the NVML recording and with ``nvidia-smi -q``
+from the same host; the installed executables as OpenNebula runs them; the CLI; Prometheus format.
+
+NVML answers come from the real H100 recording (``tests/fixtures/hosts/h100-pcie-vm/nvml.json``)
+or multi-GPU recordings derived from it (``probe_replays.py``); no GPU is used.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hostroots import H100_CAPTURE, REPO, run_cli
+from probe_replays import DGX_GPUS, H100_NVML, multi_gpu, recording, write
+
+from aifactory_core.one.template import parse_template, parse_vm_monitor, render_attribute, template_to_dict
+from aifactory_core.one.xmlsafe import parse_xml
+from aifactory_core.probes import host_system, prometheus, render, vm_monitor
+from aifactory_core.probes.collect import GPU_KEYS, collect
+from aifactory_core.probes.sysfs import Root
+
+HOST_PROBE = REPO / "drivers/im/kvm-probes.d/host/system/aifactory-gpu"
+VM_PROBE = REPO / "drivers/im/kvm-probes.d/vm/monitor/aifactory-gpu"
+
+
+def _parse(text: str) -> dict[str, list[Any]]:
+    for line in text.splitlines():  # every line is a complete attribute on its own
+        assert len(parse_template(line + "\n", "probe line")) == 1, line
+    return template_to_dict(parse_template(text, "probe output"))
+
+
+def test_h100_output_matches_the_recording_field_by_field(h100_root: Path, tmp_path: Path) -> None:
+    text = host_system.probe(Root(str(h100_root), str(tmp_path)), str(H100_NVML))
+    parsed = _parse(text)
+    [gpu] = parsed["AIF_GPU"]
+    assert isinstance(gpu, dict)
+    assert list(gpu) == list(GPU_KEYS)  # every key, in a stable order
+    real = {name: entry.get("value") for name, entry in recording()["devices"][0].items() if name != "nvlink"}
+    assert gpu["MODEL"] == real["Name"]
+    assert gpu["UUID"] == real["UUID"]
+    assert gpu["SERIAL"] == real["Serial"]
+    assert gpu["VBIOS"] == real["VbiosVersion"]
+    assert int(gpu["MEMORY_MIB"]) == real["MemoryInfo"]["total"] // 2**20
+    assert gpu["BUS_ID"] == "0000:00:06.0" and gpu["ADDRESS"] == "0000:00:06:0" and gpu["SHORT_ADDRESS"] == "00:06.0"
+    assert (gpu["VENDOR"], gpu["DEVICE"], gpu["CLASS"]) == ("10de", "2330", "0302")
+    assert gpu["NUMA_NODE"] == "-"  # the capture's numa_node is -1; OpenNebula's PCI probe writes "-"
+    assert gpu["DRIVER"] == "nvidia" and gpu["STATE"] == "HOST" and gpu["VM_ID"] == ""
+    assert gpu["MIG_MODE"] == "DISABLED" and gpu["ECC_MODE"] == "ENABLED"
+    for key, name in (("ECC_CORRECTED_VOLATILE", "ECC_corr_vol"), ("ECC_CORRECTED_AGGREGATE", "ECC_corr_agg"),
+                      ("ECC_UNCORRECTED_VOLATILE", "ECC_uncorr_vol"), ("ECC_UNCORRECTED_AGGREGATE", "ECC_uncorr_agg"),
+                      ("PCIE_REPLAY_COUNTER", "PcieReplayCounter"), ("PCIE_LINK_GEN", "CurrPcieLinkGeneration"),
+                      ("PCIE_LINK_WIDTH", "CurrPcieLinkWidth"), ("PCIE_LINK_GEN_MAX", "MaxPcieLinkGeneration"),
+                      ("PCIE_LINK_WIDTH_MAX", "MaxPcieLinkWidth")):
+        assert int(gpu[key]) == real[name], key
+    assert [gpu[f"REMAPPED_ROWS_{k}"] for k in ("CORRECTABLE", "UNCORRECTABLE", "PENDING", "FAILURE")] == \
+        real["RemappedRows"]
+    assert gpu["RETIRED_PAGES_PENDING"] == ""  # NotSupported on Hopper: empty, not a made-up zero
+    assert gpu["THROTTLE_REASONS"] == "GPU_IDLE"  # recorded mask 0x1
+    assert gpu["FABRIC_STATE"] == "NONE"  # every NVLink state call answered NotSupported
+    assert (gpu["HEALTH"], gpu["HEALTH_REASON"], gpu["HEALTH_SOURCE"]) == ("OK", "", "NVML")
+    assert gpu["LINK_SPEED"] == "32.0 GT/s PCIe" and gpu["LINK_WIDTH"] == "16"  # from the captured sysfs
+    assert parsed["AIF_NVML"] == [{"STATUS": "replay", "DRIVER_VERSION": "580.159.04"}]
+    assert parsed["AIF_GPU_COUNT"] == ["1"] and parsed["AIF_GPU_HEALTHY_FREE"] == ["1"]
+    assert parsed["AIF_GPU_MODELS"] == ["NVIDIA H100 80GB HBM3"]
+    assert parsed["AIF_PROBE"][0]["STATUS"] == "OK"
+
+
+def _smi(element: Any, path: str) -> str:
+    found = element.find(path)
+    assert found is not None, path
+    return str(found.text).strip()
+
+
+def test_h100_output_agrees_with_nvidia_smi(h100_root: Path, tmp_path: Path) -> None:
+    """The same fields as ``nvidia-smi -q -x`` recorded on the same host a moment apart."""
+    xml = (H100_CAPTURE / "nvidia-smi-q.xml").read_bytes()
+    xml = re.sub(rb"<!DOCTYPE[^>]*>", b"", xml)
+    log = parse_xml(xml, "nvidia-smi -q -x")
+    smi = log.find("gpu")
+    assert smi is not None
+    parsed = _parse(host_system.probe(Root(str(h100_root), str(tmp_path)), str(H100_NVML)))
+    gpu = parsed["AIF_GPU"][0]
+    assert gpu["MODEL"] == _smi(smi, "product_name")
+    assert gpu["UUID"] == _smi(smi, "uuid")
+    assert gpu["SERIAL"] == _smi(smi, "serial")
+    assert gpu["VBIOS"] == _smi(smi, "vbios_version")
+    assert f"{gpu['MEMORY_MIB']} MiB" == _smi(smi, "fb_memory_usage/total")
+    assert gpu["MIG_MODE"] == _smi(smi, "mig_mode/current_mig").upper()
+    assert gpu["ECC_MODE"] == _smi(smi, "ecc_mode/current_ecc").upper()
+    assert gpu["ECC_UNCORRECTED_VOLATILE"] == _smi(smi, "ecc_errors/volatile/dram_uncorrectable")
+    assert gpu["ECC_CORRECTED_AGGREGATE"] == _smi(smi, "ecc_errors/aggregate/dram_correctable")
+    assert gpu["PCIE_REPLAY_COUNTER"] == _smi(smi, "pci/replay_counter")
+    assert gpu["PCIE_LINK_GEN_MAX"] == _smi(smi, "pci/pci_gpu_link_info/pcie_gen/max_link_gen")
+    assert f"{gpu['PCIE_LINK_WIDTH_MAX']}x" == _smi(smi, "pci/pci_gpu_link_info/link_widths/max_link_width")
+    assert gpu["REMAPPED_ROWS_CORRECTABLE"] == _smi(smi, "remapped_rows/remapped_row_corr")
+    assert gpu["REMAPPED_ROWS_PENDING"] == {"No": "0", "Yes": "1"}[_smi(smi, "remapped_rows/remapped_row_pending")]
+    assert parsed["AIF_NVML"][0]["DRIVER_VERSION"] == _smi(log, "driver_version")
+
+
+def _dgx_state(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    (state / "owners").mkdir(parents=True)
+    (state / "quarantine").mkdir()
+    return state
+
+
+def test_dgx_output_all_gpus_and_fabric(dgx_root: Path, tmp_path: Path) -> None:
+    replay = write(multi_gpu(DGX_GPUS), tmp_path / "dgx-nvml.json")
+    text = host_system.probe(Root(str(dgx_root), str(_dgx_state(tmp_path))), str(replay))
+    parsed = _parse(text)
+    gpus = parsed["AIF_GPU"]
+    assert [gpu["BUS_ID"] for gpu in gpus] == DGX_GPUS
+    assert all(list(gpu) == list(GPU_KEYS) for gpu in gpus)
+    assert {gpu["HEALTH"] for gpu in gpus} == {"OK"}
+    assert [gpu["NUMA_NODE"] for gpu in gpus] == ["0"] * 4 + ["1"] * 4
+    assert all(gpu["IOMMU_GROUP"].isdigit() for gpu in gpus)
+    assert parsed["AIF_GPU_COUNT"] == ["8"]
+    pfs = parsed["AIF_SRIOV"]
+    assert pfs and all(int(pf["TOTAL_VFS"]) > 0 for pf in pfs)
+    ports = parsed["AIF_IB_PORT"]
+    assert ports and all(re.fullmatch(r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]", p["BUS_ID"]) for p in ports)
+    assert {p["LINK_LAYER"] for p in ports} <= {"InfiniBand", "Ethernet"}
+    assert parsed["AIF_HUGEPAGE"] and {h["NODE_ID"] for h in parsed["AIF_HUGEPAGE"]} == {"0", "1"}
+    assert parsed["AIF_READY"] in (["YES"], ["NO"])
+
+
+def test_dgx_assigned_and_quarantined_gpus_from_the_host_side(dgx_root: Path, tmp_path: Path) -> None:
+    """A GPU held by a VM is reported with its VM; health comes from sysfs and the quarantine marker."""
+    state = _dgx_state(tmp_path)
+    (state / "owners" / DGX_GPUS[0]).write_text("42\n")
+    (state / "owners" / "0000:aa:00.2").write_text("42\n")  # a VF of the same VM
+    (state / "quarantine" / DGX_GPUS[5]).write_text("link trained at x8 of x16\n")
+    replay = write(multi_gpu(DGX_GPUS[1:]), tmp_path / "seven.json")  # NVML cannot see the VM's GPU
+    root = Root(str(dgx_root), str(state))
+    parsed = _parse(host_system.probe(root, str(replay)))
+    gpus = {gpu["BUS_ID"]: gpu for gpu in parsed["AIF_GPU"]}
+    held = gpus[DGX_GPUS[0]]
+    assert (held["STATE"], held["VM_ID"], held["HEALTH_SOURCE"]) == ("ASSIGNED", "42", "HOST_SIDE")
+    assert held["CONFIG_SPACE"] == "READABLE" and held["HEALTH"] == "OK" and held["MODEL"] == ""
+    bad = gpus[DGX_GPUS[5]]
+    assert (bad["HEALTH"], bad["QUARANTINED"]) == ("FAILED", "YES")
+    assert "x8 of x16" in bad["HEALTH_REASON"] and bad["LAST_RESET"].startswith("FAILED")
+    assert parsed["AIF_GPU_FREE"] == ["7"] and parsed["AIF_GPU_HEALTHY_FREE"] == ["6"]
+    assert parsed["AIF_GPU_HEALTH"] == ["FAILED"]
+    [record] = parse_vm_monitor(vm_monitor.probe(root, str(replay)))
+    monitor = dict(record.monitor)
+    assert (record.vm_id, record.deploy_id) == (42, "one-42")
+    assert monitor["AIF_PCI_DEVICES"] == f"{DGX_GPUS[0]},0000:aa:00.2"
+    assert (monitor["AIF_GPU_COUNT"], monitor["AIF_VF_COUNT"], monitor["AIF_GPU_HEALTH"]) == ("1", "1", "OK")
+
+
+def test_inventory_cached_while_assigned(h100_root: Path, tmp_path: Path) -> None:
+    """Model/UUID learnt while NVML could see the GPU are reported once it is given to a VM."""
+    root = Root(str(h100_root), str(tmp_path))
+    host_system.probe(root, str(H100_NVML))
+    (tmp_path / "owners").mkdir()
+    (tmp_path / "owners" / "0000:00:06.0").write_text("7\n")
+    empty = recording()
+    empty["devices"] = []
+    gpu = _parse(host_system.probe(root, str(write(empty, tmp_path / "none.json"))))["AIF_GPU"][0]
+    assert (gpu["STATE"], gpu["VM_ID"], gpu["INVENTORY_SOURCE"]) == ("ASSIGNED", "7", "CACHED")
+    assert gpu["UUID"] == "GPU-7104448d-2d24-50b1-4ee1-426fe364a21d"
+
+
+def test_no_nvml_library_every_gpu_still_reported(dgx_root: Path, tmp_path: Path) -> None:
+    parsed = _parse(host_system.probe(Root(str(dgx_root), str(_dgx_state(tmp_path)))))
+    assert parsed["AIF_NVML"][0]["STATUS"].startswith("unavailable")
+    assert len(parsed["AIF_GPU"]) == 8
+    assert {gpu["NVML_STATUS"] for gpu in parsed["AIF_GPU"]} == {"not seen"}
+    assert parsed["AIF_PROBE"][0]["STATUS"] == "OK"
+
+
+def test_xid_since_last_run_from_kmsg(h100_root: Path, tmp_path: Path) -> None:
+    """XIDs are read from the kernel log once: the next run does not report them again."""
+    root_dir = tmp_path / "root"
+    shutil.copytree(h100_root, root_dir, symlinks=True)
+    (root_dir / "dev").mkdir()
+    (root_dir / "dev" / "kmsg").write_text(
+        "6,100,1000,-;nvidia: loading\n"
+        "3,101,2000,-;NVRM: Xid (PCI:0000:00:06): 79, pid=0, name=, GPU has fallen off the bus.\n")
+    root = Root(str(root_dir), str(tmp_path / "state"))
+    first = _parse(host_system.probe(root, str(H100_NVML)))
+    assert first["AIF_XID_SOURCE"] == ["kmsg"]
+    gpu = first["AIF_GPU"][0]
+    assert (gpu["XID_SINCE_LAST"], gpu["HEALTH"]) == ("79", "FAILED")
+    again = _parse(host_system.probe(root, str(H100_NVML)))["AIF_GPU"][0]
+    assert (again["XID_SINCE_LAST"], again["HEALTH"]) == ("", "OK")
+
+
+@pytest.mark.parametrize("value", ['a "quoted" word', "back\\slash\\", "tab\there", "ctl\x01\x1f", "]]> cdata",
+                                   "ünïcødé", "", "x=1, y=[2]", "# not a comment", "line\nbreak"])
+def test_writer_matches_the_reference_and_reads_back(value: str) -> None:
+    line = render.attribute("K", {"A": value, "B": 3})
+    [(key, parsed)] = parse_template(line + "\n")
+    assert key == "K" and isinstance(parsed, dict)
+    cleaned = render.clean(value)
+    assert parsed == {"A": cleaned, "B": "3"}
+    assert line == render_attribute("K", {"A": cleaned, "B": 3})  # byte for byte as the reference
+
+
+def test_writer_agrees_with_reference_on_every_emitted_line(dgx_root: Path, tmp_path: Path) -> None:
+    replay = write(multi_gpu(DGX_GPUS), tmp_path / "dgx.json")
+    attributes = host_system.attributes(collect(Root(str(dgx_root), str(tmp_path)), str(replay)))
+    for key, value in attributes:
+        assert render.attribute(key, value) == render_attribute(key, value)
+
+
+def _run_probe(probe: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full = {key: value for key, value in os.environ.items() if not key.startswith("AIFACTORY_")}
+    full.update(env)
+    return subprocess.run([sys.executable, "-S", str(probe), "kvm", "3", "node3"], input="<MONITOR_CONFIGURATION/>",
+                          capture_output=True, text=True, env=full, timeout=60, check=False)
+
+
+def test_installed_probes_run_as_opennebula_runs_them(dgx_root: Path, tmp_path: Path) -> None:
+    state = _dgx_state(tmp_path)
+    (state / "owners" / DGX_GPUS[2]).write_text("5\n")
+    env = {"AIFACTORY_HOST_ROOT": str(dgx_root), "AIFACTORY_STATE_DIR": str(state)}
+    host = _run_probe(HOST_PROBE, env)
+    assert (host.returncode, host.stderr) == (0, "")
+    assert len(_parse(host.stdout)["AIF_GPU"]) == 8
+    vm = _run_probe(VM_PROBE, env)
+    assert (vm.returncode, vm.stderr) == (0, "")
+    [record] = parse_vm_monitor(vm.stdout)
+    assert record.vm_id == 5 and dict(record.monitor)["AIF_GPU_ADDRESSES"] == DGX_GPUS[2]
+
+
+def test_installed_probe_survives_a_broken_recording_and_bad_root(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    result = _run_probe(HOST_PROBE, {"AIFACTORY_HOST_ROOT": str(tmp_path / "missing"),
+                                     "AIFACTORY_NVML_REPLAY": str(broken), "AIFACTORY_STATE_DIR": str(tmp_path)})
+    assert (result.returncode, result.stderr) == (0, "")
+    parsed = _parse(result.stdout)
+    assert parsed["AIF_NVML"][0]["STATUS"].startswith("error: JSONDecodeError")
+    assert parsed["AIF_GPU"] == [{}] and parsed["AIF_READY"] == ["NO"]
+
+
+def test_cli_probe_and_metrics(h100_root: Path, tmp_path: Path) -> None:
+    env = {"AIFACTORY_STATE_DIR": str(tmp_path)}
+    probe = run_cli("--host-root", str(h100_root), "probe", "host-system", "--nvml-replay", str(H100_NVML), env=env)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout == host_system.probe(Root(str(h100_root), str(tmp_path)), str(H100_NVML))
+    textfile = tmp_path / "aifactory.prom"
+    metrics = run_cli("--host-root", str(h100_root), "metrics", "--nvml-replay", str(H100_NVML),
+                      "--textfile", str(textfile), env=env)
+    assert metrics.returncode == 0, metrics.stderr
+    assert 'aifactory_gpu_power_milliwatts{bus_id="0000:00:06.0"' in textfile.read_text()
+    missing = run_cli("--host-root", str(h100_root), "metrics", "--nvml-replay", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    wrong = run_cli("--host-root", str(h100_root), "probe", "host-system", "--nvml-replay", str(tmp_path))
+    assert wrong.returncode == 2
+
+
+SAMPLE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\[\\"n])*",?)*\})? -?[0-9.e+]+')
+
+
+def test_prometheus_exposition_is_well_formed(h100_root: Path, tmp_path: Path) -> None:
+    text = prometheus.exposition(collect(Root(str(h100_root), str(tmp_path)), str(H100_NVML)))
+    families: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            assert name not in families
+            families[name] = kind
+        elif not line.startswith("# HELP "):
+            assert SAMPLE.fullmatch(line), line
+            assert line.split("{")[0].split(" ")[0] in families
+    real = recording()["devices"][0]
+    assert "aifactory_gpu_power_milliwatts{bus_id=\"0000:00:06.0\"" in text
+    assert re.search(rf"aifactory_gpu_power_milliwatts\{{[^}}]*\}} {real['PowerUsage']['value']}\n", text)
+    assert re.search(rf"aifactory_gpu_temperature_celsius\{{[^}}]*\}} {real['Temperature']['value']}\n", text)
+    assert families["aifactory_gpu_energy_millijoules_total"] == "counter"
+
+
+def test_textfile_written_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "gpu.prom"
+    target.write_text("old\n")
+    prometheus.write_textfile(str(target), "new\n")
+    assert target.read_text() == "new\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu.prom"]
