@@ -286,3 +286,20 @@ def test_textfile_written_atomically(tmp_path: Path) -> None:
     prometheus.write_textfile(str(target), "new\n")
     assert target.read_text() == "new\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu.prom"]
+
+
+@pytest.mark.parametrize("probe", [HOST_PROBE, VM_PROBE], ids=["host-system", "vm-monitor"])
+def test_installed_probes_import_nothing_heavy(probe: Path, dgx_root: Path, tmp_path: Path) -> None:
+    """Start-up stays lean: none of the slow packages (or argparse/dataclasses/typing) is loaded.
+
+    The time itself is measured by ``benchmarks/bench_probes.py``, not asserted here."""
+    full = {key: value for key, value in os.environ.items() if not key.startswith("AIFACTORY_")}
+    full.update({"AIFACTORY_HOST_ROOT": str(dgx_root), "AIFACTORY_STATE_DIR": str(tmp_path)})
+    result = subprocess.run([sys.executable, "-S", "-X", "importtime", str(probe), "kvm", "0", "h"],
+                            capture_output=True, text=True, env=full, timeout=60, check=False)
+    assert result.returncode == 0
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "aifactory_core.probes.entry" in imported
+    heavy = {"pluggy", "lxml", "pyone", "pyroute2", "pynvml", "argparse", "dataclasses", "typing", "pyudev",
+             "aifactory_core.one.template", "aifactory_core.hostroot"}
+    assert not imported & heavy
