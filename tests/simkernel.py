@@ -45,4 +45,4 @@ class SimulatedDriverCore:
             self.set_driver(host, action.target, action.undo_value or "")
 
         monkeypatch.setitem(executor.EXECUTORS, "pci_driver",  # type: ignore[attr-defined]
-                            executor.ActionExecutor(do, undo, claims_target=True))
+                            executor.ActionExecutor(do, undo, claims_target=True, parallel=True))

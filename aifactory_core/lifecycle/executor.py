@@ -32,13 +32,16 @@ class ActionExecutor:
     undo: ActionFunction
     claims_target: bool = False
     """True when the action's target is a device the VM takes exclusively (ownership is checked)."""
+    parallel: bool = False
+    """True when consecutive actions of this kind may run at the same time (distinct targets)."""
 
 
 EXECUTORS: dict[str, ActionExecutor] = {}
 
 
-def register_executor(kind: str, do: ActionFunction, undo: ActionFunction, *, claims_target: bool = False) -> None:
-    EXECUTORS[kind] = ActionExecutor(do, undo, claims_target)
+def register_executor(kind: str, do: ActionFunction, undo: ActionFunction, *, claims_target: bool = False,
+                      parallel: bool = False) -> None:
+    EXECUTORS[kind] = ActionExecutor(do, undo, claims_target, parallel)
 
 
 def _set_driver(host: HostRoot, address: str, driver: str, writer: Writer) -> None:
@@ -72,7 +75,7 @@ def _is_on(host: HostRoot, address: str, driver: str) -> bool:
     return link_name(host.pci_devices / address / "driver") == driver
 
 
-register_executor("pci_driver", _pci_driver_do, _pci_driver_undo, claims_target=True)
+register_executor("pci_driver", _pci_driver_do, _pci_driver_undo, claims_target=True, parallel=True)
 
 
 def _fingerprint_do(host: HostRoot, action: Action, writer: Writer) -> None:
@@ -128,6 +131,40 @@ def _disown_all(host: HostRoot, vm: int) -> None:
             ownership.disown(host, address, vm)
 
 
+def _batches(actions: Sequence[Action]) -> list[list[Action]]:
+    """Consecutive actions of a parallel kind form one batch; every other action is its own."""
+    batches: list[list[Action]] = []
+    for action in actions:
+        if batches and _executor(action.kind).parallel and batches[-1][-1].kind == action.kind:
+            batches[-1].append(action)
+        else:
+            batches.append([action])
+    return batches
+
+
+def _run_batch(host: HostRoot, steps: list[Step], writer: Writer) -> None:
+    """Make a batch's actions (in parallel when more than one), marking each done as it succeeds.
+
+    Each device's writes carry their own deadline, so one hung unbind fails its step without
+    holding up the others; the first failure is re-raised once all have finished.
+    """
+    def make(step: Step) -> None:
+        _executor(step.action.kind).do(host, step.action, writer)
+        step.status = "done"
+
+    if len(steps) == 1 or isinstance(writer, RecordingWriter):
+        for step in steps:
+            make(step)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(steps), 8), thread_name_prefix="prepare") as pool:
+        futures = [pool.submit(make, step) for step in steps]
+    errors = [future.exception() for future in futures if future.exception() is not None]
+    if errors:
+        raise errors[0]  # type: ignore[misc]
+
+
 def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer | None = None) -> Journal:
     """Claim the devices, then make every action, journaled; on failure undo all and re-raise."""
     writer = writer if writer is not None else PciBinder(host).writer
@@ -142,12 +179,11 @@ def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer |
         for action in actions:
             if _executor(action.kind).claims_target:
                 ownership.claim(host, action.target, vm)
-        for action in actions:
-            step = Step(action)
-            journal.steps.append(step)
+        for batch in _batches(actions):
+            steps = [Step(action) for action in batch]
+            journal.steps.extend(steps)
             journal.save()
-            _executor(action.kind).do(host, action, writer)
-            step.status = "done"
+            _run_batch(host, steps, writer)
             journal.save()
     except BaseException as error:
         problems = rollback(host, journal, writer)

@@ -134,6 +134,7 @@ def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) ->
     from aifactory_core.host.fingerprint import check_drift
 
     actions: list[Action] = []
+    binds: list[Action] = []
     seen: set[str] = set()
     for address in request.pci_addresses:
         for member in group_closure(inventory, address, config):
@@ -145,9 +146,9 @@ def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) ->
                                   "remember what this device is, to notice a swap or a retrained link"))
             why = ("requested by the VM" if member.address == address
                    else f"shares IOMMU group {member.iommu_group} with {address}")
-            actions.append(Action("pci_driver", member.address, VFIO_DRIVER, member.driver or "",
-                                  f"VM {request.vm_id}: {why}"))
-    return actions
+            binds.append(Action("pci_driver", member.address, VFIO_DRIVER, member.driver or "",
+                                f"VM {request.vm_id}: {why}"))
+    return actions + binds  # fingerprints first; the binds then run as one parallel batch
 
 
 def _pcihole64_kib(bar_bytes: int) -> int:
