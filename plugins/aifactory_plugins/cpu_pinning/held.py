@@ -183,7 +183,7 @@ class DomainXmlHeld:
                 domain = parse_xml((self.directory / name).read_bytes(), name)
             except (OSError, AifactoryError):
                 continue
-            root = domain.find("domstatus/domain") if domain.tag == "domstatus" else domain
+            root = domain.find("domain") if domain.tag == "domstatus" else domain
             if root is None:
                 continue
             cpus: set[int] = set()
