@@ -28,14 +28,14 @@ def policies(draw: st.DrawFn) -> str:
         base = index * 1000
         lines.append(f"[tenant.t{index}]\ngroup = \"g{index}\"\ngroup_id = {100 + index}")
         lines.append(f"max_gpus = {draw(st.integers(0, 6))}")
-        lines.append(f"clusters = {draw(st.lists(st.sampled_from(CLUSTERS), unique=True, max_size=3))}")
+        clusters = draw(st.lists(st.sampled_from(CLUSTERS), unique=True, max_size=3))
+        lines.append(f"clusters = {clusters}")
         lines.append(f"networks = {draw(st.lists(st.sampled_from(NETWORKS), unique=True, max_size=5))}")
         low = draw(st.integers(1, 900))
         lines.append(f'vlans = ["{base + low}-{base + low + draw(st.integers(0, 50))}"]')
         lines.append(f'vnis = ["{10000 + base + low}-{10000 + base + low + draw(st.integers(0, 50))}"]')
-        lines.append(f'ib_pkeys = ["{hex(0x100 + index * 0x40)}-{hex(0x100 + index * 0x40 + draw(st.integers(0, 63)))}"]')
-        text = "\n".join(lines) + "\n"
-        clusters = eval(text.rsplit("clusters = ", 1)[1].split("\n", 1)[0])  # noqa: S307 - our own literal
+        first = 0x100 + index * 0x40
+        lines.append(f'ib_pkeys = ["{hex(first)}-{hex(first + draw(st.integers(0, 63)))}"]')
         for grant in range(draw(st.integers(0, 3))):
             lines.append(f"[[tenant.t{index}.devices]]\nname = \"d{grant}\"")
             lines.append(f'vendor = "{draw(st.sampled_from(VENDORS)):04x}"')
