@@ -10,7 +10,7 @@
 # carried to the device machine with carry=[".venv/lib/python3.11/site-packages/pynvml.py"].
 # Exit 0 when every compared field agrees, 1 otherwise.
 set -u
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 PYNVML_DIR=${1:-.venv/lib/python3.11/site-packages}
 PYTHON=${PYTHON:-python3}
 STATE=$(mktemp -d)

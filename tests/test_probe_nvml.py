@@ -152,6 +152,24 @@ def test_live_backend_normalises_like_the_recording(monkeypatch: pytest.MonkeyPa
     assert reader.driver_version() == ("580.159.04", None)
 
 
+def test_live_backend_for_host_system_skips_the_slow_metric_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    called: list[str] = []
+    fake = _fake_pynvml(recording())
+    for function in {call[0] for call in nvml.LIVE_FIELDS.values()}:
+        original = getattr(fake, function)
+
+        def spy(*args: Any, _original: Any = original, _name: str = function) -> Any:
+            called.append(_name)
+            return _original(*args)
+        setattr(fake, function, spy)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    [reading] = nvml.LiveNvml(metrics=False).read()
+    assert reading["status"] == "ok" and "Name" in reading["fields"]
+    assert "nvmlDeviceGetTotalEnergyConsumption" not in called
+    assert "nvmlDeviceGetUtilizationRates" not in called
+    assert not set(reading["fields"]) & nvml.METRIC_FIELDS
+
+
 def test_live_backend_isolates_a_raising_and_a_hung_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     data = multi_gpu(DGX_GPUS[:4])
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(data, hang=1, raise_on=2))

@@ -263,7 +263,7 @@ SAMPLE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\
 
 
 def test_prometheus_exposition_is_well_formed(h100_root: Path, tmp_path: Path) -> None:
-    text = prometheus.exposition(collect(Root(str(h100_root), str(tmp_path)), str(H100_NVML)))
+    text = prometheus.exposition(collect(Root(str(h100_root), str(tmp_path)), str(H100_NVML), nvml_mode="metrics"))
     families: dict[str, str] = {}
     for line in text.splitlines():
         if line.startswith("# TYPE "):

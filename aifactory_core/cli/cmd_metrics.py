@@ -25,7 +25,7 @@ def run(args: argparse.Namespace, context: Any) -> int:
     from aifactory_core.probes.prometheus import exposition, write_textfile
 
     replay = check_replay(args.nvml_replay)
-    text = exposition(collect(probe_root(context), replay, args.budget))
+    text = exposition(collect(probe_root(context), replay, args.budget, nvml_mode="metrics"))
     if args.textfile:
         if not args.textfile.endswith(".prom"):
             raise UsageError(f"textfile {args.textfile!r}: node_exporter reads only *.prom files")

@@ -53,7 +53,9 @@ def gpu_functions(root: Root, functions: list[str]) -> list[str]:
 
 
 def _nvml_source(root: Root, gpus: list[str], drivers: dict[str, str], replay: str | None,
-                 budget_s: float) -> tuple[Any, str]:
+                 budget_s: float, mode: str) -> tuple[Any, str]:
+    if mode == "off":
+        return None, "unused: host-side readings only"
     from aifactory_core.probes import nvml
 
     if replay:
@@ -64,7 +66,7 @@ def _nvml_source(root: Root, gpus: list[str], drivers: dict[str, str], replay: s
         return None, f"unavailable: {nvml.LIBRARY} not found"
     if not root.is_live:
         return None, "unavailable: NVML reads only the live host"
-    return nvml.LiveNvml(budget_s), "live"
+    return nvml.LiveNvml(budget_s, metrics=mode == "metrics"), "live"
 
 
 def _read_cache(root: Root) -> dict[str, dict[str, object]]:
@@ -93,14 +95,14 @@ def _write_cache(root: Root, cache: dict[str, dict[str, object]]) -> None:
 
 
 def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: str | None,
-                  budget_s: float) -> None:
+                  budget_s: float, mode: str) -> None:
     gpus = gpu_functions(root, functions)
     drivers = {address: root.link_name(f"/sys/bus/pci/devices/{address}/driver") or "" for address in gpus}
     snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": "", "SOURCE": ""}
     readings: dict[str, dict[str, Any]] = {}
     if gpus or replay:
         try:
-            source, status = _nvml_source(root, gpus, drivers, replay, budget_s)
+            source, status = _nvml_source(root, gpus, drivers, replay, budget_s, mode)
         except Exception as error:  # an unreadable recording
             source, status = None, f"error: {type(error).__name__}: {error}"[:200]
         snapshot["nvml"]["STATUS"] = status
@@ -235,8 +237,12 @@ def _collect_ib(root: Root, snapshot: Snapshot) -> None:
     snapshot["ib"] = rows
 
 
-def collect(root: Root, replay: str | None = None, budget_s: float = 5.0) -> Snapshot:
-    """Read everything the probes report; never raises."""
+def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_mode: str = "health") -> Snapshot:
+    """Read everything the probes report; never raises.
+
+    ``nvml_mode``: ``health`` (inventory and health calls), ``metrics`` (also utilisation, power,
+    clocks, energy), ``off`` (host-side readings only: the vm/monitor probe, every 30 s, needs no
+    NVML because a GPU a VM holds is invisible to it anyway)."""
     from aifactory_core.probes import readiness
 
     snapshot: Snapshot = {"problems": [], "gpus": [], "sriov": [], "ib": [], "hugepages": [], "checks": [],
@@ -248,7 +254,7 @@ def collect(root: Root, replay: str | None = None, budget_s: float = 5.0) -> Sna
     except Exception as error:
         _problem(snapshot, "holders", error)
     sections: tuple[tuple[str, Callable[[], None]], ...] = (
-        ("gpu", lambda: _collect_gpus(root, snapshot, functions, replay, budget_s)),
+        ("gpu", lambda: _collect_gpus(root, snapshot, functions, replay, budget_s, nvml_mode)),
         ("sriov", lambda: _collect_sriov(root, snapshot, functions)),
         ("infiniband", lambda: _collect_ib(root, snapshot)),
         ("hugepages", lambda: snapshot.__setitem__("hugepages", readiness.hugepages(root))),

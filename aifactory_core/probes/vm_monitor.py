@@ -44,7 +44,7 @@ def records(snapshot: dict[str, Any]) -> list[tuple[int, list[tuple[str, object]
 def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
     """The probe's whole output; never raises (nothing is printed when nothing can be read)."""
     try:
-        snapshot = collect(root, replay, budget_s)
+        snapshot = collect(root, replay, budget_s, nvml_mode="off")
         return "".join(render.vm_line(vm, f"one-{vm}", attributes) + "\n"
                        for vm, attributes in records(snapshot))
     except Exception:
