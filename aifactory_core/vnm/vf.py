@@ -1,0 +1,172 @@
+"""The ``vf_config`` action kind: set a VF's tenant settings before it is bound to vfio-pci.
+
+Target ``PF_NETDEV/VF`` (``ens1f0np0/3``); value: JSON ``{"vm": ID, "settings": {...}}``;
+undo_value ``clean`` or ``clean-ib``. ``do`` takes the VF's owner token (a VF owned by another VM
+is refused, so a release and an acquire cannot race on it), sets everything in one netlink request
+and reads it back; ``undo`` scrubs the VF to the clean state, verifies it, and gives the token back.
+``undo`` is idempotent: a VF whose PF or pool is gone has nothing left to leak.
+
+Registered with :func:`aifactory_core.lifecycle.executor.register_executor` on import
+(:func:`register`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from aifactory_core.errors import HostError, UsageError
+from aifactory_core.host import netlink_vf
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.model import Action
+from aifactory_core.validate import ifname, int_in_range, vm_id
+
+KIND = "vf_config"
+MAX_VF = 4095
+_netlink_lock = threading.Lock()
+_netlink: Any = None
+
+
+def target(pf_netdev: str, vf: int) -> str:
+    return f"{ifname(pf_netdev)}/{int_in_range(vf, 0, MAX_VF, 'VF index')}"
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    pf, _, vf = text.rpartition("/")
+    return ifname(pf), int_in_range(vf, 0, MAX_VF, "VF index")
+
+
+def action(pf_netdev: str, vf: int, vm: int, wanted: netlink_vf.VfSettings, *, infiniband: bool = False) -> Action:
+    value = json.dumps({"vm": vm_id(vm), "settings": asdict(wanted)}, sort_keys=True)
+    return Action(KIND, target(pf_netdev, vf), value, "clean-ib" if infiniband else "clean",
+                  f"VF {vf} of {pf_netdev}: MAC {wanted.mac} VLAN {wanted.vlan} for VM {vm}")
+
+
+def decode(action_: Action) -> tuple[str, int, int, netlink_vf.VfSettings]:
+    pf, vf = parse_target(action_.target)
+    try:
+        data = json.loads(action_.value)
+        wanted = netlink_vf.settings(**data["settings"])
+        owner = vm_id(data["vm"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"malformed {KIND} action for {action_.target}: {error}") from None
+    return pf, vf, owner, wanted
+
+
+def _connection() -> Any:
+    """One netlink socket per process, shared (under :data:`_netlink_lock`) by every action."""
+    global _netlink
+    if _netlink is None:
+        _netlink = netlink_vf.open_netlink()
+    return _netlink
+
+
+def ifindex(host: HostRoot, pf: str) -> int | None:
+    text = host.read_text(f"/sys/class/net/{pf}/ifindex")
+    return int(text) if text and text.isdigit() else None
+
+
+# ---- owner tokens -------------------------------------------------------------------------------
+
+def _token_path(host: HostRoot, pf: str, vf: int) -> Path:
+    return host.state_dir / "vf-owners" / f"{ifname(pf)}.{vf}"
+
+
+@contextmanager
+def _token_lock(host: HostRoot, pf: str, vf: int) -> Iterator[Path]:
+    path = _token_path(host, pf, vf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(path.suffix + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def owner(host: HostRoot, pf: str, vf: int) -> int | None:
+    try:
+        text = _token_path(host, pf, vf).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def vf_owners(host: HostRoot) -> dict[str, int]:
+    """Every VF some VM holds: ``PF/VF`` -> VM id."""
+    directory = host.state_dir / "vf-owners"
+    held = {}
+    for path in sorted(directory.glob("*")) if directory.exists() else ():
+        if path.suffix != ".lock" and path.read_text().strip().isdigit():
+            pf, _, vf = path.name.rpartition(".")
+            held[f"{pf}/{vf}"] = int(path.read_text())
+    return held
+
+
+# ---- executor -----------------------------------------------------------------------------------
+
+def do(host: HostRoot, action_: Action, writer: Any) -> None:
+    pf, vf, vm, wanted = decode(action_)
+    from aifactory_core.host.pcibind import RecordingWriter, SysfsWrite
+
+    if isinstance(writer, RecordingWriter):
+        writer.writes.append(SysfsWrite(f"netlink:{action_.target}", json.dumps(asdict(wanted)), action_.reason))
+        return
+    index = ifindex(host, pf)
+    if index is None:
+        raise HostError(f"no interface {pf}")
+    with _token_lock(host, pf, vf) as token:
+        holder = owner(host, pf, vf)
+        if holder is not None and holder != vm:
+            raise HostError(f"VF {vf} of {pf} is held by VM {holder}")
+        token.write_text(f"{vm}\n")
+        with _netlink_lock:
+            ipr = _connection()
+            pool = len(netlink_vf.read_vfs(ipr, index))
+            netlink_vf.apply(ipr, index, vf, wanted, pool_size=pool)
+            netlink_vf.verify(ipr, index, vf, wanted)
+
+
+def _owner_of_action(action_: Action) -> int | None:
+    """The VM an action was made for (``None`` when its value is unreadable: scrub regardless)."""
+    try:
+        return vm_id(json.loads(action_.value)["vm"])
+    except (ValueError, KeyError, TypeError, UsageError):
+        return None
+
+
+def undo(host: HostRoot, action_: Action, writer: Any) -> None:
+    pf, vf = parse_target(action_.target)
+    vm = _owner_of_action(action_)
+    from aifactory_core.host.pcibind import RecordingWriter, SysfsWrite
+
+    if isinstance(writer, RecordingWriter):
+        writer.writes.append(SysfsWrite(f"netlink:{action_.target}", action_.undo_value or "clean", "scrub"))
+        return
+    with _token_lock(host, pf, vf) as token:
+        holder = owner(host, pf, vf)
+        if holder is not None and vm is not None and holder != vm:
+            return  # another VM holds it now: this VM's settings are long gone
+        index = ifindex(host, pf)
+        if index is not None:
+            with _netlink_lock:
+                ipr = _connection()
+                if vf in netlink_vf.read_vfs(ipr, index):
+                    netlink_vf.scrub(ipr, index, vf, infiniband=action_.undo_value == "clean-ib")
+        token.unlink(missing_ok=True)
+
+
+def register() -> None:
+    from aifactory_core.lifecycle.executor import register_executor
+
+    register_executor(KIND, do, undo, parallel=True)
+
+
+register()
