@@ -303,3 +303,20 @@ def test_installed_probes_import_nothing_heavy(probe: Path, dgx_root: Path, tmp_
     heavy = {"pluggy", "lxml", "pyone", "pyroute2", "pynvml", "argparse", "dataclasses", "typing", "pyudev",
              "aifactory_core.one.template", "aifactory_core.hostroot"}
     assert not imported & heavy
+
+
+def test_holders_agree_with_the_lifecycle_engine(tmp_path: Path) -> None:
+    """The probes' read-only view of owner files gives what ``ownership.held_devices`` gives."""
+    from aifactory_core.hostroot import HostRoot
+    from aifactory_core.lifecycle.ownership import claim, held_devices
+    from aifactory_core.probes.host_side import holders
+
+    host = HostRoot(tmp_path, tmp_path / "state")
+    claim(host, "0000:1b:00.0", 42)
+    claim(host, "0000:aa:00.2", 42)
+    claim(host, "0000:43:00.0", 7)
+    (tmp_path / "state" / "owners" / "not-an-address").write_text("9\n")
+    (tmp_path / "state" / "owners" / "0000:52:00.0").write_text("garbage\n")
+    engine = held_devices(host)
+    assert engine == {"0000:1b:00.0": 42, "0000:43:00.0": 7, "0000:aa:00.2": 42}
+    assert holders(Root(str(tmp_path), str(tmp_path / "state"))) == engine

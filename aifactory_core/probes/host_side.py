@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from aifactory_core.probes.sysfs import Root
+from aifactory_core.probes.sysfs import Root, is_pci_address
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -73,15 +73,30 @@ def quarantine_reasons(root: Root) -> dict[str, str]:
 
 
 def holders(root: Root) -> dict[str, int]:
-    """Which VM holds which device, through the lifecycle engine (``held_devices``)."""
-    if not os.path.isdir(os.path.join(root.state_dir, "owners")):
-        return {}  # nothing held: skip importing the lifecycle engine
-    from pathlib import Path
+    """Which VM holds which device: a read-only view of the lifecycle engine's owner files.
 
-    from aifactory_core.hostroot import HostRoot
-    from aifactory_core.lifecycle.ownership import held_devices
-
-    return held_devices(HostRoot(Path(root.prefix), Path(root.state_dir)))
+    Same answer as :func:`aifactory_core.lifecycle.ownership.held_devices` (the tests compare the two
+    on the same state directory), read without importing the engine, which costs ~25 ms of start-up:
+    ``<state dir>/owners/<PCI address>`` holds the VM id. No lock is taken: a probe only reports, and
+    an owner file is replaced atomically by the engine.
+    """
+    directory = os.path.join(root.state_dir, "owners")
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return {}
+    held: dict[str, int] = {}
+    for name in names:
+        if not is_pci_address(name):
+            continue
+        try:
+            with open(os.path.join(directory, name), encoding="ascii", errors="replace") as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            held[name] = int(text)
+    return held
 
 
 def attributes(root: Root, address: str, quarantined: Mapping[str, str]) -> dict[str, object]:
