@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "device": ("cmd_device", "bind/release devices the way the VMM driver does; who holds what"),
     "repair": ("cmd_repair", "finish or roll back interrupted device transactions"),
     "vm": ("cmd_vm", "show what the suite reads from an OpenNebula VM document"),
+    "tenant": ("cmd_tenant", "check, show and apply the tenant policy (groups, VDCs, ACLs, quotas)"),
+    "usage": ("cmd_usage", "GPU-hours and cost per VM and tenant (showback)"),
     "plan": ("cmd_plan", "show a VM's CPU/NUMA placement and the domain XML that carries it"),
     "probe": ("cmd_probe", "print an OpenNebula IM probe's output (host-system, vm-monitor)"),
     "metrics": ("cmd_metrics", "GPU and host metrics in Prometheus text format"),
