@@ -111,14 +111,21 @@ def aifactory_release(inventory: HostInventory, request: Any, config: Config) ->
 
 @hookspec
 def aifactory_network_setup(
-    inventory: HostInventory, request: Any, nic: Any, config: Config
+    inventory: HostInventory, request: Any, nic: Any, config: Config, grant: Any
 ) -> Iterable[Action] | None:
-    """Network setup for one VM NIC (VF MAC/VLAN/trust/rate, IB GUID/pkey, representor port)."""
+    """Network setup for one VM NIC (VF MAC/VLAN/trust/rate, IB GUID/pkey, representor port).
+
+    Called by the VNM ``pre.d`` hook, before the VM's VFs are bound to vfio-pci. ``nic`` is a
+    :class:`aifactory_core.one.vm.PciRequest` (``TYPE = "NIC"``) or ``NicRequest``; ``grant`` the
+    owner's :class:`aifactory_core.vnm.grant.TenantNetworkGrant` — the only source of the VLANs,
+    VNIs and pkeys the NIC may use. Return actions (journaled, undone in reverse on failure and at
+    ``clean``); return ``None`` for NICs this plugin does not handle.
+    """
 
 
 @hookspec
 def aifactory_network_teardown(
-    inventory: HostInventory, request: Any, nic: Any, config: Config
+    inventory: HostInventory, request: Any, nic: Any, config: Config, grant: Any
 ) -> Iterable[Action] | None:
     """Network teardown for one VM NIC: scrub the VF to a verified clean state, unplug ports."""
 
