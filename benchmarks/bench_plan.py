@@ -41,11 +41,18 @@ def _mix(rng: random.Random, gpus: list[str], nic_of: dict[str, str], length: in
             free.remove(gpu)
         nics = tuple(nic_of[gpu] for gpu in taken if gpu in nic_of and rng.random() < 0.5)
         vcpus = rng.choice([4, 8, 16, 16, 24, 32])
-        specs.append(VmSpec(
-            vm_id=vm_id, vcpus=vcpus, memory_kib=vcpus * 4 * 1024 * 1024, hugepage_kib=1024 * 1024,
-            thread_policy=rng.choice(["prefer", "prefer", "isolate", "require"]),
-            emulator_policy=rng.choice(["share", "isolate"]), gpus=tuple(taken), nics=nics,
-        ))  # fmt: skip
+        specs.append(
+            VmSpec(
+                vm_id=vm_id,
+                vcpus=vcpus,
+                memory_kib=vcpus * 4 * 1024 * 1024,
+                hugepage_kib=1024 * 1024,
+                thread_policy=rng.choice(["prefer", "prefer", "isolate", "require"]),
+                emulator_policy=rng.choice(["share", "isolate"]),
+                gpus=tuple(taken),
+                nics=nics,
+            )
+        )
     return specs
 
 
@@ -79,12 +86,12 @@ def main() -> int:
     parser.add_argument("--mixes", type=int, default=50)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
+    from aifactory_plugins.cpu_pinning.pcie import pair_gpus_with_nics
+    from aifactory_plugins.cpu_pinning.topology import HostTopology
     from hostroots import generate_host
 
     from aifactory_core.host.inventory import HostInventory
     from aifactory_core.hostroot import HostRoot
-    from aifactory_plugins.cpu_pinning.pcie import pair_gpus_with_nics
-    from aifactory_plugins.cpu_pinning.topology import HostTopology
 
     print(f"python {sys.version.split()[0]}, {args.mixes} mixes per host, seed {args.seed}")
     for description in ("dgx-h100", "epyc-8node-448"):
@@ -106,14 +113,18 @@ def main() -> int:
                 totals[blind][0].extend(times)
                 totals[blind][1] += placed
                 totals[blind][2] += local
-        print(f"\n{description}: {topology.cpu_count} CPUs, {len(topology.nodes)} nodes, {len(gpus)} GPUs, "
-              f"{len(nic_of)} GPU/NIC pairs; host model + topology build {build_ms:.1f} ms (once per process)")  # fmt: skip
+        print(
+            f"\n{description}: {topology.cpu_count} CPUs, {len(topology.nodes)} nodes, {len(gpus)} GPUs, "
+            f"{len(nic_of)} GPU/NIC pairs; host model + topology build {build_ms:.1f} ms (once per process)"
+        )
         for blind, label in ((False, "cpu_pinning (device-aware)"), (True, "baseline (emptiest node, device-blind)")):
             times, placed, local = totals[blind]
             ordered = sorted(times)
             p95 = ordered[int(len(ordered) * 0.95)]
-            print(f"  {label:40s} plan/VM median {statistics.median(times):.3f} ms  p95 {p95:.3f} ms  "
-                  f"({len(times)} plans)  placed {placed}  locality {local / max(placed, 1):.1%}")  # fmt: skip
+            print(
+                f"  {label:40s} plan/VM median {statistics.median(times):.3f} ms  p95 {p95:.3f} ms  "
+                f"({len(times)} plans)  placed {placed}  locality {local / max(placed, 1):.1%}"
+            )
     return 0
 
 

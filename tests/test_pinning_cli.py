@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from hostroots import FIXTURES, dgx_root, run_cli  # noqa: F401
 from test_pinning_domain import oned_sample_on_dgx
 
@@ -59,14 +58,17 @@ def test_plan_rewrites_oned_deployment(dgx_root: Path, files: Path) -> None:  # 
     assert placement["gpu_nic_pairs"] == [["0000:1b:00.0", "0000:18:00.0"]]
     if shutil.which("virt-xml-validate"):
         (files / "out.xml").write_text(document["domain_xml"])
-        check = subprocess.run(["virt-xml-validate", str(files / "out.xml"), "domain"], capture_output=True, check=False)
+        check = subprocess.run(
+            ["virt-xml-validate", str(files / "out.xml"), "domain"], capture_output=True, check=False
+        )
         assert check.returncode == 0, check.stderr
     assert not (files / "state").exists()
 
 
 def test_plan_without_deployment_writes_a_minimal_domain(dgx_root: Path, files: Path) -> None:  # noqa: F811
     unpinned = re.sub(r"<NUMA_NODE>.*?</NUMA_NODE>", "", vm_on_dgx(), flags=re.S).replace(
-        "<PIN_POLICY><![CDATA[THREAD]]>", "<PIN_POLICY><![CDATA[NONE]]>")
+        "<PIN_POLICY><![CDATA[THREAD]]>", "<PIN_POLICY><![CDATA[NONE]]>"
+    )
     (files / "vm.xml").write_text(unpinned)
     done = run_cli("--host-root", str(dgx_root), "plan", "--vm", str(files / "vm.xml"), env=_env(files))
     assert done.returncode == 0, done.stderr
@@ -74,7 +76,9 @@ def test_plan_without_deployment_writes_a_minimal_domain(dgx_root: Path, files: 
     assert done.stdout.startswith("<domain") and "<vcpupin" in done.stdout
     if shutil.which("virt-xml-validate"):
         (files / "out.xml").write_text(done.stdout)
-        check = subprocess.run(["virt-xml-validate", str(files / "out.xml"), "domain"], capture_output=True, check=False)
+        check = subprocess.run(
+            ["virt-xml-validate", str(files / "out.xml"), "domain"], capture_output=True, check=False
+        )
         assert check.returncode == 0, check.stderr
 
 

@@ -13,13 +13,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from aifactory_core.config import parse_config
-from aifactory_core.domain import dump_domain, load_domain, pci_hostdevs
-from aifactory_core.errors import ConfigError, DocumentError, HostError
-from aifactory_core.host.inventory import HostInventory
-from aifactory_core.hostroot import HostRoot
-from aifactory_core.model import DeployRequest
 from aifactory_plugins.cpu_pinning import plugin
 from aifactory_plugins.cpu_pinning.domain_rewrite import minimal_domain, rewrite_domain
 from aifactory_plugins.cpu_pinning.held import DomainXmlHeld, StateFileHeld, usage_of
@@ -27,6 +20,13 @@ from aifactory_plugins.cpu_pinning.planner import HostUsage, Placement, VmSpec, 
 from aifactory_plugins.cpu_pinning.spec import Policies, spec_from_domain
 from aifactory_plugins.cpu_pinning.topology import HostTopology
 from hostroots import FIXTURES, dgx_root  # noqa: F401
+
+from aifactory_core.config import parse_config
+from aifactory_core.domain import dump_domain, load_domain, pci_hostdevs
+from aifactory_core.errors import ConfigError, DocumentError, HostError
+from aifactory_core.host.inventory import HostInventory
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.model import DeployRequest
 
 GIB = 1 << 20
 SAMPLE = FIXTURES / "opennebula" / "samples" / "synthesized" / "deployment.0.xml"
@@ -68,7 +68,11 @@ def unpinned_sample_on_node1() -> str:
     text = re.sub(r"<numatune>.*?</numatune>", "", text, flags=re.S)
     text = re.sub(r"<numa>.*?</numa>", "", text, flags=re.S)
     text = text.replace("bus='0x1b' slot", "bus='0x9d' slot").replace("bus='0x18' slot", "bus='0x9a' slot")
-    text = text.replace("index='20'", "index='34'").replace("bus='20'", "bus='34'").replace("<node>0</node>", "<node>1</node>")
+    text = (
+        text.replace("index='20'", "index='34'")
+        .replace("bus='20'", "bus='34'")
+        .replace("<node>0</node>", "<node>1</node>")
+    )
     return text
 
 
@@ -82,7 +86,9 @@ def test_oned_sample_as_is_fails_the_schema_and_merged_passes(tmp_path: Path) ->
 
 
 @needs_validator
-def test_rewrite_within_oned_pinning_validates_and_stays_inside(dgx: tuple[HostInventory, HostTopology], tmp_path: Path) -> None:
+def test_rewrite_within_oned_pinning_validates_and_stays_inside(
+    dgx: tuple[HostInventory, HostTopology], tmp_path: Path
+) -> None:
     inventory, topology = dgx
     domain = load_domain(oned_sample_on_dgx())
     addresses = [ref.address for _, ref in pci_hostdevs(domain)]
@@ -108,7 +114,9 @@ def test_rewrite_within_oned_pinning_validates_and_stays_inside(dgx: tuple[HostI
 
 
 @needs_validator
-def test_expander_node_follows_the_guest_cell_not_the_host_node(dgx: tuple[HostInventory, HostTopology], tmp_path: Path) -> None:
+def test_expander_node_follows_the_guest_cell_not_the_host_node(
+    dgx: tuple[HostInventory, HostTopology], tmp_path: Path
+) -> None:
     inventory, topology = dgx
     domain = load_domain(unpinned_sample_on_node1())
     addresses = [ref.address for _, ref in pci_hostdevs(domain)]
@@ -139,15 +147,19 @@ def test_rewrite_refuses_a_topology_that_disagrees(dgx: tuple[HostInventory, Hos
     _, topology = dgx
     result = plan(topology, HostUsage(), VmSpec(1, 2, GIB))
     assert isinstance(result, Placement)
-    domain = load_domain("<domain type='kvm'><name>x</name><memory>1048576</memory><vcpu>2</vcpu>"
-                         "<cpu><topology sockets='1' cores='4' threads='1'/></cpu></domain>")  # fmt: skip
+    domain = load_domain(
+        "<domain type='kvm'><name>x</name><memory>1048576</memory><vcpu>2</vcpu>"
+        "<cpu><topology sockets='1' cores='4' threads='1'/></cpu></domain>"
+    )
     with pytest.raises(DocumentError, match="topology"):
         rewrite_domain(domain, result)
     with pytest.raises(DocumentError, match="not a libvirt domain"):
         load_domain("<VM><ID>1</ID></VM>")
 
 
-def test_state_records_are_atomic_and_ignore_vms_that_do_not_run(dgx: tuple[HostInventory, HostTopology], tmp_path: Path) -> None:
+def test_state_records_are_atomic_and_ignore_vms_that_do_not_run(
+    dgx: tuple[HostInventory, HostTopology], tmp_path: Path
+) -> None:
     _, topology = dgx
     host = HostRoot(tmp_path / "root", tmp_path / "state")
     (tmp_path / "root").mkdir()
@@ -172,7 +184,8 @@ def test_state_records_are_atomic_and_ignore_vms_that_do_not_run(dgx: tuple[Host
 def test_held_from_domain_xml_directory(tmp_path: Path) -> None:
     (tmp_path / "one-9.xml").write_text(
         "<domstatus><domain type='kvm'><cputune><vcpupin vcpu='0' cpuset='4'/><vcpupin vcpu='1' cpuset='5-6'/>"
-        "<emulatorpin cpuset='7'/></cputune></domain></domstatus>")  # fmt: skip
+        "<emulatorpin cpuset='7'/></cputune></domain></domstatus>"
+    )
     (tmp_path / "other.xml").write_text("<domain type='kvm'><cputune><vcpupin vcpu='0' cpuset='1'/></cputune></domain>")
     (tmp_path / "broken.xml").write_text("<domain")
     holdings = list(DomainXmlHeld(tmp_path).holdings())
@@ -208,8 +221,10 @@ def test_deploy_hook_refuses_impossible_and_full(dgx_root: Path, tmp_path: Path)
     bad = load_domain("<domain type='kvm'><name>x</name><memory>lots</memory><vcpu>2</vcpu></domain>")
     with pytest.raises(DocumentError, match="not a memory size"):
         plugin.aifactory_domain_xml(inventory=inventory, request=DeployRequest(1, ()), domain=bad, config=config)
-    huge = load_domain("<domain type='kvm'><name>x</name><memory unit='GiB'>4096</memory><vcpu>2</vcpu>"
-                       "<memoryBacking><hugepages><page size='1' unit='GiB'/></hugepages></memoryBacking></domain>")  # fmt: skip
+    huge = load_domain(
+        "<domain type='kvm'><name>x</name><memory unit='GiB'>4096</memory><vcpu>2</vcpu>"
+        "<memoryBacking><hugepages><page size='1' unit='GiB'/></hugepages></memoryBacking></domain>"
+    )
     with pytest.raises(HostError, match="hugepage"):
         plugin.aifactory_domain_xml(inventory=inventory, request=DeployRequest(1, ()), domain=huge, config=config)
     assert not (tmp_path / "state").exists()  # nothing recorded for refused VMs

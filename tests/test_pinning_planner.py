@@ -8,11 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from aifactory_core.host.inventory import HostInventory
-from aifactory_core.hostroot import HostRoot
 from aifactory_plugins.cpu_pinning.pcie import pair_gpus_with_nics, same_switch
 from aifactory_plugins.cpu_pinning.planner import (
     HostUsage,
@@ -26,6 +21,11 @@ from aifactory_plugins.cpu_pinning.planner import (
 )
 from aifactory_plugins.cpu_pinning.topology import HostTopology
 from hostroots import dgx_root, h100_root  # noqa: F401
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aifactory_core.host.inventory import HostInventory
+from aifactory_core.hostroot import HostRoot
 
 GIB = 1 << 20  # in KiB
 
@@ -42,8 +42,10 @@ def _devices(inventory: HostInventory, class_code: int) -> list[str]:
 
 def _gpu_vms(inventory: HostInventory, **extra: object) -> list[VmSpec]:
     gpus, nics = _devices(inventory, 0x030200), _devices(inventory, 0x020700)
-    return [VmSpec(index, 16, 64 * GIB, GIB, gpus=(gpu,), nics=(nic,), **extra)  # type: ignore[arg-type]
-            for index, (gpu, nic) in enumerate(zip(gpus, nics, strict=True))]
+    return [
+        VmSpec(index, 16, 64 * GIB, GIB, gpus=(gpu,), nics=(nic,), **extra)  # type: ignore[arg-type]
+        for index, (gpu, nic) in enumerate(zip(gpus, nics, strict=True))
+    ]
 
 
 def _check_no_double_booking(results: list[Placement | Unplaced]) -> None:
@@ -205,7 +207,9 @@ def _vm_mix(draw: st.DrawFn, gpus: list[str], nics: list[str]) -> list[VmSpec]:
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_property_no_double_booking_and_local_when_possible(dgx: tuple[HostInventory, HostTopology], data: st.DataObject) -> None:
+def test_property_no_double_booking_and_local_when_possible(
+    dgx: tuple[HostInventory, HostTopology], data: st.DataObject
+) -> None:
     inventory, topology = dgx
     specs = data.draw(_vm_mix(_devices(inventory, 0x030200), _devices(inventory, 0x020700)))
     usage = HostUsage()

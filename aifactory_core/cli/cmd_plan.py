@@ -42,8 +42,10 @@ def _read(path: str, what: str) -> bytes:
 def _render(placement: Any) -> str:
     from aifactory_core.cpulist import format_cpulist
 
-    lines = [f"VM {placement.vm_id}: {'device-local' if placement.local else 'NOT device-local'}, "
-             f"memory nodes {format_cpulist(placement.memory_nodes)}, emulator on {format_cpulist(placement.emulator_cpus)}"]  # fmt: skip
+    lines = [
+        f"VM {placement.vm_id}: {'device-local' if placement.local else 'NOT device-local'}, "
+        f"memory nodes {format_cpulist(placement.memory_nodes)}, emulator on {format_cpulist(placement.emulator_cpus)}"
+    ]
     for cell in placement.cells:
         pins = " ".join(f"{vcpu}>{format_cpulist(cpus)}" for vcpu, cpus in zip(cell.vcpus, cell.pcpus, strict=True))
         lines.append(f"  guest cell {cell.cell_id} on host node {cell.host_node}, {cell.memory_kib} KiB: {pins}")
@@ -56,9 +58,6 @@ def _render(placement: Any) -> str:
 
 
 def run(args: argparse.Namespace, context: Any) -> int:
-    from aifactory_core.domain import dump_domain, load_domain, pci_hostdevs
-    from aifactory_core.host.inventory import HostInventory
-    from aifactory_core.one.payload import parse_vm_payload
     from aifactory_plugins.cpu_pinning.domain_rewrite import minimal_domain, rewrite_domain
     from aifactory_plugins.cpu_pinning.held import DomainXmlHeld, HeldCpus, StateFileHeld, usage_of
     from aifactory_plugins.cpu_pinning.planner import PlanInputError, Unplaced, plan
@@ -66,8 +65,16 @@ def run(args: argparse.Namespace, context: Any) -> int:
     from aifactory_plugins.cpu_pinning.spec import spec_from_request
     from aifactory_plugins.cpu_pinning.topology import HostTopology
 
+    from aifactory_core.domain import dump_domain, load_domain, pci_hostdevs
+    from aifactory_core.host.inventory import HostInventory
+    from aifactory_core.one.payload import parse_vm_payload
+
     request = parse_vm_payload(_read(args.vm, "--vm"), f"VM document {args.vm}")
-    domain = load_domain(_read(args.deployment, "--deployment"), f"deployment file {args.deployment}") if args.deployment else None
+    domain = (
+        load_domain(_read(args.deployment, "--deployment"), f"deployment file {args.deployment}")
+        if args.deployment
+        else None
+    )
     policies = policies_from(context.config.plugin(NAME))
     inventory = HostInventory(context.host)
     topology = HostTopology.from_inventory(inventory, context.config.host.reserved_cpus)
@@ -78,7 +85,9 @@ def run(args: argparse.Namespace, context: Any) -> int:
 
         from aifactory_plugins.cpu_pinning.spec import spec_from_domain
 
-        devices = spec_from_domain(domain, request.vm_id, [ref.address for _, ref in pci_hostdevs(domain)], classes, policies)
+        devices = spec_from_domain(
+            domain, request.vm_id, [ref.address for _, ref in pci_hostdevs(domain)], classes, policies
+        )
         spec = replace(spec, gpus=devices.gpus, nics=devices.nics)
     if args.held:
         if not Path(args.held).is_dir():

@@ -32,15 +32,15 @@ def domain_name(libvirt_conn: Virsh) -> Iterator[str]:
 
 
 def test_planned_domain_runs_where_the_plan_says(libvirt_conn: Virsh, e1000e_on_vfio: str, domain_name: str) -> None:
+    from aifactory_plugins.cpu_pinning.domain_rewrite import minimal_domain
+    from aifactory_plugins.cpu_pinning.planner import HostUsage, Placement, VmSpec, plan
+    from aifactory_plugins.cpu_pinning.topology import HostTopology
     from lxml import etree
 
     from aifactory_core.cpulist import format_cpulist
     from aifactory_core.domain import dump_domain
     from aifactory_core.host.inventory import HostInventory
     from aifactory_core.hostroot import HostRoot
-    from aifactory_plugins.cpu_pinning.domain_rewrite import minimal_domain
-    from aifactory_plugins.cpu_pinning.planner import HostUsage, Placement, VmSpec, plan
-    from aifactory_plugins.cpu_pinning.topology import HostTopology
 
     inventory = HostInventory(HostRoot(Path("/")))
     topology = HostTopology.from_inventory(inventory)

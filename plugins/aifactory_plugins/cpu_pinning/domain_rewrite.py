@@ -75,7 +75,9 @@ def _set_cputune(domain: etree._Element, placement: Placement) -> None:
     iothreads = (domain.findtext("iothreads") or "").strip()
     if iothreads.isdigit():
         for thread in range(1, int(iothreads) + 1):
-            etree.SubElement(cputune, "iothreadpin", iothread=str(thread), cpuset=format_cpulist(placement.emulator_cpus))
+            etree.SubElement(
+                cputune, "iothreadpin", iothread=str(thread), cpuset=format_cpulist(placement.emulator_cpus)
+            )
 
 
 def _set_numatune(domain: etree._Element, placement: Placement) -> None:
@@ -137,7 +139,11 @@ def _set_hugepages(domain: etree._Element, placement: Placement) -> None:
     hugepages = etree.Element("hugepages")
     backing.insert(0, hugepages)
     etree.SubElement(
-        hugepages, "page", size=str(placement.hugepage_kib), unit="KiB", nodeset=format_cpulist(c.cell_id for c in placement.cells)
+        hugepages,
+        "page",
+        size=str(placement.hugepage_kib),
+        unit="KiB",
+        nodeset=format_cpulist(c.cell_id for c in placement.cells),
     )
 
 
@@ -210,7 +216,9 @@ def _next_bus_nr(controllers: dict[int, etree._Element]) -> int:
                 used.append(value)
     candidate = max(used, default=0x20) + 0x20 if used else 0x40
     if candidate > 0xE0:
-        candidate = next(value for value in range(0xF0, 0x10, -0x08) if all(abs(value - other) >= 0x08 for other in used))
+        candidate = next(
+            value for value in range(0xF0, 0x10, -0x08) if all(abs(value - other) >= 0x08 for other in used)
+        )
     return candidate
 
 
@@ -241,7 +249,15 @@ def _add_root_port(devices: etree._Element, controllers: dict[int, etree._Elemen
     slot = next(value for value in range(32) if all((value, function) not in used for function in range(8)))
     index = max(controllers) + 1
     controller = etree.SubElement(devices, "controller", type="pci", index=str(index), model="pcie-root-port")
-    etree.SubElement(controller, "address", type="pci", domain="0x0000", bus=f"0x{expander_index:02x}", slot=f"0x{slot:02x}", function="0x0")
+    etree.SubElement(
+        controller,
+        "address",
+        type="pci",
+        domain="0x0000",
+        bus=f"0x{expander_index:02x}",
+        slot=f"0x{slot:02x}",
+        function="0x0",
+    )
     controllers[index] = controller
     return index
 
@@ -281,13 +297,19 @@ def _place_devices(domain: etree._Element, placement: Placement) -> list[str]:
                 continue
             element.remove(address)
         expander_index = next(
-            (index for index, c in sorted(controllers.items()) if c.get("model") == "pcie-expander-bus" and _expander_node(c) == cell),
+            (
+                index
+                for index, c in sorted(controllers.items())
+                if c.get("model") == "pcie-expander-bus" and _expander_node(c) == cell
+            ),
             None,
         )
         if expander_index is None:
             expander_index = _add_expander(devices, controllers, cell)
         port = _add_root_port(devices, controllers, expander_index)
-        etree.SubElement(element, "address", type="pci", domain="0x0000", bus=f"0x{port:02x}", slot="0x00", function="0x0")
+        etree.SubElement(
+            element, "address", type="pci", domain="0x0000", bus=f"0x{port:02x}", slot="0x00", function="0x0"
+        )
     return notes
 
 
@@ -322,6 +344,8 @@ def minimal_domain(placement: Placement, name: str) -> etree._Element:
         source = etree.SubElement(hostdev, "source")
         domain_part, bus, rest = address.split(":")
         slot, function = rest.split(".")
-        etree.SubElement(source, "address", domain=f"0x{domain_part}", bus=f"0x{bus}", slot=f"0x{slot}", function=f"0x{function}")
+        etree.SubElement(
+            source, "address", domain=f"0x{domain_part}", bus=f"0x{bus}", slot=f"0x{slot}", function=f"0x{function}"
+        )
     rewrite_domain(domain, placement)
     return domain

@@ -41,7 +41,7 @@ def pair_gpus_with_nics(
     free = sorted(nics)
     pairs: list[tuple[str, str]] = []
     for gpu in sorted(gpus):
-        ranked = sorted(((-shared_depth(gpu, nic, parents), nic) for nic in free if same_switch(gpu, nic, parents)))
+        ranked = sorted((-shared_depth(gpu, nic, parents), nic) for nic in free if same_switch(gpu, nic, parents))
         if ranked:
             nic = ranked[0][1]
             free.remove(nic)

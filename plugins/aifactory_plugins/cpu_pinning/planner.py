@@ -178,7 +178,9 @@ class _Packed:
     emulator: frozenset[int]
 
 
-def _free_cores(node: HostNode, unavailable: frozenset[int], allowed: frozenset[int] | None) -> list[tuple[tuple[int, ...], bool]]:
+def _free_cores(
+    node: HostNode, unavailable: frozenset[int], allowed: frozenset[int] | None
+) -> list[tuple[tuple[int, ...], bool]]:
     """Each core's free threads, and whether the whole core is free."""
     result = []
     for core in node.cores:
@@ -188,7 +190,9 @@ def _free_cores(node: HostNode, unavailable: frozenset[int], allowed: frozenset[
     return result
 
 
-def capacity(node: HostNode, unavailable: frozenset[int], policy: ThreadPolicy, allowed: frozenset[int] | None = None) -> int:
+def capacity(
+    node: HostNode, unavailable: frozenset[int], policy: ThreadPolicy, allowed: frozenset[int] | None = None
+) -> int:
     """How many vCPUs this node can still take under ``policy``."""
     cores = _free_cores(node, unavailable, allowed)
     if policy == "isolate":
@@ -299,7 +303,9 @@ def _device_nodes(topology: HostTopology, spec: VmSpec) -> dict[str, int | None]
     return {address: topology.node_of_device(address) for address in spec.devices}
 
 
-def _candidate_single_nodes(topology: HostTopology, usage: HostUsage, wanted: set[int], policy: ThreadPolicy) -> list[int]:
+def _candidate_single_nodes(
+    topology: HostTopology, usage: HostUsage, wanted: set[int], policy: ThreadPolicy
+) -> list[int]:
     """Single nodes to try: the device node first, then by distance to it, then by free CPUs."""
 
     def key(node: HostNode) -> tuple[int, int, int, int]:
@@ -315,7 +321,9 @@ def _single(topology: HostTopology, usage: HostUsage, spec: VmSpec, node_id: int
     packed = pack(node, usage.cpus, spec.vcpus, spec.thread_policy, spec.emulator_policy == "isolate")
     if packed is None or not _memory_fits(topology, usage, node_id, spec.memory_kib, spec.hugepage_kib):
         return None
-    cell = CellPlacement(0, node_id, tuple(range(spec.vcpus)), tuple(frozenset({cpu}) for cpu in packed.pcpus), spec.memory_kib)
+    cell = CellPlacement(
+        0, node_id, tuple(range(spec.vcpus)), tuple(frozenset({cpu}) for cpu in packed.pcpus), spec.memory_kib
+    )
     return _finish(topology, spec, (cell,), packed.emulator, packed.held)
 
 
@@ -414,7 +422,9 @@ def _within_oned(topology: HostTopology, usage: HostUsage, spec: VmSpec, conflic
     """Refine oned's allocation: its CPUs and memory nodes stay; the vCPU map follows our policy."""
     oned_nodes = {cell.memory_node for cell in spec.oned_cells}
     device_nodes = _device_nodes(topology, spec)
-    foreign = sorted(f"{address}@{node}" for address, node in device_nodes.items() if node is not None and node not in oned_nodes)
+    foreign = sorted(
+        f"{address}@{node}" for address, node in device_nodes.items() if node is not None and node not in oned_nodes
+    )
     conflict = None
     notes: list[str] = []
     if foreign:
@@ -447,12 +457,16 @@ def _within_oned(topology: HostTopology, usage: HostUsage, spec: VmSpec, conflic
         next_vcpu += count
         held |= cell.cpus
         if spec.shared_cpus:
-            cells.append(CellPlacement(index, cell.memory_node, vcpus, tuple(cell.cpus for _ in vcpus), memory[index] or 0))
+            cells.append(
+                CellPlacement(index, cell.memory_node, vcpus, tuple(cell.cpus for _ in vcpus), memory[index] or 0)
+            )
             continue
         node = topology.node(cell.memory_node) if cell.memory_node in topology.node_ids else None
         allowed = cell.cpus
         packed = None
-        host_node = node if node is not None else HostNode(cell.memory_node, tuple((cpu,) for cpu in sorted(allowed)), 0, {})
+        host_node = (
+            node if node is not None else HostNode(cell.memory_node, tuple((cpu,) for cpu in sorted(allowed)), 0, {})
+        )
         policies: list[ThreadPolicy] = [spec.thread_policy, "prefer"]
         for policy in policies:
             wants_emulator = spec.emulator_policy == "isolate" and index == 0
@@ -469,7 +483,11 @@ def _within_oned(topology: HostTopology, usage: HostUsage, spec: VmSpec, conflic
             return Unplaced(spec.vm_id, f"VM {spec.vm_id}: oned's cell {index} has too few CPUs for {count} vCPUs")
         if index == 0 and packed.emulator:
             emulator = packed.emulator
-        cells.append(CellPlacement(index, cell.memory_node, vcpus, tuple(frozenset({cpu}) for cpu in packed.pcpus), memory[index] or 0))
+        cells.append(
+            CellPlacement(
+                index, cell.memory_node, vcpus, tuple(frozenset({cpu}) for cpu in packed.pcpus), memory[index] or 0
+            )
+        )
     return _finish(topology, spec, tuple(cells), emulator, frozenset(held), tuple(notes), conflict)
 
 

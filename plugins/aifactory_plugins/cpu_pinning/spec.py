@@ -27,8 +27,21 @@ if TYPE_CHECKING:
 
 THREAD_ATTRIBUTE = "AIFACTORY_THREAD_POLICY"
 EMULATOR_ATTRIBUTE = "AIFACTORY_EMULATOR_POLICY"
-_UNITS = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024, "mib": 1024,
-          "mb": 1000**2 / 1024, "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024, "t": 1024**3, "tib": 1024**3}  # fmt: skip
+_UNITS = {
+    "b": 1 / 1024,
+    "bytes": 1 / 1024,
+    "k": 1,
+    "kib": 1,
+    "kb": 1000 / 1024,
+    "m": 1024,
+    "mib": 1024,
+    "mb": 1000**2 / 1024,
+    "g": 1024**2,
+    "gib": 1024**2,
+    "gb": 1000**3 / 1024,
+    "t": 1024**3,
+    "tib": 1024**3,
+}
 
 
 @dataclass(frozen=True)
@@ -49,7 +62,9 @@ def _policy(value: str | None, allowed: tuple[str, ...], default: str, what: str
     return value
 
 
-def _split_devices(addresses: list[str], inventory_classes: Mapping[str, int]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _split_devices(
+    addresses: list[str], inventory_classes: Mapping[str, int]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     gpus = tuple(sorted(a for a in addresses if inventory_classes.get(a, 0) >> 16 != PCI_CLASS_NETWORK))
     nics = tuple(sorted(a for a in addresses if inventory_classes.get(a, 0) >> 16 == PCI_CLASS_NETWORK))
     return gpus, nics
@@ -67,7 +82,9 @@ def spec_from_request(request: VmRequest, classes: Mapping[str, int], policies: 
         raise DocumentError(f"VM {request.vm_id}: TEMPLATE/MEMORY is missing")
     page_mib = (topology.hugepage_size if topology else None) or request.hugepage_size
     thread = _policy(request.user_template.get(THREAD_ATTRIBUTE), THREAD_POLICIES, policies.thread, THREAD_ATTRIBUTE)
-    emulator = _policy(request.user_template.get(EMULATOR_ATTRIBUTE), EMULATOR_POLICIES, policies.emulator, EMULATOR_ATTRIBUTE)
+    emulator = _policy(
+        request.user_template.get(EMULATOR_ATTRIBUTE), EMULATOR_POLICIES, policies.emulator, EMULATOR_ATTRIBUTE
+    )
     cells: tuple[OnedCell, ...] = ()
     shared = False
     if topology is not None and topology.pinned and request.numa_nodes:
@@ -133,7 +150,10 @@ def oned_cells_from_domain(domain: etree._Element, vcpus: int) -> tuple[tuple[On
         nodes = _cpuset(memnode.get("nodeset"), "memnode nodeset")
         if memnode.get("cellid", "").isdigit() and len(nodes) == 1:
             memnodes[int(memnode.get("cellid", ""))] = min(nodes)
-    default_nodes = _cpuset(domain.find("numatune/memory").get("nodeset") if domain.find("numatune/memory") is not None else None, "numatune nodeset")
+    default_nodes = _cpuset(
+        domain.find("numatune/memory").get("nodeset") if domain.find("numatune/memory") is not None else None,
+        "numatune nodeset",
+    )
     cells_xml = domain.findall("cpu/numa/cell")
     groups: list[tuple[frozenset[int], int | None, int | None]] = []
     if cells_xml:
