@@ -1,0 +1,107 @@
+"""From a VM's PCI NIC to the VF settings it gets: the template asks, the tenant grant decides.
+
+Template attributes read from a ``PCI = [ TYPE = "NIC", ... ]`` element (besides the ``MAC`` and
+``VLAN_ID`` oned fills in from the network): ``SPOOFCHK`` / ``TRUST`` (``YES``/``NO``),
+``VF_QOS`` (0-7), ``VF_MIN_TX_RATE`` / ``VF_MAX_TX_RATE`` (Mb/s), ``VF_LINK_STATE``
+(``auto``/``enable``/``disable``). Turning spoof-check off, trust on, or leaving the VF
+untagged needs the tenant's grant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from aifactory_core.errors import HostError, PolicyRefused, UsageError
+from aifactory_core.host import netlink_vf
+from aifactory_core.host.sysfs import link_name, list_dir, read_int
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.validate import pci_address
+from aifactory_core.vnm.grant import TenantNetworkGrant
+
+if TYPE_CHECKING:
+    from aifactory_core.one.vm import PciRequest
+
+ARPHRD_INFINIBAND = 32
+
+
+@dataclass(frozen=True)
+class VfLocation:
+    """Where a VF's PCI function sits: its PF's netdev, its index in the pool, its NUMA node."""
+
+    vf_address: str
+    pf_address: str
+    pf_netdev: str
+    vf: int
+    numa_node: int | None
+    infiniband: bool
+
+
+def locate_vf(host: HostRoot, vf_address: str) -> VfLocation:
+    address = pci_address(vf_address)
+    pf = link_name(host.pci_devices / address / "physfn")
+    if pf is None:
+        raise HostError(f"{address} is not a VF (no physfn)")
+    pf_dir = host.pci_devices / pci_address(pf)
+    index = next((int(name[6:]) for name in list_dir(pf_dir) if name.startswith("virtfn")
+                  and link_name(pf_dir / name) == address), None)
+    if index is None:
+        raise HostError(f"{address} is not among the VFs of {pf}")
+    netdevs = list_dir(pf_dir / "net")
+    if not netdevs:
+        raise HostError(f"PF {pf} of {address} has no netdev")
+    numa = read_int(host.pci_devices / address / "numa_node")
+    link_type = read_int(pf_dir / "net" / netdevs[0] / "type")
+    return VfLocation(address, pci_address(pf), netdevs[0], index, None if numa is None or numa < 0 else numa,
+                      link_type == ARPHRD_INFINIBAND)
+
+
+def _flag(attributes: dict[str, str], name: str, default: bool) -> bool:
+    raw = attributes.get(name)
+    if raw is None:
+        return default
+    text = raw.strip().upper()
+    if text in ("YES", "ON", "TRUE", "1"):
+        return True
+    if text in ("NO", "OFF", "FALSE", "0"):
+        return False
+    raise UsageError(f"{name} = {raw[:20]!r}: expected YES or NO")
+
+
+def vf_settings(pci: PciRequest, grant: TenantNetworkGrant, *, node_guid: str | None = None,
+                port_guid: str | None = None) -> netlink_vf.VfSettings:
+    """The validated settings for a PCI NIC's VF; refuses what the tenant's grant does not cover."""
+    attributes = dict(pci.attributes)
+    if pci.mac is None:
+        raise UsageError(f"PCI NIC {pci.nic_id}: no MAC (oned assigns one from the network)")
+    spoofchk = _flag(attributes, "SPOOFCHK", True)
+    trust = _flag(attributes, "TRUST", False)
+    if not spoofchk and not grant.allow_spoofchk_off:
+        raise PolicyRefused(f"tenant {grant.tenant} may not turn spoof-check off")
+    if trust and not grant.allow_trust:
+        raise PolicyRefused(f"tenant {grant.tenant} may not have trusted VFs")
+    infiniband = node_guid is not None or port_guid is not None
+    vlan = 0 if infiniband else (pci.vlan_id or 0)
+    wanted = netlink_vf.settings(
+        mac=pci.mac, vlan=vlan, qos=attributes.get("VF_QOS", 0), spoofchk=spoofchk, trust=trust,
+        min_tx_rate=attributes.get("VF_MIN_TX_RATE", 0), max_tx_rate=attributes.get("VF_MAX_TX_RATE", 0),
+        link_state=attributes.get("VF_LINK_STATE", "auto").strip().lower(),
+        node_guid=node_guid, port_guid=port_guid,
+    )
+    if not infiniband:
+        grant.check_vlan(wanted.vlan)
+    return wanted
+
+
+def network_nics(pcis: tuple[PciRequest, ...]) -> list[PciRequest]:
+    """The PCI NICs OpenNebula allocated a host function for (in template order)."""
+    return [pci for pci in pcis if pci.is_nic and pci.address is not None]
+
+
+def choose_free_vf(candidates: list[VfLocation], busy: set[str], gpu_nodes: set[int]) -> VfLocation:
+    """A free VF, on the NUMA node of the VM's GPUs first, then any; lowest PF/VF for stability."""
+    free = [vf for vf in candidates if vf.vf_address not in busy]
+    if not free:
+        raise HostError("no free VF in the pool")
+    free.sort(key=lambda vf: (vf.numa_node not in gpu_nodes, vf.pf_address, vf.vf))
+    return free[0]
