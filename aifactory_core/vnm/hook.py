@@ -15,6 +15,7 @@ same VM but start and end at different moments.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aifactory_core.errors import AifactoryError, ConfigError, PolicyRefused
@@ -47,29 +48,44 @@ def read_request(stdin: bytes) -> VmRequest:
 DEFAULT_DATASTORES = "/var/lib/one/datastores"
 
 
-def with_owner(host: HostRoot, config: Config, request: VmRequest) -> VmRequest:
-    """The request with its owner filled in.
+def owner_source(host: HostRoot, config: Config, vm: int) -> Path | None:
+    """The newest local document naming the VM's owner: ``vm.xml`` (the full ``<VM>`` OpenNebula
+    writes to the VM directory right after ``pre``), else the newest ``deployment.N``."""
+    base = str(config.plugin("sriov").get("datastores", DEFAULT_DATASTORES))
+    root = host.path(base if base.startswith("/") else "/" + base)
+    documents = sorted(root.glob(f"*/{vm}/vm.xml"))
+    if documents:
+        return documents[-1]
+    files = sorted(root.glob(f"*/{vm}/deployment.*"),
+                   key=lambda path: int(path.suffix[1:]) if path.suffix[1:].isdigit() else -1)
+    return files[-1] if files else None
 
-    The reduced document OpenNebula gives VNM drivers carries no owner, so the owner comes from
-    the ``<one:vm>`` metadata of the VM's newest deployment file in the system datastore
-    (``[plugin.sriov] datastores``, default ``/var/lib/one/datastores``); without one, the VM's
-    networks cannot be granted.
+
+def with_owner(host: HostRoot, config: Config, request: VmRequest) -> VmRequest | None:
+    """The request with its owner filled in, or ``None`` while no local document names the owner.
+
+    The reduced document OpenNebula gives VNM drivers carries no owner; on a first deploy the
+    VM directory is written only after ``pre``, so the owner is known from ``post`` on.
     """
     from dataclasses import replace
 
     from aifactory_core.domain import load_domain, one_metadata
+    from aifactory_core.one.vm import parse_vm
 
     if request.uid is not None or request.gid is not None:
         return request
-    base = str(config.plugin("sriov").get("datastores", DEFAULT_DATASTORES))
-    root = host.path(base if base.startswith("/") else "/" + base)
-    files = sorted(root.glob(f"*/{request.vm_id}/deployment.*"),
-                   key=lambda path: int(path.suffix[1:]) if path.suffix[1:].isdigit() else -1)
-    if not files:
-        raise PolicyRefused(f"VM {request.vm_id}: owner unknown (no deployment file under {base}/*/{request.vm_id})")
-    metadata = one_metadata(load_domain(files[-1].read_bytes(), str(files[-1])))
+    source = owner_source(host, config, request.vm_id)
+    if source is None:
+        return None
+    data = source.read_bytes()
+    if source.name == "vm.xml":
+        full = parse_vm(data, str(source))
+        if full.vm_id != request.vm_id:
+            raise PolicyRefused(f"{source} describes VM {full.vm_id}, not {request.vm_id}")
+        return replace(request, uid=full.uid, gid=full.gid, uname=full.uname, gname=full.gname)
+    metadata = one_metadata(load_domain(data, str(source)))
     if metadata is None or (metadata.uid is None and metadata.gid is None):
-        raise PolicyRefused(f"VM {request.vm_id}: {files[-1]} has no <one:vm> owner")
+        raise PolicyRefused(f"VM {request.vm_id}: {source} has no <one:vm> owner")
     return replace(request, uid=metadata.uid, gid=metadata.gid, uname=metadata.uname, gname=metadata.gname)
 
 
@@ -105,21 +121,25 @@ def plan(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetwor
     return actions
 
 
-def pre(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetworkGrant | None = None) -> int:
+def pre(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetworkGrant | None = None) -> int | None:
+    """Make the VM's network actions; ``None`` when the owner is not known yet (``post`` will)."""
     from aifactory_core.lifecycle.executor import prepare
     from aifactory_core.vnm import vf  # noqa: F401  (registers the vf_config executor)
 
     if grant is None:
-        request = with_owner(host, config, request)
-        grant = tenant_grant(config, request)
+        owned = with_owner(host, config, request)
+        if owned is None:
+            return None
+        request, grant = owned, tenant_grant(config, owned)
     actions = plan(host, config, request, grant)
     if actions:
         prepare(vnm_host(host), request.vm_id, actions)
     return len(actions)
 
 
-def post(host: HostRoot, request: VmRequest) -> int:
-    """Make every journaled VF setting again (over OpenNebula's own ``activate_vf``)."""
+def post(host: HostRoot, config: Config, request: VmRequest) -> int:
+    """Make every journaled VF setting again (over OpenNebula's own ``activate_vf``); when ``pre``
+    had to defer (owner unknown then), plan and make everything now."""
     from aifactory_core.host.pcibind import SysfsWriter
     from aifactory_core.lifecycle.executor import EXECUTORS
     from aifactory_core.lifecycle.journal import Journal
@@ -127,7 +147,10 @@ def post(host: HostRoot, request: VmRequest) -> int:
 
     journal = Journal.load(vnm_host(host), request.vm_id)
     if journal is None:
-        return 0
+        made = pre(host, config, request)
+        if made is None:
+            raise PolicyRefused(f"VM {request.vm_id}: owner unknown (no vm.xml or deployment file)")
+        return made
     steps = [step for step in journal.steps if step.action.kind == vf.KIND and step.status == "done"]
     for step in steps:
         EXECUTORS[vf.KIND].do(vnm_host(host), step.action, SysfsWriter())
@@ -146,9 +169,12 @@ def run(phase: str, stdin: bytes, host: HostRoot, config: Config) -> str:
         raise ConfigError(f"unknown VNM phase {phase!r}: expected pre, post or clean")
     request = read_request(stdin)
     if phase == "pre":
-        return f"VM {request.vm_id}: {pre(host, config, request)} network action(s) made"
+        made = pre(host, config, request)
+        if made is None:
+            return f"VM {request.vm_id}: owner not known before the VM directory exists; configured at post"
+        return f"VM {request.vm_id}: {made} network action(s) made"
     if phase == "post":
-        return f"VM {request.vm_id}: {post(host, request)} VF(s) re-applied"
+        return f"VM {request.vm_id}: {post(host, config, request)} network action(s) made or re-applied"
     return f"VM {request.vm_id}: network released" if clean(host, request) else f"VM {request.vm_id}: nothing held"
 
 
