@@ -228,3 +228,34 @@ def test_property_no_double_booking_and_local_when_possible(
         results.append(result)
     _check_no_double_booking(results)
     assert plan_many(topology, specs)[0] == results  # deterministic
+
+
+@pytest.fixture
+def small_root(tmp_path: Path) -> Path:
+    from hostroots import generate_host
+
+    return generate_host("two-node-small", tmp_path / "small")
+
+
+def test_numa_node_minus_one_on_two_nodes_uses_local_cpulist(small_root: Path) -> None:
+    gpu = "0000:83:00.0"  # the H100 behind the switch on node 1
+    (small_root / "sys" / "bus" / "pci" / "devices" / gpu / "numa_node").resolve().write_text("-1\n")
+    inventory = HostInventory(HostRoot(small_root))
+    assert inventory.pci[gpu].numa_node is None
+    topology = HostTopology.from_inventory(inventory, frozenset({0}))
+    assert topology.node_of_device(gpu) == 1
+    result = plan(topology, HostUsage(), VmSpec(1, 2, GIB, GIB, gpus=(gpu,)))
+    assert isinstance(result, Placement) and result.local and result.memory_nodes == (1,)
+
+
+def test_isolcpus_leave_the_rest_to_the_host_and_remote_placement_is_explained(small_root: Path) -> None:
+    inventory = HostInventory(HostRoot(small_root))
+    assert inventory.cpu.isolated == {2, 3, 10, 11}
+    topology = HostTopology.from_inventory(inventory)
+    assert topology.node(0).cpus == {2, 3, 10, 11} and topology.node(1).cpus == frozenset()
+    result = plan(topology, HostUsage(), VmSpec(1, 2, GIB, gpus=("0000:83:00.0",)))
+    assert isinstance(result, Placement) and not result.local and result.all_vcpu_cpus <= {2, 3, 10, 11}
+    assert any("not device-local" in note for note in result.notes)
+    assert result.emulator_cpus == topology.reserved  # share: the host's CPUs
+    configured = HostTopology.from_inventory(inventory, frozenset({0, 8}))
+    assert configured.reserved == {0, 8} and 2 in configured.node(0).cpus and 4 in configured.node(1).cpus
