@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from aifactory_plugins.policy import admit_domain
 
 from aifactory_core.config import parse_config
 from aifactory_core.domain import load_domain
@@ -15,7 +16,6 @@ from aifactory_core.host.inventory import HostInventory
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.one.vm import parse_vm
 from aifactory_core.policy.schema import parse_policy
-from aifactory_plugins.policy import admit_domain
 
 SAMPLES = Path(__file__).parent / "fixtures" / "opennebula" / "samples" / "synthesized"
 POLICY = """
@@ -119,8 +119,9 @@ def test_no_policy_file_and_not_required_admits(tmp_path: Path, h100_root: Path)
 @pytest.mark.parametrize("section", [{"colour": 1}, {"file": 3}, {"required": "yes"}, {"cluster_id": -1},
                                      {"on_refusal": "explode"}])  # fmt: skip
 def test_plugin_config_is_validated(section: dict) -> None:
-    from aifactory_core.errors import ConfigError
     from aifactory_plugins.policy import aifactory_configure
+
+    from aifactory_core.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"\[plugin.policy\]"):
         aifactory_configure(parse_config({}), "policy", section)
