@@ -1,0 +1,115 @@
+"""``python -m aifactory_core.install.main install|uninstall ...``: what install.sh drives.
+
+Files first (one journaled transaction), then the hooks through oned; if registering the hooks
+fails, the files are rolled back too, so a failed run leaves the target as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from aifactory_core.errors import EXIT_USAGE, AifactoryError, UsageError
+from aifactory_core.install import layout
+from aifactory_core.install.stage import InstallError, Transaction
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aifactory-install")
+    parser.add_argument("mode", choices=["install", "upgrade", "uninstall"])
+    parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2])
+    parser.add_argument("--destdir", default=os.environ.get("DESTDIR") or "/")
+    parser.add_argument("--prefix", default=layout.DEFAULT_PREFIX)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--no-hooks", action="store_true", help="do not register hooks with oned")
+    parser.add_argument("--endpoint", help="oned XML-RPC endpoint (default $ONE_XMLRPC or localhost:2633)")
+    parser.add_argument("--environment", action="append", default=[], help="a Python environment this run owns")
+    parser.add_argument("--created-dir", action="append", default=[], help="a directory install.sh created")
+    return parser
+
+
+def _oned(endpoint: str | None) -> Any:
+    from aifactory_core.policy.oned import Oned
+
+    return Oned(endpoint, timeout=15.0)
+
+
+def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
+    from aifactory_core.install import hookreg, manifest, stage
+
+    previous = stage.load_record(target)
+    if args.mode == "upgrade" and not previous:
+        raise UsageError(f"nothing to upgrade: no {target.path(layout.MANIFEST)} (run install.sh without --upgrade)")
+    recorded = {item["path"]: item for item in previous.get("files", [])}
+    entries = manifest.discover(args.source, args.prefix)
+    templates = manifest.hook_templates(args.source)
+    notes: list[str] = []
+    created = [d for d in previous.get("directories", [])]
+    for directory in args.created_dir:
+        if directory not in created:
+            created.append(directory)
+    files: list[dict[str, Any]] = []
+    for entry in entries:
+        item = stage.install_entry(tx, target, entry, recorded.get(entry.destination, {}), created, notes)
+        if item is not None:
+            files.append(item)
+    hooks: dict[str, int] = dict(previous.get("hooks", {}))
+    if not args.no_hooks and templates:
+        oned = _oned(args.endpoint)
+        hook_undo: list[Any] = []
+        try:
+            hooks = hookreg.register(oned, templates, args.dry_run, tx.tell, hook_undo)
+        finally:
+            for index, undo in enumerate(hook_undo):  # undone with the files if the run fails later
+                tx.undo.append((f"hook change {index}", undo))
+    environments = sorted(set(previous.get("environments", [])) | set(args.environment))
+    record = {"format": 1, "prefix": args.prefix, "files": files, "directories": created, "hooks": hooks,
+              "environments": environments}
+    stage.write_record(tx, target, record, previous)
+    return notes
+
+
+def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
+    from aifactory_core.install import hookreg, stage
+
+    record = stage.load_record(target)
+    if not record:
+        raise UsageError(f"nothing to uninstall: no {target.path(layout.MANIFEST)}")
+    notes: list[str] = []
+    stage.uninstall_files(tx, target, record, notes)
+    if not args.no_hooks and record.get("hooks"):
+        hookreg.unregister(_oned(args.endpoint), sorted(record["hooks"]), args.dry_run, tx.tell)
+    return notes
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    destdir = Path(args.destdir)
+    if not destdir.is_absolute() or not args.prefix.startswith("/"):
+        sys.stderr.write("aifactory-install: DESTDIR and --prefix must be absolute paths\n")
+        return EXIT_USAGE
+    target = layout.Layout(destdir, args.prefix)
+    tx = Transaction(dry_run=args.dry_run, out=sys.stdout)
+    try:
+        notes = uninstall(args, target, tx) if args.mode == "uninstall" else install(args, target, tx)
+    except (AifactoryError, OSError) as error:
+        failed = tx.rollback()
+        message = error.message if isinstance(error, AifactoryError) else str(error)
+        sys.stderr.write(f"install.sh: {message}\n")
+        sys.stderr.write("install.sh: rolled back: the target is as it was before this run\n" if not failed else
+                         "install.sh: could not undo: " + "; ".join(failed) + "\n")
+        return error.exit_status if isinstance(error, AifactoryError) and not isinstance(error, InstallError) else 1
+    tx.commit()
+    for note in notes:
+        sys.stdout.write(f"note: {note}\n")
+    if tx.changes == 0:
+        sys.stdout.write("nothing to change: the installation is up to date\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
