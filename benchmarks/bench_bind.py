@@ -82,7 +82,9 @@ def _in_guest() -> int:
             # nvme binds asynchronously: let every device settle (untimed) before the next way
             settled = all(_wait(lambda d=d: driver_of(d) == original[d]) for d in devices)
             now = {d: driver_of(d) for d in devices}
-            assert settled, f"{name} did not restore the drivers: {now} != {original}"
+            from aifactory_core.host.sanitize import quarantined
+
+            assert settled, f"{name} did not restore the drivers: {now} != {original}; {quarantined(host)}"
     base = statistics.median(times["driverctl"])
     print(f"bind+release of {len(devices)} devices, {ROUNDS} rounds, medians (QEMU/TCG guest):")
     for name, values in times.items():

@@ -63,3 +63,13 @@ def test_reset_falls_back_to_bus_reset(host: HostRoot) -> None:
     assert reset_and_check(host, GPU, writer) is None
     assert [(Path(w.path).name, w.value) for w in writer.writes] == [
         ("reset", "1"), ("reset_method", "bus"), ("reset", "1"), ("reset_method", "flr bus")]
+
+
+def test_link_is_judged_against_its_width_before_the_reset(host: HostRoot) -> None:
+    width = host.pci_devices / GPU / "current_link_width"
+    width.write_text("8\n")
+    assert health_problem(host, GPU, width_before=16) == "link trained at x8 after reset, x16 before"
+    assert health_problem(host, GPU, width_before=8) is None  # it was already at x8: not the reset's doing
+    width.write_text("0\n")
+    assert health_problem(host, GPU, width_before=16) == "link down after reset"
+    assert health_problem(host, GPU, width_before=0) is None  # no link of its own (integrated endpoint)

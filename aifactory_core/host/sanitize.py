@@ -65,8 +65,13 @@ def _reset(host: HostRoot, address: str, writer: Writer) -> None:
             writer.write(device / "reset_method", " ".join(methods), f"restore the reset methods of {address}")
 
 
-def health_problem(host: HostRoot, address: str) -> str | None:
-    """Why the function is not fit to hand over, or None."""
+def health_problem(host: HostRoot, address: str, width_before: int | None = None) -> str | None:
+    """Why the function is not fit to hand over, or None.
+
+    The link must train as wide as before the reset (``width_before``) and, when it trained at
+    full width then, still at full width; functions without a link of their own (VFs, root-complex
+    integrated endpoints reading width 0) are judged on their config space alone.
+    """
     device = host.pci_devices / address
     try:
         with open(device / "config", "rb") as handle:
@@ -80,10 +85,14 @@ def health_problem(host: HostRoot, address: str) -> str | None:
     if (device / "physfn").exists():
         return None  # a VF has no link of its own: the PF's link is checked with the PF
     current, maximum = read_int(device / "current_link_width"), read_int(device / "max_link_width")
-    if current is not None and maximum and 0 < current < maximum:
-        return f"link trained at x{current} of x{maximum}"
-    if current == 0 and maximum:
+    if current is None or not maximum:
+        return None
+    if width_before is not None and width_before > 0 and current == 0:
         return "link down after reset"
+    if width_before is not None and current < width_before:
+        return f"link trained at x{current} after reset, x{width_before} before"
+    if width_before is None and 0 < current < maximum:
+        return f"link trained at x{current} of x{maximum}"
     return None
 
 
@@ -91,11 +100,14 @@ def reset_and_check(host: HostRoot, address: str, writer: Writer | None = None) 
     """Reset ``address`` and return why it is unfit to hand over, or None (needs root)."""
     address = pci_address(address)
     writer = writer if writer is not None else SysfsWriter()
+    width_before = read_int(host.pci_devices / address / "current_link_width")
     try:
         _reset(host, address, writer)
     except HostError as error:
         return f"reset failed: {error.message}"
-    return None if isinstance(writer, RecordingWriter) else health_problem(host, address)
+    if isinstance(writer, RecordingWriter):
+        return None
+    return health_problem(host, address, width_before)
 
 
 def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str | None:
