@@ -10,8 +10,9 @@ emulator policies) planned one after the other until 8 VMs in a row do not fit.
 
 Times: ``plan()`` per VM (the topology is built once per host, as in one deploy process; its
 build time is printed separately). Locality: the share of placed VMs whose vCPUs, memory and
-devices are on one NUMA node. The baseline plans the same VMs device-blind, the way OpenNebula
-picks a node when it does not pin: the emptiest node that fits.
+devices are on one NUMA node (a VM given two GPUs on different nodes can never be local, so
+the share among VMs whose devices share a node is printed too). The baseline plans the same VMs
+device-blind, the way OpenNebula picks a node when it does not pin: the emptiest node that fits.
 """
 
 from __future__ import annotations
@@ -56,12 +57,12 @@ def _mix(rng: random.Random, gpus: list[str], nic_of: dict[str, str], length: in
     return specs
 
 
-def _fill(topology: object, specs: list[object], blind: bool) -> tuple[list[float], int, int]:
+def _fill(topology: object, specs: list[object], blind: bool) -> tuple[list[float], int, int, int]:
     from aifactory_plugins.cpu_pinning.planner import HostUsage, Placement, plan
 
     usage = HostUsage()
     times: list[float] = []
-    placed = local = misses = 0
+    placed = local = single = misses = 0
     for spec in specs:
         asked = replace(spec, gpus=(), nics=()) if blind else spec  # type: ignore[type-var]
         start = time.perf_counter_ns()
@@ -77,8 +78,10 @@ def _fill(topology: object, specs: list[object], blind: bool) -> tuple[list[floa
         placed += 1
         device_nodes = {topology.node_of_device(a) for a in spec.devices}  # type: ignore[attr-defined]
         nodes = {cell.host_node for cell in result.cells}
-        local += len(nodes) == 1 and {n for n in device_nodes if n is not None} <= nodes
-    return times, placed, local
+        known = {n for n in device_nodes if n is not None}
+        single += len(known) <= 1
+        local += len(nodes) == 1 and known <= nodes
+    return times, placed, local, single
 
 
 def main() -> int:
@@ -105,25 +108,27 @@ def main() -> int:
         nics = sorted(a for a, d in inventory.pci.items() if d.class_code == 0x020700 and not d.is_vf)
         nic_of = dict(pair_gpus_with_nics(gpus, nics, topology.device_parents))
         rng = random.Random(args.seed)
-        totals = {False: [[], 0, 0], True: [[], 0, 0]}  # type: ignore[var-annotated]
+        totals = {False: [[], 0, 0, 0], True: [[], 0, 0, 0]}  # type: ignore[var-annotated]
         for _ in range(args.mixes):
             specs = _mix(rng, gpus, nic_of)
             for blind in (False, True):
-                times, placed, local = _fill(topology, specs, blind)
+                times, placed, local, single = _fill(topology, specs, blind)
                 totals[blind][0].extend(times)
                 totals[blind][1] += placed
                 totals[blind][2] += local
+                totals[blind][3] += single
         print(
             f"\n{description}: {topology.cpu_count} CPUs, {len(topology.nodes)} nodes, {len(gpus)} GPUs, "
             f"{len(nic_of)} GPU/NIC pairs; host model + topology build {build_ms:.1f} ms (once per process)"
         )
         for blind, label in ((False, "cpu_pinning (device-aware)"), (True, "baseline (emptiest node, device-blind)")):
-            times, placed, local = totals[blind]
+            times, placed, local, single = totals[blind]
             ordered = sorted(times)
             p95 = ordered[int(len(ordered) * 0.95)]
             print(
                 f"  {label:40s} plan/VM median {statistics.median(times):.3f} ms  p95 {p95:.3f} ms  "
-                f"({len(times)} plans)  placed {placed}  locality {local / max(placed, 1):.1%}"
+                f"({len(times)} plans)  placed {placed}  locality {local / max(placed, 1):.1%} "
+                f"(of the {single} whose devices share a node: {local / max(single, 1):.1%})"
             )
     return 0
 
