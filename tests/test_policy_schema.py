@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aifactory_core.policy.decide import Usage, decide
 from aifactory_core.policy.schema import PolicyError, load_policy, parse_policy
@@ -100,3 +102,28 @@ def test_device_grant_clusters_must_be_the_tenants() -> None:
         'vendor = "10de"', 'vendor = "10de"\nclusters = [7]')
     with pytest.raises(PolicyError, match=r"policy.toml:13: tenant.a.devices\[0\].clusters: cluster 7 is not among"):
         parse_policy(text, "policy.toml")
+
+
+def _overlaps_brute_force(spans: dict[str, list[tuple[int, int]]]) -> bool:
+    flat = [(low, high, key) for key, items in spans.items() for low, high in items]
+    return any(a[2] != b[2] and a[0] <= b[1] and b[0] <= a[1] for a in flat for b in flat)
+
+
+_spans = st.dictionaries(st.sampled_from(["a", "b", "c", "d"]),
+                         st.lists(st.tuples(st.integers(0, 60), st.integers(0, 8)), min_size=1, max_size=3),
+                         min_size=1)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(_spans)
+def test_vlan_overlap_between_tenants_is_found_exactly(spans: dict[str, list[tuple[int, int]]]) -> None:
+    ranges = {key: [(low, low + width) for low, width in items] for key, items in spans.items()}
+    text = "".join(
+        f'[tenant.{key}]\ngroup = "g{key}"\nmax_gpus = 1\nvlans = {[f"{lo}-{hi}" for lo, hi in items]}\n'
+        for key, items in ranges.items()
+    ).replace("'", '"')
+    if _overlaps_brute_force(ranges):
+        with pytest.raises(PolicyError, match="overlaps tenant"):
+            parse_policy(text)
+    else:
+        parse_policy(text)

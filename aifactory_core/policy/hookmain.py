@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from aifactory_core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, AifactoryError
@@ -48,6 +47,8 @@ def admission(argv: Sequence[str]) -> str:
     from aifactory_core.policy.schema import load_policy
 
     event = read_event(_stdin(), argv[0] if argv else None)
+    if not event.call.success:
+        return f"{event.method} failed in oned; nothing to admit"
     settings = _settings()
     policy = load_policy(os.environ.get("AIFACTORY_POLICY") or str(settings.get("file", DEFAULT_POLICY)))
     on_refusal = settings.get("on_refusal", "hold")
@@ -59,6 +60,8 @@ def admission(argv: Sequence[str]) -> str:
 
 
 def accounting(argv: Sequence[str]) -> str:
+    from pathlib import Path
+
     from aifactory_core.one.payload import load_document, vm_element_of
     from aifactory_core.policy.accounting import Ledger, default_directory, vm_usage_from_element
 

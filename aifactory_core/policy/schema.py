@@ -174,12 +174,12 @@ class _Lines:
 
 class _Reader:
     def __init__(self, text: str, source: str) -> None:
-        self.lines = _Lines(text)
+        self.text = text
         self.source = source
 
     def fail(self, path: Sequence[str | int], message: str) -> PolicyError:
         dotted = ".".join(f"[{part}]" if isinstance(part, int) else part for part in path).replace(".[", "[")
-        line = self.lines.find(path)
+        line = _Lines(self.text).find(path)  # located only when there is an error to report
         where = f"{self.source}:{line}" if line else self.source
         return PolicyError(f"{where}: {dotted}: {message}")
 
@@ -339,15 +339,23 @@ def _check_disjoint(reader: _Reader, tenants: Mapping[str, Tenant]) -> None:
         spans = sorted(
             (low, high, key) for key, tenant in tenants.items() for low, high in getattr(tenant, attribute).ranges
         )
-        reach: dict[str, int] = {}  # per tenant: the highest id its ranges seen so far cover
+        # Sorted by start: a span overlaps another tenant's iff some other tenant's ranges seen so far
+        # reach its start. Keep the two highest reaches held by different tenants.
+        best: tuple[int, str] = (-1, "")
+        second: tuple[int, str] = (-1, "")
         for low, high, key in spans:
-            for other, other_high in reach.items():
-                if other != key and low <= other_high:
-                    raise reader.fail(
-                        ["tenant", key, attribute],
-                        f"{low}-{high} overlaps tenant {other!r} (up to {other_high}): fabric ids isolate tenants",
-                    )
-            reach[key] = max(reach.get(key, -1), high)
+            other_high, other = second if best[1] == key else best
+            if low <= other_high:
+                raise reader.fail(
+                    ["tenant", key, attribute],
+                    f"{low}-{high} overlaps tenant {other!r} (up to {other_high}): fabric ids isolate tenants",
+                )
+            if key == best[1]:
+                best = max(best, (high, key))
+            elif high > best[0]:
+                best, second = (high, key), best
+            elif high > second[0] or key == second[1]:
+                second = max(second, (high, key)) if key == second[1] else (high, key)
 
 
 def parse_policy(text: str, source: str = "policy") -> Policy:
