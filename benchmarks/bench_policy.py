@@ -103,10 +103,11 @@ def bench_decide() -> None:
     rng = random.Random(7)
     lines = []
     for index in range(1000):
+        vni, pkey = 100000 + index * 16, 0x100 + index * 8
         lines.append(f'[tenant.t{index}]\ngroup = "g{index}"\ngroup_id = {1000 + index}\nclusters = [100, 101]\n'
                      f"max_gpus = 8\nnetworks = [{index}, {index + 5000}]\n"
-                     f'vlans = ["{index * 4}-{index * 4 + 3}"]\nvnis = ["{100000 + index * 16}-{100000 + index * 16 + 15}"]\n'
-                     f'ib_pkeys = ["{hex(0x100 + index * 8)}-{hex(0x100 + index * 8 + 7)}"]\n'
+                     f'vlans = ["{index * 4}-{index * 4 + 3}"]\nvnis = ["{vni}-{vni + 15}"]\n'
+                     f'ib_pkeys = ["{hex(pkey)}-{hex(pkey + 7)}"]\n'
                      f'[[tenant.t{index}.devices]]\nname = "H100"\nvendor = "10de"\ndevice = "2330"\nclusters = [100]\n')  # fmt: skip
     text = "\n".join(lines)
     began = time.perf_counter()
