@@ -108,7 +108,8 @@ def bench_decide() -> None:
                      f"max_gpus = 8\nnetworks = [{index}, {index + 5000}]\n"
                      f'vlans = ["{index * 4}-{index * 4 + 3}"]\nvnis = ["{vni}-{vni + 15}"]\n'
                      f'ib_pkeys = ["{hex(pkey)}-{hex(pkey + 7)}"]\n'
-                     f'[[tenant.t{index}.devices]]\nname = "H100"\nvendor = "10de"\ndevice = "2330"\nclusters = [100]\n')  # fmt: skip
+                     f'[[tenant.t{index}.devices]]\nname = "H100"\nvendor = "10de"\ndevice = "2330"\n'
+                     "clusters = [100]\n")  # fmt: skip
     text = "\n".join(lines)
     began = time.perf_counter()
     policy = parse_policy(text, "bench.toml")
