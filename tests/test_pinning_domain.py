@@ -214,7 +214,7 @@ def test_deploy_hook_rewrites_and_records(dgx_root: Path, tmp_path: Path) -> Non
 
 def test_deploy_hook_refuses_impossible_and_full(dgx_root: Path, tmp_path: Path) -> None:  # noqa: F811
     inventory = HostInventory(HostRoot(dgx_root, tmp_path / "state"))
-    config = parse_config({})
+    config = parse_config({"plugin": {"cpu_pinning": {"plan_unpinned": "all"}}})
     big = load_domain("<domain type='kvm'><name>x</name><memory unit='GiB'>4</memory><vcpu>999</vcpu></domain>")
     with pytest.raises(DocumentError, match="asks for 999 CPUs"):
         plugin.aifactory_domain_xml(inventory=inventory, request=DeployRequest(1, ()), domain=big, config=config)
@@ -228,6 +228,19 @@ def test_deploy_hook_refuses_impossible_and_full(dgx_root: Path, tmp_path: Path)
     with pytest.raises(HostError, match="hugepage"):
         plugin.aifactory_domain_xml(inventory=inventory, request=DeployRequest(1, ()), domain=huge, config=config)
     assert not (tmp_path / "state").exists()  # nothing recorded for refused VMs
+
+
+def test_unpinned_vms_without_devices_are_left_alone_by_default(dgx_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    inventory = HostInventory(HostRoot(dgx_root, tmp_path / "state"))
+    text = "<domain type='kvm'><name>x</name><memory unit='GiB'>4</memory><vcpu>2</vcpu></domain>"
+    domain = load_domain(text)
+    plugin.aifactory_domain_xml(
+        inventory=inventory, request=DeployRequest(1, ()), domain=domain, config=parse_config({})
+    )
+    assert dump_domain(domain) == dump_domain(load_domain(text)) and not (tmp_path / "state").exists()
+    config = parse_config({"plugin": {"cpu_pinning": {"plan_unpinned": "all"}}})
+    plugin.aifactory_domain_xml(inventory=inventory, request=DeployRequest(1, ()), domain=domain, config=config)
+    assert len(domain.findall("cputune/vcpupin")) == 2 and (tmp_path / "state" / "pinning" / "1.json").is_file()
 
 
 def test_plugin_config_is_validated() -> None:

@@ -2,8 +2,9 @@
 
 Config ``[plugin.cpu_pinning]``: ``conflict`` = ``warn`` | ``refuse`` (oned's allocation against
 device locality: never silently moved), ``thread_policy`` = ``prefer`` | ``isolate`` |
-``require``, ``emulator_policy`` = ``share`` | ``isolate``, ``record`` = true (write what the VM
-holds to ``<state_dir>/pinning/<vmid>.json`` for later plans).
+``require``, ``emulator_policy`` = ``share`` | ``isolate``, ``plan_unpinned`` = ``with_devices``
+| ``all`` | ``none`` (which VMs oned did not pin get a plan of their own), ``record`` = true (write
+what the VM holds to ``<state_dir>/pinning/<vmid>.json`` for later plans).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 
 AIFACTORY_API_VERSION = 1
 NAME = "cpu_pinning"
-_KEYS = {"conflict", "thread_policy", "emulator_policy", "record"}
+_KEYS = {"conflict", "thread_policy", "emulator_policy", "plan_unpinned", "record"}
+UNPINNED_SCOPES = ("with_devices", "all", "none")
 log = logging.getLogger("aifactory.cpu_pinning")
 
 
@@ -35,8 +37,12 @@ def policies_from(section: Mapping[str, Any]) -> Policies:
     for key in section:
         if key not in _KEYS:
             raise ConfigError(f"unknown config key 'plugin.{NAME}.{key}' (allowed: {', '.join(sorted(_KEYS))})")
-    checks = (("conflict", ("warn", "refuse"), "warn"), ("thread_policy", THREAD_POLICIES, "prefer"),
-              ("emulator_policy", EMULATOR_POLICIES, "share"))  # fmt: skip
+    checks = (
+        ("conflict", ("warn", "refuse"), "warn"),
+        ("thread_policy", THREAD_POLICIES, "prefer"),
+        ("emulator_policy", EMULATOR_POLICIES, "share"),
+        ("plan_unpinned", UNPINNED_SCOPES, "with_devices"),
+    )
     values: dict[str, str] = {}
     for key, allowed, default in checks:
         value = section.get(key, default)
@@ -72,6 +78,9 @@ def aifactory_domain_xml(inventory: HostInventory, request: Any, domain: Any, co
     addresses = [ref.address for _, ref in pci_hostdevs(domain)]
     classes = {address: device.class_code for address, device in inventory.pci.items()}
     spec = spec_from_domain(domain, request.vm_id, addresses, classes, policies)
+    scope = section.get("plan_unpinned", "with_devices")
+    if not spec.oned_cells and (scope == "none" or (scope == "with_devices" and not spec.devices)):
+        return
     held = StateFileHeld(inventory.host)
     try:
         result = plan(topology, usage_of(held, exclude_vm=request.vm_id), spec, policies.conflict)
