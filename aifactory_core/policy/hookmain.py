@@ -44,11 +44,12 @@ def _stdin() -> bytes:
 
 def admission(argv: Sequence[str]) -> str:
     from aifactory_core.policy.admission import admit_event, read_event
-    from aifactory_core.policy.schema import load_policy
 
     event = read_event(_stdin(), argv[0] if argv else None)
     if not event.call.success:
         return f"{event.method} failed in oned; nothing to admit"
+    from aifactory_core.policy.schema import load_policy
+
     settings = _settings()
     policy = load_policy(os.environ.get("AIFACTORY_POLICY") or str(settings.get("file", DEFAULT_POLICY)))
     on_refusal = settings.get("on_refusal", "hold")
