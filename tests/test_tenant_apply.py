@@ -102,3 +102,32 @@ def test_pyone_bindings_read_the_test_server_documents(one_server) -> None:
     gid = client.group.allocate("tenant-x")
     assert client.group.info(gid).NAME == "tenant-x"
     assert [acl.ID for acl in client.acl.info().ACL] == [0, 1]
+
+
+def test_cli_check_exit_codes_and_apply_dry_run(one_server, policy_without_ids: Path, tmp_path: Path) -> None:
+    """``aifactory tenant`` as a real process: check (0 / 2 naming key and line), apply twice."""
+    import os
+    import subprocess
+
+    cli = str(Path(__file__).parent.parent / ".venv" / "bin" / "aifactory")
+    env = {key: value for key, value in os.environ.items() if key != "AIFACTORY_CONFIG"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([cli, "tenant", *args], capture_output=True, text=True, env=env, timeout=60, check=False)
+
+    ok = run("check", str(EXAMPLE))
+    assert ok.returncode == 0 and "valid, 2 tenants" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace('vendor = "10de"', 'vendor = "NVIDIA"', 1))
+    refused = run("check", str(bad))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith(f"aifactory: {bad}:35: tenant.llm-lab.devices[0].vendor: must be a hex id")
+    endpoint = ["--endpoint", one_server.endpoint, "--session", "oneadmin:secret"]
+    dry = run("apply", str(policy_without_ids), "--dry-run", *endpoint)
+    assert dry.returncode == 0 and "+ llm-lab: create group llm-lab" in dry.stdout and one_server.writes() == []
+    first = run("apply", str(policy_without_ids), *endpoint)
+    assert first.returncode == 0 and first.stdout.strip().endswith("changes")
+    second = run("apply", str(policy_without_ids), *endpoint)
+    assert second.stdout.strip() == "OpenNebula already matches the policy: no change"
+    show = run("show", str(EXAMPLE))
+    assert "#9 VM/@100 USE+MANAGE #0" in show.stdout
