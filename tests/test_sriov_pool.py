@@ -1,0 +1,95 @@
+"""PF discovery and VF pool sizing on a generated sysfs tree (the layout of
+``Documentation/ABI/testing/sysfs-bus-pci``: sriov_totalvfs, sriov_numvfs,
+sriov_drivers_autoprobe, virtfnN -> VF, VF physfn -> PF)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from aifactory_core.errors import HostError, UsageError
+from aifactory_core.host import sriov
+from aifactory_core.host.pcibind import RecordingWriter
+from aifactory_core.hostroot import HostRoot
+
+PF = "0000:18:00.0"
+
+
+def make_pf(root: Path, *, total: int = 8, num: int = 4, netdev: str = "ens1f0np0", ifindex: int = 5,
+            link_type: int = 1, vf_driver: str | None = "mlx5_core") -> HostRoot:
+    devices = root / "sys/bus/pci/devices"
+    drivers = root / "sys/bus/pci/drivers"
+    pf = devices / PF
+    (pf / "net" / netdev).mkdir(parents=True)
+    (drivers / "mlx5_core").mkdir(parents=True, exist_ok=True)
+    (drivers / "vfio-pci").mkdir(parents=True, exist_ok=True)
+    os.symlink("../../../bus/pci/drivers/mlx5_core", pf / "driver")
+    (pf / "sriov_totalvfs").write_text(f"{total}\n")
+    (pf / "sriov_numvfs").write_text(f"{num}\n")
+    (pf / "sriov_drivers_autoprobe").write_text("1\n")
+    (pf / "numa_node").write_text("1\n")
+    for vf in range(num):
+        address = f"0000:18:00.{vf + 2}"
+        (devices / address).mkdir(parents=True)
+        os.symlink(f"../{address}", pf / f"virtfn{vf}")
+        os.symlink(f"../{PF}", devices / address / "physfn")
+        (devices / address / "numa_node").write_text("1\n")
+        if vf_driver:
+            os.symlink(f"../../../bus/pci/drivers/{vf_driver}", devices / address / "driver")
+    net = root / "sys/class/net" / netdev
+    net.mkdir(parents=True)
+    (net / "ifindex").write_text(f"{ifindex}\n")
+    (net / "type").write_text(f"{link_type}\n")
+    (net / "operstate").write_text("up\n")
+    os.symlink(f"../../../bus/pci/devices/{PF}", net / "device")
+    (pf / "net" / netdev / "type").write_text(f"{link_type}\n")
+    return HostRoot(root, root / "state")
+
+
+def test_discovery_by_netdev_and_address(tmp_path: Path) -> None:
+    host = make_pf(tmp_path)
+    by_name = sriov.pf_by_netdev(host, "ens1f0np0")
+    assert (by_name.address, by_name.driver, by_name.total_vfs, by_name.num_vfs) == (PF, "mlx5_core", 8, 4)
+    assert by_name.operstate == "up" and by_name.autoprobe is True
+    assert by_name.vf_address(3) == "0000:18:00.5"
+    assert [pf.address for pf in sriov.discover_pfs(host)] == [PF]
+    assert sriov.pf_by_address(host, "18:00.0").netdev == "ens1f0np0"
+
+
+def test_pool_resize_goes_through_zero_and_sets_autoprobe(tmp_path: Path) -> None:
+    host = make_pf(tmp_path)
+    pf = sriov.pf_by_netdev(host, "ens1f0np0")
+    writer = RecordingWriter()
+    sriov.set_pool_size(host, pf, 0, writer)
+    sriov.set_pool_size(host, sriov.PhysicalFunction(**{**pf.__dict__, "num_vfs": 0}), 8, writer, autoprobe=False)
+    assert [(Path(w.path).name, w.value) for w in writer.writes] == [
+        ("sriov_numvfs", "0"), ("sriov_drivers_autoprobe", "0"), ("sriov_numvfs", "8")]
+
+
+def test_refuses_to_shrink_a_pool_with_a_vf_on_vfio(tmp_path: Path) -> None:
+    host = make_pf(tmp_path, vf_driver=None)
+    os.symlink("../../../bus/pci/drivers/vfio-pci", tmp_path / "sys/bus/pci/devices/0000:18:00.4/driver")
+    pf = sriov.pf_by_netdev(host, "ens1f0np0")
+    writer = RecordingWriter()
+    with pytest.raises(UsageError, match=r"VF\(s\) 2 in use"):
+        sriov.set_pool_size(host, pf, 2, writer)
+    assert writer.writes == []
+
+
+def test_refuses_a_count_beyond_total_and_a_bad_ifname(tmp_path: Path) -> None:
+    host = make_pf(tmp_path)
+    pf = sriov.pf_by_netdev(host, "ens1f0np0")
+    with pytest.raises(UsageError, match="outside 0..8"):
+        sriov.set_pool_size(host, pf, 9, RecordingWriter())
+    with pytest.raises(UsageError, match="invalid interface name"):
+        sriov.pf_by_netdev(host, "../ens1f0np0")
+    with pytest.raises(UsageError, match="invalid interface name"):
+        sriov.pf_by_netdev(host, "ens1/f0")
+
+
+def test_a_function_without_sriov_is_not_a_pf(tmp_path: Path) -> None:
+    host = make_pf(tmp_path)
+    with pytest.raises(HostError, match="not SR-IOV capable"):
+        sriov.pf_by_address(host, "0000:18:00.2")
