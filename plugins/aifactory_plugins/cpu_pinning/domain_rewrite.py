@@ -96,8 +96,7 @@ def _set_guest_cells(domain: etree._Element, placement: Placement, vcpus: int) -
 
     cpu = domain.find("cpu")
     if cpu is None:
-        cpu = _child(domain, "cpu", ("numatune", "os", "devices"))
-        cpu.set("mode", "host-passthrough")
+        cpu = _child(domain, "cpu", ("numatune", "os", "devices"))  # cells only: CPU model untouched
     topology = cpu.find("topology")
     if topology is not None:
         try:
