@@ -80,9 +80,13 @@ def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) 
     if not record:
         raise UsageError(f"nothing to uninstall: no {target.path(layout.MANIFEST)}")
     notes: list[str] = []
-    stage.uninstall_files(tx, target, record, notes)
+    oned = None
     if not args.no_hooks and record.get("hooks"):
-        hookreg.unregister(_oned(args.endpoint), sorted(record["hooks"]), args.dry_run, tx.tell)
+        oned = _oned(args.endpoint)  # connected, and pyone loaded, before the environments go
+        hookreg.registered_hooks(oned)
+    stage.uninstall_files(tx, target, record, notes)
+    if oned is not None:
+        hookreg.unregister(oned, sorted(record["hooks"]), args.dry_run, tx.tell)
     return notes
 
 

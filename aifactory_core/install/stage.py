@@ -78,6 +78,8 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise InstallError(f"{path}: {error.strerror or error}") from None
 
 
 def _write(path: Path, content: bytes, mode: int) -> None:
@@ -134,12 +136,12 @@ def validate_sudoers(content: bytes, where: Path, staged: bool) -> None:
         if staged:
             return
         raise InstallError("visudo not found: cannot validate the sudoers snippet (apt-get install sudo)")
-    scratch = where.with_name(f".{where.name}.aifactory-check")
-    try:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="aifactory-sudoers-") as scratch_dir:
+        scratch = Path(scratch_dir) / where.name
         _write(scratch, content, 0o440)
         result = subprocess.run([visudo, "-cf", str(scratch)], capture_output=True, text=True, check=False)
-    finally:
-        scratch.unlink(missing_ok=True)
     if result.returncode != 0:
         message = " ".join((result.stderr or result.stdout).split())
         raise InstallError(f"sudoers snippet {where.name} refused by visudo -cf: {message}")
