@@ -110,6 +110,12 @@ def vf_owners(host: HostRoot) -> dict[str, int]:
     return held
 
 
+def vf_owners_indices(host: HostRoot, pf: str) -> set[int]:
+    """The VF indices of ``pf`` some VM holds (for pool resizing)."""
+    prefix = f"{ifname(pf)}/"
+    return {int(key[len(prefix):]) for key in vf_owners(host) if key.startswith(prefix)}
+
+
 # ---- executor -----------------------------------------------------------------------------------
 
 def do(host: HostRoot, action_: Action, writer: Any) -> None:
