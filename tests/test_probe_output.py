@@ -320,3 +320,14 @@ def test_holders_agree_with_the_lifecycle_engine(tmp_path: Path) -> None:
     engine = held_devices(host)
     assert engine == {"0000:1b:00.0": 42, "0000:43:00.0": 7, "0000:aa:00.2": 42}
     assert holders(Root(str(tmp_path), str(tmp_path / "state"))) == engine
+
+
+def test_cli_bundled_sample_recording(tmp_path: Path) -> None:
+    """``sample:h100-pcie-vm`` names the packaged copy of the real H100 recording."""
+    env = {"AIFACTORY_STATE_DIR": str(tmp_path)}
+    result = run_cli("--host-root", "sample:h100-pcie-vm", "probe", "host-system", "--nvml-replay",
+                     "sample:h100-pcie-vm", env=env)
+    assert result.returncode == 0, result.stderr
+    assert _parse(result.stdout)["AIF_GPU"][0]["UUID"] == recording()["devices"][0]["UUID"]["value"]
+    bad = run_cli("probe", "host-system", "--nvml-replay", "sample:../../etc/passwd", env=env)
+    assert bad.returncode == 2 and "unknown sample" in bad.stderr

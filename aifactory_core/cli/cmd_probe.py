@@ -12,7 +12,8 @@ from aifactory_core.errors import EXIT_OK
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("probe", help="print an OpenNebula IM probe's output")
     parser.add_argument("kind", choices=["host-system", "vm-monitor"])
-    parser.add_argument("--nvml-replay", metavar="FILE", help="read a recorded nvml.json instead of NVML")
+    parser.add_argument("--nvml-replay", metavar="FILE",
+                        help="read a recorded nvml.json instead of NVML ('sample:h100-pcie-vm' for the bundled one)")
     parser.add_argument("--budget", type=float, default=5.0, metavar="SECONDS",
                         help="deadline for all NVML reads (default 5)")
 
@@ -25,10 +26,18 @@ def probe_root(context: Any) -> Any:
 
 
 def check_replay(path: str | None) -> str | None:
+    """The recording to replay: a file, or ``sample:NAME`` for a bundled capture's ``NAME.nvml.json``."""
     import os
 
     from aifactory_core.errors import UsageError
 
+    if path is not None and path.startswith("sample:"):
+        from aifactory_core import samples
+
+        name = path[len("sample:"):]
+        if name not in samples.available():
+            raise UsageError(f"unknown sample {name!r}; available: {', '.join(samples.available())}")
+        path = os.path.join(os.path.dirname(os.path.abspath(samples.__file__)), f"{name}.nvml.json")
     if path is not None and not os.path.isfile(path):
         raise UsageError(f"NVML recording {path!r} is not a file")
     return path
