@@ -259,3 +259,46 @@ def test_installed_sudoers_snippet_passes_visudo(tmp_path: Path, auth: Path) -> 
 def frontend_doctor(root: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "aifactory_core.install.frontend_doctor", "--destdir", str(root)],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+
+
+UPSTREAM_CONFIG = REPO / "tests/fixtures/install/release-7.0.2"  # OpenNebula's own, unchanged
+
+
+def with_upstream_config(root: Path, oned_conf: str | None = None) -> None:
+    etc = root / "etc/one"
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "oned.conf").write_text(oned_conf or (UPSTREAM_CONFIG / "oned.conf").read_text())
+    (etc / "monitord.conf").write_text((UPSTREAM_CONFIG / "monitord.conf").read_text())
+
+
+def test_frontend_doctor_passes_on_a_complete_install(tmp_path: Path, auth: Path, one_server: OneTestServer) -> None:
+    root = clean_frontend(tmp_path / "root")
+    with_upstream_config(root)
+    assert install(root, auth, endpoint=one_server.endpoint).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "aifactory_core.install.frontend_doctor", "--destdir", str(root),
+                             "--endpoint", one_server.endpoint], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ONE_AUTH": str(auth)})
+    assert result.returncode == 0, result.stdout
+    assert f"PASS  hooks: {len(template_names())} hooks registered" in result.stdout
+    assert "PASS  oned.conf: VM_MAD kvm: one_vmm_exec -t 15 -r 0 kvm -p" in result.stdout
+    assert "PASS  wrapper: vmm/kvm/deploy wraps vmm/kvm/deploy.one" in result.stdout
+
+    del one_server.hooks[min(one_server.hooks)]
+    (root / "var/lib/one/remotes/vmm/kvm/cancel.one").unlink()
+    result = subprocess.run([sys.executable, "-m", "aifactory_core.install.frontend_doctor", "--destdir", str(root),
+                             "--endpoint", one_server.endpoint], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ONE_AUTH": str(auth)})
+    assert result.returncode == 1
+    assert f"FAIL  hooks: hook {template_names()[0]} is not registered" in result.stdout
+    assert "FAIL  wrapper: vmm/kvm/cancel.one (OpenNebula's original) is missing" in result.stdout
+
+
+def test_frontend_doctor_refuses_wrapped_actions_run_on_the_frontend(tmp_path: Path, auth: Path) -> None:
+    root = clean_frontend(tmp_path / "root")
+    oned_conf = (UPSTREAM_CONFIG / "oned.conf").read_text()
+    oned_conf = oned_conf.replace('"-t 15 -r 0 kvm -p"', '"-t 15 -r 0 -l deploy kvm -p"')
+    with_upstream_config(root, oned_conf)
+    assert install(root, auth).returncode == 0
+    result = frontend_doctor(root)
+    assert result.returncode == 1
+    assert "FAIL  oned.conf: VM_MAD kvm runs deploy on the frontend (-l)" in result.stdout
