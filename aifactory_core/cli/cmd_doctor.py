@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("doctor", help="check the host's readiness for GPU/NIC passthrough")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--frontend", action="store_true",
+                        help="check the suite's installation on this OpenNebula frontend instead (docs/install.md)")
 
 
 def run_checks(context: Any) -> list[Check]:
@@ -35,7 +37,14 @@ def run_checks(context: Any) -> list[Check]:
 
 
 def run(args: argparse.Namespace, context: Any) -> int:
-    checks = run_checks(context)
+    if args.frontend:
+        from pathlib import Path
+
+        from aifactory_core.install import frontend_doctor, layout
+
+        checks = frontend_doctor.run_checks(layout.Layout(Path(context.host.root)))
+    else:
+        checks = run_checks(context)
     failed = any(check.status == "FAIL" for check in checks)
     if args.json:
         from aifactory_core.cli.output import print_json
