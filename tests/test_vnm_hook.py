@@ -1,0 +1,159 @@
+"""The VNM pre/post/clean hooks end to end: OpenNebula's reduced VM document (the synthesized
+sample in ``fixtures/nics/vnm_action_vm.xml``, built like one_vmm_exec.rb's VNM action document),
+the owner from ``vm.xml``, the tenant policy, the plugins, the lifecycle journal, and VF settings
+read back from a netlink peer speaking pyroute2's wire format."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from fixtures.nics.netlink_double import NetlinkDouble
+from test_sriov_pool import make_pf
+
+from aifactory_core.config import Config, parse_config
+from aifactory_core.domain import load_domain
+from aifactory_core.errors import PolicyRefused
+from aifactory_core.host import netlink_vf
+from aifactory_core.hostroot import HostRoot
+from aifactory_core.lifecycle.journal import Journal
+from aifactory_core.vnm import hook
+from aifactory_core.vnm import vf as vf_actions
+from aifactory_core.vnm.domain import reconcile_hostdev_interfaces
+
+SAMPLE = Path(__file__).parent / "fixtures/nics/vnm_action_vm.xml"
+POLICY = """
+[opennebula]
+version = "7.0"
+[tenant.llm]
+group = "llm"
+group_id = 100
+max_gpus = 1
+networks = [0, 7]
+vlans = ["1000-1009"]
+ib_pkeys = ["0x0010-0x001f"]
+[tenant.other]
+group = "other"
+group_id = 101
+max_gpus = 1
+networks = [8]
+vlans = ["300-309"]
+"""
+VM_XML = "<VM><ID>42</ID><UID>5</UID><GID>{gid}</GID><UNAME>alice</UNAME><GNAME>{gname}</GNAME><TEMPLATE/></VM>"
+
+
+def stdin(vlan: str = "1001") -> bytes:
+    text = SAMPLE.read_text().replace("<VLAN_ID><![CDATA[1001]]>", f"<VLAN_ID><![CDATA[{vlan}]]>")
+    return base64.b64encode(text.encode())
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[HostRoot, Config, NetlinkDouble]:
+    host = make_pf(tmp_path)
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    config = parse_config({"plugins": {"enabled": ["sriov", "infiniband", "bluefield"]},
+                           "plugin": {"policy": {"file": str(policy)}}})
+    peer = NetlinkDouble({5: 4})
+    monkeypatch.setattr(vf_actions, "_netlink", peer)
+    monkeypatch.delenv("AIFACTORY_POLICY", raising=False)
+    return host, config, peer
+
+
+def owner(host: HostRoot, gid: int = 100, gname: str = "llm") -> None:
+    directory = host.path("/var/lib/one/datastores/0/42")
+    directory.mkdir(parents=True)
+    (directory / "vm.xml").write_text(VM_XML.format(gid=gid, gname=gname))
+
+
+def test_pre_configures_post_reapplies_clean_scrubs(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    owner(host)
+    assert hook.run("pre", stdin(), host, config) == "VM 42: 1 network action(s) made"
+    vf0 = netlink_vf.read_vfs(peer, 5)[0]
+    assert (vf0.mac, vf0.vlan, vf0.spoofchk, vf0.trust) == ("02:00:c0:a8:c9:0a", 1001, True, False)
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {"ens1f0np0/0": 42}
+
+    peer.vfs[5][0].update(vlan=0, spoofchk=0)  # OpenNebula's activate_vf (post) writes its own view
+    assert "1 network action(s) made or re-applied" in hook.run("post", stdin(), host, config)
+    assert netlink_vf.read_vfs(peer, 5)[0] == vf0
+
+    assert hook.run("clean", stdin(), host, config) == "VM 42: network released"
+    assert netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {}
+    assert Journal.load(hook.vnm_host(host), 42) is None
+
+
+def test_vlan_outside_the_tenant_grant_configures_nothing(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    owner(host)
+    with pytest.raises(PolicyRefused, match="VLAN 300 is outside tenant llm"):
+        hook.run("pre", stdin("300"), host, config)
+    assert peer.sets() == 0
+    assert Journal.load(hook.vnm_host(host), 42) is None
+
+
+def test_another_tenants_vm_is_refused_its_network(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    owner(host, gid=101, gname="other")
+    with pytest.raises(PolicyRefused, match="network 7 is not granted to tenant other"):
+        hook.run("pre", stdin(), host, config)
+    assert peer.sets() == 0
+
+
+def test_first_deploy_defers_to_post(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    assert "configured at post" in hook.run("pre", stdin(), host, config)
+    assert peer.sets() == 0
+    owner(host)  # OpenNebula writes vm.xml between pre and deploy
+    hook.run("post", stdin(), host, config)
+    assert netlink_vf.read_vfs(peer, 5)[0].vlan == 1001
+    hook.run("clean", stdin(), host, config)
+    assert netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
+
+
+def test_failure_half_way_rolls_back(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    owner(host)
+    original = peer._set
+
+    def refuse_vlan_1001(index: int, spec: dict[str, object]) -> list[object]:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        if spec.get("vlan") == {"vlan": 1001, "qos": 0}:
+            original(index, {"vf": spec["vf"], "mac": spec["mac"]})  # half-made: the MAC went in
+            raise NetlinkError(22, "Invalid argument")
+        return original(index, spec)
+
+    peer._set = refuse_vlan_1001  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="cannot configure VF 0"):
+        hook.run("pre", stdin(), host, config)
+    assert netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
+    assert Journal.load(hook.vnm_host(host), 42) is None
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {}
+
+
+def test_main_reports_bad_documents_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("AIFACTORY_HOST_ROOT", str(tmp_path))
+    monkeypatch.setenv("AIFACTORY_CONFIG", str(tmp_path / "none.conf"))
+    assert hook.main(["pre"], io.BytesIO(b"not base64 !!")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aifactory: ") and len(err.strip().splitlines()) == 1
+    assert hook.main(["bogus"], io.BytesIO(stdin())) == 2
+
+
+def test_domain_hostdev_interface_follows_the_journal(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, _peer = world
+    owner(host)
+    hook.run("pre", stdin(), host, config)
+    domain = load_domain(b"""<domain type='kvm'><name>one-42</name><devices>
+      <interface type='hostdev' managed='no'><mac address='02:00:00:00:00:99'/>
+        <source><address type='pci' domain='0x0000' bus='0x18' slot='0x00' function='0x2'/></source>
+        <vlan><tag id='55'/></vlan></interface></devices></domain>""")
+    assert reconcile_hostdev_interfaces(domain, hook.vnm_host(host), 42) == 1
+    interface = domain.find("devices/interface")
+    assert interface is not None and interface.find("vlan") is None
+    assert interface.find("mac").get("address") == "02:00:c0:a8:c9:0a"  # type: ignore[union-attr]
