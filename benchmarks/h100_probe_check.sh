@@ -78,7 +78,9 @@ print("== metrics (temperature/power/clocks move between reads; shown, not compa
 print("\n".join(l for l in metrics.stdout.splitlines() if l.startswith(("aifactory_gpu_temp", "aifactory_gpu_power", "aifactory_gpu_sm"))))
 
 runs = 20
+pynvml_probe = ["env", "AIFACTORY_NVML_BINDING=pynvml"] + host_probe
 commands = {"nvidia-smi --query-gpu": smi, "host/system probe": host_probe, "vm/monitor probe": vm_probe,
+            "host/system via pynvml": pynvml_probe,
             "python3 -c pass": [sys.executable, "-c", "pass"], "python3 -S -c pass": py + ["-c", "pass"]}
 times = {name: [] for name in commands}
 for _ in range(runs):

@@ -1,5 +1,6 @@
 """The NVML reader: the recorded backend on the real H100 capture, the live backend through a
-pynvml stand-in that answers from the same recording, and the faults (no library, one GPU raising,
+pynvml stand-in and through the ctypes binding over a C library stand-in, both answering from the
+same recording, and the faults (no library, one GPU raising,
 a hung call) — the other GPUs are always still reported.
 
 No GPU is available to the tests: every NVML answer here is one recorded on a real H100
@@ -139,7 +140,7 @@ def _fake_pynvml(data: dict[str, Any], hang: int | None = None, raise_on: int | 
 def test_live_backend_normalises_like_the_recording(monkeypatch: pytest.MonkeyPatch) -> None:
     data = recording()
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(data))
-    reader = nvml.LiveNvml()
+    reader = nvml.LiveNvml(binding="pynvml")
     [reading] = reader.read()
     reader.close()
     assert reading["address"] == "0000:00:06.0"
@@ -163,7 +164,7 @@ def test_live_backend_for_host_system_skips_the_slow_metric_calls(monkeypatch: p
             return _original(*args)
         setattr(fake, function, spy)
     monkeypatch.setitem(sys.modules, "pynvml", fake)
-    [reading] = nvml.LiveNvml(metrics=False).read()
+    [reading] = nvml.LiveNvml(metrics=False, binding="pynvml").read()
     assert reading["status"] == "ok" and "Name" in reading["fields"]
     assert "nvmlDeviceGetTotalEnergyConsumption" not in called
     assert "nvmlDeviceGetUtilizationRates" not in called
@@ -174,8 +175,117 @@ def test_live_backend_isolates_a_raising_and_a_hung_gpu(monkeypatch: pytest.Monk
     data = multi_gpu(DGX_GPUS[:4])
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(data, hang=1, raise_on=2))
     start = time.monotonic()
-    readings = nvml.LiveNvml(budget_s=1.0).read()
+    readings = nvml.LiveNvml(budget_s=1.0, binding="pynvml").read()
     assert time.monotonic() - start < 5
     assert [r["status"] for r in readings] == ["ok", "timeout", "ok", "ok"]
     assert [verdict(r, [])[0] for r in readings] == ["OK", "DEGRADED", "FAILED", "OK"]
     assert readings[3]["address"] == DGX_GPUS[3]
+
+
+def _c_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _fake_library_source(device: dict[str, Any], driver: str) -> str:
+    """C source of a ``libnvidia-ml.so.1`` stand-in answering each call with the recorded value or error."""
+    from aifactory_core.probes.nvml_ctypes import ERROR_NAMES
+
+    codes = {f"NVMLError_{name}": code for code, name in ERROR_NAMES.items()}
+    messages = {entry["error"].split(": ", 1)[0]: entry["error"].split(": ", 1)[1]
+                for entry in device.values() if isinstance(entry, dict) and "error" in entry}
+    lines = ["#include <string.h>", "typedef unsigned long long ull;",
+             "const char *nvmlErrorString(int c) { switch (c) {"]
+    lines += [f"  case {codes[name]}: return {_c_string(text)};" for name, text in messages.items() if name in codes]
+    lines += ["  default: return \"Unknown Error\"; } }",
+              "int nvmlInit_v2(void) { return 0; }", "int nvmlShutdown(void) { return 0; }",
+              "int nvmlSystemGetDriverVersion(char *b, unsigned n) "
+              f"{{ strncpy(b, {_c_string(driver)}, n); return 0; }}",
+              "int nvmlDeviceGetCount_v2(unsigned *c) { *c = 1; return 0; }",
+              "int nvmlDeviceGetHandleByIndex_v2(unsigned i, void **h) { *h = (void *)0x1; return i ? 2 : 0; }",
+              "struct pci { char legacy[16]; unsigned domain, bus, device, id, subsystem; char busid[32]; };",
+              "struct mem { ull total, free, used; };", "struct util { unsigned gpu, memory; };"]
+
+    def answer(name: str, body: str) -> str:
+        entry = device[name]
+        if "error" in entry:
+            return f"return {codes.get(entry['error'].split(':')[0], 999)};"
+        return body.format(v=entry["value"]) + " return 0;"
+
+    for name in ("Name", "UUID", "Serial", "VbiosVersion"):
+        function = {"Name": "nvmlDeviceGetName", "UUID": "nvmlDeviceGetUUID", "Serial": "nvmlDeviceGetSerial",
+                    "VbiosVersion": "nvmlDeviceGetVbiosVersion"}[name]
+        value = device[name].get("value", "")
+        lines.append(f"int {function}(void *h, char *b, unsigned n) {{ "
+                     + answer(name, f"strncpy(b, {_c_string(str(value))}, n);") + " }")
+    pci = device["PciInfo"]["value"]
+    lines.append("int nvmlDeviceGetPciInfo_v3(void *h, struct pci *p) { " + answer("PciInfo", (
+        f"strcpy(p->legacy, {_c_string(pci['busIdLegacy'])}); p->domain = {pci['domain']}; p->bus = {pci['bus']};"
+        f" p->device = {pci['device']}; p->id = {pci['pciDeviceId']}u; p->subsystem = {pci['pciSubSystemId']}u;"
+        f" strcpy(p->busid, {_c_string(pci['busId'])});")) + " }")
+    memory = device["MemoryInfo"]["value"]
+    lines.append("int nvmlDeviceGetMemoryInfo(void *h, struct mem *m) { " + answer("MemoryInfo", (
+        f"m->total = {memory['total']}ull; m->free = {memory['free']}ull; m->used = {memory['used']}ull;")) + " }")
+    utilisation = device["UtilizationRates"]["value"]
+    lines.append("int nvmlDeviceGetUtilizationRates(void *h, struct util *u) { " + answer("UtilizationRates", (
+        f"u->gpu = {utilisation['gpu']}; u->memory = {utilisation['memory']};")) + " }")
+    scalars = {"PowerUsage": ("nvmlDeviceGetPowerUsage", "unsigned"),
+               "EnforcedPowerLimit": ("nvmlDeviceGetEnforcedPowerLimit", "unsigned"),
+               "TotalEnergyConsumption": ("nvmlDeviceGetTotalEnergyConsumption", "ull"),
+               "PerformanceState": ("nvmlDeviceGetPerformanceState", "int"),
+               "NumaNodeId": ("nvmlDeviceGetNumaNodeId", "unsigned"),
+               "CurrPcieLinkGeneration": ("nvmlDeviceGetCurrPcieLinkGeneration", "unsigned"),
+               "CurrPcieLinkWidth": ("nvmlDeviceGetCurrPcieLinkWidth", "unsigned"),
+               "MaxPcieLinkGeneration": ("nvmlDeviceGetMaxPcieLinkGeneration", "unsigned"),
+               "MaxPcieLinkWidth": ("nvmlDeviceGetMaxPcieLinkWidth", "unsigned"),
+               "PcieReplayCounter": ("nvmlDeviceGetPcieReplayCounter", "unsigned"),
+               "RetiredPagesPendingStatus": ("nvmlDeviceGetRetiredPagesPendingStatus", "int"),
+               "CurrentClocksThrottleReasons": ("nvmlDeviceGetCurrentClocksThrottleReasons", "ull")}
+    for name, (function, kind) in scalars.items():
+        lines.append(f"int {function}(void *h, {kind} *v) {{ " + answer(name, "*v = {v};") + " }")
+    for name, function, kind, count in (("MigMode", "nvmlDeviceGetMigMode", "unsigned", 2),
+                                        ("EccMode", "nvmlDeviceGetEccMode", "int", 2),
+                                        ("RemappedRows", "nvmlDeviceGetRemappedRows", "unsigned", 4)):
+        parameters = ", ".join(f"{kind} *v{index}" for index in range(count))
+        values = device[name].get("value") or ["0"] * count
+        body = " ".join(f"*v{index} = {int(values[index])};" for index in range(count))
+        lines.append(f"int {function}(void *h, {parameters}) {{ " + answer(name, body) + " }")
+    lines.append("int nvmlDeviceGetTemperature(void *h, int s, unsigned *v) { if (s != 0) return 2; "
+                 + answer("Temperature", "*v = {v};") + " }")
+    lines.append("int nvmlDeviceGetClockInfo(void *h, int t, unsigned *v) { "
+                 + "if (t == 1) { " + answer("Clock_SM", "*v = {v};") + " } "
+                 + "if (t == 2) { " + answer("Clock_MEM", "*v = {v};") + " } return 2; }")
+    ecc = "int nvmlDeviceGetTotalEccErrors(void *h, int e, int c, ull *v) { "
+    for name, (error_type, counter) in {"ECC_corr_vol": (0, 0), "ECC_corr_agg": (0, 1),
+                                        "ECC_uncorr_vol": (1, 0), "ECC_uncorr_agg": (1, 1)}.items():
+        ecc += f"if (e == {error_type} && c == {counter}) {{ " + answer(name, "*v = {v};") + " } "
+    lines.append(ecc + "return 2; }")
+    return "\n".join(lines) + "\n"
+
+
+def test_ctypes_binding_against_a_library_built_from_the_recording(tmp_path: Path) -> None:
+    """The ctypes binding reads every field exactly as the recording (made with pynvml) holds it.
+
+    The library is a C stand-in compiled here whose every answer is the recorded value or error
+    code of the real H100; the binding's structure layouts and signatures are those of nvml.h."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the NVML stand-in")
+    data = recording()
+    device = data["devices"][0]
+    source = tmp_path / "fake_nvml.c"
+    source.write_text(_fake_library_source(device, data["driver"]["value"]))
+    library = tmp_path / nvml.LIBRARY
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    reader = nvml.LiveNvml(library=str(library), binding="ctypes")
+    [reading] = reader.read()
+    assert reader.driver_version() == ("580.159.04", None)
+    reader.close()
+    assert reading["status"] == "ok" and reading["address"] == "0000:00:06.0"
+    for name in nvml.LIVE_FIELDS:
+        if "error" in device[name]:
+            assert reading["errors"][name] == device[name]["error"], name
+        else:
+            assert reading["fields"][name] == device[name]["value"], name

@@ -62,11 +62,13 @@ def _nvml_source(root: Root, gpus: list[str], drivers: dict[str, str], replay: s
         return nvml.ReplayNvml(replay, budget_s), "replay"
     if not any(drivers.get(address) == "nvidia" for address in gpus):
         return None, "unused: no GPU on the nvidia driver"
-    if nvml.library_path(root.prefix) is None:
+    library = nvml.library_path(root.prefix)
+    if library is None:
         return None, f"unavailable: {nvml.LIBRARY} not found"
     if not root.is_live:
         return None, "unavailable: NVML reads only the live host"
-    return nvml.LiveNvml(budget_s, metrics=mode == "metrics"), "live"
+    binding = "pynvml" if os.environ.get("AIFACTORY_NVML_BINDING") == "pynvml" else "ctypes"
+    return nvml.LiveNvml(budget_s, metrics=mode == "metrics", library=library, binding=binding), "live"
 
 
 def _read_cache(root: Root) -> dict[str, dict[str, object]]:
