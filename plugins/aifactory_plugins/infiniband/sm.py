@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from aifactory_plugins.infiniband.pkey import membership as check_membership
-from aifactory_plugins.infiniband.pkey import pkey as check_pkey
-
 from aifactory_core.errors import ConfigError, HostError
 from aifactory_core.lifecycle.atomic import write_atomic
+from aifactory_plugins.infiniband.pkey import membership as check_membership
+from aifactory_plugins.infiniband.pkey import pkey as check_pkey
 
 DEFAULT_PARTITION = "Default=0x7fff, ipoib : ALL=full ;"
 
