@@ -39,9 +39,10 @@ apt_install() {
 
 pick_kver() {
     if [ -n "${AIFACTORY_TESTHOST_KVER:-}" ]; then echo "$AIFACTORY_TESTHOST_KVER"; return; fi
-    local k
-    for k in $(ls /lib/modules 2>/dev/null | sort -Vr); do
-        [ -f "/boot/vmlinuz-$k" ] && [ -f "/lib/modules/$k/modules.dep" ] && { echo "$k"; return; }
+    local dir k kvers
+    mapfile -t kvers < <(for dir in /lib/modules/*/; do basename "$dir"; done | sort -Vr)
+    for k in "${kvers[@]}"; do
+        if [ -f "/boot/vmlinuz-$k" ] && [ -f "/lib/modules/$k/modules.dep" ]; then echo "$k"; return; fi
     done
 }
 
@@ -67,10 +68,12 @@ if [ -s "$KO" ]; then
     log "netdevsim already built: $KO"
 else
     t=$(now)
-    SRC_TAR=$(ls /usr/src/linux-source-*.tar.xz 2>/dev/null | sort -V | tail -1)
+    SRC_TAR=$(for f in /usr/src/linux-source-*.tar.xz; do [ -f "$f" ] && echo "$f"; done | sort -V | tail -1)
     [ -n "$SRC_TAR" ] || die "no /usr/src/linux-source-*.tar.xz (install linux-source-X.Y)"
     [ -d "/lib/modules/$KVER/build" ] || die "no /lib/modules/$KVER/build (install linux-headers-$KVER)"
-    W=$(mktemp -d /tmp/netdevsim-build.XXXXXX)
+    # A fixed build path: the path ends up in the module, so a random one would change its bytes.
+    W=/var/tmp/aifactory-netdevsim-build
+    rm -rf "$W" && mkdir -p "$W"
     TOP=$(basename "$SRC_TAR" .tar.xz)
     tar -xJf "$SRC_TAR" -C "$W" --wildcards "$TOP/drivers/net/netdevsim/*" \
         || die "cannot extract drivers/net/netdevsim from $SRC_TAR"

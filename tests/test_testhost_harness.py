@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import textwrap
 import time
@@ -251,3 +252,40 @@ def test_boot_timeout_kills_a_guest_that_is_not_ready_in_time(tmp_path: Path) ->
     assert result.timed_out == "boot" and result.rc is None and not result.ok
     assert "did not become ready" in result.summary()
     assert result.console_log.is_file()
+
+
+def test_a_test_using_libvirt_uri_makes_the_guest_start_libvirtd(
+    outer: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outer.makeconftest(
+        textwrap.dedent(
+            """
+            import pytest
+            pytest_plugins = ["testhost.pytest_plugin"]
+
+            @pytest.fixture(scope="session")
+            def libvirt_conn(): return None
+
+            @pytest.fixture(scope="session")
+            def libvirt_uri(libvirt_conn): return "qemu:///system"
+            """
+        )
+    )
+    outer.makepyfile(test_virt="import pytest\n\n@pytest.mark.realkernel\ndef test_uses_uri(libvirt_uri): pass\n")
+    boots: list[runner.GuestJob] = []
+    monkeypatch.setattr(runner, "missing_prerequisites", lambda config: [])
+    monkeypatch.setattr(runner, "run", _fake_run(boots, "<testsuites/>"))
+    outer.runpytest_inprocess("test_virt.py")
+    assert len(boots) == 1 and boots[0].start_libvirt
+    boots.clear()
+    outer.runpytest_inprocess("test_rk.py")
+    assert len(boots) == 1 and not boots[0].start_libvirt
+
+
+def test_guest_init_and_install_script_are_shellcheck_clean() -> None:
+    if shutil.which("shellcheck") is None:
+        (pytest.fail if in_ci() else pytest.skip)("shellcheck is not installed (CI installs it in .ci/run)")
+    repo = Path(__file__).resolve().parents[1]
+    scripts = [repo / ".ci" / "install-testhost.sh", repo / "tests" / "testhost" / "guest_init.sh"]
+    result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout

@@ -81,3 +81,9 @@ def libvirt_conn() -> Virsh:
     wait_for(_libvirtd_answers, "libvirtd to answer on qemu:///system", timeout=180)
     print(f"libvirtd answered after {time.monotonic() - start:.1f}s")
     return Virsh()
+
+
+@pytest.fixture(scope="session")
+def libvirt_uri(libvirt_conn: Virsh) -> str:
+    """The URI of the guest's running libvirtd (``qemu:///system``), for libvirt-python or virsh -c."""
+    return libvirt_conn.uri

@@ -30,8 +30,9 @@ for d in /etc /var /tmp /root /home; do
         || fail "cannot overlay $d"
 done
 
-OUT= UDEV=pci LIBVIRT=0
-for arg in $(cat /proc/cmdline); do
+OUT="" UDEV=pci LIBVIRT=0
+read -r -a CMDLINE < /proc/cmdline
+for arg in "${CMDLINE[@]}"; do
     case $arg in
         testhost.out=*) OUT=${arg#testhost.out=} ;;
         testhost.udev=*) UDEV=${arg#testhost.udev=} ;;
@@ -39,8 +40,9 @@ for arg in $(cat /proc/cmdline); do
     esac
 done
 [ -n "$OUT" ] || fail "no testhost.out= on the kernel command line"
-mkdir -p "$OUT" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out "$OUT" \
-    || fail "cannot mount the out share at $OUT"
+if ! { mkdir -p "$OUT" && mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 out "$OUT"; }; then
+    fail "cannot mount the out share at $OUT"
+fi
 [ -f "$OUT/job.sh" ] || fail "no $OUT/job.sh"
 
 hostname testhost
@@ -48,7 +50,10 @@ ip link set lo up
 
 case $UDEV in
     off) ;;
-    pci) modprobe -a -q $(cat /sys/bus/pci/devices/*/modalias) 2>/dev/null ;;
+    pci)
+        # One modalias per device; word splitting is what turns them into arguments.
+        # shellcheck disable=SC2046
+        modprobe -a -q $(cat /sys/bus/pci/devices/*/modalias) 2>/dev/null ;;
     full)
         /lib/systemd/systemd-udevd --daemon >/dev/null 2>&1 || fail "systemd-udevd did not start"
         udevadm trigger --type=subsystems --action=add >/dev/null 2>&1
