@@ -11,7 +11,7 @@ import os
 
 from aifactory_core.probes import gpu as gpu_health
 from aifactory_core.probes import host_side
-from aifactory_core.probes.sysfs import Root, one_address, pci_functions, pci_ids
+from aifactory_core.probes.sysfs import Root, one_address, pci_driver, pci_functions, pci_ids
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ def _write_cache(root: Root, cache: dict[str, dict[str, object]]) -> None:
 def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: str | None,
                   budget_s: float, mode: str) -> None:
     gpus = gpu_functions(root, functions)
-    drivers = {address: root.link_name(f"/sys/bus/pci/devices/{address}/driver") or "" for address in gpus}
+    drivers = {address: pci_driver(root, address) for address in gpus}
     snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": "", "SOURCE": ""}
     readings: dict[str, dict[str, Any]] = {}
     if gpus or replay:
@@ -204,7 +204,7 @@ def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None
                 target = root.link_name(base + name)
                 if target:
                     vfs.append(target)
-        used = [vf for vf in vfs if vf in held or root.link_name(f"/sys/bus/pci/devices/{vf}/driver") == "vfio-pci"]
+        used = [vf for vf in vfs if vf in held or pci_driver(root, vf) == "vfio-pci"]
         interfaces = root.listdir(base + "net")
         mode = ""
         for interface in interfaces:

@@ -14,8 +14,12 @@ BRIDGE_OTHER = 0x068000  # NVSwitch's class code
 
 
 def nvswitches(root: Root, functions: list[str]) -> list[str]:
-    return [address for address in functions
-            if pci_ids(root, address)[0] == NVIDIA and pci_ids(root, address)[2] == BRIDGE_OTHER]
+    found = []
+    for address in functions:
+        vendor, _device, klass = pci_ids(root, address)
+        if vendor == NVIDIA and klass == BRIDGE_OTHER:
+            found.append(address)
+    return found
 
 
 def checks(root: Root, functions: list[str] | None = None) -> list[dict[str, object]]:

@@ -17,11 +17,12 @@ DEFAULT_STATE_DIR = "/var/lib/one/aifactory"
 class Root:
     """A host root (``/`` on the live machine) and the suite's state directory under it."""
 
-    __slots__ = ("prefix", "state_dir")
+    __slots__ = ("prefix", "state_dir", "_uevents")
 
     def __init__(self, root: str = "/", state_dir: str | None = None) -> None:
         self.prefix = os.path.abspath(root)
         self.state_dir = state_dir or self.path(DEFAULT_STATE_DIR)
+        self._uevents: dict[str, dict[str, str]] = {}
 
     @classmethod
     def from_environment(cls) -> Root:
@@ -35,11 +36,26 @@ class Root:
         return self.prefix.rstrip("/") + absolute if self.prefix != "/" else absolute
 
     def text(self, absolute: str) -> str | None:
+        """A small file's content, stripped (one ``read`` of at most 64 KiB; sysfs files are smaller)."""
         try:
-            with open(self.path(absolute), encoding="utf-8", errors="replace") as handle:
-                return handle.read().strip()
+            fd = os.open(self.path(absolute), os.O_RDONLY)
         except OSError:
             return None
+        try:
+            return os.read(fd, 65536).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def uevent(self, address: str) -> dict[str, str]:
+        """A PCI function's ``uevent`` (``DRIVER``, ``PCI_ID``, ``PCI_CLASS``...), read once per run."""
+        cached = self._uevents.get(address)
+        if cached is None:
+            text = self.text(f"/sys/bus/pci/devices/{address}/uevent") or ""
+            cached = dict(line.partition("=")[::2] for line in text.splitlines())
+            self._uevents[address] = cached
+        return cached
 
     def number(self, absolute: str, base: int = 10) -> int | None:
         text = self.text(absolute)
@@ -78,10 +94,28 @@ def pci_functions(root: Root) -> list[str]:
 
 
 def pci_ids(root: Root, address: str) -> tuple[int, int, int]:
-    """(vendor, device, class) of a function; -1 where unreadable."""
-    base = f"/sys/bus/pci/devices/{address}/"
-    return (root.number(base + "vendor", 16) or -1, root.number(base + "device", 16) or -1,
-            root.number(base + "class", 16) or -1)
+    """(vendor, device, class) of a function from its ``uevent`` (one read, cached for the run),
+    else from the ``vendor``/``device``/``class`` files; -1 where unreadable."""
+    event = root.uevent(address)
+    vendor, _, device = event.get("PCI_ID", "").partition(":")
+    try:
+        return int(vendor, 16), int(device, 16), int(event["PCI_CLASS"], 16)
+    except (KeyError, ValueError):
+        base = f"/sys/bus/pci/devices/{address}/"
+        return (_or_unknown(root.number(base + "vendor", 16)), _or_unknown(root.number(base + "device", 16)),
+                _or_unknown(root.number(base + "class", 16)))
+
+
+def _or_unknown(value: int | None) -> int:
+    return -1 if value is None else value
+
+
+def pci_driver(root: Root, address: str) -> str:
+    """The bound driver's name ('' when none), from ``uevent`` or the ``driver`` link."""
+    event = root.uevent(address)
+    if "PCI_ID" in event:
+        return event.get("DRIVER", "")
+    return root.link_name(f"/sys/bus/pci/devices/{address}/driver") or ""
 
 
 def one_address(address: str) -> str:
