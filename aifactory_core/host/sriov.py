@@ -44,16 +44,17 @@ def _pf_from_dir(host: HostRoot, device_dir: Path, netdev: str | None) -> Physic
     num = read_int(device_dir / "sriov_numvfs")
     if num is None:
         raise HostError(f"{device_dir.name} is not SR-IOV capable (no sriov_numvfs)")
+    name = device_dir.resolve().name
     total = read_int(device_dir / "sriov_totalvfs")
     if total is None:  # netdevsim: the bound lives in debugfs
-        total = read_int(host.path(f"/sys/kernel/debug/netdevsim/{device_dir.name}/max_vfs")) or num
+        total = read_int(host.path(f"/sys/kernel/debug/netdevsim/{name}/max_vfs")) or num
     names = list_dir(device_dir / "net")
     if netdev is None and names:
         netdev = names[0]
     operstate = read_str(host.path(f"/sys/class/net/{netdev}/operstate")) if netdev else None
     autoprobe = read_int(device_dir / "sriov_drivers_autoprobe")
     return PhysicalFunction(
-        device_dir=device_dir, address=device_dir.resolve().name, netdev=netdev,
+        device_dir=device_dir, address=name, netdev=netdev,
         driver=link_name(device_dir / "driver"), total_vfs=total, num_vfs=num, operstate=operstate,
         autoprobe=None if autoprobe is None else bool(autoprobe),
     )
