@@ -119,7 +119,7 @@ def test_staged_install_matches_opennebulas_layout_and_registers_hooks(tmp_path:
         assert (kvm / action).read_bytes() == (REPO / "drivers/vmm/kvm" / action).read_bytes()
         assert (kvm / f"{action}.one").read_text() == ORIGINAL.format(action=action)
     probe = root / "var/lib/one/remotes/im/kvm-probes.d/host/system/aifactory-gpu"
-    assert probe.read_text().splitlines()[0] == "#!/var/tmp/one/aifactory/venv/bin/python3 -S"
+    assert probe.read_text().splitlines()[0] == "#!/var/tmp/one/aifactory/venv/bin/python3"
     sudoers = root / "etc/sudoers.d/aifactory"
     assert stat.S_IMODE(sudoers.stat().st_mode) == 0o440
     assert stat.S_IMODE((root / "var/lib/one/aifactory").stat().st_mode) == 0o750

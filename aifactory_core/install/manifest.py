@@ -95,11 +95,17 @@ def _files(top: Path) -> Iterator[Path]:
 
 
 def with_interpreter(content: bytes, python: str) -> bytes:
-    """A Python script's first line pointed at ``python`` (flags such as ``-S`` kept)."""
+    """A Python script's first line pointed at ``python``, its flags kept except ``-S``.
+
+    The interpreter is a virtual environment's; on Python 3.11 ``-S`` leaves ``sys.prefix`` at
+    the base interpreter (the environment is applied by ``site``), so a script started with it
+    would not find the suite installed in the environment.
+    """
     match = _PYTHON_SHEBANG.match(content)
     if match is None:
         return content
-    return b"#!" + python.encode() + match.group("flags") + b"\n" + content[match.end():]
+    flags = [flag for flag in match.group("flags").split() if flag != b"-S"]
+    return b" ".join([b"#!" + python.encode(), *flags]) + b"\n" + content[match.end():]
 
 
 def _mode(path: Path) -> int:

@@ -278,11 +278,29 @@ def uninstall_files(tx: Transaction, target: layout.Layout, record: dict[str, An
     old = _read(manifest)
     if old is not None:
         tx.step(f"remove {manifest}", manifest.unlink, _restore(manifest, old, 0o644))
+    scratch_names = {f".{Path(tree).name}.aifactory-removed" for tree in record.get("environments", [])}
+    emptied: set[Path] = set()  # directories this run removes
+    deferring = False  # once one directory waits for the environments to go, its parents wait too
     for directory in reversed(record.get("directories", [])):
         path = target.path(directory)
-        if path.is_dir():
-            if any(path.iterdir()):
-                notes.append(f"kept {directory}: not empty")
-                continue
-            mode = path.stat().st_mode & 0o7777
-            tx.step(f"remove directory {path}", path.rmdir, partial(path.mkdir, mode=mode))
+        if not path.is_dir():
+            continue
+        left = {entry for entry in path.iterdir()} - emptied
+        if {entry.name for entry in left} - scratch_names:
+            notes.append(f"kept {directory}: not empty")
+            continue
+        emptied.add(path)
+        if left or deferring:  # removed after commit, once the environments are gone
+            deferring = True
+            tx.out.write(("would " if tx.dry_run else "") + f"remove directory {path}\n")
+            tx.after_commit.append(partial(_remove_empty, path))
+            continue
+        mode = path.stat().st_mode & 0o7777
+        tx.step(f"remove directory {path}", path.rmdir, partial(path.mkdir, mode=mode))
+
+
+def _remove_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
