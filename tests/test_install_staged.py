@@ -302,3 +302,45 @@ def test_frontend_doctor_refuses_wrapped_actions_run_on_the_frontend(tmp_path: P
     result = frontend_doctor(root)
     assert result.returncode == 1
     assert "FAIL  oned.conf: VM_MAD kvm runs deploy on the frontend (-l)" in result.stdout
+
+
+def test_changed_hook_is_updated_in_place(tmp_path: Path, auth: Path, one_server: OneTestServer) -> None:
+    root = clean_frontend(tmp_path / "root")
+    assert install(root, auth, endpoint=one_server.endpoint).returncode == 0
+    hook_id = min(one_server.hooks)
+    name, kind, attributes = one_server.hooks[hook_id]
+    one_server.hooks[hook_id] = (name, kind, {**attributes, "COMMAND": "elsewhere/x"})  # an admin's edit
+    result = install(root, auth, endpoint=one_server.endpoint)
+    assert result.returncode == 0, result.stderr
+    assert f"update hook {name}" in result.stdout
+    assert one_server.hooks[hook_id] == (name, kind, attributes) and len(one_server.hooks) == len(template_names())
+
+
+def test_hook_refused_by_oned_undoes_the_hooks_and_files_before_it(tmp_path: Path, auth: Path,
+                                                                  one_server: OneTestServer) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    subprocess.run(["cp", "-a", str(REPO / "drivers"), str(REPO / "hooks"), str(SCRIPT), str(source)], check=True)
+    (source / "aifactory_core").symlink_to(REPO / "aifactory_core")
+    (source / "hooks/templates/zz-no-command.tmpl").write_text('NAME = "zz-no-command"\nTYPE = "api"\n'
+                                                               'CALL = "one.vm.allocate"\n')
+    root = clean_frontend(tmp_path / "root")
+    before = snapshot(root)
+    env = {**os.environ, "PYTHON": sys.executable, "ONE_AUTH": str(auth)}
+    result = subprocess.run(["sh", str(source / "install.sh"), "--no-venv", "--destdir", str(root),
+                             "--endpoint", one_server.endpoint], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 1
+    assert "one.hook.allocate" in result.stderr and "No COMMAND in hook template" in result.stderr
+    assert one_server.hooks == {}  # the hooks allocated before the refused one were deleted again
+    assert snapshot(root) == before
+
+
+def test_cli_doctor_frontend_on_a_staged_root(tmp_path: Path, auth: Path) -> None:
+    root = clean_frontend(tmp_path / "root")
+    with_upstream_config(root)
+    assert install(root, auth).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "aifactory_core.cli", "--host-root", str(root), "doctor",
+                             "--frontend"], capture_output=True, text=True, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "ONE_AUTH": str(auth)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS  oned.conf: VM_MAD kvm" in result.stdout and "FAIL" not in result.stdout
