@@ -7,6 +7,7 @@ fails, the files are rolled back too, so a failed run leaves the target as it wa
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
@@ -33,9 +34,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _oned(endpoint: str | None) -> Any:
-    from aifactory_core.policy.oned import Oned
+    try:
+        from aifactory_core.policy.oned import Oned
 
-    return Oned(endpoint, timeout=15.0)
+        return Oned(endpoint, timeout=15.0)
+    except ImportError as error:  # pyone: present in the suite's environment, maybe not in this Python
+        raise InstallError(f"cannot talk to oned from {sys.executable}: {error} (pyone; or --no-hooks)") from None
 
 
 def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
@@ -58,7 +62,10 @@ def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) ->
         if item is not None:
             files.append(item)
     hooks: dict[str, int] = dict(previous.get("hooks", {}))
-    if not args.no_hooks and templates:
+    if not args.no_hooks and templates and args.dry_run and importlib.util.find_spec("pyone") is None:
+        for template in templates:  # the suite's environment, which has pyone, does not exist yet
+            tx.tell(f"would register hook {template.name} (allocate or update)")
+    elif not args.no_hooks and templates:
         oned = _oned(args.endpoint)
         hook_undo: list[Any] = []
         try:
