@@ -184,10 +184,10 @@ def verify(ipr: Netlink, pf_index: int, vf: int, wanted: VfSettings) -> None:
         raise HostError(f"VF {vf} of ifindex {pf_index} reads back wrong: {'; '.join(problems)}")
 
 
-def scrub(ipr: Netlink, pf_index: int, vf: int, *, infiniband: bool = False) -> None:
+def scrub(ipr: Netlink, pf_index: int, vf: int, *, infiniband: bool = False, pool_size: int | None = None) -> None:
     """Return the VF to :data:`CLEAN` (GUIDs cleared for InfiniBand) and verify it by reading back."""
     clean = CLEAN_IB if infiniband else CLEAN
-    apply(ipr, pf_index, vf, clean)
+    apply(ipr, pf_index, vf, clean, pool_size=pool_size)
     verify(ipr, pf_index, vf, clean)
 
 

@@ -68,6 +68,12 @@ def _connection() -> Any:
     return _netlink
 
 
+def pool_size(host: HostRoot, pf: str) -> int | None:
+    """The PF's current VF count from sysfs (cheaper than decoding a full VF dump)."""
+    text = host.read_text(f"/sys/class/net/{pf}/device/sriov_numvfs")
+    return int(text) if text and text.isdigit() else None
+
+
 def ifindex(host: HostRoot, pf: str) -> int | None:
     text = host.read_text(f"/sys/class/net/{pf}/ifindex")
     return int(text) if text and text.isdigit() else None
@@ -135,8 +141,7 @@ def do(host: HostRoot, action_: Action, writer: Any) -> None:
         token.write_text(f"{vm}\n")
         with _netlink_lock:
             ipr = _connection()
-            pool = len(netlink_vf.read_vfs(ipr, index))
-            netlink_vf.apply(ipr, index, vf, wanted, pool_size=pool)
+            netlink_vf.apply(ipr, index, vf, wanted, pool_size=pool_size(host, pf))
             netlink_vf.verify(ipr, index, vf, wanted)
 
 
@@ -164,8 +169,9 @@ def undo(host: HostRoot, action_: Action, writer: Any) -> None:
         if index is not None:
             with _netlink_lock:
                 ipr = _connection()
-                if vf in netlink_vf.read_vfs(ipr, index):
-                    netlink_vf.scrub(ipr, index, vf, infiniband=action_.undo_value == "clean-ib")
+                size = pool_size(host, pf)
+                if size is None or vf < size:
+                    netlink_vf.scrub(ipr, index, vf, infiniband=action_.undo_value == "clean-ib", pool_size=size)
         token.unlink(missing_ok=True)
 
 
