@@ -20,7 +20,7 @@ from aifactory_core.validate import driver_name, pci_address
 
 USAGE = "usage: aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none> | reset <dddd:bb:ss.f>"
 ENV_ROOT_HELPER = "AIFACTORY_ROOT_HELPER"
-DEFAULT_ROOT_HELPER = "/var/tmp/one/aifactory/venv/bin/aifactory-root-helper"
+DEFAULT_ROOT_HELPER = "/usr/local/lib/aifactory/venv/bin/aifactory-root-helper"
 
 
 def parse(argv: Sequence[str]) -> tuple[str, str, str]:

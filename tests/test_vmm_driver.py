@@ -156,7 +156,7 @@ def test_sudoers_snippet_allows_only_the_root_helper() -> None:
     result = subprocess.run([visudo, "-cf", str(snippet)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     text = snippet.read_text()
-    helper = "/var/tmp/one/aifactory/venv/bin/aifactory-root-helper"
+    helper = "/usr/local/lib/aifactory/venv/bin/aifactory-root-helper"
     assert f"{helper} set-driver *" in text and f"{helper} reset *" in text
     granted = [line for line in text.splitlines() if line.startswith("oneadmin")]
     assert granted == ["oneadmin ALL=(root) NOPASSWD: AIFACTORY_ROOT_HELPER"]
