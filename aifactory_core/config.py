@@ -133,3 +133,10 @@ def load_config(option: str | None = None) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"config file {str(path)!r}: {error}") from None
     return parse_config(data, str(path))
+
+
+def check_plugin_keys(plugin: str, section: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:
+    """Refuse a ``[plugin.NAME]`` key the plugin does not know, naming it and what is allowed."""
+    for key in sorted(section):
+        if key not in allowed:
+            raise ConfigError(f"unknown config key 'plugin.{plugin}.{key}' (allowed: {', '.join(sorted(allowed))})")

@@ -123,5 +123,5 @@ def test_plugin_config_is_validated(section: dict) -> None:
 
     from aifactory_core.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"\[plugin.policy\]"):
+    with pytest.raises(ConfigError, match=r"plugin\.policy"):
         aifactory_configure(parse_config({}), "policy", section)

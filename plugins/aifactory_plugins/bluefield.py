@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from aifactory_core.config import Config
+from aifactory_core.config import Config, check_plugin_keys
 from aifactory_core.errors import ConfigError, HostError, UsageError
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
@@ -69,9 +69,7 @@ def switchdev_handles(section: Mapping[str, Any]) -> list[tuple[str, str]]:
 def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -> None:
     if name != NAME:
         return
-    unknown = set(section) - SETTINGS
-    if unknown:
-        raise ConfigError(f"[plugin.bluefield] unknown key {sorted(unknown)[0]!r}")
+    check_plugin_keys(NAME, section, SETTINGS)
     _bridge(section.get("bridge", DEFAULT_BRIDGE))
     _vsctl(section.get("ovs_vsctl", list(DEFAULT_VSCTL)))
     switchdev_handles(section)

@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from aifactory_core.config import Config
+from aifactory_core.config import Config, check_plugin_keys
 from aifactory_core.errors import AifactoryError, ConfigError
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
@@ -46,9 +46,7 @@ def _settings(config: Config) -> Mapping[str, Any]:
 def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -> None:
     if name != NAME:
         return
-    for key in section:
-        if key not in _KEYS:
-            raise ConfigError(f"[plugin.policy] {key}: unknown key (allowed: {', '.join(sorted(_KEYS))})")
+    check_plugin_keys(NAME, section, _KEYS)
     if "file" in section and not isinstance(section["file"], str):
         raise ConfigError("[plugin.policy] file: must be a path string")
     if "required" in section and not isinstance(section["required"], bool):

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from aifactory_core.config import Config
-from aifactory_core.errors import ConfigError
+from aifactory_core.config import Config, check_plugin_keys
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.model import Action, Check, DiscoveredDevice
@@ -28,9 +27,7 @@ SETTINGS = {"datastores"}
 def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -> None:
     if name != NAME:
         return
-    unknown = set(section) - SETTINGS
-    if unknown:
-        raise ConfigError(f"[plugin.sriov] unknown key {sorted(unknown)[0]!r}")
+    check_plugin_keys(NAME, section, SETTINGS)
 
 
 def is_switchdev_pf(inventory: HostInventory, pf_netdev: str) -> bool:

@@ -17,8 +17,8 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from aifactory_core.config import Config
-from aifactory_core.errors import ConfigError, UsageError
+from aifactory_core.config import Config, check_plugin_keys
+from aifactory_core.errors import UsageError
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.hostroot import HostRoot
@@ -37,9 +37,7 @@ DEFAULT_PREFIX = 0xA1F0
 def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -> None:
     if name != NAME:
         return
-    unknown = set(section) - SETTINGS
-    if unknown:
-        raise ConfigError(f"[plugin.infiniband] unknown key {sorted(unknown)[0]!r}")
+    check_plugin_keys(NAME, section, SETTINGS)
     from aifactory_plugins.infiniband.guid import parse_prefix
 
     parse_prefix(section.get("guid_prefix", DEFAULT_PREFIX))
