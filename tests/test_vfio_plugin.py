@@ -91,3 +91,41 @@ def test_gpu_held_open_is_refused_with_the_pids(h100_root: Path, tmp_path: Path)
     assert nvidia_gpu.device_holders(inventory, gpu) == ["nvidia-persiste[4242]"]
     with pytest.raises(HostError, match=r"GPU 0000:00:06.0 is held open by nvidia-persiste\[4242\]"):
         nvidia_gpu.aifactory_prepare(inventory, DeployRequest(1, (gpu,)), parse_config({}))
+
+
+def _replay(tmp_path: Path, **changes: object) -> Path:
+    """The real H100 NVML recording, with the named fields changed (derived, for refusal cases)."""
+    import json
+
+    from hostroots import H100_CAPTURE
+
+    recording = json.loads((H100_CAPTURE / "nvml.json").read_text())
+    for name, value in changes.items():
+        recording["devices"][0][name] = {"value": value, "us": 1.0}
+    path = tmp_path / "nvml.json"
+    path.write_text(json.dumps(recording))
+    return path
+
+
+def test_nvml_state_of_the_real_h100_recording(h100_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    from aifactory_plugins.nvidia_state import gpu_state
+
+    monkeypatch.setenv("AIFACTORY_NVML_REPLAY", str(_replay(tmp_path)))
+    state = gpu_state(HostRoot(h100_root), "0000:00:06.0")
+    assert state is not None
+    assert (state.mig_enabled, state.persistence, state.process_pids) == (False, True, ())
+    nvidia_gpu.aifactory_prepare(HostInventory(HostRoot(h100_root)), DeployRequest(1, ("0000:00:06.0",)),
+                                 parse_config({}))  # nothing in the way: no refusal
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"MigMode": ["1", "1"]}, "has MIG enabled"),
+    ({"ComputeRunningProcesses": [{"pid": 4242, "usedGpuMemory": 1024}]}, "runs processes 4242"),
+])
+def test_nvml_state_refuses_mig_and_running_processes(h100_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path, changes: dict, message: str) -> None:
+    monkeypatch.setenv("AIFACTORY_NVML_REPLAY", str(_replay(tmp_path, **changes)))
+    with pytest.raises(HostError, match=message):
+        nvidia_gpu.aifactory_prepare(HostInventory(HostRoot(h100_root)), DeployRequest(1, ("0000:00:06.0",)),
+                                     parse_config({}))

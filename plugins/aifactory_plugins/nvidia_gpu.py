@@ -172,3 +172,14 @@ def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) ->
         if holders:
             raise HostError(f"GPU {address} is held open by {' '.join(holders)}; stop them or keep this GPU "
                             "in the host pool")
+        from aifactory_plugins.nvidia_state import gpu_state
+
+        state = gpu_state(inventory.host, address)
+        if state is None:
+            continue
+        if state.mig_enabled:
+            raise HostError(f"GPU {address} has MIG enabled on the host; its MIG instances would be lost: "
+                            f"disable MIG (nvidia-smi -i {address} -mig 0) or keep it in the host pool")
+        if state.process_pids:
+            raise HostError(f"GPU {address} runs processes {' '.join(map(str, state.process_pids))} (NVML); "
+                            "stop them or keep this GPU in the host pool")
