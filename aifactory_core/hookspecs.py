@@ -61,7 +61,10 @@ def aifactory_discover_devices(inventory: HostInventory) -> Iterable[DiscoveredD
 def aifactory_device_health(
     inventory: HostInventory, device: DiscoveredDevice
 ) -> Iterable[ProbeAttribute] | None:
-    """Device health: readings and a verdict for one device this plugin owns (else ``None``)."""
+    """Device health: readings and a verdict for one device this plugin owns (else ``None``).
+
+    Shown by ``aifactory inventory`` for each device. (The IM probes read NVIDIA GPUs and NICs
+    themselves, without loading plugins, to stay within their start-up budget.)"""
 
 
 @hookspec
@@ -80,7 +83,8 @@ def aifactory_admit(inventory: HostInventory, request: Any, config: Config) -> I
     """Per-VM admission/policy: return refusal reasons (each names the rule); empty to admit.
 
     ``request`` is the :class:`aifactory_core.one.vm.VmRequest` parsed from OpenNebula's VM
-    document. Runs on the frontend at creation and again on the host before anything is bound;
+    document on the frontend, and a :class:`aifactory_core.model.DeployRequest` at deploy. Runs
+    on the frontend at creation and again on the host before anything is bound;
     one refusal from any plugin refuses the VM.
     """
 
@@ -91,7 +95,13 @@ def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) ->
 
     Return :class:`~aifactory_core.model.Action` objects instead of acting: the lifecycle
     journals, executes and, on any failure, undoes them in reverse — which gives dry-run, explain,
-    rollback and crash repair for every plugin alike.
+    rollback and crash repair for every plugin alike. Release needs no hook of its own: when the
+    VM goes, the journal is undone, newest action first (register the undo of a new action kind
+    with ``aifactory_core.lifecycle.executor.register_executor``).
+
+    At deploy ``request`` is a :class:`aifactory_core.model.DeployRequest` (VM id, owner from the
+    domain's ``<one:vm>`` metadata, PCI functions of its hostdevs); return ``None`` for requests
+    your plugin does not handle.
     """
 
 
@@ -105,31 +115,15 @@ def aifactory_domain_xml(inventory: HostInventory, request: Any, domain: Any, co
 
 
 @hookspec
-def aifactory_release(inventory: HostInventory, request: Any, config: Config) -> Iterable[Action] | None:
-    """After shutdown: return the actions that give the host back what ``prepare`` took."""
-
-
-@hookspec
 def aifactory_network_setup(
     inventory: HostInventory, request: Any, nic: Any, config: Config, grant: Any
 ) -> Iterable[Action] | None:
     """Network setup for one VM NIC (VF MAC/VLAN/trust/rate, IB GUID/pkey, representor port).
 
-    Called by the VNM ``pre.d`` hook, before the VM's VFs are bound to vfio-pci. ``nic`` is a
+    Called by the VNM ``pre.d`` hook, before the VM's VFs are bound to vfio-pci — or by ``post.d``
+    on a VM's first deploy, whose owner OpenNebula has not yet written at ``pre``. ``nic`` is a
     :class:`aifactory_core.one.vm.PciRequest` (``TYPE = "NIC"``) or ``NicRequest``; ``grant`` the
     owner's :class:`aifactory_core.vnm.grant.TenantNetworkGrant` — the only source of the VLANs,
     VNIs and pkeys the NIC may use. Return actions (journaled, undone in reverse on failure and at
     ``clean``); return ``None`` for NICs this plugin does not handle.
     """
-
-
-@hookspec
-def aifactory_network_teardown(
-    inventory: HostInventory, request: Any, nic: Any, config: Config, grant: Any
-) -> Iterable[Action] | None:
-    """Network teardown for one VM NIC: scrub the VF to a verified clean state, unplug ports."""
-
-
-@hookspec
-def aifactory_probe_attributes(inventory: HostInventory, probe: str) -> Iterable[ProbeAttribute] | None:
-    """Monitoring: attributes for an OpenNebula probe (``host-system``, ``vm-monitor``)."""

@@ -109,3 +109,28 @@ def test_inventory_places_gpus_on_their_nodes(dgx_root: Path, dgx_nps4_root: Pat
         gpus = sorted((device for device in data["devices"] if device["kind"] == "gpu"), key=lambda d: d["address"])
         assert [gpu["numa_node"] for gpu in gpus] == expected
         assert len(data["numa_nodes"]) == max(expected) + 1
+
+
+def test_vendor_plugin_claims_its_device_and_reports_its_health(h100_root: Path, tmp_path: Path) -> None:
+    """The real H100 capture plus one processing accelerator (class 0x12, vendor 1da3) cloned from the
+    GPU's sysfs entry: the example vendor plugin claims it and its health hook reports the link."""
+    import shutil
+
+    root = tmp_path / "host"
+    shutil.copytree(h100_root, root, symlinks=True)
+    source = root / "sys/devices/pci0000:00/0000:00:06.0"
+    clone = root / "sys/devices/pci0000:00/0000:00:07.0"
+    shutil.copytree(source, clone, symlinks=True)
+    (clone / "driver").unlink()
+    (clone / "vendor").write_text("0x1da3\n")
+    (clone / "device").write_text("0x1020\n")
+    (clone / "class").write_text("0x120000\n")
+    (clone / "current_link_width").write_text("8\n")
+    (root / "sys/bus/pci/devices/0000:00:07.0").symlink_to("../../../devices/pci0000:00/0000:00:07.0")
+    data = json.loads(run_cli("--host-root", str(root), "inventory", "--json").stdout)
+    accelerator = next(device for device in data["devices"] if device["address"] == "0000:00:07.0")
+    assert (accelerator["kind"], accelerator["plugin"]) == ("accelerator", "example_accel")
+    assert accelerator["health"] == [{"name": "EXAMPLE_ACCEL", "value": {
+        "ADDRESS": "0000:00:07.0", "LINK_WIDTH": "8", "HEALTH": "DEGRADED"}}]
+    gpu = next(device for device in data["devices"] if device["address"] == "0000:00:06.0")
+    assert gpu["health"] == []

@@ -286,6 +286,7 @@ def test_textfile_written_atomically(tmp_path: Path) -> None:
     prometheus.write_textfile(str(target), "new\n")
     assert target.read_text() == "new\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["gpu.prom"]
+    assert target.stat().st_mode & 0o777 == 0o644  # node_exporter reads it as another user
 
 
 @pytest.mark.parametrize("probe", [HOST_PROBE, VM_PROBE], ids=["host-system", "vm-monitor"])

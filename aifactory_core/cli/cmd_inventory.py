@@ -15,6 +15,16 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--all", action="store_true", help="list every PCI function, not only claimed devices")
 
 
+def _health(manager: Any, inventory: Any, device: Any) -> list[dict[str, Any]]:
+    """What the owning plugins' ``aifactory_device_health`` say about one device."""
+    readings = []
+    for result in manager.hook.aifactory_device_health(inventory=inventory, device=device):
+        for attribute in result or ():
+            value = dict(attribute.value) if isinstance(attribute.value, tuple) else attribute.value
+            readings.append({"name": attribute.name, "value": value})
+    return readings
+
+
 def collect(context: Any) -> dict[str, Any]:
     from aifactory_core.cpulist import format_cpulist
     from aifactory_core.devices import discover_devices
@@ -54,6 +64,7 @@ def collect(context: Any) -> dict[str, Any]:
             "interfaces": list(pci.net_interfaces),
             "companions": list(device.companions),
             "plugin": device.plugin,
+            "health": _health(manager, inventory, device),
         })
     return {
         "host_root": str(context.host.root),

@@ -20,12 +20,7 @@ def run(args: argparse.Namespace, context: Any) -> int:
     _manager, _loaded = context.plugins  # loading plugins registers their action kinds (VF, pkey, OVS port)
     report = RepairReport()
     for scope in (context.host, vnm_host(context.host)):  # device journals, then network journals
-        part = repair(scope)
-        report.rolled_back += part.rolled_back
-        report.released += part.released
-        report.kept += part.kept
-        report.orphans_dropped += part.orphans_dropped
-        report.problems += part.problems
+        report.add(repair(scope))
     out = sys.stdout
     out.write(f"rolled back: {', '.join(map(str, report.rolled_back)) or 'none'}\n")
     out.write(f"released: {', '.join(map(str, report.released)) or 'none'}\n")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from aifactory_core.errors import AifactoryError, HostError
-from aifactory_core.host.pcibind import PciBinder, RecordingWriter, SysfsWrite, Writer
+from aifactory_core.host.pcibind import PciBinder, RecordingWriter, SysfsWrite, SysfsWriter, Writer
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle import ownership
 from aifactory_core.lifecycle.journal import Journal, Step
@@ -167,7 +167,7 @@ def _run_batch(host: HostRoot, steps: list[Step], writer: Writer) -> None:
 
 def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer | None = None) -> Journal:
     """Claim the devices, then make every action, journaled; on failure undo all and re-raise."""
-    writer = writer if writer is not None else PciBinder(host).writer
+    writer = writer if writer is not None else SysfsWriter()
     existing = Journal.load(host, vm)
     if existing is not None and existing.phase == "prepared":
         return existing  # deploy retried after success: nothing to do
@@ -197,7 +197,7 @@ def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer |
 
 def rollback(host: HostRoot, journal: Journal, writer: Writer | None = None) -> list[str]:
     """Undo an unfinished (or any) transaction and give its devices back."""
-    writer = writer if writer is not None else PciBinder(host).writer
+    writer = writer if writer is not None else SysfsWriter()
     problems = _undo_steps(host, journal, writer)
     if problems:
         log.error("VM %s: rollback incomplete: %s", journal.vm_id, "; ".join(problems))

@@ -19,6 +19,10 @@ class RepairReport:
     orphans_dropped: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
+    def add(self, other: RepairReport) -> None:
+        for name in ("rolled_back", "released", "kept", "orphans_dropped", "problems"):
+            getattr(self, name).extend(getattr(other, name))
+
 
 def repair(host: HostRoot) -> RepairReport:
     report = RepairReport()

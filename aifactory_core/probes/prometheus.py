@@ -7,8 +7,6 @@ labelled with ``bus_id``, ``uuid``, ``model`` and ``state``. The file is written
 
 from __future__ import annotations
 
-import os
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -79,18 +77,10 @@ def exposition(snapshot: dict[str, Any]) -> str:
 
 
 def write_textfile(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (same-directory temporary file, fsync, rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
+    """Write ``text`` to ``path`` atomically (the suite's temp + fsync + rename helper), readable
+    by a node_exporter that runs as another user."""
+    from pathlib import Path
+
+    from aifactory_core.lifecycle.atomic import write_atomic
+
+    write_atomic(Path(path), text.encode("utf-8"), mode=0o644)

@@ -37,6 +37,15 @@ class VfLocation:
     infiniband: bool
 
 
+def locate_nic_vf(host: HostRoot, nic: object) -> VfLocation | None:
+    """The VF behind a VM's PCI NIC request (``PCI = [ TYPE = "NIC", ... ]``); None for anything else."""
+    from aifactory_core.one.vm import PciRequest
+
+    if not isinstance(nic, PciRequest) or not nic.is_nic or nic.address is None:
+        return None
+    return locate_vf(host, nic.address)
+
+
 def locate_vf(host: HostRoot, vf_address: str) -> VfLocation:
     address = pci_address(vf_address)
     pf = link_name(host.pci_devices / address / "physfn")

@@ -143,13 +143,12 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
     from dataclasses import replace
 
     from aifactory_core.host.devlink import representors, switch_id
-    from aifactory_core.one.vm import PciRequest
     from aifactory_core.vnm import vf
-    from aifactory_core.vnm.plan import locate_vf, vf_settings
+    from aifactory_core.vnm.plan import locate_nic_vf, vf_settings
 
-    if not isinstance(nic, PciRequest) or not nic.is_nic or nic.address is None:
+    where = locate_nic_vf(inventory.host, nic)
+    if where is None:
         return None
-    where = locate_vf(inventory.host, nic.address)
     if where.infiniband or switch_id(inventory.host, where.pf_netdev) is None:
         return None
     if (nic.vn_mad or "").lower() == "vxlan":

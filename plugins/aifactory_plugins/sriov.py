@@ -38,13 +38,12 @@ def is_switchdev_pf(inventory: HostInventory, pf_netdev: str) -> bool:
 
 @hookimpl
 def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, grant: Any) -> Iterable[Action] | None:
-    from aifactory_core.one.vm import PciRequest
     from aifactory_core.vnm import vf
-    from aifactory_core.vnm.plan import locate_vf, vf_settings
+    from aifactory_core.vnm.plan import locate_nic_vf, vf_settings
 
-    if not isinstance(nic, PciRequest) or not nic.is_nic or nic.address is None:
+    where = locate_nic_vf(inventory.host, nic)
+    if where is None:
         return None
-    where = locate_vf(inventory.host, nic.address)
     if where.infiniband or is_switchdev_pf(inventory, where.pf_netdev):
         return None
     return [vf.action(where.pf_netdev, where.vf, request.vm_id, vf_settings(nic, grant))]

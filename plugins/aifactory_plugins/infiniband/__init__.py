@@ -97,14 +97,13 @@ def nic_pkey(attributes: Mapping[str, str]) -> int:
 def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, config: Config,
                             grant: Any) -> Iterable[Action] | None:
     from aifactory_core.host.netlink_vf import guid
-    from aifactory_core.one.vm import PciRequest
     from aifactory_core.vnm import vf
-    from aifactory_core.vnm.plan import locate_vf, vf_settings
+    from aifactory_core.vnm.plan import locate_nic_vf, vf_settings
     from aifactory_plugins.infiniband.guid import allocate, format_guid, parse_prefix
 
-    if not isinstance(nic, PciRequest) or not nic.is_nic or nic.address is None:
+    where = locate_nic_vf(inventory.host, nic)
+    if where is None:
         return None
-    where = locate_vf(inventory.host, nic.address)
     if not where.infiniband:
         return None
     settings = config.plugin(NAME)
