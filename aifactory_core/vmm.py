@@ -141,6 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AifactoryError as error:
         sys.stderr.write(f"aifactory {action}: {error.message}\n")
         return error.exit_status or 1
+    except Exception as error:  # a defect: OpenNebula shows stderr as the VM's error, so one line
+        if os.environ.get("AIFACTORY_DEBUG") == "1":
+            raise
+        sys.stderr.write(f"aifactory {action}: internal error: {type(error).__name__}: {error}\n")
+        return 1
 
 
 if __name__ == "__main__":

@@ -170,3 +170,13 @@ def test_root_helper_grammar_is_closed(argv: list[str]) -> None:
 
     with pytest.raises(UsageError):
         parse(argv)
+
+
+def test_a_defect_is_one_line_not_a_traceback(env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch,
+                                             capfd: pytest.CaptureFixture[str]) -> None:
+    def broken(*_args: object) -> bytes:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(vmm, "prepare_deploy", broken)
+    assert _run("deploy", ["/d/deployment.0", "h", "42", "h"], DOMAIN, monkeypatch) == 1
+    assert capfd.readouterr().err == "aifactory deploy: internal error: KeyError: 'boom'\n"

@@ -146,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as error:  # a defect, not bad input: one line unless --debug asks for more
+        if debug:
+            raise
+        sys.stderr.write(f"aifactory: internal error: {type(error).__name__}: {error} (rerun with --debug)\n")
+        return 1
 
 
 def entry_point() -> None:
