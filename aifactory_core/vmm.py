@@ -6,8 +6,9 @@ original contract (same argv; stdout = the original's stdout; non-zero exit + on
 refusal) around the original script, kept beside the wrapper as ``<action>.one``:
 
 - ``deploy '<deployment file>' '<host>' <vmid> <host>``, domain XML on stdin: admit (policy
-  plugins), prepare (journaled, rolled back on failure), let plugins edit the domain, run the
-  original with the edited domain; if the original fails, release again.
+  plugins), configure the VM's network VFs if VNM ``pre`` could not yet (from ``vm.xml`` beside
+  the deployment file), prepare (journaled, rolled back on failure), let plugins edit the domain,
+  run the original with the edited domain; if the original fails, release again.
 - ``cancel``/``shutdown``/``reset``… ``'<deploy id>' '<host>' <vmid> <host>``: run the original, then
   (when the VM is gone) release what deploy took. Every action is idempotent: ``cancel`` may follow
   a failed deploy.
@@ -19,6 +20,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,17 @@ def deploy_request(domain: Any, vm: int) -> DeployRequest:
                          uname=meta.uname if meta else None, gname=meta.gname if meta else None)
 
 
-def plan_deploy(host: HostRoot, config: Config, domain: Any, vm: int) -> tuple[DeployRequest, list[Action], Any]:
+@dataclass(frozen=True)
+class DeployPlan:
+    """What ``deploy`` will do, decided before anything changes."""
+
+    request: DeployRequest
+    actions: list[Action]
+    manager: Any  # the pluggy manager that planned it (its domain_xml hook edits the domain)
+    inventory: Any  # the HostInventory it planned on
+
+
+def plan_deploy(host: HostRoot, config: Config, domain: Any, vm: int) -> DeployPlan:
     """Admission and the actions every plugin wants, without changing anything."""
     from aifactory_core.host.inventory import HostInventory
     from aifactory_core.plugins import build_manager
@@ -59,23 +71,51 @@ def plan_deploy(host: HostRoot, config: Config, domain: Any, vm: int) -> tuple[D
         raise PolicyRefused(f"VM {vm} refused: {'; '.join(refusals)}")
     actions = [action for result in manager.hook.aifactory_prepare(inventory=inventory, request=request, config=config)
                for action in (result or ())]
-    return request, actions, (manager, inventory)
+    return DeployPlan(request, actions, manager, inventory)
 
 
-def prepare_deploy(host: HostRoot, config: Config, domain_xml: bytes, vm: int) -> bytes:
-    """Admit, prepare (journaled) and rewrite the domain; returns the domain to start."""
+def vm_document_of(deployment_file: str, host: HostRoot) -> Path:
+    """The ``vm.xml`` OpenNebula writes beside the remote deployment file before ``deploy``."""
+    if not deployment_file.startswith("/") or ".." in deployment_file.split("/") or "\0" in deployment_file:
+        raise UsageError(f"deploy: deployment file {deployment_file[:200]!r} is not an absolute path")
+    return host.path(os.path.dirname(os.path.normpath(deployment_file))) / "vm.xml"
+
+
+def prepare_deploy(host: HostRoot, config: Config, domain_xml: bytes, vm: int,
+                   vm_document: Path | None = None) -> tuple[bytes, bool]:
+    """Admit, configure the VM's network VFs (when VNM ``pre`` could not: see
+    :func:`aifactory_core.vnm.hook.configure_at_deploy`), prepare the devices (journaled) and
+    rewrite the domain. Returns the domain to start, and whether this call configured the network
+    (then a failed start must give it back). Any failure undoes what this call made."""
     from aifactory_core.domain import dump_domain, load_domain
     from aifactory_core.lifecycle.executor import prepare, rollback
 
     domain = load_domain(domain_xml)
-    request, actions, (manager, inventory) = plan_deploy(host, config, domain, vm)
-    journal = prepare(host, vm, actions)
+    plan = plan_deploy(host, config, domain, vm)
+    network_made = False
+    if vm_document is not None:
+        from aifactory_core.vnm.hook import configure_at_deploy
+
+        network_made = configure_at_deploy(host, config, vm, vm_document)
     try:
-        manager.hook.aifactory_domain_xml(inventory=inventory, request=request, domain=domain, config=config)
-        return dump_domain(domain)
+        journal = prepare(host, vm, plan.actions)
+        try:
+            plan.manager.hook.aifactory_domain_xml(inventory=plan.inventory, request=plan.request, domain=domain,
+                                                   config=config)
+            return dump_domain(domain), network_made
+        except BaseException:
+            rollback(host, journal)
+            raise
     except BaseException:
-        rollback(host, journal)
+        if network_made:
+            _undo_network(host, vm)
         raise
+
+
+def _undo_network(host: HostRoot, vm: int) -> None:
+    from aifactory_core.vnm.hook import undo_at_deploy
+
+    undo_at_deploy(host, vm)
 
 
 def release_vm(host: HostRoot, vm: int) -> bool:
@@ -119,10 +159,12 @@ def run_action(action: str, wrapper: str, argv: Sequence[str]) -> int:
     host = HostRoot.resolve(None)
     if action == "deploy":
         config = load_config(None)
-        domain = prepare_deploy(host, config, stdin, vm)
+        domain, network_made = prepare_deploy(host, config, stdin, vm, vm_document_of(argv[0], host))
         status = _run_original(wrapper, action, argv, domain)
         if status != 0:
             release_vm(host, vm)
+            if network_made:
+                _undo_network(host, vm)
         return status
     status = _run_original(wrapper, action, argv, stdin)
     if status == 0 and action in RELEASING_ACTIONS:

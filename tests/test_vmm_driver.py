@@ -180,3 +180,12 @@ def test_a_defect_is_one_line_not_a_traceback(env: tuple[HostRoot, Path], monkey
     monkeypatch.setattr(vmm, "prepare_deploy", broken)
     assert _run("deploy", ["/d/deployment.0", "h", "42", "h"], DOMAIN, monkeypatch) == 1
     assert capfd.readouterr().err == "aifactory deploy: internal error: KeyError: 'boom'\n"
+
+
+def test_vm_document_is_found_beside_the_deployment_file_inside_the_host_root(env: tuple[HostRoot, Path]) -> None:
+    host, _originals = env
+    assert vmm.vm_document_of("/var/lib/one//datastores/0/42/deployment.0", host) == host.path(
+        "/var/lib/one/datastores/0/42/vm.xml")
+    for bad in ("deployment.0", "/var/lib/one/datastores/0/../../../etc/deployment.0", "/a\0b/deployment.0"):
+        with pytest.raises(UsageError, match="is not an absolute path"):
+            vmm.vm_document_of(bad, host)

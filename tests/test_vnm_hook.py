@@ -103,11 +103,122 @@ def test_another_tenants_vm_is_refused_its_network(world: tuple[HostRoot, Config
     assert peer.sets() == 0
 
 
-def test_first_deploy_defers_to_post(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+def full_vm_document(host: HostRoot, vlan: str = "1001", gid: int = 100, gname: str = "llm") -> Path:
+    """The ``vm.xml`` OpenNebula writes to the VM directory between ``pre`` and ``deploy``: the
+    sample's PCI NIC with the owner the full ``<VM>`` carries."""
+    text = SAMPLE.read_text().replace("<VLAN_ID><![CDATA[1001]]>", f"<VLAN_ID><![CDATA[{vlan}]]>")
+    text = text.replace("<ID>42</ID>", f"<ID>42</ID><UID>5</UID><GID>{gid}</GID><UNAME>alice</UNAME>"
+                                       f"<GNAME>{gname}</GNAME>", 1)
+    directory = host.path("/var/lib/one/datastores/0/42")
+    directory.mkdir(parents=True)
+    (directory / "vm.xml").write_text(text)
+    return directory / "vm.xml"
+
+
+DEPLOY_DOMAIN = b"""<domain type='kvm'><name>one-42</name><devices/>
+  <metadata><one:vm xmlns:one='http://opennebula.org/xmlns/libvirt/1.0'><one:uid>5</one:uid>
+  <one:gid>100</one:gid></one:vm></metadata></domain>"""
+
+
+@pytest.fixture
+def device_prepare_sees(monkeypatch: pytest.MonkeyPatch, world: tuple[HostRoot, Config, NetlinkDouble]) -> list[int]:
+    """The VF's VLAN as the VMM's device step (which binds VFs to vfio-pci) finds it."""
+    from aifactory_core.lifecycle import executor
+
+    _host, _config, peer = world
+    seen: list[int] = []
+    original = executor.prepare
+
+    def recording(host: HostRoot, vm: int, actions: object, writer: object = None) -> object:
+        if not str(host.state_dir).endswith("vnm"):
+            seen.append(netlink_vf.read_vfs(peer, 5)[0].vlan)
+        return original(host, vm, actions, writer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(executor, "prepare", recording)
+    return seen
+
+
+def test_first_deploy_configures_the_vf_in_deploy_before_the_device_step(
+        world: tuple[HostRoot, Config, NetlinkDouble], device_prepare_sees: list[int]) -> None:
+    from aifactory_core import vmm
+
     host, config, peer = world
-    assert "configured at post" in hook.run("pre", stdin(), host, config)
+    assert "not known before the VM directory exists" in hook.run("pre", stdin(), host, config)
     assert peer.sets() == 0
-    owner(host)  # OpenNebula writes vm.xml between pre and deploy
+    document = full_vm_document(host)
+    _domain, network_made = vmm.prepare_deploy(host, config, DEPLOY_DOMAIN, 42, document)
+    assert network_made and device_prepare_sees == [1001]  # tagged before anything is bound
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {"ens1f0np0/0": 42}
+    peer.vfs[5][0].update(vlan=0)  # OpenNebula's activate_vf in post
+    assert "1 network action(s) made or re-applied" in hook.run("post", stdin(), host, config)
+    assert netlink_vf.read_vfs(peer, 5)[0].vlan == 1001
+    _domain, again = vmm.prepare_deploy(host, config, DEPLOY_DOMAIN, 42, document)  # a retried deploy
+    assert not again
+    hook.run("clean", stdin(), host, config)
+    assert netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
+
+
+def test_deploy_after_pre_configured_leaves_the_network_to_vnm(
+        world: tuple[HostRoot, Config, NetlinkDouble], device_prepare_sees: list[int]) -> None:
+    from aifactory_core import vmm
+
+    host, config, peer = world
+    document = full_vm_document(host)
+    hook.run("pre", stdin(), host, config)
+    sets = peer.sets()
+    _domain, network_made = vmm.prepare_deploy(host, config, DEPLOY_DOMAIN, 42, document)
+    assert not network_made and peer.sets() == sets and device_prepare_sees == [1001]
+
+
+def test_deploy_refused_its_vlan_configures_nothing(
+        world: tuple[HostRoot, Config, NetlinkDouble], device_prepare_sees: list[int]) -> None:
+    from aifactory_core import vmm
+
+    host, config, peer = world
+    document = full_vm_document(host, vlan="300")
+    with pytest.raises(PolicyRefused, match="VLAN 300 is outside tenant llm"):
+        vmm.prepare_deploy(host, config, DEPLOY_DOMAIN, 42, document)
+    assert peer.sets() == 0 and device_prepare_sees == []
+    assert Journal.load(hook.vnm_host(host), 42) is None
+
+
+def test_device_step_failing_at_deploy_gives_the_vf_back_clean(
+        world: tuple[HostRoot, Config, NetlinkDouble], monkeypatch: pytest.MonkeyPatch) -> None:
+    from aifactory_core import vmm
+    from aifactory_core.errors import HostError
+    from aifactory_core.lifecycle import executor
+
+    host, config, peer = world
+    document = full_vm_document(host)
+    original = executor.prepare
+
+    def failing(host_: HostRoot, vm: int, actions: object, writer: object = None) -> object:
+        if not str(host_.state_dir).endswith("vnm"):
+            raise HostError("0000:18:00.2: unbind timed out")
+        return original(host_, vm, actions, writer)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(executor, "prepare", failing)
+    with pytest.raises(HostError, match="unbind timed out"):
+        vmm.prepare_deploy(host, config, DEPLOY_DOMAIN, 42, document)
+    assert peer.sets() > 0 and netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
+    assert Journal.load(hook.vnm_host(host), 42) is None
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {}
+
+
+def test_vm_without_pci_nics_needs_no_tenant_grant(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, _config, peer = world
+    no_policy = parse_config({"plugins": {"enabled": ["sriov"]}})
+    text = SAMPLE.read_text()
+    text = text[:text.index("<PCI>")] + text[text.index("</PCI>") + len("</PCI>"):]
+    assert hook.run("pre", base64.b64encode(text.encode()), host, no_policy) == "VM 42: 0 network action(s) made"
+    assert peer.sets() == 0
+
+
+def test_post_configures_when_nothing_earlier_could(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    assert "configured at deploy, else at post" in hook.run("pre", stdin(), host, config)
+    assert peer.sets() == 0
+    owner(host)  # a deploy that did not go through the suite's wrapper
     hook.run("post", stdin(), host, config)
     assert netlink_vf.read_vfs(peer, 5)[0].vlan == 1001
     hook.run("clean", stdin(), host, config)

@@ -3,7 +3,10 @@
 OpenNebula runs ``<VN_MAD>/{pre,post,clean}.d/*`` with one line of base64 of the VM document on
 stdin. ``pre`` (before the domain exists, so before any VF is bound to vfio-pci) asks the network
 plugins for each PCI NIC's actions under the owner's tenant grant and makes them through the
-lifecycle (journaled; any failure undoes everything). ``post`` runs after OpenNebula's own VF
+lifecycle (journaled; any failure undoes everything). The reduced VNM document names no owner:
+when no local document names it yet (a first deploy: OpenNebula writes ``vm.xml`` only after
+``pre``), the wrapped VMM ``deploy`` does the same from that ``vm.xml`` (:func:`configure_at_deploy`),
+still before its own step binds the VFs to vfio-pci. ``post`` runs after OpenNebula's own VF
 code (which sets the template's VLAN/spoof-check/trust): it makes the journaled settings again, so
 the suite's word is the one that stays. ``clean`` undoes the journal: every VF scrubbed and read
 back clean, pkey memberships and representor ports removed.
@@ -125,7 +128,10 @@ def pre(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetwork
     """Make the VM's network actions; ``None`` when the owner is not known yet (``post`` will)."""
     from aifactory_core.lifecycle.executor import prepare
     from aifactory_core.vnm import vf  # noqa: F401  (registers the vf_config executor)
+    from aifactory_core.vnm.plan import network_nics
 
+    if not network_nics(request.pci):
+        return 0  # no PCI NIC: nothing for the suite, and no tenant grant needed
     if grant is None:
         owned = with_owner(host, config, request)
         if owned is None:
@@ -135,6 +141,32 @@ def pre(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetwork
     if actions:
         prepare(vnm_host(host), request.vm_id, actions)
     return len(actions)
+
+
+def configure_at_deploy(host: HostRoot, config: Config, vm: int, vm_document: Path) -> bool:
+    """Make the VM's network actions from the full ``<VM>`` OpenNebula wrote to the VM directory,
+    unless ``pre`` already did; True when this call made them (the caller undoes them if its own
+    deploy fails). Runs in the VMM ``deploy`` before any device is bound to vfio-pci."""
+    from aifactory_core.lifecycle.journal import Journal
+    from aifactory_core.one.vm import parse_vm
+
+    if Journal.load(vnm_host(host), vm) is not None or not vm_document.is_file():
+        return False
+    request = parse_vm(vm_document.read_bytes(), str(vm_document))
+    if request.vm_id != vm:
+        raise PolicyRefused(f"{vm_document} describes VM {request.vm_id}, not {vm}")
+    if request.uid is None and request.gid is None:
+        raise PolicyRefused(f"VM {vm}: {vm_document} names no owner")
+    made = pre(host, config, request)
+    return bool(made)
+
+
+def undo_at_deploy(host: HostRoot, vm: int) -> None:
+    """Give back what :func:`configure_at_deploy` made (a deploy that failed after it)."""
+    from aifactory_core.lifecycle.executor import release
+    from aifactory_core.vnm import vf  # noqa: F401
+
+    release(vnm_host(host), vm)
 
 
 def post(host: HostRoot, config: Config, request: VmRequest) -> int:
@@ -171,7 +203,8 @@ def run(phase: str, stdin: bytes, host: HostRoot, config: Config) -> str:
     if phase == "pre":
         made = pre(host, config, request)
         if made is None:
-            return f"VM {request.vm_id}: owner not known before the VM directory exists; configured at post"
+            return (f"VM {request.vm_id}: owner not known before the VM directory exists; "
+                    "configured at deploy, else at post")
         return f"VM {request.vm_id}: {made} network action(s) made"
     if phase == "post":
         return f"VM {request.vm_id}: {post(host, config, request)} network action(s) made or re-applied"

@@ -158,7 +158,7 @@ def test_deploy_path_domain_with_unmanaged_hostdev_starts(state_dir: Path, e1000
           <source><address domain='0x{domain}' bus='0x{bus}' slot='0x{slot}' function='0x{function}'/></source>
         </hostdev><memballoon model='none'/></devices></domain>"""
     host = _host(state_dir)
-    rewritten = prepare_deploy(host, Config(), xml.encode(), 77)
+    rewritten, _network_made = prepare_deploy(host, Config(), xml.encode(), 77)
     assert b"managed=\"no\"" in rewritten or b"managed='no'" in rewritten
     path = state_dir / "aif-hostdev.xml"
     path.write_bytes(rewritten)
