@@ -129,10 +129,10 @@ def device_prepare_sees(monkeypatch: pytest.MonkeyPatch, world: tuple[HostRoot, 
     seen: list[int] = []
     original = executor.prepare
 
-    def recording(host: HostRoot, vm: int, actions: object, writer: object = None) -> object:
+    def recording(host: HostRoot, vm: int, actions: object, writer: object = None, **scopes: object) -> object:
         if not str(host.state_dir).endswith("vnm"):
             seen.append(netlink_vf.read_vfs(peer, 5)[0].vlan)
-        return original(host, vm, actions, writer)  # type: ignore[arg-type]
+        return original(host, vm, actions, writer, **scopes)  # type: ignore[arg-type]
 
     monkeypatch.setattr(executor, "prepare", recording)
     return seen
@@ -192,10 +192,10 @@ def test_device_step_failing_at_deploy_gives_the_vf_back_clean(
     document = full_vm_document(host)
     original = executor.prepare
 
-    def failing(host_: HostRoot, vm: int, actions: object, writer: object = None) -> object:
+    def failing(host_: HostRoot, vm: int, actions: object, writer: object = None, **scopes: object) -> object:
         if not str(host_.state_dir).endswith("vnm"):
             raise HostError("0000:18:00.2: unbind timed out")
-        return original(host_, vm, actions, writer)  # type: ignore[arg-type]
+        return original(host_, vm, actions, writer, **scopes)  # type: ignore[arg-type]
 
     monkeypatch.setattr(executor, "prepare", failing)
     with pytest.raises(HostError, match="unbind timed out"):
@@ -268,3 +268,83 @@ def test_domain_hostdev_interface_follows_the_journal(world: tuple[HostRoot, Con
     interface = domain.find("devices/interface")
     assert interface is not None and interface.find("vlan") is None
     assert interface.find("mac").get("address") == "02:00:c0:a8:c9:0a"  # type: ignore[union-attr]
+
+
+SECOND_PCI_NIC = ("<PCI><ADDRESS><![CDATA[0000:18:00:3]]></ADDRESS><MAC><![CDATA[02:00:c0:a8:c9:0b]]></MAC>"
+                  "<NETWORK_ID><![CDATA[7]]></NETWORK_ID><NIC_ID><![CDATA[2]]></NIC_ID><PCI_ID><![CDATA[2]]></PCI_ID>"
+                  "<PHYDEV><![CDATA[ens1f0np0]]></PHYDEV><SHORT_ADDRESS><![CDATA[18:00.3]]></SHORT_ADDRESS>"
+                  "<TYPE><![CDATA[NIC]]></TYPE><VLAN_ID><![CDATA[1002]]></VLAN_ID><VN_MAD><![CDATA[802.1Q]]></VN_MAD>"
+                  "{attach}</PCI>")
+
+
+def hotplug_stdin(second: bool = True, attach: str = "pci") -> bytes:
+    """The VNM document of ``onevm nic-attach``/``nic-detach``: the whole VM, with the NIC the action
+    is about marked ``ATTACH = "YES"`` (OpenNebula's get_vnm_drivers keeps every NIC/PCI)."""
+    text = SAMPLE.read_text()
+    marker = "<ATTACH><![CDATA[YES]]></ATTACH>"
+    if second:
+        text = text.replace("</PCI>", "</PCI>" + SECOND_PCI_NIC.format(attach=marker if attach == "pci" else ""), 1)
+    if attach == "nic":
+        bridge = "<VN_MAD><![CDATA[bridge]]></VN_MAD>"
+        text = text.replace(f"{bridge}</NIC>", f"{bridge}{marker}</NIC>")
+    return base64.b64encode(text.encode())
+
+
+def test_hot_attached_nic_joins_and_its_detach_leaves_the_other_vfs_configured(
+        world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    owner(host)
+    hook.run("pre", stdin(), host, config)
+    before = netlink_vf.read_vfs(peer, 5)[0]
+    assert hook.run("pre", hotplug_stdin(), host, config) == "VM 42: 1 network action(s) made"
+    vfs = netlink_vf.read_vfs(peer, 5)
+    assert vfs[0] == before and (vfs[1].mac, vfs[1].vlan) == ("02:00:c0:a8:c9:0b", 1002)
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {"ens1f0np0/0": 42, "ens1f0np0/1": 42}
+    journal = Journal.load(hook.vnm_host(host), 42)
+    assert journal is not None and sorted({step.scope for step in journal.steps}) == ["nic1", "nic2"]
+    assert hook.run("pre", hotplug_stdin(), host, config) == "VM 42: 1 network action(s) made"  # repeated pre
+    assert len(Journal.load(hook.vnm_host(host), 42).steps) == len(journal.steps)  # type: ignore[union-attr]
+
+    assert hook.run("clean", hotplug_stdin(), host, config) == "VM 42: PCI 2 released"
+    vfs = netlink_vf.read_vfs(peer, 5)
+    assert vfs[0] == before and vfs[1] == netlink_vf.CLEAN  # the VM's other VF keeps its VLAN
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {"ens1f0np0/0": 42}
+    assert hook.run("clean", stdin(), host, config) == "VM 42: network released"
+    assert netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
+    assert Journal.load(hook.vnm_host(host), 42) is None
+
+
+def test_detaching_a_plain_nic_touches_no_vf(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    owner(host)
+    hook.run("pre", stdin(), host, config)
+    before, sets = netlink_vf.read_vfs(peer, 5)[0], peer.sets()
+    for phase in ("pre", "post", "clean"):
+        hook.run(phase, hotplug_stdin(second=False, attach="nic"), host, config)
+    assert netlink_vf.read_vfs(peer, 5)[0] == before and peer.sets() == sets
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {"ens1f0np0/0": 42}
+
+
+def test_hot_attach_failing_half_way_undoes_only_the_new_nic(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    host, config, peer = world
+    owner(host)
+    hook.run("pre", stdin(), host, config)
+    before = netlink_vf.read_vfs(peer, 5)[0]
+    original = peer._set
+
+    def refuse_vlan_1002(index: int, spec: dict[str, object]) -> list[object]:
+        if spec.get("vlan") == {"vlan": 1002, "qos": 0}:
+            original(index, {"vf": spec["vf"], "mac": spec["mac"]})  # half-made: the MAC went in
+            raise NetlinkError(22, "Invalid argument")
+        return original(index, spec)
+
+    peer._set = refuse_vlan_1002  # type: ignore[method-assign]
+    with pytest.raises(Exception, match="cannot configure VF 1"):
+        hook.run("pre", hotplug_stdin(), host, config)
+    vfs = netlink_vf.read_vfs(peer, 5)
+    assert vfs[0] == before and vfs[1] == netlink_vf.CLEAN
+    journal = Journal.load(hook.vnm_host(host), 42)
+    assert journal is not None and {step.scope for step in journal.steps} == {"nic1"}
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {"ens1f0np0/0": 42}

@@ -165,8 +165,15 @@ def _run_batch(host: HostRoot, steps: list[Step], writer: Writer) -> None:
         raise errors[0]  # type: ignore[misc]
 
 
-def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer | None = None) -> Journal:
-    """Claim the devices, then make every action, journaled; on failure undo all and re-raise."""
+def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer | None = None, *,
+            scopes: Sequence[str] = ()) -> Journal:
+    """Claim the devices, then make every action, journaled; on failure undo all and re-raise.
+
+    ``scopes`` (parallel to ``actions``) names the part of the VM each action belongs to, so that
+    part can later be released alone (:mod:`aifactory_core.lifecycle.parts`)."""
+    if scopes and len(scopes) != len(actions):
+        raise ValueError("scopes must name one scope per action")
+    scope_of = {id(action): scope for action, scope in zip(actions, scopes, strict=False)}
     writer = writer if writer is not None else SysfsWriter()
     existing = Journal.load(host, vm)
     if existing is not None and existing.phase == "prepared":
@@ -180,7 +187,7 @@ def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer |
             if _executor(action.kind).claims_target:
                 ownership.claim(host, action.target, vm)
         for batch in _batches(actions):
-            steps = [Step(action) for action in batch]
+            steps = [Step(action, scope=scope_of.get(id(action), "")) for action in batch]
             journal.steps.extend(steps)
             journal.save()
             _run_batch(host, steps, writer)

@@ -4,7 +4,8 @@ One JSON file per VM under ``<state dir>/vms/<vmid>.json``::
 
     {"vm_id": 42, "phase": "preparing" | "prepared" | "releasing",
      "steps": [{"kind": "pci_driver", "target": "0000:17:00.0", "value": "vfio-pci",
-                "undo_value": "nvidia", "reason": "...", "status": "pending" | "done" | "undone"}]}
+                "undo_value": "nvidia", "reason": "...", "status": "pending" | "done" | "undone",
+                "scope": "nic1" (optional: a part of the VM released on its own)}]}
 
 A VM whose transaction finished releasing has no file. ``pending`` means "about to be made or made
 without confirmation": undoing it is safe because every action kind's undo is idempotent.
@@ -36,16 +37,21 @@ def journal_dir(host: HostRoot) -> Path:
 class Step:
     action: Action
     status: str = "pending"
+    scope: str = ""
+    """The part of the VM the step belongs to (``nic1``: a hot-pluggable NIC); ``""`` for the whole VM."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.action.kind, "target": self.action.target, "value": self.action.value,
+        data = {"kind": self.action.kind, "target": self.action.target, "value": self.action.value,
                 "undo_value": self.action.undo_value, "reason": self.action.reason, "status": self.status}
+        if self.scope:
+            data["scope"] = self.scope
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Step:
         action = Action(str(data["kind"]), str(data["target"]), str(data["value"]),
                         None if data.get("undo_value") is None else str(data["undo_value"]), str(data["reason"]))
-        return cls(action, str(data["status"]))
+        return cls(action, str(data["status"]), str(data.get("scope", "")))
 
 
 class FaultInjector:

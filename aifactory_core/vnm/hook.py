@@ -18,6 +18,8 @@ same VM but start and end at different moments.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
     from aifactory_core.config import Config
     from aifactory_core.hostroot import HostRoot
     from aifactory_core.model import Action
-    from aifactory_core.one.vm import VmRequest
+    from aifactory_core.one.vm import PciRequest, VmRequest
     from aifactory_core.vnm.grant import TenantNetworkGrant
 
 PHASES = ("pre", "post", "clean")
@@ -41,11 +43,47 @@ def vnm_host(host: HostRoot) -> HostRoot:
     return HostRoot(host.root, host.state_dir / "vnm")
 
 
-def read_request(stdin: bytes) -> VmRequest:
-    from aifactory_core.one.vm import parse_vm
-    from aifactory_core.one.xmlsafe import decode_base64
+@dataclass(frozen=True)
+class Hotplug:
+    """The NIC a hot-plug action (``nic-attach``/``nic-detach``) is about: OpenNebula sends the
+    whole VM and marks that one element ``ATTACH = "YES"``."""
 
-    return parse_vm(decode_base64(stdin.strip(), "VNM VM document"), "VNM VM document")
+    element: str  # NIC, NIC_ALIAS or PCI
+    nic_id: int | None
+
+
+def read_request(stdin: bytes) -> VmRequest:
+    return read_document(stdin)[0]
+
+
+def read_document(stdin: bytes) -> tuple[VmRequest, Hotplug | None]:
+    """The VM of a VNM action, and the NIC being hot-plugged (``None`` for a deploy/shutdown)."""
+    from aifactory_core.one.vm import vm_from_element
+    from aifactory_core.one.xmlsafe import decode_base64, parse_xml
+
+    root = parse_xml(decode_base64(stdin.strip(), "VNM VM document"), "VNM VM document")
+    request = vm_from_element(root)
+    for element in ("PCI", "NIC", "NIC_ALIAS"):
+        for item in root.iterfind(f"TEMPLATE/{element}"):
+            if (item.findtext("ATTACH") or "").strip().upper() == "YES":
+                raw = (item.findtext("NIC_ID") or "").strip()
+                return request, Hotplug(element, int(raw) if raw.isdigit() and len(raw) < 10 else None)
+    return request, None
+
+
+def scope_of(nic: PciRequest) -> str:
+    """The journal scope of one PCI NIC's actions (released alone when the NIC is detached)."""
+    return f"nic{nic.nic_id}" if nic.nic_id is not None else f"pci{nic.pci_id}"
+
+
+def hotplugged_nic(request: VmRequest, hotplug: Hotplug) -> PciRequest | None:
+    """The PCI NIC a hot-plug action is about; ``None`` when it is not one of the suite's (a plain
+    NIC or alias: nothing for the suite to do, and nothing the VM holds may be touched)."""
+    from aifactory_core.vnm.plan import network_nics
+
+    if hotplug.element != "PCI" or hotplug.nic_id is None:
+        return None
+    return next((nic for nic in network_nics(request.pci) if nic.nic_id == hotplug.nic_id), None)
 
 
 DEFAULT_DATASTORES = "/var/lib/one/datastores"
@@ -108,28 +146,38 @@ def tenant_grant(config: Config, request: VmRequest) -> TenantNetworkGrant:
     return grant_from_policy(load_policy(path), request, full_membership=membership == "full")
 
 
-def plan(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetworkGrant) -> list[Action]:
-    """Every network plugin's actions for every PCI NIC of the VM, in template order."""
+def plan(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetworkGrant,
+         nics: Sequence[PciRequest] | None = None) -> list[tuple[str, list[Action]]]:
+    """Every network plugin's actions for each PCI NIC of the VM (``nics``: only those), in
+    template order, as (journal scope, actions) per NIC."""
     from aifactory_core.host.inventory import HostInventory
     from aifactory_core.plugins import build_manager
     from aifactory_core.vnm.plan import network_nics
 
     manager, _loaded = build_manager(config)
     inventory = HostInventory(host)
-    actions: list[Action] = []
-    for nic in network_nics(request.pci):
+    parts: list[tuple[str, list[Action]]] = []
+    for nic in network_nics(request.pci) if nics is None else nics:
+        actions: list[Action] = []
         for result in manager.hook.aifactory_network_setup(inventory=inventory, request=request, nic=nic,
                                                            config=config, grant=grant):
             actions.extend(result)
-    return actions
+        parts.append((scope_of(nic), actions))
+    return parts
 
 
-def pre(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetworkGrant | None = None) -> int | None:
-    """Make the VM's network actions; ``None`` when the owner is not known yet (``post`` will)."""
+def pre(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetworkGrant | None = None,
+        hotplug: Hotplug | None = None) -> int | None:
+    """Make the VM's network actions (with ``hotplug``: only the attached NIC's, added to what the
+    VM holds); ``None`` when the owner is not known yet (deploy or ``post`` will)."""
     from aifactory_core.lifecycle.executor import prepare
+    from aifactory_core.lifecycle.parts import add_part
     from aifactory_core.vnm import vf  # noqa: F401  (registers the vf_config executor)
     from aifactory_core.vnm.plan import network_nics
 
+    attached = hotplugged_nic(request, hotplug) if hotplug is not None else None
+    if hotplug is not None and attached is None:
+        return 0  # a plain NIC or alias hot-plugged: not the suite's
     if not network_nics(request.pci):
         return 0  # no PCI NIC: nothing for the suite, and no tenant grant needed
     if grant is None:
@@ -137,9 +185,15 @@ def pre(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetwork
         if owned is None:
             return None
         request, grant = owned, tenant_grant(config, owned)
-    actions = plan(host, config, request, grant)
+    if attached is not None:
+        ((scope, actions),) = plan(host, config, request, grant, [attached])
+        if actions:
+            add_part(vnm_host(host), request.vm_id, scope, actions)
+        return len(actions)
+    parts = plan(host, config, request, grant)
+    actions = [action for _scope, part in parts for action in part]
     if actions:
-        prepare(vnm_host(host), request.vm_id, actions)
+        prepare(vnm_host(host), request.vm_id, actions, scopes=[scope for scope, part in parts for _ in part])
     return len(actions)
 
 
@@ -169,46 +223,60 @@ def undo_at_deploy(host: HostRoot, vm: int) -> None:
     release(vnm_host(host), vm)
 
 
-def post(host: HostRoot, config: Config, request: VmRequest) -> int:
-    """Make every journaled VF setting again (over OpenNebula's own ``activate_vf``); when ``pre``
-    had to defer (owner unknown then), plan and make everything now."""
+def post(host: HostRoot, config: Config, request: VmRequest, hotplug: Hotplug | None = None) -> int:
+    """Make every journaled VF setting again (over OpenNebula's own ``activate_vf``; with
+    ``hotplug``: the attached NIC's); when nothing earlier could (owner unknown then), plan and
+    make everything now."""
     from aifactory_core.host.pcibind import SysfsWriter
     from aifactory_core.lifecycle.executor import EXECUTORS
     from aifactory_core.lifecycle.journal import Journal
     from aifactory_core.vnm import vf
 
+    attached = hotplugged_nic(request, hotplug) if hotplug is not None else None
+    if hotplug is not None and attached is None:
+        return 0
     journal = Journal.load(vnm_host(host), request.vm_id)
-    if journal is None:
-        made = pre(host, config, request)
+    if journal is None or (attached is not None and not any(step.scope == scope_of(attached)
+                                                             for step in journal.steps)):
+        made = pre(host, config, request, hotplug=hotplug)
         if made is None:
             raise PolicyRefused(f"VM {request.vm_id}: owner unknown (no vm.xml or deployment file)")
         return made
-    steps = [step for step in journal.steps if step.action.kind == vf.KIND and step.status == "done"]
+    steps = [step for step in journal.steps if step.action.kind == vf.KIND and step.status == "done"
+             and (attached is None or step.scope == scope_of(attached))]
     for step in steps:
         EXECUTORS[vf.KIND].do(vnm_host(host), step.action, SysfsWriter())
     return len(steps)
 
 
-def clean(host: HostRoot, request: VmRequest) -> bool:
+def clean(host: HostRoot, request: VmRequest, hotplug: Hotplug | None = None) -> bool:
+    """Undo the VM's network journal (with ``hotplug``: only the detached NIC's part — the VM keeps
+    running with its other VFs configured)."""
     from aifactory_core.lifecycle.executor import release
+    from aifactory_core.lifecycle.parts import release_part
     from aifactory_core.vnm import vf  # noqa: F401
 
+    if hotplug is not None:
+        detached = hotplugged_nic(request, hotplug)
+        return detached is not None and release_part(vnm_host(host), request.vm_id, scope_of(detached))
     return release(vnm_host(host), request.vm_id)
 
 
 def run(phase: str, stdin: bytes, host: HostRoot, config: Config) -> str:
     if phase not in PHASES:
         raise ConfigError(f"unknown VNM phase {phase!r}: expected pre, post or clean")
-    request = read_request(stdin)
+    request, hotplug = read_document(stdin)
     if phase == "pre":
-        made = pre(host, config, request)
+        made = pre(host, config, request, hotplug=hotplug)
         if made is None:
             return (f"VM {request.vm_id}: owner not known before the VM directory exists; "
                     "configured at deploy, else at post")
         return f"VM {request.vm_id}: {made} network action(s) made"
     if phase == "post":
-        return f"VM {request.vm_id}: {post(host, config, request)} network action(s) made or re-applied"
-    return f"VM {request.vm_id}: network released" if clean(host, request) else f"VM {request.vm_id}: nothing held"
+        return f"VM {request.vm_id}: {post(host, config, request, hotplug)} network action(s) made or re-applied"
+    what = "network" if hotplug is None else f"{hotplug.element} {hotplug.nic_id}"
+    released = clean(host, request, hotplug)
+    return f"VM {request.vm_id}: {what} released" if released else f"VM {request.vm_id}: nothing held"
 
 
 def main(argv: list[str] | None = None, stdin: Any = None) -> int:
