@@ -34,7 +34,8 @@ def discover() -> dict[str, EntryPoint]:
     found: dict[str, EntryPoint] = {}
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         if entry.name in found:
-            log.warning("plugin %s is registered twice; keeping %s", entry.name, found[entry.name].value)
+            if entry.value != found[entry.name].value:  # the same module seen twice is one plugin
+                log.warning("plugin %s is registered twice; keeping %s", entry.name, found[entry.name].value)
             continue
         found[entry.name] = entry
     return found

@@ -16,6 +16,7 @@ refusal) around the original script, kept beside the wrapper as ``<action>.one``
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -172,12 +173,49 @@ def run_action(action: str, wrapper: str, argv: Sequence[str]) -> int:
     return status
 
 
+class _OpenNebulaLogFormat(logging.Formatter):
+    """``WARN: aifactory deploy: ...``: OpenNebula 7 forwards stderr lines that start with
+    ``ERROR:``/``WARN:``/``INFO:``/``DEBUG:`` to the VM's log instead of its error message."""
+
+    LEVELS = {"WARNING": "WARN", "CRITICAL": "ERROR"}
+
+    def __init__(self, action: str) -> None:
+        super().__init__()
+        self.action = action
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = self.LEVELS.get(record.levelname, record.levelname)
+        return f"{level}: aifactory {self.action}: {' '.join(record.getMessage().split())}"
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:  # a log line must never fail the action
+            self.handleError(record)
+
+
+def _log_to_opennebula(action: str) -> None:
+    for name, level in (("aifactory", logging.INFO), ("aifactory_core", logging.WARNING)):
+        logger = logging.getLogger(name)
+        for old in [handler for handler in logger.handlers if isinstance(handler, _StderrHandler)]:
+            logger.removeHandler(old)
+        handler = _StderrHandler()
+        handler.setFormatter(_OpenNebulaLogFormat(action))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2:
         sys.stderr.write("usage: python -m aifactory_core.vmm ACTION WRAPPER_PATH ARGS...\n")
         return 2
     action, wrapper, rest = args[0], args[1], args[2:]
+    _log_to_opennebula(action)
     try:
         return run_action(action, wrapper, rest)
     except AifactoryError as error:

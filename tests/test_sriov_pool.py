@@ -95,20 +95,6 @@ def test_a_function_without_sriov_is_not_a_pf(tmp_path: Path) -> None:
         sriov.pf_by_address(host, "0000:18:00.2")
 
 
-def test_free_vf_on_the_gpus_numa_node_first(tmp_path: Path) -> None:
-    from aifactory_core.vnm.plan import VfLocation, choose_free_vf
-
-    def vf(index: int, node: int) -> VfLocation:
-        return VfLocation(f"0000:18:00.{index}", PF, "ens1f0np0", index, node, False)
-
-    pool = [vf(2, 0), vf(3, 1), vf(4, 1), vf(5, 0)]
-    assert choose_free_vf(pool, set(), {1}).vf == 3
-    assert choose_free_vf(pool, {"0000:18:00.3"}, {1}).vf == 4
-    assert choose_free_vf(pool, {"0000:18:00.3", "0000:18:00.4"}, {1}).vf == 2  # none left there: any node
-    with pytest.raises(HostError, match="no free VF"):
-        choose_free_vf(pool, {v.vf_address for v in pool}, {0})
-
-
 def test_locate_vf_reads_pf_index_and_numa(tmp_path: Path) -> None:
     from aifactory_core.vnm.plan import locate_vf
 

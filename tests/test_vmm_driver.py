@@ -189,3 +189,50 @@ def test_vm_document_is_found_beside_the_deployment_file_inside_the_host_root(en
     for bad in ("deployment.0", "/var/lib/one/datastores/0/../../../etc/deployment.0", "/a\0b/deployment.0"):
         with pytest.raises(UsageError, match="is not an absolute path"):
             vmm.vm_document_of(bad, host)
+
+
+def _gpu_and_vf_domain(gpu: str, vf: str) -> str:
+    def hostdev(address: str) -> str:
+        domain, bus, slot_function = address.split(":")
+        slot, function = slot_function.split(".")
+        return (f"<hostdev mode='subsystem' type='pci' managed='yes'><source><address domain='0x{domain}' "
+                f"bus='0x{bus}' slot='0x{slot}' function='0x{function}'/></source></hostdev>")
+    return DOMAIN.replace(DOMAIN[DOMAIN.index("<hostdev"):DOMAIN.index("</hostdev>") + len("</hostdev>")],
+                          hostdev(gpu) + hostdev(vf))
+
+
+@pytest.mark.parametrize(("mode", "gpu", "status", "line"), [
+    ("warn", GPU, 0, "WARN: aifactory deploy: VM 42: VF 0000:aa:00.2 is on NUMA node 1, the VM's GPUs on 0"),
+    ("require", GPU, 1, "aifactory deploy: VM 42 refused: [plugin.sriov] numa_local = require: VF 0000:aa:00.2 "
+                        "is on NUMA node 1, the VM's GPUs on 0"),
+    ("require", "0000:c3:00.0", 0, None),  # GPU and VF both on node 1
+    ("off", GPU, 0, None),
+])
+def test_a_vf_far_from_the_vms_gpus_is_logged_or_refused(
+        env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        tmp_path: Path, mode: str, gpu: str, status: int, line: str | None) -> None:
+    """The DGX-shaped tree: GPUs on nodes 0 and 1, ConnectX VFs 0000:aa:00.2-5 on node 1."""
+    host, originals = env
+    config = tmp_path / "aifactory.conf"
+    config.write_text(f'[plugins]\nenabled = ["vfio", "nvidia_gpu", "sriov"]\n[plugin.sriov]\nnuma_local = "{mode}"\n')
+    monkeypatch.setenv("AIFACTORY_CONFIG", str(config))
+    _original(originals, "deploy")
+    argv = ["/var/lib/one//datastores/0/42/deployment.0", "gpu-node-01", "42", "gpu-node-01"]
+    assert _run("deploy", argv, _gpu_and_vf_domain(gpu, "0000:aa:00.2"), monkeypatch) == status
+    err = capfd.readouterr().err
+    if line is None:
+        assert "NUMA node" not in err
+    else:
+        assert line in err and len(err.strip().splitlines()) == 1
+    assert (HostInventory(host).pci[gpu].driver == "vfio-pci") == (status == 0)
+
+
+def test_numa_local_setting_is_checked(tmp_path: Path) -> None:
+    from aifactory_core.config import load_config
+    from aifactory_core.errors import ConfigError
+    from aifactory_core.plugins import build_manager
+
+    config = tmp_path / "aifactory.conf"
+    config.write_text('[plugins]\nenabled = ["sriov"]\n[plugin.sriov]\nnuma_local = "sometimes"\n')
+    with pytest.raises(ConfigError, match="numa_local = 'sometimes': expected warn, require or off"):
+        build_manager(load_config(str(config)))

@@ -105,12 +105,3 @@ def vf_settings(pci: PciRequest, grant: TenantNetworkGrant, *, node_guid: str | 
 def network_nics(pcis: tuple[PciRequest, ...]) -> list[PciRequest]:
     """The PCI NICs OpenNebula allocated a host function for (in template order)."""
     return [pci for pci in pcis if pci.is_nic and pci.address is not None]
-
-
-def choose_free_vf(candidates: list[VfLocation], busy: set[str], gpu_nodes: set[int]) -> VfLocation:
-    """A free VF, on the NUMA node of the VM's GPUs first, then any; lowest PF/VF for stability."""
-    free = [vf for vf in candidates if vf.vf_address not in busy]
-    if not free:
-        raise HostError("no free VF in the pool")
-    free.sort(key=lambda vf: (vf.numa_node not in gpu_nodes, vf.pf_address, vf.vf))
-    return free[0]

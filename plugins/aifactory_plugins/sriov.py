@@ -5,11 +5,16 @@ Ethernet PF, returns one ``vf_config`` action (see :mod:`aifactory_core.vnm.vf`)
 VF is bound to vfio-pci, undone by a scrub verified over netlink. InfiniBand VFs belong to the
 ``infiniband`` plugin, VFs of a switchdev PF to ``bluefield``.
 
-``[plugin.sriov]``: ``datastores`` (where ``vm.xml``/``deployment.N`` name a VM's owner).
+``[plugin.sriov]``: ``datastores`` (where ``vm.xml``/``deployment.N`` name a VM's owner);
+``numa_local`` — what deploy does when OpenNebula gave a VM a VF on another NUMA node than its
+GPUs (oned's scheduler takes the first free matching VF, by address, blind to NUMA): ``warn``
+(default: a ``WARN`` line in the VM's log), ``require`` (refuse the deploy, naming both nodes) or
+``off``. Operators who need locality everywhere give each NUMA node's PF its own network.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,7 +25,9 @@ from aifactory_core.model import Action, Check, DiscoveredDevice
 
 AIFACTORY_API_VERSION = 1
 NAME = "sriov"
-SETTINGS = {"datastores"}
+SETTINGS = {"datastores", "numa_local"}
+NUMA_LOCAL_MODES = ("warn", "require", "off")
+log = logging.getLogger("aifactory.sriov")
 
 
 @hookimpl
@@ -28,6 +35,38 @@ def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -
     if name != NAME:
         return
     check_plugin_keys(NAME, section, SETTINGS)
+    if section.get("numa_local", "warn") not in NUMA_LOCAL_MODES:
+        from aifactory_core.errors import ConfigError
+
+        raise ConfigError(f"[plugin.sriov] numa_local = {section['numa_local']!r}: expected warn, require or off")
+
+
+def remote_vfs(inventory: HostInventory, addresses: Sequence[str]) -> list[str]:
+    """One line per VF of ``addresses`` on a NUMA node none of the GPUs among them is on."""
+    devices = [inventory.pci[address] for address in addresses if address in inventory.pci]
+    gpu_nodes = {device.numa_node for device in devices if device.base_class == 0x03 and device.numa_node is not None}
+    if not gpu_nodes:
+        return []
+    return [f"VF {device.address} is on NUMA node {device.numa_node}, the VM's GPUs on "
+            f"{','.join(str(node) for node in sorted(gpu_nodes))}"
+            for device in devices
+            if device.physfn is not None and device.numa_node is not None and device.numa_node not in gpu_nodes]
+
+
+@hookimpl
+def aifactory_admit(inventory: HostInventory, request: Any, config: Config) -> Iterable[str] | None:
+    """At deploy: a VF far from the VM's GPUs is refused (``require``) or logged (``warn``)."""
+    from aifactory_core.model import DeployRequest
+
+    mode = config.plugin(NAME).get("numa_local", "warn")
+    if not isinstance(request, DeployRequest) or mode == "off":
+        return None
+    remote = remote_vfs(inventory, request.pci_addresses)
+    if mode == "require":
+        return [f"[plugin.sriov] numa_local = require: {line}" for line in remote]
+    for line in remote:
+        log.warning("VM %s: %s (cross-socket traffic; give each node's PF its own network)", request.vm_id, line)
+    return None
 
 
 def is_switchdev_pf(inventory: HostInventory, pf_netdev: str) -> bool:
