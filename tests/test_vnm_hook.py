@@ -225,20 +225,25 @@ def test_post_configures_when_nothing_earlier_could(world: tuple[HostRoot, Confi
     assert netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
 
 
-def test_failure_half_way_rolls_back(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
-    host, config, peer = world
-    owner(host)
+def refuse_vlan(peer: NetlinkDouble, vlan: int) -> None:
+    """The kernel refuses ``vlan`` on a VF after the MAC went in: a configuration made half-way."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     original = peer._set
 
-    def refuse_vlan_1001(index: int, spec: dict[str, object]) -> list[object]:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        if spec.get("vlan") == {"vlan": 1001, "qos": 0}:
-            original(index, {"vf": spec["vf"], "mac": spec["mac"]})  # half-made: the MAC went in
+    def refusing(index: int, spec: dict[str, object]) -> list[object]:
+        if spec.get("vlan") == {"vlan": vlan, "qos": 0}:
+            original(index, {"vf": spec["vf"], "mac": spec["mac"]})
             raise NetlinkError(22, "Invalid argument")
         return original(index, spec)
 
-    peer._set = refuse_vlan_1001  # type: ignore[method-assign]
+    peer._set = refusing  # type: ignore[method-assign]
+
+
+def test_failure_half_way_rolls_back(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    host, config, peer = world
+    owner(host)
+    refuse_vlan(peer, 1001)
     with pytest.raises(Exception, match="cannot configure VF 0"):
         hook.run("pre", stdin(), host, config)
     assert netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
@@ -326,21 +331,11 @@ def test_detaching_a_plain_nic_touches_no_vf(world: tuple[HostRoot, Config, Netl
 
 
 def test_hot_attach_failing_half_way_undoes_only_the_new_nic(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
-    from pyroute2.netlink.exceptions import NetlinkError
-
     host, config, peer = world
     owner(host)
     hook.run("pre", stdin(), host, config)
     before = netlink_vf.read_vfs(peer, 5)[0]
-    original = peer._set
-
-    def refuse_vlan_1002(index: int, spec: dict[str, object]) -> list[object]:
-        if spec.get("vlan") == {"vlan": 1002, "qos": 0}:
-            original(index, {"vf": spec["vf"], "mac": spec["mac"]})  # half-made: the MAC went in
-            raise NetlinkError(22, "Invalid argument")
-        return original(index, spec)
-
-    peer._set = refuse_vlan_1002  # type: ignore[method-assign]
+    refuse_vlan(peer, 1002)
     with pytest.raises(Exception, match="cannot configure VF 1"):
         hook.run("pre", hotplug_stdin(), host, config)
     vfs = netlink_vf.read_vfs(peer, 5)

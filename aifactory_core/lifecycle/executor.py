@@ -109,11 +109,12 @@ def plan_writes(host: HostRoot, actions: Sequence[Action]) -> list[SysfsWrite]:
     return recorder.writes
 
 
-def _undo_steps(host: HostRoot, journal: Journal, writer: Writer) -> list[str]:
-    """Undo every step not yet undone, newest first; returns the errors (keeps going)."""
+def _undo_steps(host: HostRoot, journal: Journal, writer: Writer, scope: str | None = None) -> list[str]:
+    """Undo every step not yet undone (of ``scope`` only, when given), newest first; returns the
+    errors (keeps going)."""
     errors = []
     for step in reversed(journal.steps):
-        if step.status == "undone":
+        if step.status == "undone" or (scope is not None and step.scope != scope):
             continue
         try:
             _executor(step.action.kind).undo(host, step.action, writer)

@@ -15,7 +15,7 @@ from aifactory_core.errors import AifactoryError, HostError
 from aifactory_core.host.pcibind import SysfsWriter, Writer
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle import ownership
-from aifactory_core.lifecycle.executor import _batches, _executor, _run_batch, prepare
+from aifactory_core.lifecycle.executor import _batches, _executor, _run_batch, _undo_steps, prepare
 from aifactory_core.lifecycle.journal import Journal, Step
 from aifactory_core.model import Action
 
@@ -70,17 +70,7 @@ def release_part(host: HostRoot, vm: int, scope: str, writer: Writer | None = No
 
 def _undo_part(host: HostRoot, journal: Journal, scope: str, writer: Writer,
                actions: Sequence[Action]) -> list[str]:
-    errors = []
-    for step in reversed(journal.steps):
-        if step.scope != scope or step.status == "undone":
-            continue
-        try:
-            _executor(step.action.kind).undo(host, step.action, writer)
-        except AifactoryError as error:
-            errors.append(error.message)
-            continue
-        step.status = "undone"
-        journal.save()
+    errors = _undo_steps(host, journal, writer, scope)
     if errors:
         return errors
     for action in actions:
