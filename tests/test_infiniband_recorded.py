@@ -109,6 +109,20 @@ def test_probe_reports_the_recorded_cx7_node_guid_verbatim(tmp_path: Path) -> No
     assert "Port GUID: " + sm_guid("9c63:c003:0055:48ae") in "\n".join(rec.lines("ibstat-cx7-ndr-active.txt"))
 
 
+def test_cx7_fixture_names_its_ipoib_pf_as_a_dgx_h100_does(tmp_path: Path) -> None:
+    """Recording: ``dgx-h100-network-modules.txt`` (NVIDIA DGX H100 User Guide, Table 6: the ConnectX-7
+    IPoIB netdevs are ``ibp<PCI bus in decimal>s0``, ``ibp24s0`` <-> ``mlx5_0``). The reconstructed
+    ``cx7.py`` tree puts its IB PF at 0000:18:00.0; its netdev must carry the name a DGX gives it."""
+    from fixtures.nics import cx7
+
+    names = dict(line.split()[-2:] for line in rec.lines("dgx-h100-network-modules.txt"))
+    assert len(names) == 8 and all(name.startswith("ibp") and name.endswith("s0") for name in names)
+    host = cx7.build(tmp_path, infiniband=True)
+    pf_netdevs = sorted(p.name for p in host.path(f"/sys/bus/pci/devices/{cx7.PF}/net").iterdir())
+    assert pf_netdevs == [f"ibp{int(cx7.PF.split(':')[1], 16)}s0"] == ["ibp24s0"]
+    assert names["ibp24s0"] == "mlx5_0"
+
+
 # ---- netlink: the double against the recording --------------------------------------------------
 
 def test_ipoib_double_reads_back_what_the_recorded_ip_link_showed() -> None:
