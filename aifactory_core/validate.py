@@ -96,3 +96,26 @@ def int_in_range(value: object, low: int, high: int, what: str) -> int:
 def vm_id(value: object) -> int:
     """An OpenNebula VM id."""
     return int_in_range(value, 0, 2**31 - 1, "VM id")
+
+
+MAX_VNI = 2**24 - 1
+
+
+def vni(value: object) -> int:
+    """A VXLAN network identifier (24 bits; 0 is reserved)."""
+    return int_in_range(value, 1, MAX_VNI, "VNI")
+
+
+def ip_address(value: object, what: str = "IP address") -> str:
+    """A unicast IPv4 or IPv6 address in its canonical text form (no prefix, no zone)."""
+    import ipaddress
+
+    if not isinstance(value, str) or not 2 <= len(value) <= 45:
+        raise UsageError(f"invalid {what} {value!r}")
+    try:
+        address = ipaddress.ip_address(value.strip())
+    except ValueError:
+        raise UsageError(f"invalid {what} {value!r}") from None
+    if address.is_multicast or address.is_unspecified:
+        raise UsageError(f"{what} {value!r} is not a unicast address")
+    return str(address)

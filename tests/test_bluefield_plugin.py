@@ -55,7 +55,7 @@ def test_bluefield_plans_vf_mac_and_an_ovs_access_port(tmp_path: Path) -> None:
     assert [w.path for w in writes] == ["netlink:ens1f0np0/2", "ovs:br-llm/eth12"]
 
 
-def test_bluefield_refuses_vlan_outside_grant_and_vxlan(tmp_path: Path) -> None:
+def test_bluefield_refuses_vlan_outside_grant_and_vlan_in_the_vxlan_tag_range(tmp_path: Path) -> None:
     host = cx7.build(tmp_path)
     config = parse_config({})
     inventory = HostInventory(host)
@@ -63,9 +63,9 @@ def test_bluefield_refuses_vlan_outside_grant_and_vxlan(tmp_path: Path) -> None:
     with pytest.raises(PolicyRefused, match="VLAN 2000"):
         bluefield.aifactory_network_setup(inventory, Request(), PciRequest(**{**outside.__dict__, "vlan_id": 2000}),
                                           config, GRANT)
-    with pytest.raises(UsageError, match="VXLAN"):
-        bluefield.aifactory_network_setup(inventory, Request(), PciRequest(**{**outside.__dict__, "vn_mad": "vxlan"}),
-                                          config, GRANT)
+    reserved = parse_config({"plugin": {"bluefield": {"vxlan_local_tags": "1000-1001"}}})
+    with pytest.raises(UsageError, match="VLAN 1001 is reserved for VXLAN"):
+        bluefield.aifactory_network_setup(inventory, Request(), outside, reserved, GRANT)
 
 
 def test_legacy_mode_vf_goes_to_sriov_plugin(tmp_path: Path) -> None:

@@ -2,20 +2,25 @@
 
 In switchdev mode the VF's traffic reaches the host's switch through its representor
 (``phys_port_name`` ``pfXvfY`` on the PF's ``phys_switch_id``). For each PCI NIC on such a VF this
-plugin returns a ``vf_config`` action (MAC, spoof-check, rate; VLAN 0 on the VF: the tag lives in
-OVS) and an ``ovs_port`` action plugging the representor into the tenant bridge as an access port
-with the tenant's VLAN tag (undone by removing the port).
+plugin returns a ``vf_config`` action (MAC, spoof-check, rate; VLAN 0 on the VF: isolation lives in
+OVS) and one OVS action for the representor:
+
+* a VLAN network: ``ovs_port`` (:mod:`.ovs`), an access port with the tenant's VLAN tag;
+* a VXLAN network (``VN_MAD`` ``vxlan`` or ``ovswitch_vxlan``): ``ovs_vxlan_port`` (:mod:`.vxlan`),
+  an access port sharing a host-local tag with the VNI's tunnel port.
+
+Both are undone by removing the port (and, for the last VM of a VNI, its tunnel port).
 
 ``[plugin.bluefield]``: ``bridge`` (default ``br-tenant``), ``ovs_vsctl`` (argv prefix, default
 ``["ovs-vsctl", "--timeout=10"]``), ``switchdev`` (devlink handles such as ``pci/0000:03:00.0``
-that must be in switchdev mode; :func:`apply_eswitch_modes` switches them).
+that must be in switchdev mode; :func:`apply_eswitch_modes` switches them), ``vxlan_remote_ip``
+(the unicast VTEP the tunnels lead to), ``vxlan_local_ip`` (the tunnels' source address),
+``vxlan_local_tags`` (``"4000-4094"``: host-local tags for VXLAN segments; keep them out of the
+tenants' VLANs and of the uplink's trunks).
 """
 
 from __future__ import annotations
 
-import json
-import re
-import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,30 +28,16 @@ from aifactory_core.config import Config, check_plugin_keys
 from aifactory_core.errors import ConfigError, HostError, UsageError
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
-from aifactory_core.hostroot import HostRoot
 from aifactory_core.model import Action, Check, DiscoveredDevice
-from aifactory_core.validate import ifname, int_in_range, vm_id
+
+from .ovs import DEFAULT_BRIDGE, DEFAULT_VSCTL, OVS_KIND, bridge_name, ovs_action, vsctl_argv
+from .vxlan import VXLAN_KIND, configured_ip, is_vxlan, local_tag_range, segment_for, vxlan_action
+
+__all__ = ["OVS_KIND", "VXLAN_KIND", "apply_eswitch_modes", "ovs_action", "switchdev_handles", "vxlan_action"]
 
 AIFACTORY_API_VERSION = 1
 NAME = "bluefield"
-OVS_KIND = "ovs_port"
-SETTINGS = {"bridge", "ovs_vsctl", "switchdev"}
-DEFAULT_BRIDGE = "br-tenant"
-DEFAULT_VSCTL = ("ovs-vsctl", "--timeout=10")
-_BRIDGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-_runner: Any = subprocess.run
-
-
-def _bridge(value: object) -> str:
-    if not isinstance(value, str) or not _BRIDGE.fullmatch(value):
-        raise ConfigError(f"[plugin.bluefield] bridge {value!r}: not a bridge name")
-    return value
-
-
-def _vsctl(value: object) -> tuple[str, ...]:
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(a, str) for a in value):
-        raise ConfigError("[plugin.bluefield] ovs_vsctl must be a non-empty list of strings (argv)")
-    return tuple(value)
+SETTINGS = {"bridge", "ovs_vsctl", "switchdev", "vxlan_remote_ip", "vxlan_local_ip", "vxlan_local_tags"}
 
 
 def switchdev_handles(section: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -70,9 +61,12 @@ def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -
     if name != NAME:
         return
     check_plugin_keys(NAME, section, SETTINGS)
-    _bridge(section.get("bridge", DEFAULT_BRIDGE))
-    _vsctl(section.get("ovs_vsctl", list(DEFAULT_VSCTL)))
+    bridge_name(section.get("bridge", DEFAULT_BRIDGE))
+    vsctl_argv(section.get("ovs_vsctl", list(DEFAULT_VSCTL)))
     switchdev_handles(section)
+    configured_ip(section, "vxlan_remote_ip")
+    configured_ip(section, "vxlan_local_ip")
+    local_tag_range(section)
 
 
 def apply_eswitch_modes(section: Mapping[str, Any], devlink: Any) -> list[str]:
@@ -88,50 +82,13 @@ def apply_eswitch_modes(section: Mapping[str, Any], devlink: Any) -> list[str]:
     return changed
 
 
-def ovs_action(representor: str, bridge: str, tag: int, vm: int, vsctl: Sequence[str]) -> Action:
-    value = json.dumps({"bridge": _bridge(bridge), "tag": int_in_range(tag, 1, 4094, "VLAN tag"), "vm": vm_id(vm),
-                        "vsctl": list(_vsctl(vsctl))}, sort_keys=True)
-    return Action(OVS_KIND, ifname(representor), value, None,
-                  f"representor {representor} -> {bridge} tag {tag} for VM {vm}")
-
-
-def _decode(action: Action) -> tuple[str, str, int, int, tuple[str, ...]]:
-    data = json.loads(action.value)
-    return (ifname(action.target), _bridge(data["bridge"]), int_in_range(data["tag"], 1, 4094, "VLAN tag"),
-            vm_id(data["vm"]), _vsctl(data["vsctl"]))
-
-
-def _run(argv: list[str]) -> None:
-    result = _runner(argv, capture_output=True, text=True, timeout=30, check=False)
-    if result.returncode != 0:
-        raise HostError(f"{' '.join(argv[:1])} failed: {(result.stderr or result.stdout or '').strip()[:200]}")
-
-
-def _ovs_do(host: HostRoot, action: Action, writer: Any) -> None:
-    from aifactory_core.host.pcibind import RecordingWriter, SysfsWrite
-
-    port, bridge, tag, vm, vsctl = _decode(action)
-    if isinstance(writer, RecordingWriter):
-        writer.writes.append(SysfsWrite(f"ovs:{bridge}/{port}", f"tag={tag}", action.reason))
-        return
-    _run([*vsctl, "--may-exist", "add-port", bridge, port, f"tag={tag}",
-          "--", "set", "Interface", port, f"external_ids:aifactory-vm={vm}",
-          "--", "set", "Port", port, f"tag={tag}", "vlan_mode=access"])
-
-
-def _ovs_undo(host: HostRoot, action: Action, writer: Any) -> None:
-    from aifactory_core.host.pcibind import RecordingWriter
-
-    port, bridge, _tag, _vm, vsctl = _decode(action)
-    if isinstance(writer, RecordingWriter):
-        return
-    _run([*vsctl, "--if-exists", "del-port", bridge, port])
-
-
 def register() -> None:
     from aifactory_core.lifecycle.executor import register_executor
 
-    register_executor(OVS_KIND, _ovs_do, _ovs_undo)
+    from . import ovs, vxlan
+
+    register_executor(OVS_KIND, ovs._ovs_do, ovs._ovs_undo)
+    register_executor(VXLAN_KIND, vxlan._vxlan_do, vxlan._vxlan_undo)
 
 
 register()
@@ -151,18 +108,28 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
         return None
     if where.infiniband or switch_id(inventory.host, where.pf_netdev) is None:
         return None
-    if (nic.vn_mad or "").lower() == "vxlan":
-        raise UsageError(f"PCI NIC {nic.nic_id}: VXLAN networks on switchdev VFs are not supported; use a VLAN network")
+    section = config.plugin(NAME)
+    bridge = section.get("bridge", DEFAULT_BRIDGE)
+    vsctl = section.get("ovs_vsctl", list(DEFAULT_VSCTL))
+    if is_vxlan(nic):
+        segment = segment_for(nic, grant, section)
+        # The VF itself carries no tag: the segment's isolation is the representor's port in OVS.
+        wanted = vf_settings(replace(nic, vlan_id=None), replace(grant, allow_untagged=True))
+    else:
+        wanted = vf_settings(nic, grant)
+        if wanted.vlan == 0:
+            raise UsageError(f"PCI NIC {nic.nic_id}: a switchdev VF needs the network's VLAN_ID (the OVS tag)")
+        low, high = local_tag_range(section)
+        if low <= wanted.vlan <= high:
+            raise UsageError(f"PCI NIC {nic.nic_id}: VLAN {wanted.vlan} is reserved for VXLAN segments "
+                             f"([plugin.bluefield] vxlan_local_tags {low}-{high})")
     representor = representors(inventory.host, where.pf_netdev).get(where.vf)
     if representor is None:
         raise HostError(f"no representor for VF {where.vf} of {where.pf_netdev}")
-    wanted = vf_settings(nic, grant)
-    if wanted.vlan == 0:
-        raise UsageError(f"PCI NIC {nic.nic_id}: a switchdev VF needs the network's VLAN_ID (the OVS tag)")
-    section = config.plugin(NAME)
-    return [vf.action(where.pf_netdev, where.vf, request.vm_id, replace(wanted, vlan=0, qos=0)),
-            ovs_action(representor.netdev, section.get("bridge", DEFAULT_BRIDGE), wanted.vlan, request.vm_id,
-                       section.get("ovs_vsctl", list(DEFAULT_VSCTL)))]
+    vf_action = vf.action(where.pf_netdev, where.vf, request.vm_id, replace(wanted, vlan=0, qos=0))
+    if is_vxlan(nic):
+        return [vf_action, vxlan_action(representor.netdev, bridge, segment, request.vm_id, vsctl)]
+    return [vf_action, ovs_action(representor.netdev, bridge, wanted.vlan, request.vm_id, vsctl)]
 
 
 @hookimpl
