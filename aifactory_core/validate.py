@@ -116,6 +116,8 @@ def ip_address(value: object, what: str = "IP address") -> str:
         address = ipaddress.ip_address(value.strip())
     except ValueError:
         raise UsageError(f"invalid {what} {value!r}") from None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise UsageError(f"invalid {what} {value!r}: no zone index")
     if address.is_multicast or address.is_unspecified:
         raise UsageError(f"{what} {value!r} is not a unicast address")
     return str(address)
