@@ -1,7 +1,8 @@
-"""The ``ovs_port`` action against a real Open vSwitch (userspace ``netdev`` datapath, started in a
-temporary directory on this host): three "representors" (veth pairs whose far ends sit in network
-namespaces, standing in for the VFs) are plugged into the tenant bridge by the lifecycle with the
-tenants' VLAN tags; ping works within a tenant and fails across, and release removes the ports.
+"""The ``ovs_port`` and ``ovs_vxlan_port`` actions against a real Open vSwitch (userspace ``netdev``
+datapath, started in a temporary directory on this host): three "representors" (veth pairs whose far
+ends sit in network namespaces, standing in for the VFs) are plugged into the tenant bridge by the
+lifecycle with the tenants' VLAN tags or VXLAN segments; ping works within a tenant and fails across,
+and release removes the ports (a VNI's tunnel port with its last representor).
 Skipped where OVS, ``ip netns`` or root are missing."""
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import pytest
 from aifactory_plugins import bluefield
+from aifactory_plugins.bluefield import ovs as bluefield_ovs
+from aifactory_plugins.bluefield.vxlan import VxlanSegment
 
+from aifactory_core.errors import HostError
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle import executor
 
@@ -92,3 +96,70 @@ def test_representors_in_the_tenant_bridge_isolate_tenants(tmp_path: Path, ovs: 
     assert b1 not in run(*ovs, "list-ports", "br-tnt").stdout.split()
     executor.release(host, 1)
     assert run(*ovs, "list-ports", "br-tnt").stdout.split() == []
+
+
+def ports_of(vsctl: list[str], bridge: str = "br-tnt") -> dict[str, bluefield_ovs.PortRow]:
+    rows = bluefield_ovs.bridge_ports(vsctl, bridge)
+    assert rows is not None
+    return {name: row for name, row in rows.items() if name != bridge}
+
+
+def segment(vni: int) -> VxlanSegment:
+    return VxlanSegment(vni, "192.0.2.10", "192.0.2.1", (4000, 4094))
+
+
+def test_vxlan_segments_share_a_tunnel_per_vni_until_the_last_release(tmp_path: Path, ovs: list[str],
+                                                                      representors: dict[str, str]) -> None:
+    """Two VMs of VNI 5001 and one of VNI 5002: one tunnel port per VNI (``type=vxlan``,
+    ``options:key``), each VNI on its own host-local tag shared only with its representors; the
+    release of one VM of 5001 keeps the tunnel for the other, the last release removes it."""
+    host = HostRoot(tmp_path, tmp_path / "state")
+    a1, a2, b1 = representors
+    executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", segment(5001), 1, ovs)])
+    executor.prepare(host, 2, [bluefield.vxlan_action(a2, "br-tnt", segment(5001), 2, ovs)])
+    executor.prepare(host, 3, [bluefield.vxlan_action(b1, "br-tnt", segment(5002), 3, ovs)])
+    ports = ports_of(ovs)
+    assert set(ports) == {a1, a2, b1, "vxlan5001", "vxlan5002"}
+    assert ports[a1].tag == ports[a2].tag == ports["vxlan5001"].tag == 4000
+    assert ports[b1].tag == ports["vxlan5002"].tag == 4001
+    assert ports["vxlan5001"].external_ids == {"aifactory-vxlan": "5001"}
+    assert ports[a2].external_ids == {"aifactory-vni": "5001", "aifactory-vm": "2"}
+    assert run(*ovs, "get", "Interface", "vxlan5001", "type").stdout.strip() == "vxlan"
+    assert run(*ovs, "get", "Interface", "vxlan5002", "options").stdout.strip() == (
+        '{key="5002", local_ip="192.0.2.1", remote_ip="192.0.2.10"}')
+    assert run(*ovs, "get", "Port", a1, "vlan_mode").stdout.strip() == "access"
+    assert ping(a1, "10.78.0.2")  # one segment on this host
+    assert not ping(a1, "10.78.0.3") and not ping(b1, "10.78.0.2")  # another VNI
+    executor.release(host, 1)
+    assert set(ports_of(ovs)) == {a2, b1, "vxlan5001", "vxlan5002"}
+    executor.release(host, 2)
+    assert set(ports_of(ovs)) == {b1, "vxlan5002"}
+    executor.prepare(host, 4, [bluefield.vxlan_action(a1, "br-tnt", segment(5003), 4, ovs)])
+    assert ports_of(ovs)["vxlan5003"].tag == 4000  # the freed tag is reused
+    executor.release(host, 3)
+    executor.release(host, 4)
+    assert run(*ovs, "list-ports", "br-tnt").stdout.split() == []
+
+
+def test_vxlan_failure_undoes_the_tunnel_and_undo_is_idempotent(tmp_path: Path, ovs: list[str],
+                                                                representors: dict[str, str]) -> None:
+    """A VM whose second port fails leaves neither its first port nor the tunnel it created; a VLAN
+    port asking for a segment's local tag is refused; undoing twice is harmless."""
+    host = HostRoot(tmp_path, tmp_path / "state")
+    a1, a2, b1 = representors
+    with pytest.raises(HostError, match="no OVS bridge br-gone"):
+        executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", segment(5001), 1, ovs),
+                                   bluefield.vxlan_action(a2, "br-gone", segment(5001), 1, ovs)])
+    assert run(*ovs, "list-ports", "br-tnt").stdout.split() == []
+    action = bluefield.vxlan_action(a1, "br-tnt", segment(5001), 2, ovs)
+    executor.prepare(host, 2, [action])
+    with pytest.raises(HostError, match="local tag of VXLAN 5001"):
+        executor.prepare(host, 3, [bluefield.ovs_action(b1, "br-tnt", 4000, 3, ovs)])
+    assert b1 not in run(*ovs, "list-ports", "br-tnt").stdout.split()
+    other_vm = bluefield.vxlan_action(a1, "br-tnt", segment(5001), 9, ovs)
+    executor.EXECUTORS[other_vm.kind].undo(host, other_vm, None)  # not VM 9's port: kept
+    assert set(ports_of(ovs)) == {a1, "vxlan5001"}
+    for _ in range(2):
+        executor.EXECUTORS[action.kind].undo(host, action, None)
+    assert run(*ovs, "list-ports", "br-tnt").stdout.split() == []
+    executor.release(host, 2)
