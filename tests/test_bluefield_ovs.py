@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,56 @@ def test_vxlan_failure_undoes_the_tunnel_and_undo_is_idempotent(tmp_path: Path, 
         executor.EXECUTORS[action.kind].undo(host, action, None)
     assert run(*ovs, "list-ports", "br-tnt").stdout.split() == []
     executor.release(host, 2)
+
+
+@pytest.fixture
+def underlay(ovs: list[str]) -> Iterator[dict[str, str]]:
+    """The wire between this host's VTEP and a remote one: bridge ``br-phy`` (netdev) holding
+    192.0.2.1 and a veth to namespace ``<tag>u`` (192.0.2.10), where kernel VXLAN devices for VNI
+    5001 and 5002 each sit in their own namespace as a remote VM (10.78.0.9 and 10.78.0.10).
+
+    The remote devices send without UDP checksums (``noudpcsum``): over a veth the kernel leaves
+    them to an offload that never happens, and the userspace datapath drops such packets."""
+    tag = f"u{os.getpid() % 10000}"
+    wire, remote_a, remote_b = f"{tag}w", f"{tag}a", f"{tag}b"
+    try:
+        for ns in (tag, remote_a, remote_b):
+            run("ip", "netns", "add", ns)
+        run("ip", "link", "add", wire, "type", "veth", "peer", "name", "eth0", "netns", tag)
+        run("ip", "link", "set", wire, "up")
+        run(*ovs, "add-br", "br-phy", "--", "set", "bridge", "br-phy", "datapath_type=netdev",
+            "--", "add-port", "br-phy", wire)
+        run("ip", "addr", "add", "192.0.2.1/24", "dev", "br-phy")
+        run("ip", "link", "set", "br-phy", "up")
+        run("ip", "netns", "exec", tag, "ip", "addr", "add", "192.0.2.10/24", "dev", "eth0")
+        run("ip", "netns", "exec", tag, "ip", "link", "set", "eth0", "up")
+        for vni, ns, address in ((5001, remote_a, "10.78.0.9"), (5002, remote_b, "10.78.0.10")):
+            run("ip", "netns", "exec", tag, "ip", "link", "add", f"vx{vni}", "type", "vxlan", "id", str(vni),
+                "local", "192.0.2.10", "remote", "192.0.2.1", "dstport", "4789", "noudpcsum")
+            run("ip", "netns", "exec", tag, "ip", "link", "set", f"vx{vni}", "netns", ns)
+            run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{address}/24", "dev", f"vx{vni}")
+            run("ip", "netns", "exec", ns, "ip", "link", "set", f"vx{vni}", "up")
+        yield {"5001": remote_a, "5002": remote_b, "vtep": tag}
+    finally:
+        run(*ovs, "--if-exists", "del-br", "br-phy", check=False)
+        for ns in (tag, remote_a, remote_b):
+            run("ip", "netns", "del", ns, check=False)
+        run("ip", "link", "del", wire, check=False)
+        run("ip", "link", "del", "br-phy", check=False)
+
+
+def test_vxlan_on_the_wire_reaches_its_own_vni_only(tmp_path: Path, ovs: list[str], representors: dict[str, str],
+                                                   underlay: dict[str, str]) -> None:
+    """Real VXLAN encapsulation by the userspace datapath: each tenant's VF reaches the remote VM of
+    its own VNI over the tunnel and never the other tenant's, though both sit behind one remote VTEP."""
+    host = HostRoot(tmp_path, tmp_path / "state")
+    a1, _a2, b1 = representors
+    remote = VxlanSegment(5001, "192.0.2.10", "192.0.2.1", (4000, 4094))
+    executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", remote, 1, ovs)])
+    executor.prepare(host, 3, [bluefield.vxlan_action(b1, "br-tnt", replace(remote, vni=5002), 3, ovs)])
+    assert ping(a1, "10.78.0.9") and ping(b1, "10.78.0.10")
+    assert not ping(a1, "10.78.0.10") and not ping(b1, "10.78.0.9")
+    executor.release(host, 3)
+    assert ping(a1, "10.78.0.9")
+    executor.release(host, 1)
+    assert not ping(a1, "10.78.0.9")
