@@ -19,6 +19,8 @@ import pytest
 from aifactory_plugins import bluefield
 from aifactory_plugins.bluefield import ovs as bluefield_ovs
 from aifactory_plugins.bluefield.vxlan import VxlanSegment
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from aifactory_core.errors import HostError
 from aifactory_core.hostroot import HostRoot
@@ -217,3 +219,43 @@ def test_vxlan_on_the_wire_reaches_its_own_vni_only(tmp_path: Path, ovs: list[st
     assert ping(a1, "10.78.0.9")
     executor.release(host, 1)
     assert not ping(a1, "10.78.0.9")
+
+
+@pytest.fixture
+def spare_ports() -> Iterator[list[str]]:
+    names = [f"s{os.getpid() % 10000}v{index}" for index in range(4)]
+    try:
+        for name in names:
+            run("ip", "link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+        yield names
+    finally:
+        for name in names:
+            run("ip", "link", "del", name, check=False)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([5001, 5002])), min_size=1, max_size=8))
+def test_tunnel_ports_follow_their_representors(tmp_path: Path, ovs: list[str], spare_ports: list[str],
+                                                steps: list[tuple[int, int]]) -> None:
+    """Any order of plugs and releases of four VMs over two VNIs: a VNI has its tunnel port exactly
+    while some representor of it is on the bridge, and shares its tag with them and nobody else."""
+    host = HostRoot(tmp_path, tmp_path / "state-property")
+    plugged: dict[int, int] = {}
+    try:
+        for vm, number in steps:
+            if vm in plugged:
+                executor.release(host, vm)
+                del plugged[vm]
+            else:
+                executor.prepare(host, vm, [bluefield.vxlan_action(spare_ports[vm], "br-tnt", segment(number), vm,
+                                                                   ovs)])
+                plugged[vm] = number
+            ports = ports_of(ovs)
+            assert {name for name in ports if name.startswith("vxlan")} == {f"vxlan{n}" for n in plugged.values()}
+            tags = {n: ports[f"vxlan{n}"].tag for n in set(plugged.values())}
+            assert len(set(tags.values())) == len(tags)
+            assert all(ports[spare_ports[v]].tag == tags[n] for v, n in plugged.items())
+    finally:
+        for vm in list(plugged):
+            executor.release(host, vm)
+    assert run(*ovs, "list-ports", "br-tnt").stdout.split() == []
