@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 from aifactory_plugins import bluefield
 from fixtures.nics import recorded_trees as rec
 
@@ -114,9 +113,6 @@ def test_recorded_bluefield2_host_pf_and_sf_representors_are_not_vf_representors
     assert representors(HostRoot(tmp_path, tmp_path / "state"), "p0") == {}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "devlink.representors() accepts an external controller's c<N>pf<P>vf<V> port as the local VF V: "
-    "on an eswitch that also represents a host's VFs (BlueField), the wrong representor can be plugged"))
 def test_external_controller_vf_representor_is_not_taken_for_a_local_vf(tmp_path: Path) -> None:
     """Recordings: ``devlink-port-external-controller.txt`` (Linux commit 66b17082d10a: representor
     ens2f0c1pf0vf1, ``flavour pcivf controller 1 pfnum 0 vfnum 1 external true`` -> phys_port_name

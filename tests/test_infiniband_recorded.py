@@ -21,7 +21,6 @@ from fixtures.nics import recorded_trees as rec
 from fixtures.nics.netlink_double import NetlinkDouble
 
 from aifactory_core.config import parse_config
-from aifactory_core.errors import HostError
 from aifactory_core.host import netlink_vf
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.hostroot import HostRoot
@@ -203,9 +202,6 @@ def test_infiniband_plugin_claims_the_recorded_cx7_ib_vf(tmp_path: Path) -> None
     assert actions[1].target == settings["port_guid"]
 
 
-@pytest.mark.xfail(strict=True, raises=HostError, reason=(
-    "vf_config sends MAC/VLAN/rate/spoof-check/trust to an IPoIB PF, which refuses them with EOPNOTSUPP "
-    "(recorded); netlink_vf.request/verify must send and compare only link state + GUIDs for InfiniBand VFs"))
 def test_infiniband_vf_config_applies_on_the_recorded_ipoib_kernel(tmp_path: Path, monkeypatch: Any) -> None:
     """Recordings: ``ib-vf-set-unsupported.txt`` (what the kernel refuses on an IB VF) and
     ``ipoib-pf-vf-guids.txt`` (what it reads back). The plugin's vf_config action is run through the

@@ -20,7 +20,9 @@ from aifactory_core.validate import ifname, pci_address
 ESWITCH_MODES = {"legacy": 0, "switchdev": 1}
 """DEVLINK_ESWITCH_MODE_LEGACY / _SWITCHDEV."""
 _MODE_NAMES = {number: name for name, number in ESWITCH_MODES.items()}
-_VF_PORT = re.compile(r"^(?:c\d+)?pf(\d+)vf(\d+)$")
+_VF_PORT = re.compile(r"^pf(\d+)vf(\d+)$")
+"""A local VF's representor; ``c<N>pf<P>vf<V>`` is an external controller's VF (a host's VF seen
+from a BlueField's Arm), never the local VF ``V``."""
 _DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 

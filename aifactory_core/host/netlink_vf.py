@@ -8,6 +8,11 @@ and verifies it by reading it back, so nothing of one tenant reaches the next.
 
 Values are validated when a :class:`VfSettings` is built (:func:`settings`), before any netlink
 message is sent: a bad value configures nothing.
+
+An InfiniBand VF (settings with GUIDs) is different: the IPoIB PF implements only the VF's link
+state and its node/port GUIDs, and refuses MAC, VLAN, rate, spoof-check or trust with
+``EOPNOTSUPP``; it reports the VF with the PF's own address and spoof-check off. For such a VF
+only :data:`IB_FIELDS` are sent and compared.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ ZERO_MAC = "00:00:00:00:00:00"
 ZERO_GUID = "00:00:00:00:00:00:00:00"
 _GUID = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){7}$")
 MAX_RATE_MBPS = 10_000_000  # 10 Tb/s: beyond any NIC, below u32 overflow
+IB_FIELDS = ("link_state", "node_guid", "port_guid")
+"""What an IPoIB PF lets the host set on an InfiniBand VF (ipoib's ndo_set_vf_link_state/_guid)."""
 
 
 class Netlink(Protocol):
@@ -49,12 +56,19 @@ class VfSettings:
     node_guid: str | None = None
     port_guid: str | None = None
 
+    @property
+    def infiniband(self) -> bool:
+        return self.node_guid is not None or self.port_guid is not None
+
     def differences(self, other: VfSettings) -> list[str]:
-        """``field: want X, have Y`` for every field that differs (GUIDs only when set here)."""
+        """``field: want X, have Y`` for every field that differs (GUIDs only when set here; for
+        an InfiniBand VF only :data:`IB_FIELDS`)."""
         problems = []
         for item in fields(self):
             want, have = getattr(self, item.name), getattr(other, item.name)
             if item.name.endswith("_guid") and want is None:
+                continue
+            if self.infiniband and item.name not in IB_FIELDS:
                 continue
             if want != have:
                 problems.append(f"{item.name}: want {want}, have {have}")
@@ -106,6 +120,13 @@ def settings(*, mac: object = ZERO_MAC, vlan: object = 0, qos: object = 0, spoof
 
 def request(vf: int, wanted: VfSettings) -> dict[str, Any]:
     """The pyroute2 ``vf=`` argument that sets ``wanted`` on VF ``vf``."""
+    if wanted.infiniband:
+        ib: dict[str, Any] = {"vf": vf, "link_state": LINK_STATES[wanted.link_state]}
+        if wanted.node_guid is not None:
+            ib["ib_node_guid"] = wanted.node_guid
+        if wanted.port_guid is not None:
+            ib["ib_port_guid"] = wanted.port_guid
+        return ib
     spec: dict[str, Any] = {
         "vf": vf,
         "mac": wanted.mac,
@@ -115,10 +136,6 @@ def request(vf: int, wanted: VfSettings) -> dict[str, Any]:
         "link_state": LINK_STATES[wanted.link_state],
         "rate": {"min_tx_rate": wanted.min_tx_rate, "max_tx_rate": wanted.max_tx_rate},
     }
-    if wanted.node_guid is not None:
-        spec["ib_node_guid"] = wanted.node_guid
-    if wanted.port_guid is not None:
-        spec["ib_port_guid"] = wanted.port_guid
     return spec
 
 

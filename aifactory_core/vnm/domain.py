@@ -23,8 +23,9 @@ def journaled_vf_macs(host: HostRoot, vm: int) -> dict[str, str]:
             continue
         pf, index = parse_target(step.action.target)
         address = link_name(host.path(f"/sys/class/net/{pf}/device/virtfn{index}"))
-        if address:
-            macs[pci_address(address)] = json.loads(step.action.value)["settings"]["mac"]
+        settings = json.loads(step.action.value)["settings"]
+        if address and settings.get("node_guid") is None and settings.get("port_guid") is None:  # IB: no MAC
+            macs[pci_address(address)] = settings["mac"]
     return macs
 
 

@@ -79,8 +79,14 @@ def _flag(attributes: dict[str, str], name: str, default: bool) -> bool:
 
 def vf_settings(pci: PciRequest, grant: TenantNetworkGrant, *, node_guid: str | None = None,
                 port_guid: str | None = None) -> netlink_vf.VfSettings:
-    """The validated settings for a PCI NIC's VF; refuses what the tenant's grant does not cover."""
+    """The validated settings for a PCI NIC's VF; refuses what the tenant's grant does not cover.
+
+    An InfiniBand VF (GUIDs given) takes only its GUIDs and link state: the IPoIB PF sets nothing
+    else (isolation is the pkey, enforced by the Subnet Manager)."""
     attributes = dict(pci.attributes)
+    link_state = attributes.get("VF_LINK_STATE", "auto").strip().lower()
+    if node_guid is not None or port_guid is not None:
+        return netlink_vf.settings(link_state=link_state, node_guid=node_guid, port_guid=port_guid)
     if pci.mac is None:
         raise UsageError(f"PCI NIC {pci.nic_id}: no MAC (oned assigns one from the network)")
     spoofchk = _flag(attributes, "SPOOFCHK", True)
@@ -89,16 +95,12 @@ def vf_settings(pci: PciRequest, grant: TenantNetworkGrant, *, node_guid: str | 
         raise PolicyRefused(f"tenant {grant.tenant} may not turn spoof-check off")
     if trust and not grant.allow_trust:
         raise PolicyRefused(f"tenant {grant.tenant} may not have trusted VFs")
-    infiniband = node_guid is not None or port_guid is not None
-    vlan = 0 if infiniband else (pci.vlan_id or 0)
     wanted = netlink_vf.settings(
-        mac=pci.mac, vlan=vlan, qos=attributes.get("VF_QOS", 0), spoofchk=spoofchk, trust=trust,
+        mac=pci.mac, vlan=pci.vlan_id or 0, qos=attributes.get("VF_QOS", 0), spoofchk=spoofchk, trust=trust,
         min_tx_rate=attributes.get("VF_MIN_TX_RATE", 0), max_tx_rate=attributes.get("VF_MAX_TX_RATE", 0),
-        link_state=attributes.get("VF_LINK_STATE", "auto").strip().lower(),
-        node_guid=node_guid, port_guid=port_guid,
+        link_state=link_state,
     )
-    if not infiniband:
-        grant.check_vlan(wanted.vlan)
+    grant.check_vlan(wanted.vlan)
     return wanted
 
 
