@@ -2,8 +2,10 @@
 
 Everything a VF carries for its tenant — MAC, VLAN + QoS, spoof-check, trust, min/max TX rate,
 link state, InfiniBand node/port GUIDs — is set on the PF with one ``RTM_SETLINK`` and read back
-with ``RTM_GETLINK`` and ``ext_mask=1`` (``RTEXT_FILTER_VF``; without it the kernel omits
-``IFLA_VFINFO_LIST``). :data:`CLEAN` is the state a released VF must be in; :func:`scrub` sets it
+with ``RTM_GETLINK`` and :data:`EXT_MASK` (``RTEXT_FILTER_VF``: without it the kernel omits
+``IFLA_VFINFO_LIST``; ``RTEXT_FILTER_SKIP_STATS``: without it kernels from 6.3 on add every VF's
+counters, and a PF with many InfiniBand VFs outgrows the netlink message, "message too long").
+:data:`CLEAN` is the state a released VF must be in; :func:`scrub` sets it
 and verifies it by reading it back, so nothing of one tenant reaches the next.
 
 Values are validated when a :class:`VfSettings` is built (:func:`settings`), before any netlink
@@ -31,6 +33,8 @@ ZERO_MAC = "00:00:00:00:00:00"
 ZERO_GUID = "00:00:00:00:00:00:00:00"
 _GUID = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){7}$")
 MAX_RATE_MBPS = 10_000_000  # 10 Tb/s: beyond any NIC, below u32 overflow
+EXT_MASK = 1 | 8
+"""RTEXT_FILTER_VF | RTEXT_FILTER_SKIP_STATS."""
 IB_FIELDS = ("link_state", "node_guid", "port_guid")
 """What an IPoIB PF lets the host set on an InfiniBand VF (ipoib's ndo_set_vf_link_state/_guid)."""
 
@@ -166,7 +170,7 @@ def _decode(info: Any) -> tuple[int, VfSettings]:
 def read_vfs(ipr: Netlink, pf_index: int) -> dict[int, VfSettings]:
     """Every VF of the PF with ifindex ``pf_index``: VF number -> what the kernel reports."""
     try:
-        message = ipr.link("get", index=pf_index, ext_mask=1)[0]
+        message = ipr.link("get", index=pf_index, ext_mask=EXT_MASK)[0]
     except Exception as error:  # pyroute2 raises NetlinkError (an OSError subclass) and others
         raise HostError(f"cannot read VFs of ifindex {pf_index}: {error}") from None
     vf_list = message.get_attr("IFLA_VFINFO_LIST")
@@ -176,7 +180,7 @@ def read_vfs(ipr: Netlink, pf_index: int) -> dict[int, VfSettings]:
 
 
 def vf_count(ipr: Netlink, pf_index: int) -> int:
-    message = ipr.link("get", index=pf_index, ext_mask=1)[0]
+    message = ipr.link("get", index=pf_index, ext_mask=EXT_MASK)[0]
     return int(message.get_attr("IFLA_NUM_VF") or 0)
 
 
