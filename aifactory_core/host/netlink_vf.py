@@ -3,8 +3,9 @@
 Everything a VF carries for its tenant — MAC, VLAN + QoS, spoof-check, trust, min/max TX rate,
 link state, InfiniBand node/port GUIDs — is set on the PF with one ``RTM_SETLINK`` and read back
 with ``RTM_GETLINK`` and :data:`EXT_MASK` (``RTEXT_FILTER_VF``: without it the kernel omits
-``IFLA_VFINFO_LIST``; ``RTEXT_FILTER_SKIP_STATS``: without it kernels from 6.3 on add every VF's
-counters, and a PF with many InfiniBand VFs outgrows the netlink message, "message too long").
+``IFLA_VFINFO_LIST``; ``RTEXT_FILTER_SKIP_STATS``: kernels that honour it for VF info leave out
+every VF's counters, without which a PF with many InfiniBand VFs can outgrow the netlink message,
+"message too long"; older kernels ignore the flag).
 :data:`CLEAN` is the state a released VF must be in; :func:`scrub` sets it
 and verifies it by reading it back, so nothing of one tenant reaches the next.
 
