@@ -129,3 +129,24 @@ def test_external_controller_vf_representor_is_not_taken_for_a_local_vf(tmp_path
         rec.netdev(tmp_path, port.netdev, 20 + index, link_type=1, port_name=port.phys_port_name, switch_id=SWITCH_ID)
     found = representors(HostRoot(tmp_path, tmp_path / "state"), "enp7s0f0")
     assert found[1].netdev == "enp7s0f0_1"
+
+
+def test_probe_reports_the_recorded_switchdev_uplink_without_mlnx_ofed(tmp_path: Path) -> None:
+    """Recording: ``devlink-port-cx6.txt`` (ovn-org/ovn#169). An upstream kernel has no
+    ``compat/devlink/mode`` (MLNX_OFED only): the probe's ``AIF_SRIOV`` row reads the mode the way
+    the network plugins route VFs — an uplink with a ``phys_switch_id`` is in switchdev mode — and
+    the same PF without a switch id reads legacy. ``sriov_totalvfs`` is filled in."""
+    from aifactory_core.probes.collect import collect
+    from aifactory_core.probes.sysfs import Root
+
+    host, ports = host_from_devlink(tmp_path / "root", "devlink-port-cx6.txt", {0: "0000:07:00.2"})
+    uplink = next(port for port in ports if port.flavour == "physical")
+    rec.write(host.pci_devices / uplink.pci_address / "sriov_totalvfs", "8")
+
+    def mode() -> str:
+        rows = collect(Root(str(host.root), str(tmp_path / "cache")), None)["sriov"]
+        return str(next(row for row in rows if row["BUS_ID"] == uplink.pci_address)["ESWITCH_MODE"])
+
+    assert mode() == "SWITCHDEV"
+    (host.path(f"/sys/class/net/{uplink.netdev}") / "phys_switch_id").unlink()
+    assert mode() == "LEGACY"
