@@ -49,9 +49,14 @@ def policies(draw: st.DrawFn) -> str:
     return "\n".join(lines)
 
 
+def nic_attributes(pkey: str | None, outer: str | None) -> MappingProxyType[str, str]:
+    values = {"IB_PKEY": pkey, "OUTER_VLAN_ID": outer}
+    return MappingProxyType({name: value for name, value in values.items() if value is not None})
+
+
 def pci(vendor: int, device: int, device_class: int, nic: bool, network: int | None, vlan: int | None,
-        vn_mad: str | None, pkey: str | None) -> PciRequest:  # fmt: skip
-    attributes = MappingProxyType({"IB_PKEY": pkey} if pkey is not None else {})
+        vn_mad: str | None, pkey: str | None, outer: str | None = None) -> PciRequest:  # fmt: skip
+    attributes = nic_attributes(pkey, outer)
     return PciRequest(
         pci_id=0, type="NIC" if nic else None, address=None, short_address=None, vendor=vendor, device=device,
         device_class=device_class, numa_node=None, nic_id=None, network=None, network_id=network, vlan_id=vlan,
@@ -60,8 +65,9 @@ def pci(vendor: int, device: int, device_class: int, nic: bool, network: int | N
     )  # fmt: skip
 
 
-def nic(network: int | None, vlan: int | None, vn_mad: str | None, pkey: str | None) -> NicRequest:
-    attributes = MappingProxyType({"IB_PKEY": pkey} if pkey is not None else {})
+def nic(network: int | None, vlan: int | None, vn_mad: str | None, pkey: str | None,
+        outer: str | None = None) -> NicRequest:
+    attributes = nic_attributes(pkey, outer)
     return NicRequest(nic_id=0, name=None, network=None, network_id=network, mac=None, ip=None, vlan_id=vlan,
                       bridge=None, phydev=None, vn_mad=vn_mad, model=None, target=None, security_groups=(),
                       attributes=attributes)  # fmt: skip
@@ -70,10 +76,11 @@ def nic(network: int | None, vlan: int | None, vn_mad: str | None, pkey: str | N
 vlans = st.one_of(st.none(), st.integers(0, 4094), st.integers(10000, 14000))
 pkeys = st.one_of(st.none(), st.sampled_from(["0x8100", "0x0140", "0x81ff", "0x7fff", "junk", "65535", "0x1c0"]))
 networks = st.one_of(st.none(), st.sampled_from(NETWORKS))
-vn_mads = st.sampled_from([None, "bridge", "802.1Q", "vxlan", "ovswitch"])
+vn_mads = st.sampled_from([None, "bridge", "802.1Q", "vxlan", "ovswitch", "ovswitch_vxlan"])
+outers = st.one_of(st.none(), st.integers(0, 14000).map(str), st.sampled_from(["", "x12", "123456789"]))
 pcis = st.builds(pci, st.sampled_from(VENDORS), st.sampled_from(DEVICES), st.sampled_from(CLASSES), st.booleans(),
-                 networks, vlans, vn_mads, pkeys)  # fmt: skip
-nics = st.builds(nic, networks, vlans, vn_mads, pkeys)
+                 networks, vlans, vn_mads, pkeys, outers)  # fmt: skip
+nics = st.builds(nic, networks, vlans, vn_mads, pkeys, outers)
 
 
 @st.composite
@@ -114,7 +121,11 @@ def violations(policy: Policy, request: VmRequest, usage: Usage) -> set[str]:
     for item in [*request.nics, *(p for p in request.pci if p.is_nic)]:
         if item.network_id not in tenant.networks:
             broken.add(prefix + "networks")
-        if item.vlan_id is not None:
+        if item.vn_mad == "ovswitch_vxlan":  # the VNI is OUTER_VLAN_ID; VLAN_ID tags inside the segment
+            outer = item.attributes.get("OUTER_VLAN_ID", "")
+            if not outer.isdigit() or not any(lo <= int(outer) <= hi for lo, hi in tenant.vnis.ranges):
+                broken.add(prefix + "vnis")
+        elif item.vlan_id is not None:
             if item.vn_mad == "vxlan":
                 if not any(lo <= item.vlan_id <= hi for lo, hi in tenant.vnis.ranges):
                     broken.add(prefix + "vnis")

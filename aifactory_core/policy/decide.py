@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     RequestLike = VmRequest
 
 PKEY_ATTRIBUTES = ("IB_PKEY", "PKEY")
-VXLAN_DRIVERS = frozenset({"vxlan"})
+VXLAN_DRIVERS = frozenset({"vxlan"})  # VNI in VLAN_ID
+OVS_VXLAN_DRIVER = "ovswitch_vxlan"  # VNI in OUTER_VLAN_ID
 
 
 @dataclass(frozen=True)
@@ -137,8 +138,15 @@ def _network_refusals(tenant: Tenant, request: RequestLike) -> list[Refusal]:
             refusals.append(Refusal(f"tenant.{tenant.key}.networks",
                                     f"network {nic.network_id if nic.network_id is not None else '(none named)'} "
                                     f"is not granted to tenant {tenant.key}"))  # fmt: skip
-        if nic.vlan_id is not None:
-            vxlan = (nic.vn_mad or "").lower() in VXLAN_DRIVERS
+        driver = (nic.vn_mad or "").lower()
+        if driver == OVS_VXLAN_DRIVER:  # VNI in OUTER_VLAN_ID; VLAN_ID is a tag inside the segment
+            outer = (nic.attributes.get("OUTER_VLAN_ID") or "").strip()
+            if not outer.isdigit() or len(outer) > 8 or int(outer) not in tenant.vnis:
+                refusals.append(Refusal(f"tenant.{tenant.key}.vnis",
+                                        f"VNI {outer[:20] or '(none named)'} (OUTER_VLAN_ID) is outside tenant "
+                                        f"{tenant.key}'s vnis {tenant.vnis}"))  # fmt: skip
+        elif nic.vlan_id is not None:
+            vxlan = driver in VXLAN_DRIVERS
             ranges, rule = (tenant.vnis, "vnis") if vxlan else (tenant.vlans, "vlans")
             if nic.vlan_id not in ranges:
                 refusals.append(Refusal(f"tenant.{tenant.key}.{rule}",
