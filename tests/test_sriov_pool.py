@@ -103,3 +103,28 @@ def test_locate_vf_reads_pf_index_and_numa(tmp_path: Path) -> None:
     assert (where.pf_netdev, where.vf, where.numa_node, where.infiniband) == ("ens1f0np0", 2, 1, False)
     with pytest.raises(HostError, match="not a VF"):
         locate_vf(host, PF)
+
+
+@pytest.mark.parametrize("vn_mad", ["vxlan", "ovswitch_vxlan"])
+def test_a_vxlan_network_on_a_legacy_vf_is_refused(tmp_path: Path, vn_mad: str) -> None:
+    from types import MappingProxyType
+
+    from aifactory_plugins import sriov as sriov_plugin
+
+    from aifactory_core.errors import PolicyRefused
+    from aifactory_core.host.inventory import HostInventory
+    from aifactory_core.one.vm import PciRequest
+    from aifactory_core.vnm.grant import TenantNetworkGrant
+
+    host = make_pf(tmp_path)
+    nic = PciRequest(pci_id=1, type="NIC", address="0000:18:00.2", short_address=None, vendor=None, device=None,
+                     device_class=None, numa_node=None, nic_id=1, network=None, network_id=7, vlan_id=5001,
+                     mac="02:00:c0:a8:c9:0a", phydev=None, vn_mad=vn_mad, vm_address=None, vm_bus=None,
+                     vm_bus_index=None, uuid=None, profile=None, mdev_mode=None, attributes=MappingProxyType({}))
+
+    class Request:
+        vm_id = 42
+
+    with pytest.raises(PolicyRefused, match=f"VXLAN network \\({vn_mad}\\) on VF 0 of ens1f0np0, a legacy-mode PF"):
+        sriov_plugin.aifactory_network_setup(HostInventory(host), Request(), nic,
+                                             TenantNetworkGrant("llm", vnis=((5000, 5099),)))

@@ -85,6 +85,12 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, gr
         return None
     if where.infiniband or is_switchdev_pf(inventory, where.pf_netdev):
         return None
+    if (nic.vn_mad or "").lower() in ("vxlan", "ovswitch_vxlan"):
+        from aifactory_core.errors import PolicyRefused
+
+        raise PolicyRefused(f"PCI NIC {nic.nic_id}: VXLAN network ({nic.vn_mad}) on VF {where.vf} of "
+                            f"{where.pf_netdev}, a legacy-mode PF: a VF there cannot be held to a VNI; "
+                            "use a switchdev PF")
     return [vf.action(where.pf_netdev, where.vf, request.vm_id, vf_settings(nic, grant))]
 
 
