@@ -1,5 +1,6 @@
 """The gate between tenants: health after reset, quarantine, and refusal of quarantined devices."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,130 @@ def test_link_is_judged_against_its_width_before_the_reset(host: HostRoot) -> No
     width.write_text("0\n")
     assert health_problem(host, GPU, width_before=16) == "link down after reset"
     assert health_problem(host, GPU, width_before=0) is None  # no link of its own (integrated endpoint)
+
+
+class _FlrFailsOnce:
+    """The real sysfs writer, except that the first write to ``reset`` fails as an FLR the device
+    refuses does (EINVAL/ENOTTY from the kernel)."""
+
+    def __init__(self) -> None:
+        from aifactory_core.host.pcibind import SysfsWriter
+
+        self.real = SysfsWriter()
+        self.failed = False
+
+    def write(self, path: Path, value: str, why: str) -> None:
+        if path.name == "reset" and not self.failed:
+            self.failed = True
+            raise HostError("writing 1 to reset failed: Inappropriate ioctl for device")
+        self.real.write(path, value, why)
+
+
+def _release_through_the_engine(host: HostRoot, monkeypatch: pytest.MonkeyPatch, vm: int,
+                                before_release: object = None) -> None:
+    """Prepare ``GPU`` for ``vm`` and release it with the engine's own ``pci_driver`` undo (reset,
+    check, record, quarantine); only the driver move itself is the simulated kernel's (``simkernel``)."""
+    from simkernel import SimulatedDriverCore
+
+    from aifactory_core.lifecycle import executor
+    from aifactory_core.model import Action
+
+    core = SimulatedDriverCore()
+    monkeypatch.setattr(executor, "_set_driver",
+                        lambda host, address, driver, writer: core.set_driver(host, address, driver))
+    executor.prepare(host, vm, [Action("pci_driver", GPU, "vfio-pci", "nvidia", f"VM {vm}")])
+    if callable(before_release):
+        before_release()
+    assert executor.release(host, vm)
+
+
+def _probe_gpu(host: HostRoot) -> dict[str, object]:
+    from aifactory_core.probes.collect import collect
+    from aifactory_core.probes.sysfs import Root
+
+    snapshot = collect(Root(str(host.root), str(host.state_dir)), nvml_mode="off")
+    [row] = [row for row in snapshot["gpus"] if row["BUS_ID"] == GPU]
+    return row
+
+
+def test_release_records_a_good_reset_and_the_probe_reports_it(host: HostRoot,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    from aifactory_core.host.sanitize import reset_history
+    from aifactory_core.probes import host_system, prometheus
+    from aifactory_core.probes.collect import collect
+    from aifactory_core.probes.sysfs import Root
+
+    assert _probe_gpu(host)["LAST_RESET"] == ""  # never reset: nothing to report
+    _release_through_the_engine(host, monkeypatch, 7)
+    assert (host.pci_devices / GPU / "reset").read_text() == "1"  # the kernel's reset was asked for
+    [(stamp, result, method, reason)] = reset_history(host, GPU)
+    assert (result, method, reason) == ("OK", "flr", "")  # the generated GPU lists "flr bus"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
+    row = _probe_gpu(host)
+    assert row["LAST_RESET"] == f"OK flr {stamp}" and row["QUARANTINED"] == "NO" and row["HEALTH"] == "OK"
+    root = Root(str(host.root), str(host.state_dir))
+    assert f'LAST_RESET="OK flr {stamp}"' in host_system.probe(root, None, 1.0).replace(" = ", "=")
+    text = prometheus.exposition(collect(root, nvml_mode="off"))
+    import calendar
+    import time
+
+    epoch = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    assert re.search(rf'^aifactory_gpu_last_reset_timestamp_seconds\{{bus_id="{GPU}",[^}}]*method="flr"\}} {epoch}$',
+                     text, re.M)
+    assert re.search(rf'^aifactory_gpu_last_reset_ok\{{bus_id="{GPU}",[^}}]*method="flr"\}} 1$', text, re.M)
+
+
+def test_release_records_a_failed_reset_and_quarantines(host: HostRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aifactory_core.host.sanitize import reset_history
+    from aifactory_core.probes import prometheus
+    from aifactory_core.probes.collect import collect
+    from aifactory_core.probes.sysfs import Root
+
+    _release_through_the_engine(host, monkeypatch, 7)
+    _release_through_the_engine(host, monkeypatch, 8, lambda: (host.pci_devices / GPU / "config").write_bytes(
+        b"\xff" * 256))
+    history = reset_history(host, GPU)
+    assert [(result, method) for _stamp, result, method, _reason in history] == [("OK", "flr"), ("FAILED", "flr")]
+    reason = "config space reads all-ones: the device fell off the bus"
+    assert history[-1][3] == reason and quarantined(host) == {GPU: reason}
+    row = _probe_gpu(host)
+    assert row["LAST_RESET"] == f"FAILED flr {history[-1][0]}: {reason}"
+    assert row["QUARANTINED"] == "YES" and row["HEALTH"] == "FAILED"
+    # kept from the host on vfio-pci, so no tenant's state reaches it (the simulated driver core
+    # moves the driver link only, not uevent, so the link is read here rather than the probe's DRIVER)
+    assert os.readlink(host.pci_devices / GPU / "driver").endswith("/vfio-pci")
+    text = prometheus.exposition(collect(Root(str(host.root), str(host.state_dir)), nvml_mode="off"))
+    assert f'aifactory_gpu_last_reset_ok{{bus_id="{GPU}"' in text
+    assert any(line.startswith(f'aifactory_gpu_last_reset_ok{{bus_id="{GPU}"') and line.endswith(" 0")
+               for line in text.splitlines())
+
+
+def test_bus_reset_fallback_is_recorded_as_bus(host: HostRoot) -> None:
+    from aifactory_core.host.sanitize import reset_history
+
+    assert sanitize(host, GPU, _FlrFailsOnce()) is None  # type: ignore[arg-type]
+    assert [(result, method) for _stamp, result, method, _reason in reset_history(host, GPU)] == [("OK", "bus")]
+    assert (host.pci_devices / GPU / "reset_method").read_text().split() == ["flr", "bus"]  # restored
+    assert _probe_gpu(host)["LAST_RESET"].startswith("OK bus ")  # type: ignore[union-attr]
+
+
+def test_reset_history_is_bounded_and_dry_runs_record_nothing(host: HostRoot) -> None:
+    from aifactory_core.host.sanitize import RESET_HISTORY, reset_history
+
+    assert sanitize(host, GPU, RecordingWriter()) is None
+    assert reset_history(host, GPU) == [] and not (host.state_dir / "resets").exists()
+    for _ in range(RESET_HISTORY + 4):
+        assert sanitize(host, GPU) is None
+    assert len(reset_history(host, GPU)) == RESET_HISTORY
+    leftovers = [name for name in os.listdir(host.state_dir / "resets") if name != GPU]
+    assert leftovers == []  # the atomic writer left no temporary files
+
+
+def test_device_without_reset_records_method_none(host: HostRoot) -> None:
+    from aifactory_core.host.sanitize import reset_history
+
+    (host.pci_devices / GPU / "reset").unlink()
+    assert sanitize(host, GPU) is None
+    assert [(result, method) for _stamp, result, method, _reason in reset_history(host, GPU)] == [("OK", "none")]

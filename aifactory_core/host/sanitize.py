@@ -8,11 +8,17 @@ read back (not all-ones: the device fell off the bus) and the link must train at
 
 A quarantined device is refused to new VMs (``ownership.claim``) and reported by the probes until
 an administrator clears it (``aifactory device clear ADDR``).
+
+Every outcome, good or bad, is appended to ``<state dir>/resets/<address>`` (one line per reset:
+``TIME<TAB>OK|FAILED<TAB>METHOD<TAB>REASON``, the newest last, at most :data:`RESET_HISTORY` lines),
+rewritten atomically; the probes report the newest line as ``LAST_RESET``.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 from aifactory_core.errors import HostError
 from aifactory_core.host.pcibind import RecordingWriter, SysfsWriter, Writer
@@ -48,12 +54,26 @@ def clear_quarantine(host: HostRoot, address: str) -> bool:
     return True
 
 
-def _reset(host: HostRoot, address: str, writer: Writer) -> None:
+RESET_HISTORY = 16
+NO_RESET = "none"
+
+
+def _first_method(host: HostRoot, address: str) -> str:
+    """The method the kernel's ``reset`` tries first: the head of ``reset_method`` (the kernel
+    lists only the methods the device supports, and stops at the first one that applies)."""
+    methods = (read_str(host.pci_devices / address / "reset_method") or "").split()
+    return methods[0] if methods else "default"
+
+
+def _reset(host: HostRoot, address: str, writer: Writer) -> str:
+    """Reset ``address``; the method used (``flr``, ``bus``..., ``none`` when it has no reset)."""
     device = host.pci_devices / address
     if not (device / "reset").exists():
-        return  # no reset method at all: nothing the kernel can do; the health checks still run
+        return NO_RESET  # nothing the kernel can do; the health checks still run
+    method = _first_method(host, address)
     try:
         writer.write(device / "reset", "1", f"reset {address} before it changes hands")
+        return method
     except HostError:
         methods = (read_str(device / "reset_method") or "").split()
         if "bus" not in methods or not (device / "reset_method").exists():
@@ -63,6 +83,7 @@ def _reset(host: HostRoot, address: str, writer: Writer) -> None:
             writer.write(device / "reset", "1", f"bus reset of {address}")
         finally:
             writer.write(device / "reset_method", " ".join(methods), f"restore the reset methods of {address}")
+        return "bus"
 
 
 def health_problem(host: HostRoot, address: str, width_before: int | None = None) -> str | None:
@@ -96,32 +117,73 @@ def health_problem(host: HostRoot, address: str, width_before: int | None = None
     return None
 
 
-def reset_and_check(host: HostRoot, address: str, writer: Writer | None = None) -> str | None:
-    """Reset ``address`` and return why it is unfit to hand over, or None (needs root)."""
+def reset_check_method(host: HostRoot, address: str, writer: Writer | None = None) -> tuple[str, str | None]:
+    """Reset ``address``: (the method used, why it is unfit to hand over or None) (needs root)."""
     address = pci_address(address)
     writer = writer if writer is not None else SysfsWriter()
     width_before = read_int(host.pci_devices / address / "current_link_width")
     try:
-        _reset(host, address, writer)
+        method = _reset(host, address, writer)
     except HostError as error:
-        return f"reset failed: {error.message}"
+        return _first_method(host, address), f"reset failed: {error.message}"
     if isinstance(writer, RecordingWriter):
-        return None
-    return health_problem(host, address, width_before)
+        return method, None
+    return method, health_problem(host, address, width_before)
+
+
+def reset_and_check(host: HostRoot, address: str, writer: Writer | None = None) -> str | None:
+    """Reset ``address`` and return why it is unfit to hand over, or None (needs root)."""
+    return reset_check_method(host, address, writer)[1]
+
+
+def _history_path(host: HostRoot, address: str) -> Path:
+    return host.state_dir / "resets" / pci_address(address)
+
+
+def record_reset(host: HostRoot, address: str, method: str, problem: str | None,
+                 when: float | None = None) -> None:
+    """Append one reset outcome to the device's history (the newest :data:`RESET_HISTORY` kept)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if when is None else when))
+    reason = " ".join((problem or "").split())
+    line = "\t".join((stamp, "OK" if problem is None else "FAILED", " ".join(method.split()) or "default", reason))
+    path = _history_path(host, address)
+    lines = (read_str(path) or "").splitlines()[-(RESET_HISTORY - 1):]
+    write_atomic(path, ("\n".join([*lines, line]) + "\n").encode())
+
+
+def reset_history(host: HostRoot, address: str) -> list[tuple[str, str, str, str]]:
+    """The recorded outcomes of ``address``, oldest first: (time, OK|FAILED, method, reason)."""
+    history = []
+    for line in (read_str(_history_path(host, address)) or "").splitlines():
+        fields = line.split("\t", 3) + [""]  # an empty reason may have lost its trailing tab
+        if len(fields) >= 4:
+            history.append((fields[0], fields[1], fields[2], fields[3]))
+    return history
 
 
 def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str | None:
-    """Reset and check ``address``; quarantine it and return the reason when it is not healthy.
+    """Reset and check ``address``; record the outcome; quarantine it and return the reason when
+    it is not healthy.
 
-    Unprivileged on the live host, the reset runs through the root helper (``reset ADDR``)."""
+    Unprivileged on the live host, the reset runs through the root helper (``reset ADDR``), which
+    answers only the problem: the method recorded is then the head of ``reset_method`` (a fallback
+    to a bus reset inside the helper is not seen here)."""
     address = pci_address(address)
     if host.is_live and os.geteuid() != 0 and not isinstance(writer, RecordingWriter):
         from aifactory_core.roothelper import run_privileged
 
-        output = run_privileged("reset", address)
+        method = _first_method(host, address) if (host.pci_devices / address / "reset").exists() else NO_RESET
+        try:
+            output = run_privileged("reset", address)
+        except HostError as error:
+            record_reset(host, address, method, f"reset failed: {error.message}")
+            raise
         problem = output.strip() or None
     else:
-        problem = reset_and_check(host, address, writer)
-    if problem is not None and not isinstance(writer, RecordingWriter):
+        method, problem = reset_check_method(host, address, writer)
+    if isinstance(writer, RecordingWriter):
+        return problem  # a dry run changes nothing, so records nothing
+    if problem is not None:
         quarantine(host, address, problem)
+    record_reset(host, address, method, problem)
     return problem

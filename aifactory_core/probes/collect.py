@@ -131,6 +131,7 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
 
         xids, snapshot["xid_source"] = read_new_xids(root)
     quarantined = host_side.quarantine_reasons(root)
+    resets = host_side.last_resets(root)
     held = snapshot["held"]
     cache = _read_cache(root) if any(address not in readings for address in gpus) else {}
     cache_changed = False
@@ -184,6 +185,10 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
                 row["HEALTH"], row["HEALTH_REASON"] = "FAILED", f"quarantined: {quarantined[address]}"
         elif not row["QUARANTINED"]:
             row["QUARANTINED"] = "NO"
+        outcome = resets.get(address)
+        if outcome is not None:  # the recorded outcome says more than the quarantine marker
+            row["LAST_RESET"] = host_side.last_reset_text(outcome)
+            row["_reset"] = outcome
         rows.append(row)
     if cache_changed:
         _write_cache(root, cache)

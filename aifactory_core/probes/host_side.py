@@ -4,7 +4,8 @@ Never from numbers the tenant's guest reports: PCIe AER counters (``aer_dev_corr
 ``aer_dev_nonfatal``, ``aer_dev_fatal`` — the ``TOTAL_*`` lines), link speed/width against the
 maximum, config-space readability (all-ones means the device fell off the bus), and the lifecycle
 engine's quarantine marker (``<state dir>/quarantine/<address>``, holding the failed reset's
-reason) and holder (``held_devices``).
+reason), its reset history (``<state dir>/resets/<address>``, the newest outcome last) and holder
+(``held_devices``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,37 @@ def quarantine_reasons(root: Root) -> dict[str, str]:
         except OSError:
             continue
     return result
+
+
+def last_resets(root: Root) -> dict[str, tuple[str, str, str, str]]:
+    """The newest recorded reset of each device: address -> (time, OK|FAILED, method, reason).
+
+    Read-only view of :func:`aifactory_core.host.sanitize.record_reset`'s files (one line per reset,
+    tab-separated, replaced atomically), without importing the lifecycle engine."""
+    directory = os.path.join(root.state_dir, "resets")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return {}
+    result: dict[str, tuple[str, str, str, str]] = {}
+    for name in names:
+        if not is_pci_address(name):
+            continue
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as handle:
+                lines = handle.read().splitlines()
+        except OSError:
+            continue
+        fields = lines[-1].split("\t", 3) + [""] if lines else []
+        if len(fields) >= 4 and fields[1] in ("OK", "FAILED"):
+            result[name] = (fields[0], fields[1], fields[2], fields[3])
+    return result
+
+
+def last_reset_text(outcome: tuple[str, str, str, str]) -> str:
+    """``OK flr 2026-11-26T21:00:00Z`` or ``FAILED bus 2026-11-26T21:00:00Z: <reason>``."""
+    stamp, result, method, reason = outcome
+    return f"{result} {method} {stamp}" + (f": {reason}" if result != "OK" and reason else "")
 
 
 def holders(root: Root) -> dict[str, int]:

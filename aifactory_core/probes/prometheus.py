@@ -43,6 +43,17 @@ def _labels(row: dict[str, Any]) -> str:
                     (("bus_id", "BUS_ID"), ("uuid", "UUID"), ("model", "MODEL"), ("state", "STATE")))
 
 
+def _epoch(stamp: str) -> int | None:
+    """``2026-11-26T21:00:00Z`` as Unix time."""
+    import calendar
+    import time
+
+    try:
+        return calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    except ValueError:
+        return None
+
+
 def exposition(snapshot: dict[str, Any]) -> str:
     lines: list[str] = []
 
@@ -67,6 +78,13 @@ def exposition(snapshot: dict[str, Any]) -> str:
             if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
                 samples.append((_labels(row), value))
         family(name, "counter", help_text, samples)
+    resets = [(row, row["_reset"]) for row in gpus if row.get("_reset")]
+    family("gpu_last_reset_timestamp_seconds", "gauge", "when the device was last reset and checked (Unix time)",
+           [(f'{_labels(row)},method="{_label(outcome[2])}"', _epoch(outcome[0])) for row, outcome in resets
+            if _epoch(outcome[0]) is not None])
+    family("gpu_last_reset_ok", "gauge", "outcome of the last reset and health check: 1 OK, 0 FAILED",
+           [(f'{_labels(row)},method="{_label(outcome[2])}"', 1 if outcome[1] == "OK" else 0)
+            for row, outcome in resets])
     family("hugepages_free", "gauge", "free huge pages per NUMA node and size",
            [(f'node="{row["NODE_ID"]}",size_kib="{row["SIZE"]}"', row["FREE"]) for row in snapshot["hugepages"]])
     family("readiness_check", "gauge", "readiness check: 0 PASS, 1 WARN, 2 FAIL",
