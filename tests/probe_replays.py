@@ -47,3 +47,22 @@ def multi_gpu(addresses: list[str]) -> dict[str, Any]:
 def write(data: dict[str, Any], path: Path) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+# NVSwitch fabric registration as nvmlDeviceGetGpuFabricInfoV reports it on an HGX/DGX H100 whose
+# fabric manager has registered every GPU. SYNTHETIC: no such recording exists in the project (the
+# real H100 capture is a PCIe card without NVSwitch, and its recorder called this function wrongly,
+# so it holds a TypeError, not an answer). Field names and meanings are nvml.h's nvmlGpuFabricInfo_v2_t.
+SYNTHETIC_CLUSTER_UUID = "5c0a7e3b-2f1d-4e6a-9b8c-1d2e3f405162"
+SYNTHETIC_NOTE = ("SYNTHETIC: GpuFabricInfo entries are made up in nvml.h's nvmlGpuFabricInfo_v2_t layout; "
+                  "every other entry is the real H100 PCIe capture, copied per GPU")
+
+
+def with_fabric_info(data: dict[str, Any], state: int = 3, status: int = 0, clique: int = 7) -> dict[str, Any]:
+    """``data`` with a synthetic ``GpuFabricInfo`` answer on every GPU, labelled as synthetic."""
+    data = copy.deepcopy(data)
+    data["synthetic"] = SYNTHETIC_NOTE
+    for device in data["devices"]:
+        device["GpuFabricInfo"] = {"value": {"clusterUuid": SYNTHETIC_CLUSTER_UUID, "status": status,
+                                             "cliqueId": clique, "state": state, "healthMask": 0}, "us": 20.0}
+    return data

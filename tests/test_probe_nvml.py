@@ -289,3 +289,113 @@ def test_ctypes_binding_against_a_library_built_from_the_recording(tmp_path: Pat
             assert reading["errors"][name] == device[name]["error"], name
         else:
             assert reading["fields"][name] == device[name]["value"], name
+
+
+FABRIC_C = """
+struct fabric_v1 { unsigned char uuid[16]; int status; unsigned clique; unsigned state; };
+struct fabric_v2 { unsigned version; unsigned char uuid[16]; int status; unsigned clique; unsigned state;
+                   unsigned health; };
+static const unsigned char UUID[16] = {%(uuid)s};
+int nvmlInitWithFlags(unsigned flags) { return 0; }
+"""
+FABRIC_V2_C = """
+int nvmlDeviceGetGpuFabricInfoV(void *h, struct fabric_v2 *f) {
+  if (f->version != 0x02000024u) return 25; /* NVML_ERROR_ARGUMENT_VERSION_MISMATCH */
+  memcpy(f->uuid, UUID, 16); f->status = %(status)d; f->clique = %(clique)d; f->state = %(state)d;
+  f->health = %(health)d; return 0; }
+"""
+FABRIC_V1_C = """
+int nvmlDeviceGetGpuFabricInfo(void *h, struct fabric_v1 *f) {
+  memcpy(f->uuid, UUID, 16); f->status = %(status)d; f->clique = %(clique)d; f->state = %(state)d; return 0; }
+"""
+FABRIC_NOT_SUPPORTED_C = """
+int nvmlDeviceGetGpuFabricInfoV(void *h, struct fabric_v2 *f) { return 3; }
+"""
+
+
+def _library_with_fabric(tmp_path: Path, *fabric_sources: str) -> tuple[Path, dict[str, Any]]:
+    """The recording's C stand-in plus GPU fabric calls answering the SYNTHETIC DGX fabric values
+    (``probe_replays.with_fabric_info``) in nvml.h's ``nvmlGpuFabricInfo[_v2]_t`` layouts."""
+    import shutil
+    import subprocess
+
+    from probe_replays import with_fabric_info
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the NVML stand-in")
+    data = recording()
+    expected = with_fabric_info(data, state=3, status=0, clique=7)["devices"][0]["GpuFabricInfo"]["value"]
+    expected["healthMask"] = 0x40
+    values = {"uuid": ", ".join(str(byte) for byte in bytes.fromhex(expected["clusterUuid"].replace("-", ""))),
+              "status": expected["status"], "clique": expected["cliqueId"], "state": expected["state"],
+              "health": expected["healthMask"]}
+    source = tmp_path / "fake_nvml.c"
+    source.write_text(_fake_library_source(data["devices"][0], data["driver"]["value"])
+                      + "".join(part % values for part in (FABRIC_C, *fabric_sources)))
+    (tmp_path / "lib").mkdir()
+    library = tmp_path / "lib" / nvml.LIBRARY
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    return library, expected
+
+
+def _read_one(library: Path) -> dict[str, Any]:
+    reader = nvml.LiveNvml(library=str(library), binding="ctypes")
+    [reading] = reader.read()
+    reader.close()
+    return reading
+
+
+def _other_fields_intact(reading: dict[str, Any]) -> None:
+    device = recording()["devices"][0]
+    for name in nvml.LIVE_FIELDS:
+        if "error" in device[name]:
+            assert reading["errors"][name] == device[name]["error"], name
+        else:
+            assert reading["fields"][name] == device[name]["value"], name
+
+
+def test_ctypes_reads_versioned_gpu_fabric_info(tmp_path: Path) -> None:
+    library, expected = _library_with_fabric(tmp_path, FABRIC_V2_C, FABRIC_V1_C)
+    reading = _read_one(library)
+    assert reading["fields"]["GpuFabricInfo"] == expected  # v2: version accepted, healthMask read
+    _other_fields_intact(reading)
+
+
+def test_ctypes_falls_back_to_unversioned_gpu_fabric_info(tmp_path: Path) -> None:
+    library, expected = _library_with_fabric(tmp_path, FABRIC_V1_C)
+    reading = _read_one(library)
+    del expected["healthMask"]
+    assert reading["fields"]["GpuFabricInfo"] == expected
+
+
+def test_fabric_info_not_supported_spoils_nothing_else(tmp_path: Path) -> None:
+    """A PCIe H100 without NVSwitch: the call answers NVML_ERROR_NOT_SUPPORTED (the stand-in's code
+    3; the project's H100 capture holds no real answer to this call)."""
+    from aifactory_core.probes.gpu import fabric_info
+
+    library, _expected = _library_with_fabric(tmp_path, FABRIC_NOT_SUPPORTED_C)
+    reading = _read_one(library)
+    assert reading["errors"]["GpuFabricInfo"].startswith("NVMLError_NotSupported")
+    assert "GpuFabricInfo" not in reading["fields"] and reading["status"] == "ok"
+    _other_fields_intact(reading)
+    assert fabric_info(reading)["FABRIC_INFO_STATE"] == "NOT_SUPPORTED"
+    assert verdict(reading, [])[0] == "OK"
+
+
+def test_real_pynvml_reads_gpu_fabric_info_through_the_same_code(tmp_path: Path) -> None:
+    """The installed pynvml (its own ``c_nvmlGpuFabricInfoV_t``) over the same C stand-in, loaded
+    by name through ``LD_LIBRARY_PATH`` in a child process, as pynvml loads the real library."""
+    import json
+    import os
+    import subprocess
+
+    pytest.importorskip("pynvml")
+    library, expected = _library_with_fabric(tmp_path, FABRIC_V2_C)
+    script = ("import json; from aifactory_core.probes import nvml; "
+              "r = nvml.LiveNvml(binding='pynvml'); [x] = r.read(); r.close(); "
+              "print(json.dumps([x['fields'].get('GpuFabricInfo'), x['errors'].get('GpuFabricInfo'), x['status']]))")
+    env = {**os.environ, "LD_LIBRARY_PATH": str(library.parent)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    fields, error, status = json.loads(result.stdout)
+    assert (fields, error, status) == (expected, None, "ok")

@@ -332,3 +332,42 @@ def test_cli_bundled_sample_recording(tmp_path: Path) -> None:
     assert _parse(result.stdout)["AIF_GPU"][0]["UUID"] == recording()["devices"][0]["UUID"]["value"]
     bad = run_cli("probe", "host-system", "--nvml-replay", "sample:../../etc/passwd", env=env)
     assert bad.returncode == 2 and "unknown sample" in bad.stderr
+
+
+def test_h100_capture_has_no_fabric_reading_and_none_is_invented(h100_root: Path, tmp_path: Path) -> None:
+    """The real capture's GpuFabricInfo entry is the recorder's own TypeError (it called the function
+    without its structure argument): no fabric state is known, so none is reported."""
+    assert "TypeError" in recording()["devices"][0]["GpuFabricInfo"]["error"]
+    [gpu] = _parse(host_system.probe(Root(str(h100_root), str(tmp_path)), str(H100_NVML)))["AIF_GPU"]
+    assert gpu["FABRIC_INFO_STATE"] == "" and gpu["FABRIC_CLIQUE_ID"] == "" and gpu["FABRIC_CLUSTER_UUID"] == ""
+    assert gpu["FABRIC_INFO_STATUS"].startswith("error: TypeError")
+    assert gpu["HEALTH"] == "OK"  # a failed fabric call spoils no other field
+
+
+def test_dgx_fabric_info_from_a_synthetic_replay(dgx_root: Path, tmp_path: Path) -> None:
+    """SYNTHETIC fabric answers (``probe_replays.with_fabric_info``) on the real H100 entries: all
+    GPUs registered; one still in progress; one whose fabric call fails; one NOT_SUPPORTED call."""
+    from probe_replays import SYNTHETIC_CLUSTER_UUID, with_fabric_info
+
+    data = with_fabric_info(multi_gpu(DGX_GPUS))
+    assert data["synthetic"].startswith("SYNTHETIC")
+    data["devices"][1]["GpuFabricInfo"]["value"]["state"] = 2  # IN_PROGRESS
+    data["devices"][2]["GpuFabricInfo"] = {"error": "NVMLError_Unknown: Unknown Error", "us": 20.0}
+    data["devices"][3]["GpuFabricInfo"] = {"error": "NVMLError_NotSupported: Not Supported", "us": 20.0}
+    data["devices"][4]["GpuFabricInfo"]["value"]["status"] = 15  # registration ended with GPU_IS_LOST
+    replay = write(data, tmp_path / "dgx-fabric-nvml.json")
+    gpus = _parse(host_system.probe(Root(str(dgx_root), str(_dgx_state(tmp_path))), str(replay)))["AIF_GPU"]
+    good = gpus[0]
+    assert (good["FABRIC_INFO_STATE"], good["FABRIC_INFO_STATUS"], good["FABRIC_CLIQUE_ID"],
+            good["FABRIC_CLUSTER_UUID"]) == ("COMPLETED", "SUCCESS", "7", SYNTHETIC_CLUSTER_UUID)
+    assert good["HEALTH"] == "OK"
+    assert gpus[1]["FABRIC_INFO_STATE"] == "IN_PROGRESS"
+    assert (gpus[1]["HEALTH"], gpus[1]["HEALTH_REASON"]) == ("DEGRADED", "NVSwitch fabric registration in progress")
+    assert gpus[2]["FABRIC_INFO_STATE"] == ""
+    assert gpus[2]["FABRIC_INFO_STATUS"] == "error: NVMLError_Unknown: Unknown Error"
+    assert gpus[3]["FABRIC_INFO_STATE"] == "NOT_SUPPORTED"
+    assert (gpus[4]["FABRIC_INFO_STATUS"], gpus[4]["HEALTH"]) == ("GpuIsLost", "FAILED")
+    for broken in (gpus[2], gpus[3]):  # the fabric call's error spoils none of the other fields
+        assert broken["HEALTH"] == "OK" and broken["NVML_STATUS"] == "ok"
+        assert {key: broken[key] for key in ("MODEL", "MEMORY_MIB", "ECC_MODE", "PCIE_LINK_WIDTH")} == \
+            {key: good[key] for key in ("MODEL", "MEMORY_MIB", "ECC_MODE", "PCIE_LINK_WIDTH")}

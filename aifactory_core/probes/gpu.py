@@ -75,6 +75,9 @@ def verdict(reading: dict[str, Any], xids: list[int]) -> tuple[str, str]:
     other = [xid for xid in xids if xid not in APPLICATION_XIDS]
     if other:
         return "DEGRADED", f"XID {other[0]} since the last run"
+    fabric = _fabric_problem(fields)
+    if fabric is not None:
+        return fabric
     hardware = _hardware_throttle(as_int(fields.get("CurrentClocksThrottleReasons")))
     if hardware:
         return "DEGRADED", f"clocks limited by {hardware[0]}"
@@ -93,6 +96,53 @@ def fabric_state(fields: dict[str, Any]) -> str:
         return "NONE"
     up = sum(1 for state in readable if as_int(state.get("value")) == 1)
     return f"UP {up}/{len(readable)}"
+
+
+FABRIC_STATES = {0: "NOT_SUPPORTED", 1: "NOT_STARTED", 2: "IN_PROGRESS", 3: "COMPLETED"}
+
+
+def _return_name(code: int) -> str:
+    if code == 0:
+        return "SUCCESS"
+    from aifactory_core.probes.nvml_ctypes import ERROR_NAMES  # only on a failed registration
+
+    return ERROR_NAMES.get(code, f"ERROR_{code}")
+
+
+def fabric_info(reading: dict[str, Any]) -> dict[str, object]:
+    """NVSwitch fabric registration from ``nvmlDeviceGetGpuFabricInfo[V]``: ``FABRIC_INFO_STATE``
+    (``NOT_SUPPORTED`` on GPUs without an NVSwitch fabric, ``NOT_STARTED``, ``IN_PROGRESS``,
+    ``COMPLETED``), ``FABRIC_INFO_STATUS`` (the registration's NVML result, or the call's error),
+    ``FABRIC_CLIQUE_ID``, ``FABRIC_CLUSTER_UUID``; all empty when the call was not made."""
+    info = reading.get("fields", {}).get("GpuFabricInfo")
+    result: dict[str, object] = {"FABRIC_INFO_STATE": "", "FABRIC_INFO_STATUS": "", "FABRIC_CLIQUE_ID": "",
+                                 "FABRIC_CLUSTER_UUID": ""}
+    if isinstance(info, dict):
+        state = as_int(info.get("state"), -1)
+        result["FABRIC_INFO_STATE"] = FABRIC_STATES.get(state, f"UNKNOWN_{state}")
+        result["FABRIC_INFO_STATUS"] = _return_name(as_int(info.get("status")))
+        result["FABRIC_CLIQUE_ID"] = as_int(info.get("cliqueId"))
+        result["FABRIC_CLUSTER_UUID"] = str(info.get("clusterUuid") or "")
+        return result
+    error = reading.get("errors", {}).get("GpuFabricInfo")
+    if error:
+        # NVML answers NOT_SUPPORTED for the call itself on GPUs that predate fabric info.
+        result["FABRIC_INFO_STATE"] = "NOT_SUPPORTED" if "NotSupported" in error else ""
+        result["FABRIC_INFO_STATUS"] = f"error: {error}"
+    return result
+
+
+def _fabric_problem(fields: dict[str, Any]) -> tuple[str, str] | None:
+    """A GPU on an NVSwitch fabric runs no CUDA work until its registration completes."""
+    info = fields.get("GpuFabricInfo")
+    if not isinstance(info, dict):
+        return None
+    state, status = as_int(info.get("state"), -1), as_int(info.get("status"))
+    if state == 3 and status != 0:
+        return "FAILED", f"NVSwitch fabric registration failed ({_return_name(status)})"
+    if state in (1, 2):
+        return "DEGRADED", f"NVSwitch fabric registration {FABRIC_STATES[state].lower().replace('_', ' ')}"
+    return None
 
 
 def nvml_attributes(reading: dict[str, Any], xids: list[int]) -> dict[str, object]:
@@ -130,6 +180,7 @@ def nvml_attributes(reading: dict[str, Any], xids: list[int]) -> dict[str, objec
         "THROTTLE_REASONS": ",".join(throttle_names(throttle)),
         "XID_SINCE_LAST": ",".join(str(xid) for xid in xids),
         "FABRIC_STATE": fabric_state(fields),
+        **fabric_info(reading),
         "NVML_STATUS": reading.get("status", ""),
         "NVML_PROBLEM": reading.get("problem", ""),
         "HEALTH": health,

@@ -12,6 +12,8 @@ field) is kept as that GPU's (field's) error.
 * :class:`LiveNvml` loads the library through a small ctypes binding (or pynvml, imported lazily),
   and only when ``libnvidia-ml.so.1`` exists on the host
   (checked with a few ``stat`` calls — ``ctypes.util.find_library`` would spawn ``ldconfig``).
+* GPU fabric info (NVSwitch/NVLink fabric registration: state, status, clique id, cluster UUID)
+  is read with :func:`read_gpu_fabric_info` into the field ``GpuFabricInfo``.
 * :class:`ReplayNvml` reads the recorded format: ``{"driver": {"value"|"error", "us"}, "nvml",
   "cuda", "count", "devices": [{FIELD: {"value": V} | {"error": "E"}, "us": latency}]}``. A
   device entry ``{"error": "E"}`` stands for a GPU whose handle cannot be obtained. With
@@ -76,6 +78,39 @@ LIVE_FIELDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "ECC_uncorr_agg": ("nvmlDeviceGetTotalEccErrors",
                        ("NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_AGGREGATE_ECC")),
 }
+
+
+def _uuid_text(raw: object) -> str:
+    """NVML's 16-byte cluster UUID as ``8-4-4-4-12`` hex ('' when all zero: no cluster)."""
+    data = bytes(int(byte) & 0xFF for byte in raw)  # type: ignore[attr-defined]
+    if not any(data):
+        return ""
+    text = data.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def read_gpu_fabric_info(nvml: Any, handle: Any) -> dict[str, object]:
+    """``nvmlDeviceGetGpuFabricInfoV`` (v2, with ``healthMask``), or ``nvmlDeviceGetGpuFabricInfo``
+    where the library predates it, through either binding (both take ``byref`` of the structure).
+
+    The answer in the recorded format: ``{"clusterUuid": "8-4-4-4-12" | "", "status": nvmlReturn_t
+    of the GPU's fabric registration, "cliqueId": int, "state": nvmlGpuFabricState_t,
+    "healthMask": int}`` (no ``healthMask`` from the unversioned call)."""
+    import ctypes
+
+    try:
+        info = nvml.c_nvmlGpuFabricInfoV_t()
+        nvml.nvmlDeviceGetGpuFabricInfoV(handle, ctypes.byref(info))
+    except Exception as error:  # AttributeError (symbol missing) or pynvml's NVMLError_FunctionNotFound
+        if not isinstance(error, AttributeError) and "FunctionNotFound" not in type(error).__name__:
+            raise
+        info = nvml.c_nvmlGpuFabricInfo_t()
+        nvml.nvmlDeviceGetGpuFabricInfo(handle, ctypes.byref(info))
+    answer: dict[str, object] = {"clusterUuid": _uuid_text(info.clusterUuid), "status": int(info.status),
+                                 "cliqueId": int(info.cliqueId), "state": int(info.state)}
+    if hasattr(info, "healthMask"):
+        answer["healthMask"] = int(info.healthMask)
+    return answer
 
 
 # Calls only the metrics need (some are slow: the H100 recording shows TotalEnergyConsumption at
@@ -245,6 +280,11 @@ class LiveNvml:
                     reading["errors"][name] = _error_text(error)
                     if "GpuIsLost" in type(error).__name__:
                         break  # fallen off the bus: every further call fails the same way
+            else:
+                try:  # after the others, so its failure (kept in ``errors``) spoils none of them
+                    reading["fields"]["GpuFabricInfo"] = read_gpu_fabric_info(nvml, handle)
+                except Exception as error:
+                    reading["errors"]["GpuFabricInfo"] = _error_text(error)
             pci = reading["fields"].get("PciInfo")
             if isinstance(pci, dict):
                 reading["address"] = bus_id(pci.get("busId") or pci.get("busIdLegacy"))

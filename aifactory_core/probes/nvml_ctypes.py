@@ -51,6 +51,28 @@ class Utilization(ctypes.Structure):
     _fields_ = [("gpu", ctypes.c_uint), ("memory", ctypes.c_uint)]
 
 
+NVML_GPU_FABRIC_UUID_LEN = 16
+NVML_GPU_FABRIC_INFO_V2 = 0x02000024  # nvmlGpuFabricInfo_v2: version 2, 36 bytes
+
+
+class GpuFabricInfo(ctypes.Structure):
+    """``nvmlGpuFabricInfo_t`` (``nvmlDeviceGetGpuFabricInfo``, NVML 12.0+)."""
+
+    _fields_ = [("clusterUuid", ctypes.c_uint8 * NVML_GPU_FABRIC_UUID_LEN), ("status", ctypes.c_int),
+                ("cliqueId", ctypes.c_uint32), ("state", ctypes.c_uint)]
+
+
+class GpuFabricInfoV2(ctypes.Structure):
+    """``nvmlGpuFabricInfo_v2_t`` (``nvmlDeviceGetGpuFabricInfoV``): versioned, adds ``healthMask``."""
+
+    _fields_ = [("version", ctypes.c_uint), ("clusterUuid", ctypes.c_uint8 * NVML_GPU_FABRIC_UUID_LEN),
+                ("status", ctypes.c_int), ("cliqueId", ctypes.c_uint32), ("state", ctypes.c_uint),
+                ("healthMask", ctypes.c_uint32)]
+
+    def __init__(self) -> None:
+        super().__init__(version=NVML_GPU_FABRIC_INFO_V2)
+
+
 # function -> (C symbol, output kind)
 _TEXT = {"nvmlDeviceGetName": "nvmlDeviceGetName", "nvmlDeviceGetUUID": "nvmlDeviceGetUUID",
          "nvmlDeviceGetSerial": "nvmlDeviceGetSerial", "nvmlDeviceGetVbiosVersion": "nvmlDeviceGetVbiosVersion"}
@@ -83,6 +105,9 @@ class Nvml:
     NVML_MEMORY_ERROR_TYPE_UNCORRECTED = NVML_MEMORY_ERROR_TYPE_UNCORRECTED
     NVML_VOLATILE_ECC = NVML_VOLATILE_ECC
     NVML_AGGREGATE_ECC = NVML_AGGREGATE_ECC
+
+    c_nvmlGpuFabricInfo_t = GpuFabricInfo
+    c_nvmlGpuFabricInfoV_t = GpuFabricInfoV2
 
     def __init__(self, path: str) -> None:
         self._library = ctypes.CDLL(path)
@@ -117,6 +142,16 @@ class Nvml:
         handle = ctypes.c_void_p()
         self._check(self._library.nvmlDeviceGetHandleByIndex_v2(ctypes.c_uint(index), ctypes.byref(handle)))
         return handle
+
+    def nvmlDeviceGetGpuFabricInfo(self, handle: ctypes.c_void_p, info: Any) -> int:
+        """As pynvml: ``info`` is ``byref`` of a :class:`GpuFabricInfo` the call fills in."""
+        self._check(self._library.nvmlDeviceGetGpuFabricInfo(handle, info))
+        return 0
+
+    def nvmlDeviceGetGpuFabricInfoV(self, handle: ctypes.c_void_p, info: Any) -> int:
+        """As pynvml: ``info`` is ``byref`` of a :class:`GpuFabricInfoV2` (its version set)."""
+        self._check(self._library.nvmlDeviceGetGpuFabricInfoV(handle, info))
+        return 0
 
     def __getattr__(self, function: str) -> Any:
         if function in _TEXT:
