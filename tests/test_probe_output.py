@@ -371,3 +371,39 @@ def test_dgx_fabric_info_from_a_synthetic_replay(dgx_root: Path, tmp_path: Path)
         assert broken["HEALTH"] == "OK" and broken["NVML_STATUS"] == "ok"
         assert {key: broken[key] for key in ("MODEL", "MEMORY_MIB", "ECC_MODE", "PCIE_LINK_WIDTH")} == \
             {key: good[key] for key in ("MODEL", "MEMORY_MIB", "ECC_MODE", "PCIE_LINK_WIDTH")}
+
+
+def test_inventory_cache_from_an_earlier_json_file_is_migrated(h100_root: Path, tmp_path: Path) -> None:
+    """A cache written by an earlier version (JSON) is still honoured, then rewritten as plain text."""
+    import json
+
+    root = Root(str(h100_root), str(tmp_path))
+    host_system.probe(root, str(H100_NVML))  # NVML sees the GPU: its inventory is remembered
+    learnt = (tmp_path / "probes" / "gpu-inventory.tsv").read_text()
+    assert learnt.startswith("0000:00:06.0\tNVIDIA H100 80GB HBM3\tGPU-7104448d-")
+    (tmp_path / "probes" / "gpu-inventory.tsv").unlink()
+    legacy = {"0000:00:06.0": {"MEMORY_MIB": 81559, "MODEL": "NVIDIA H100 80GB HBM3", "SERIAL": "1652524101123",
+                               "UUID": "GPU-7104448d-2d24-50b1-4ee1-426fe364a21d", "VBIOS": "96.00.DA.00.0C"}}
+    (tmp_path / "probes" / "gpu-inventory.json").write_text(json.dumps(legacy))
+    empty = recording()
+    empty["devices"] = []
+    gpu = _parse(host_system.probe(root, str(write(empty, tmp_path / "none.json"))))["AIF_GPU"][0]
+    assert gpu["INVENTORY_SOURCE"] == "CACHED"
+    assert {key: gpu[key] for key in legacy["0000:00:06.0"]} == {k: str(v) for k, v in legacy["0000:00:06.0"].items()}
+    assert (tmp_path / "probes" / "gpu-inventory.tsv").read_text() == learnt
+
+
+def test_probe_start_up_loads_neither_json_nor_re(dgx_root: Path, tmp_path: Path) -> None:
+    """The installed host/system probe on the DGX-shaped tree, its GPU inventory cached, NVML absent:
+    which modules load is deterministic (their cost is measured in ``benchmarks/bench_probes.py``)."""
+    state = _dgx_state(tmp_path)
+    (state / "probes").mkdir()
+    (state / "probes" / "gpu-inventory.tsv").write_text(
+        "".join(f"{address}\tNVIDIA H100 80GB HBM3\tGPU-{index}\t{index}\t81559\t96.00\n"
+                for index, address in enumerate(DGX_GPUS)))
+    env = {**os.environ, "AIFACTORY_HOST_ROOT": str(dgx_root), "AIFACTORY_STATE_DIR": str(state)}
+    result = subprocess.run([sys.executable, "-S", "-X", "importtime", str(HOST_PROBE), "kvm", "0", "h"], env=env,
+                            capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL)
+    loaded = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "aifactory_core.probes.collect" in loaded and result.stdout.count('INVENTORY_SOURCE="CACHED"') == 8
+    assert not loaded & {"json", "re", "enum", "typing"}, sorted(loaded & {"json", "re", "enum", "typing"})

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 NVIDIA = 0x10DE
 SEVERITY = {"OK": 0, "DEGRADED": 1, "FAILED": 2}
-INVENTORY_CACHE = "gpu-inventory.json"
+INVENTORY_CACHE = "gpu-inventory.tsv"
+LEGACY_INVENTORY_CACHE = "gpu-inventory.json"
 CACHED_KEYS = ("MODEL", "UUID", "SERIAL", "MEMORY_MIB", "VBIOS")
 # Every AIF_GPU vector carries all of these (empty when unknown), whatever its driver.
 GPU_KEYS = (
@@ -72,26 +73,65 @@ def _nvml_source(root: Root, gpus: list[str], drivers: dict[str, str], replay: s
     return nvml.LiveNvml(budget_s, metrics=mode == "metrics", library=library, binding=binding), "live"
 
 
+def _cache_path(root: Root, name: str = INVENTORY_CACHE) -> str:
+    return os.path.join(root.state_dir, "probes", name)
+
+
 def _read_cache(root: Root) -> dict[str, dict[str, object]]:
+    """The remembered inventory: one line per GPU, ``ADDRESS`` then :data:`CACHED_KEYS`, tab-separated
+    (plain text: ``json`` pulls in ``re``, the largest part of the probe's start-up)."""
+    try:
+        with open(_cache_path(root), encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return _read_legacy_cache(root)
+    except OSError:
+        return {}
+    cache: dict[str, dict[str, object]] = {}
+    for line in lines:
+        fields = line.split("\t")
+        if len(fields) == len(CACHED_KEYS) + 1:
+            entry: dict[str, object] = dict(zip(CACHED_KEYS, fields[1:], strict=True))
+            memory = str(entry["MEMORY_MIB"])
+            entry["MEMORY_MIB"] = int(memory) if memory.isdigit() else memory
+            cache[fields[0]] = entry
+    return cache
+
+
+def _read_legacy_cache(root: Root) -> dict[str, dict[str, object]]:
+    """The JSON cache earlier versions wrote (read once, until the next write replaces it)."""
     import json
 
     try:
-        with open(os.path.join(root.state_dir, "probes", INVENTORY_CACHE), encoding="utf-8") as handle:
+        with open(_cache_path(root, LEGACY_INVENTORY_CACHE), encoding="utf-8") as handle:
             data = json.load(handle)
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    cache = {str(address): entry for address, entry in data.items() if isinstance(entry, dict)}
+    _write_cache(root, cache)  # migrated: later runs read the plain-text file
+    return cache
+
+
+def _cache_text(value: object) -> str:
+    return " ".join(str(value).split())  # no tab or newline can split a record
+
+
+def _cache_entry(entry: dict[str, object] | None) -> list[str] | None:
+    """An entry as the cache file holds it (so a value read back compares equal to a fresh one)."""
+    return None if entry is None else [_cache_text(entry.get(key, "")) for key in CACHED_KEYS]
 
 
 def _write_cache(root: Root, cache: dict[str, dict[str, object]]) -> None:
-    import json
-
-    path = os.path.join(root.state_dir, "probes", INVENTORY_CACHE)
+    path = _cache_path(root)
+    lines = ["\t".join([address, *(_cache_text(entry.get(key, "")) for key in CACHED_KEYS)])
+             for address, entry in sorted(cache.items())]
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(cache, handle, sort_keys=True)
+            handle.write("".join(f"{line}\n" for line in lines))
         os.replace(temporary, path)
     except OSError:
         pass
@@ -134,7 +174,7 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
     quarantined = host_side.quarantine_reasons(root)
     resets = host_side.last_resets(root)
     held = snapshot["held"]
-    cache = _read_cache(root) if any(address not in readings for address in gpus) else {}
+    cache: dict[str, dict[str, object]] | None = None  # read at most once, only when needed
     cache_changed = False
     rows: list[dict[str, object]] = []
     for address in sorted(set(gpus) | set(readings)):
@@ -161,13 +201,14 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
             row["INVENTORY_SOURCE"] = "NVML"
             if reading.get("status") == "ok" and row["UUID"]:
                 fresh = {key: row[key] for key in CACHED_KEYS}
-                if _read_cache(root).get(address) != fresh:
-                    cache = cache or _read_cache(root)
+                cache = _read_cache(root) if cache is None else cache
+                if _cache_entry(cache.get(address)) != _cache_entry(fresh):
                     cache[address] = fresh
                     cache_changed = True
             row["_metrics"] = gpu_health.metrics(reading)
         else:
             row.update(host_side.attributes(root, address, quarantined))
+            cache = _read_cache(root) if cache is None else cache
             remembered = cache.get(address)
             if remembered:
                 row.update({key: remembered.get(key, "") for key in CACHED_KEYS})
@@ -191,7 +232,7 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
             row["LAST_RESET"] = host_side.last_reset_text(outcome)
             row["_reset"] = outcome
         rows.append(row)
-    if cache_changed:
+    if cache_changed and cache is not None:
         _write_cache(root, cache)
     snapshot["gpus"] = rows
 
