@@ -58,12 +58,12 @@ def _nvml_source(root: Root, gpus: list[str], drivers: dict[str, str], replay: s
                  budget_s: float, mode: str) -> tuple[Any, str]:
     if mode == "off":
         return None, "unused: host-side readings only"
+    if not replay and not any(drivers.get(address) == "nvidia" for address in gpus):
+        return None, "unused: no GPU on the nvidia driver"
     from aifactory_core.probes import nvml
 
     if replay:
         return nvml.ReplayNvml(replay, budget_s), "replay"
-    if not any(drivers.get(address) == "nvidia" for address in gpus):
-        return None, "unused: no GPU on the nvidia driver"
     library = nvml.library_path(root.prefix)
     if library is None:
         return None, f"unavailable: {nvml.LIBRARY} not found"

@@ -16,6 +16,8 @@ import binascii
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 # C0 controls other than TAB/LF/CR: XML 1.0 cannot carry them (oned keeps templates as XML).
 _C0 = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20)])
+# Characters that make a printable ASCII value need cleaning or escaping (``]]>``, ``\``, ``"``).
+_NEEDS_CLEANING = frozenset('"\\>')
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,6 +43,12 @@ def valid_key(key: str) -> bool:
 
 
 def quote(value: object) -> str:
+    kind = type(value)
+    if kind is int:
+        return f'"{value}"'
+    if (isinstance(value, str) and kind is str and value.isascii() and value.isprintable()
+            and _NEEDS_CLEANING.isdisjoint(value)):
+        return f'"{value}"'  # nothing to clean or escape: the common case, without the copies
     return '"' + clean(value).replace('"', '\\"') + '"'
 
 

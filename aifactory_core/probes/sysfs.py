@@ -72,10 +72,13 @@ class Root:
 
     def link_name(self, absolute: str) -> str | None:
         """The last component of a symlink's target (a driver's or group's name)."""
-        path = self.path(absolute)
-        if not os.path.islink(path):
+        try:
+            target = os.readlink(self.path(absolute))
+        except OSError:  # absent or not a link
             return None
-        name = os.path.basename(os.path.realpath(path))
+        name = os.path.basename(target.rstrip("/"))
+        if name in ("", ".", ".."):  # not a plain name: let the kernel's path rules decide
+            name = os.path.basename(os.path.realpath(self.path(absolute)))
         return name or None
 
     def exists(self, absolute: str) -> bool:
