@@ -407,3 +407,35 @@ def test_probe_start_up_loads_neither_json_nor_re(dgx_root: Path, tmp_path: Path
     loaded = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "aifactory_core.probes.collect" in loaded and result.stdout.count('INVENTORY_SOURCE="CACHED"') == 8
     assert not loaded & {"json", "re", "enum", "typing"}, sorted(loaded & {"json", "re", "enum", "typing"})
+
+
+def test_xid_parser_agrees_with_the_pattern_it_replaces() -> None:
+    """The string matcher against the regular expression the probe used before (the oracle here),
+    on the recorded driver line and variants around every boundary."""
+    from aifactory_core.probes.xid import parse_xid
+
+    oracle = re.compile(r"NVRM: Xid \(PCI:([0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2})[^)]*\): ([0-9]+)")
+    recorded = "NVRM: Xid (PCI:0000:17:00): 79, pid=0, name=, GPU has fallen off the bus."
+    lines = [recorded, recorded.replace("0000:17:00", "0000:AB:cd"), "NVRM: Xid (PCI:0000:17:00.0 ch 3): 13, pid=9",
+             "NVRM: Xid (PCI:0000:17:00): x79", "NVRM: Xid (PCI:0000:17:00):79", "NVRM: Xid (PCI:0000:17:0g): 79",
+             "NVRM: Xid (PCI:0000:17:00", "NVRM: Xid (PCI:0000:17:00)): 79", "NVRM: Xid (PCI:00:17:00): 79",
+             "junk NVRM: Xid (PCI:zz) NVRM: Xid (PCI:0000:43:00): 48, more", "", "NVRM: Xid (PCI:", "Xid 79",
+             "NVRM: Xid (PCI:0000:17:00 (x)): 31"]
+    for line in lines:
+        match = oracle.search(line)
+        assert parse_xid(line) == ((match.group(1).lower(), int(match.group(2))) if match else None), line
+
+
+def test_link_names_as_the_kernel_resolves_them(tmp_path: Path) -> None:
+    root = Root(str(tmp_path), str(tmp_path / "state"))
+    (tmp_path / "sys/bus/pci/drivers/nvidia").mkdir(parents=True)
+    device = tmp_path / "sys/devices/pci0000:00/0000:00:06.0"
+    device.mkdir(parents=True)
+    (device / "driver").symlink_to("../../../bus/pci/drivers/nvidia")
+    (device / "slash").symlink_to("../../../bus/pci/drivers/nvidia/")
+    (device / "dots").symlink_to("../../../bus/pci/drivers/nvidia/..")
+    (device / "file").write_text("x")
+    base = "/sys/devices/pci0000:00/0000:00:06.0"
+    assert root.link_name(f"{base}/driver") == "nvidia" and root.link_name(f"{base}/slash") == "nvidia"
+    assert root.link_name(f"{base}/dots") == "drivers"
+    assert root.link_name(f"{base}/file") is None and root.link_name(f"{base}/absent") is None

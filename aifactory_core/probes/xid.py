@@ -10,12 +10,31 @@ source is reported as unavailable rather than as "no errors".
 from __future__ import annotations
 
 import os
-import re
 
 from aifactory_core.probes.sysfs import Root
 
-XID = re.compile(r"NVRM: Xid \(PCI:([0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2})[^)]*\): (\d+)")
+XID_MARK = "NVRM: Xid (PCI:"
 MAX_RECORDS = 100000
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def parse_xid(message: str) -> tuple[str, int] | None:
+    """(``dddd:bb:ss`` lower-case, XID) from ``NVRM: Xid (PCI:dddd:bb:ss[...]): N, ...``, else None.
+
+    Plain string matching: ``re`` would be the largest import of the probe."""
+    start = message.find(XID_MARK)
+    while start >= 0:
+        rest = message[start + len(XID_MARK):]
+        bus = rest[:10]
+        close = rest.find(")", 10)
+        if (len(bus) == 10 and bus[4] == ":" and bus[7] == ":" and _HEX.issuperset(bus[:4] + bus[5:7] + bus[8:])
+                and close >= 0 and rest[close + 1:close + 3] == ": "):
+            tail = rest[close + 3:]
+            digits = len(tail) - len(tail.lstrip("0123456789"))
+            if digits:
+                return bus.lower(), int(tail[:digits])
+        start = message.find(XID_MARK, start + 1)
+    return None
 
 
 def _state_file(root: Root) -> str:
@@ -60,9 +79,9 @@ def read_new_xids(root: Root) -> tuple[dict[str, list[int]], str]:
                 if sequence <= last:
                     continue
                 newest = max(newest, sequence)
-                match = XID.search(message)
-                if match:
-                    found.setdefault(match.group(1).lower(), []).append(int(match.group(2)))
+                xid = parse_xid(message)
+                if xid is not None:
+                    found.setdefault(xid[0], []).append(xid[1])
     finally:
         os.close(fd)
     if newest != last:
