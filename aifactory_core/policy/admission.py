@@ -14,16 +14,24 @@ does not name its method. Steps, each pure but the last:
 1. :func:`read_event` — decode and parse (hardened); malformed input is a DocumentError.
 2. :func:`vm_id_of` — the VM the call created or changed.
 3. :func:`plan` — from the VM document, the tenant's usage and the policy: the calls to make.
-4. :func:`execute` — make them through :class:`aifactory_core.policy.oned.Oned`.
+4. make them through :class:`aifactory_core.policy.oned.Oned`.
+
+When GPUs are asked, steps 3-4 (re-read the VM and the group's pool, decide, release) run under
+:func:`group_lock`, an exclusive ``flock`` per OpenNebula group on the frontend (where the hook
+manager runs every hook of one oned): two VMs of one tenant admitted at once are decided one
+after the other, and the second sees the first already released (PENDING) in the pool.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from aifactory_core.errors import DocumentError
+from aifactory_core.errors import AifactoryError, DocumentError
 
 if TYPE_CHECKING:
     from aifactory_core.one.payload import CallInfo
@@ -46,7 +54,47 @@ MAX_STDIN = 24 * 1024 * 1024
 HOLDING_STATES = frozenset({1, 3, 5, 8})
 STATE_HOLD, STATE_PENDING = 2, 1
 
+DEFAULT_LOCK_TIMEOUT = 60.0  # seconds; the admission hook templates allow 120
+
 OnRefusal = Literal["hold", "terminate"]
+
+
+class AdmissionLockTimeout(AifactoryError):
+    """Another admission of the same group held the lock for longer than the bounded wait."""
+
+    code = "lock"
+
+
+@contextmanager
+def group_lock(directory: Path, gid: int, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[Path]:
+    """Hold ``directory/admission-<gid>.lock`` exclusively (created 0600), waiting at most ``timeout``
+    seconds; the lock goes with the process, so a killed hook never leaves it taken."""
+    import fcntl
+    import time
+
+    path = directory / f"admission-{int(gid)}.lock"
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        raise AdmissionLockTimeout(f"admission lock {path}: {error.strerror or error}") from None
+    try:
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AdmissionLockTimeout(
+                        f"admission lock {path} still held by another admission after {timeout:g}s; "
+                        "VM left as it is") from None  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+        yield path
+    finally:
+        os.close(descriptor)  # closing the last descriptor drops the flock
 
 
 @dataclass(frozen=True)
@@ -173,9 +221,13 @@ class Outcome:
 
 def admit_event(
     event: Event, policy: Policy, oned_factory: type[Oned] | None = None, *, on_refusal: OnRefusal = "hold",
-    endpoint: str | None = None, session: str | None = None,
+    endpoint: str | None = None, session: str | None = None, lock_directory: Path | None = None,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> Outcome:  # fmt: skip
-    """Decide one hook event and carry the decision out (oned is contacted only when needed)."""
+    """Decide one hook event and carry the decision out (oned is contacted only when needed).
+
+    With ``lock_directory``, a VM asking GPUs is re-read, decided and acted on under the group's
+    :func:`group_lock`, so concurrent admissions of one tenant cannot both pass its GPU cap."""
     from aifactory_core.policy.decide import decide, gpu_count
 
     if not event.call.success:
@@ -195,11 +247,24 @@ def admit_event(
     vm = fetch_vm(oned, vm_id)
     if vm.vm_id != vm_id:
         raise DocumentError(f"one.vm.info {vm_id} answered VM {vm.vm_id}")
-    usage = None
-    if vm.gid is not None and gpu_count(vm):
-        usage = fetch_usage(oned, policy, vm.gid)
+    if vm.gid is None or not gpu_count(vm):
+        return _carry_out(event, oned, policy, vm, None, on_refusal)
+    if lock_directory is None:
+        return _carry_out(event, oned, policy, vm, fetch_usage(oned, policy, vm.gid), on_refusal)
+    with group_lock(lock_directory, vm.gid, lock_timeout):
+        vm = fetch_vm(oned, vm_id)  # as it is now, after any admission that held the lock before
+        if vm.vm_id != vm_id or vm.gid is None:
+            raise DocumentError(f"one.vm.info {vm_id} answered VM {vm.vm_id} (group {vm.gid})")
+        return _carry_out(event, oned, policy, vm, fetch_usage(oned, policy, vm.gid), on_refusal)
+
+
+def _carry_out(
+    event: Event, oned: Oned, policy: Policy, vm: VmRequest, usage: Usage | None, on_refusal: OnRefusal
+) -> Outcome:
+    from aifactory_core.policy.decide import decide
+
     decision = decide(policy, vm, usage)
     steps = plan(event, vm, decision, on_refusal)
     for step in steps:
         oned.call(step.method, *step.params)
-    return Outcome(vm_id, decision, tuple(steps), f"{event.method} on VM in state {vm.state_name}")
+    return Outcome(vm.vm_id, decision, tuple(steps), f"{event.method} on VM in state {vm.state_name}")

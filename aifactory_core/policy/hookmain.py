@@ -8,7 +8,9 @@ way to a decision; pyone is imported only when oned must be called.
 
 Configuration: ``[plugin.policy]`` in ``/etc/one/aifactory.conf`` — ``file`` (the policy,
 default ``/etc/one/aifactory-policy.toml``), ``on_refusal`` (``hold`` or ``terminate``),
-``accounting_dir``. ``AIFACTORY_POLICY`` overrides ``file``.
+``accounting_dir`` (the ledger; ``AIFACTORY_ACCOUNTING_DIR`` overrides it), ``lock_dir`` (the
+per-group admission locks, default the accounting directory), ``lock_timeout`` (seconds an
+admission waits for its group's lock, default 60). ``AIFACTORY_POLICY`` overrides ``file``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from aifactory_core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, AifactoryError
@@ -43,7 +46,7 @@ def _stdin() -> bytes:
 
 
 def admission(argv: Sequence[str]) -> str:
-    from aifactory_core.policy.admission import admit_event, read_event
+    from aifactory_core.policy.admission import DEFAULT_LOCK_TIMEOUT, admit_event, read_event
 
     event = read_event(_stdin(), argv[0] if argv else None)
     if not event.call.success:
@@ -57,7 +60,23 @@ def admission(argv: Sequence[str]) -> str:
         from aifactory_core.errors import ConfigError
 
         raise ConfigError(f"[plugin.policy] on_refusal = {on_refusal!r}: expected hold or terminate")
-    return admit_event(event, policy, on_refusal=on_refusal).summary()
+    lock_timeout = settings.get("lock_timeout", DEFAULT_LOCK_TIMEOUT)
+    if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or not 0 < lock_timeout <= 3600:
+        from aifactory_core.errors import ConfigError
+
+        raise ConfigError(f"[plugin.policy] lock_timeout = {lock_timeout!r}: expected seconds in (0, 3600]")
+    lock_dir = settings.get("lock_dir")
+    return admit_event(
+        event, policy, on_refusal=on_refusal, lock_timeout=float(lock_timeout),
+        lock_directory=Path(str(lock_dir)) if lock_dir else _accounting_directory(settings),
+    ).summary()  # fmt: skip
+
+
+def _accounting_directory(settings: dict[str, Any]) -> Path:
+    from aifactory_core.policy.accounting import default_directory
+
+    directory = os.environ.get("AIFACTORY_ACCOUNTING_DIR") or settings.get("accounting_dir")
+    return Path(str(directory)) if directory else default_directory()
 
 
 def accounting(argv: Sequence[str]) -> str:
