@@ -139,6 +139,12 @@ def test_release_records_a_good_reset_and_the_probe_reports_it(host: HostRoot,
     assert row["LAST_RESET"] == f"OK flr {stamp}" and row["QUARANTINED"] == "NO" and row["HEALTH"] == "OK"
     root = Root(str(host.root), str(host.state_dir))
     assert f'LAST_RESET="OK flr {stamp}"' in host_system.probe(root, None, 1.0).replace(" = ", "=")
+    # the NVML path too (the GPU back on its driver, read from the real H100 recording per GPU)
+    from probe_replays import DGX_GPUS, multi_gpu, write
+
+    replay = write(multi_gpu(DGX_GPUS), host.state_dir / "dgx-nvml.json")
+    [nvml_row] = [row for row in collect(root, str(replay))["gpus"] if row["BUS_ID"] == GPU]
+    assert (nvml_row["HEALTH_SOURCE"], nvml_row["LAST_RESET"]) == ("NVML", f"OK flr {stamp}")
     text = prometheus.exposition(collect(root, nvml_mode="off"))
     import calendar
     import time
