@@ -10,7 +10,11 @@ from aifactory_core.errors import EXIT_CHECK_FAILED, EXIT_OK
 
 
 def add_parser(subparsers: Any) -> None:
-    subparsers.add_parser("repair", help="finish or roll back interrupted device transactions")
+    parser = subparsers.add_parser("repair", help="finish or roll back interrupted device transactions")
+    parser.add_argument(
+        "--boot", action="store_true",
+        help="the host has just booted and no VM runs: give back the devices of every journaled VM, "
+        "prepared ones included (what aifactory-repair.service runs)")
 
 
 def run(args: argparse.Namespace, context: Any) -> int:
@@ -18,13 +22,15 @@ def run(args: argparse.Namespace, context: Any) -> int:
     from aifactory_core.vnm.hook import vnm_host
 
     _manager, _loaded = context.plugins  # loading plugins registers their action kinds (VF, pkey, OVS port)
+    boot = bool(getattr(args, "boot", False))
     report = RepairReport()
     for scope in (context.host, vnm_host(context.host)):  # device journals, then network journals
-        report.add(repair(scope))
+        report.add(repair(scope, boot=boot))
     out = sys.stdout
     out.write(f"rolled back: {', '.join(map(str, report.rolled_back)) or 'none'}\n")
     out.write(f"released: {', '.join(map(str, report.released)) or 'none'}\n")
-    out.write(f"kept (prepared, VM running): {', '.join(map(str, report.kept)) or 'none'}\n")
+    if not boot:
+        out.write(f"kept (prepared, VM running): {', '.join(map(str, report.kept)) or 'none'}\n")
     if report.orphans_dropped:
         out.write(f"stale ownership dropped: {', '.join(report.orphans_dropped)}\n")
     for problem in report.problems:

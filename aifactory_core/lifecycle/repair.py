@@ -1,5 +1,8 @@
 """Finishing what a crash interrupted: roll back half-made prepares, finish half-made releases,
-and drop device ownership no journal explains."""
+and drop device ownership no journal explains.
+
+At host boot (``boot=True``) no VM runs yet — OpenNebula's libvirt domains are transient — so a
+VM whose prepare had finished is gone too: its devices are given back like any other."""
 
 from __future__ import annotations
 
@@ -24,11 +27,12 @@ class RepairReport:
             getattr(self, name).extend(getattr(other, name))
 
 
-def repair(host: HostRoot) -> RepairReport:
+def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
+    """Roll back or finish every unfinished transaction; ``boot``: every journal is stale."""
     report = RepairReport()
     journals: list[Journal] = list(all_journals(host))
     for journal in journals:
-        if journal.phase == "prepared":
+        if journal.phase == "prepared" and not boot:
             report.kept.append(journal.vm_id)
             continue
         problems = rollback(host, journal)
