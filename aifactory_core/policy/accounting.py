@@ -10,6 +10,10 @@ closed interval is never reopened by an older document).
 
 The ledger is one JSON file, rewritten atomically (temporary file, fsync, rename) under an
 exclusive ``flock`` because the hook manager runs hooks concurrently.
+
+:func:`showback_of` derives, from the ledger alone, the totals written back into the VM's
+``USER_TEMPLATE`` (:data:`SHOWBACK_ATTRIBUTES`): the GPU-seconds of its *finished* running stays,
+so the same ledger always gives the same values however often an event is delivered.
 """
 
 from __future__ import annotations
@@ -110,9 +114,12 @@ class Ledger:
             raise UsageError(f"GPU ledger {self.path} has an unknown format")
         return data
 
-    def record(self, usage: VmUsage) -> None:
+    def record(self, usage: VmUsage) -> dict[str, Any]:
+        """Fold ``usage`` in; returns the VM's ledger entry as written."""
         with self.locked() as data:
             merge(data, usage)
+            entry: dict[str, Any] = json.loads(json.dumps(data["vms"][str(usage.vm_id)]))
+            return entry
 
 
 def merge(data: dict[str, Any], usage: VmUsage) -> None:
@@ -152,6 +159,42 @@ def report(data: dict[str, Any], policy: Policy | None, start: int, end: int, no
         price = tenant.price_per_gpu_hour if tenant is not None else 0.0
         lines.append(UsageLine(name, int(vm_key), gpu_seconds, round(gpu_seconds / 3600 * price, 4)))
     return lines
+
+
+SHOWBACK_SECONDS = "AIFACTORY_GPU_SECONDS"
+SHOWBACK_HOURS = "AIFACTORY_GPU_HOURS"
+SHOWBACK_COST = "AIFACTORY_GPU_COST"
+SHOWBACK_ATTRIBUTES = (SHOWBACK_SECONDS, SHOWBACK_HOURS, SHOWBACK_COST)
+
+
+@dataclass(frozen=True)
+class Showback:
+    """A VM's GPU time from its finished running stays; ``cost`` None: no price known."""
+
+    vm_id: int
+    gpu_seconds: int
+    cost: float | None
+
+    def template(self) -> str:
+        """The ``one.vm.update`` text (merged into USER_TEMPLATE), formatted as ``aifactory usage --csv``."""
+        lines = [f'{SHOWBACK_SECONDS}="{self.gpu_seconds}"', f'{SHOWBACK_HOURS}="{self.gpu_seconds / 3600:.4f}"']
+        if self.cost is not None:
+            lines.append(f'{SHOWBACK_COST}="{self.cost:.4f}"')
+        return "\n".join(lines)
+
+
+def showback_of(vm_id: int, entry: dict[str, Any], policy: Policy | None) -> Showback | None:
+    """The VM's totals over all time from its ledger ``entry``, open stays left out (they are
+    counted once they close); None when the VM has no GPUs. Priced as :func:`report` prices."""
+    if not int(entry.get("gpus", 0)):
+        return None
+    closed = {key: value for key, value in entry["intervals"].items() if value[1] is not None}
+    single = {"version": LEDGER_VERSION, "vms": {str(vm_id): {**entry, "intervals": closed}}}
+    lines = report(single, policy, 0, 2**62, 0)
+    seconds = sum(line.gpu_seconds for line in lines)
+    if policy is None or policy.tenant_for(entry.get("gid"), entry.get("gname")) is None:
+        return Showback(vm_id, seconds, None)
+    return Showback(vm_id, seconds, round(sum(line.cost for line in lines), 4))
 
 
 def totals(lines: Iterable[UsageLine]) -> dict[str, tuple[int, float]]:

@@ -80,10 +80,10 @@ def _accounting_directory(settings: dict[str, Any]) -> Path:
 
 
 def accounting(argv: Sequence[str]) -> str:
-    from pathlib import Path
-
+    """Record the VM in the ledger, then write its totals into its USER_TEMPLATE; the ledger is
+    the source of truth: a failed write-back is reported in the line, the exit stays 0."""
     from aifactory_core.one.payload import load_document, vm_element_of
-    from aifactory_core.policy.accounting import Ledger, default_directory, vm_usage_from_element
+    from aifactory_core.policy.accounting import Ledger, vm_usage_from_element
 
     words = _stdin().split()
     if not words:
@@ -92,9 +92,32 @@ def accounting(argv: Sequence[str]) -> str:
         raise DocumentError("hook input is empty: expected $TEMPLATE on stdin (ARGUMENTS_STDIN = \"YES\")")
     element, _ = vm_element_of(load_document(words[0], "$TEMPLATE payload", encoding="base64"))
     usage = vm_usage_from_element(element)
-    directory = os.environ.get("AIFACTORY_ACCOUNTING_DIR") or _settings().get("accounting_dir")
-    Ledger(Path(directory) if directory else default_directory()).record(usage)
-    return f"VM {usage.vm_id}: {usage.gpus} GPUs, {len(usage.intervals)} running intervals recorded"
+    settings = _settings()
+    entry = Ledger(_accounting_directory(settings)).record(usage)
+    line = f"VM {usage.vm_id}: {usage.gpus} GPUs, {len(usage.intervals)} running intervals recorded"
+    return f"{line}; {_write_showback(usage.vm_id, entry, settings)}"
+
+
+def _write_showback(vm_id: int, entry: dict[str, Any], settings: dict[str, Any]) -> str:
+    from aifactory_core.policy.accounting import showback_of
+    from aifactory_core.policy.schema import Policy, load_policy
+
+    policy: Policy | None = None
+    policy_file = os.environ.get("AIFACTORY_POLICY") or settings.get("file") or DEFAULT_POLICY
+    try:
+        policy = load_policy(str(policy_file))
+    except AifactoryError:
+        pass  # no readable policy: GPU time without a price
+    showback = showback_of(vm_id, entry, policy)
+    if showback is None:
+        return "no GPUs, USER_TEMPLATE left as it is"
+    try:
+        from aifactory_core.policy.oned import Oned
+
+        Oned(None, None).call("one.vm.update", vm_id, showback.template(), 1)
+    except AifactoryError as error:
+        return f"USER_TEMPLATE not updated ({error.message})"
+    return f"USER_TEMPLATE {showback.template().replace(chr(10), ' ')}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
