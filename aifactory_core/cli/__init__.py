@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("cmd_plan", "show a VM's CPU/NUMA placement and the domain XML that carries it"),
     "probe": ("cmd_probe", "print an OpenNebula IM probe's output (host-system, vm-monitor)"),
     "metrics": ("cmd_metrics", "GPU and host metrics in Prometheus text format"),
+    "host-setup": ("cmd_host_setup", "as root on a host: root helper environment, sudoers, boot repair unit"),
 }
 _GLOBAL_OPTIONS_WITH_VALUE = {"--host-root", "--config", "--log-level"}
 
