@@ -58,7 +58,7 @@ def run_hook(server, tmp_path: Path, stdin: bytes, max_gpus: int = 2, extra_env:
     auth.write_text("oneadmin:secret\n")
     env = {**os.environ, "AIFACTORY_PYTHON": str(PYTHON), "AIFACTORY_POLICY": str(policy),
            "AIFACTORY_CONFIG": str(tmp_path / "absent.conf"), "ONE_XMLRPC": server.endpoint,
-           "ONE_AUTH": str(auth), **(extra_env or {})}  # fmt: skip
+           "ONE_AUTH": str(auth), "AIFACTORY_ACCOUNTING_DIR": str(tmp_path / "state"), **(extra_env or {})}  # fmt: skip
     return subprocess.run([str(HOOK)], input=stdin, capture_output=True, env=env, timeout=60, check=False)
 
 
