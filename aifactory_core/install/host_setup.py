@@ -32,7 +32,7 @@ from aifactory_core.install.stage import InstallError, Transaction
 ROOT_DIR = "/usr/local/lib/aifactory"
 ROOT_ENV = f"{ROOT_DIR}/venv"
 RECORD = f"{ROOT_DIR}/host-setup.json"
-SYNCED_FILES = f"{layout.HOST_REMOTES}/aifactory/host"
+SYNCED_FILES = layout.HOST_FILES_ON_HOSTS
 UNIT_NAME = "aifactory-repair.service"
 UNIT = f"/etc/systemd/system/{UNIT_NAME}"
 SUDOERS_NAME = "aifactory"

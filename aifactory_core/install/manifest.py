@@ -8,6 +8,8 @@ source                                             target
 ``drivers/im/<probes dir>/...``                    ``/var/lib/one/remotes/im/<probes dir>/...``
 ``drivers/vnm/<driver>/<phase>.d/...``             ``/var/lib/one/remotes/vnm/<driver>/<phase>.d/...``
 ``drivers/sudoers/<name>``                         ``/etc/sudoers.d/<name>`` (0440, checked by visudo)
+``drivers/{sudoers,systemd}/<name>``               ``/var/lib/one/remotes/aifactory/host/...``: synced
+                                                   to the hosts for ``aifactory host-setup``
 ``hooks/<name>`` (executables)                     ``/var/lib/one/remotes/hooks/aifactory/<name>``
 ``hooks/templates/*.tmpl``                         registered with oned (``one.hook.allocate``)
 (built in)                                         ``/etc/one/aifactory.conf`` if absent; state dir
@@ -34,6 +36,7 @@ WRAPPER = "wrapper"    # a VMM action: the file it replaces is kept as <action>.
 CONFIG = "config"      # written only when absent; never overwritten
 SUDOERS = "sudoers"    # 0440, validated with visudo -cf before it is put in place
 DIRECTORY = "dir"      # created with the owner and mode given
+HOST_DATA = "host-data"  # not run by OpenNebula: synced to the hosts for `aifactory host-setup` (0644)
 
 _PYTHON_SHEBANG = re.compile(rb"\A#!(?:/usr/bin/env(?: -S)? )?\S*python3(?P<flags>(?: -[A-Za-z]+)*)[ \t]*\n")
 _SKIPPED = re.compile(r"(^README|^\.|\.pyc$|~$|\.orig$|\.rej$)")
@@ -136,6 +139,9 @@ def discover(source: Path, prefix: str = layout.DEFAULT_PREFIX) -> list[Entry]:
             entries.append(_entry(FILE, path, source, f"{layout.REMOTES}/{area}/{relative}", host_python))
     for path in _files(drivers / "sudoers"):
         entries.append(_entry(SUDOERS, path, source, f"/etc/sudoers.d/{path.name}", mode=0o440))
+    for area in ("sudoers", "systemd"):  # for `aifactory host-setup` on each host, after `onehost sync`
+        for path in _files(drivers / area):
+            entries.append(_entry(HOST_DATA, path, source, f"{layout.HOST_FILES}/{area}/{path.name}", mode=0o644))
     hooks = source / "hooks"
     for path in _files(hooks):
         if path.parent == hooks and os.access(path, os.X_OK):
