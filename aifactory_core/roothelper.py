@@ -4,7 +4,8 @@ OpenNebula runs drivers as ``oneadmin``; moving a PCI function between drivers n
 helper accepts exactly::
 
     aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none>
-    aifactory-root-helper reset <dddd:bb:ss.f>     (prints why the device is unfit, if it is)
+    aifactory-root-helper reset <dddd:bb:ss.f>     (prints the reset method used, then why the device
+                                                    is unfit, if it is)
 
 — a validated PCI address and a validated driver name, nothing else (no paths, no shell, no
 environment: it always works on the live ``/``). ``drivers/sudoers/aifactory`` allows only it.
@@ -59,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         host = HostRoot(Path("/"))
         if verb == "reset":
-            from aifactory_core.host.sanitize import reset_and_check
+            from aifactory_core.host.sanitize import reset_check_method
 
-            sys.stdout.write((reset_and_check(host, address) or "") + "\n")
+            method, problem = reset_check_method(host, address)
+            sys.stdout.write(f"{method}\n{problem or ''}\n")
         else:
             from aifactory_core.host.pcibind import PciBinder
 

@@ -161,13 +161,22 @@ def reset_history(host: HostRoot, address: str) -> list[tuple[str, str, str, str
     return history
 
 
+def parse_helper_reset(output: str, expected_method: str) -> tuple[str, str | None]:
+    """The root helper's ``reset`` answer: (method, problem or None). A method that is not a plain
+    word is not trusted into the record (``expected_method`` stands in)."""
+    first, _, rest = output.partition("\n")
+    method = first.strip()
+    if not method.isascii() or not method.replace("_", "").isalnum() or len(method) > 16:
+        method = expected_method
+    return method, rest.strip() or None
+
+
 def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str | None:
     """Reset and check ``address``; record the outcome; quarantine it and return the reason when
     it is not healthy.
 
     Unprivileged on the live host, the reset runs through the root helper (``reset ADDR``), which
-    answers only the problem: the method recorded is then the head of ``reset_method`` (a fallback
-    to a bus reset inside the helper is not seen here)."""
+    answers the method it used on its first line and the problem, if any, on the second."""
     address = pci_address(address)
     if host.is_live and os.geteuid() != 0 and not isinstance(writer, RecordingWriter):
         from aifactory_core.roothelper import run_privileged
@@ -178,7 +187,7 @@ def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str 
         except HostError as error:
             record_reset(host, address, method, f"reset failed: {error.message}")
             raise
-        problem = output.strip() or None
+        method, problem = parse_helper_reset(output, method)
     else:
         method, problem = reset_check_method(host, address, writer)
     if isinstance(writer, RecordingWriter):
