@@ -36,6 +36,7 @@ SYNCED_FILES = layout.HOST_FILES_ON_HOSTS
 UNIT_NAME = "aifactory-repair.service"
 UNIT = f"/etc/systemd/system/{UNIT_NAME}"
 SUDOERS_NAME = "aifactory"
+VISUDO_PATHS = ("/usr/sbin/visudo", "/sbin/visudo")
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
@@ -180,8 +181,7 @@ def install_environment(tx: Transaction, target: layout.Layout, sources: Sources
 
 def check_sudoers(content: bytes, where: Path) -> None:
     """``visudo -cf`` on the snippet; refused when visudo is missing (a broken snippet locks sudo)."""
-    visudo = shutil.which("visudo") or next(
-        (p for p in ("/usr/sbin/visudo", "/sbin/visudo") if os.access(p, os.X_OK)), None)
+    visudo = shutil.which("visudo") or next((p for p in VISUDO_PATHS if os.access(p, os.X_OK)), None)
     if visudo is None:
         raise InstallError("visudo not found: cannot check the sudoers snippet (apt-get install sudo)")
     import tempfile
