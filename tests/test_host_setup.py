@@ -259,3 +259,37 @@ def test_repair_boot_option_reaches_the_command_line(tmp_path: Path) -> None:
                      env={"AIFACTORY_STATE_DIR": str(empty.state_dir)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["rolled back: none", "released: none"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="hands files from root to the state dir's owner")
+def test_what_a_root_repair_writes_goes_back_to_the_state_dirs_owner(host: HostRoot, tmp_path: Path) -> None:
+    from aifactory_core.lifecycle.atomic import write_atomic
+    from aifactory_core.lifecycle.repair import restore_state_owner
+
+    host.state_dir.mkdir()
+    os.chown(host.state_dir, OTHER_UID, OTHER_UID)
+    write_atomic(host.state_dir / "quarantine" / GPU, b"reset failed\n")  # as a root repair writes it
+    outside = tmp_path / "outside"
+    outside.write_text("root's\n")
+    os.link(outside, host.state_dir / "planted")  # a hard link to a file outside: not handed over
+    (host.state_dir / "link").symlink_to(outside)
+    changed = restore_state_owner(host)
+    assert sorted(Path(path).relative_to(host.state_dir).as_posix() for path in changed) == [
+        "quarantine", f"quarantine/{GPU}"]
+    for relative in ("quarantine", f"quarantine/{GPU}"):
+        info = (host.state_dir / relative).stat()
+        assert (info.st_uid, info.st_gid) == (OTHER_UID, OTHER_UID)
+    assert (outside.stat().st_uid, outside.stat().st_gid) == (0, 0)
+
+
+def test_a_link_out_of_the_synced_environment_is_refused(root: Path) -> None:
+    env = root / SYNCED_ENV.lstrip("/")
+    (env / "lib" / "escape").symlink_to("../../../../../../etc")
+    before = snapshot(root)
+    result = setup_cli(root)
+    assert result.returncode == 1 and "a link out of the environment" in result.stderr, result.stderr
+    assert snapshot(root) == before
+    (env / "lib" / "escape").unlink()
+    (env / "lib" / "escape").symlink_to(f"{SYNCED_ENV}/bin/python3")  # back into oneadmin's tree
+    assert setup_cli(root).returncode == 1
+    assert snapshot(root) == {**before, **{k: v for k, v in snapshot(root).items() if k.endswith("lib/escape")}}

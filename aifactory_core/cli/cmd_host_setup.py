@@ -5,6 +5,7 @@ boot-time repair unit (see :mod:`aifactory_core.install.host_setup`)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ def run(args: argparse.Namespace, context: Any) -> int:
         sys.stderr.write("aifactory: host-setup: --destdir must be an absolute path\n")
         return EXIT_USAGE
     target = layout.Layout(destdir)
+    if not target.staged and not args.dry_run and os.geteuid() != 0:
+        sys.stderr.write("aifactory: host-setup: run it as root on the host (or stage it with --destdir)\n")
+        return EXIT_USAGE
     tx = Transaction(dry_run=args.dry_run, out=sys.stdout)
     try:
         if args.uninstall:

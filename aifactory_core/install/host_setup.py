@@ -36,6 +36,8 @@ SYNCED_FILES = layout.HOST_FILES_ON_HOSTS
 UNIT_NAME = "aifactory-repair.service"
 UNIT = f"/etc/systemd/system/{UNIT_NAME}"
 SUDOERS_NAME = "aifactory"
+SYSTEM_LINK_TARGETS = ("/usr/bin/", "/usr/lib/", "/usr/lib64/", "/bin/", "/lib/", "/lib64/")
+"""Where an environment's absolute links may point (the base interpreter and its library)."""
 VISUDO_PATHS = ("/usr/sbin/visudo", "/sbin/visudo")
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
@@ -117,6 +119,13 @@ def unsafe_paths(top: Path) -> list[str]:
     return problems
 
 
+def _safe_link(relative: Path, link: str) -> bool:
+    """A link the root-owned copy may keep: inside the environment, or to a root-owned system path."""
+    if os.path.isabs(link):
+        return os.path.normpath(link).startswith(SYSTEM_LINK_TARGETS)
+    return not os.path.normpath(os.path.join(os.path.dirname(relative), link)).startswith("..")
+
+
 def _copy_environment(source: Sources, destination: Path, final_path: str) -> None:
     """Copy the environment to ``destination`` owned by root (when root), no group/other write;
     nothing is left behind when it fails."""
@@ -135,9 +144,9 @@ def _copy_tree(source: Sources, destination: Path, final_path: str) -> None:
         copy = destination / relative
         if path.is_symlink():
             link = os.readlink(path)
-            if os.path.isabs(link) and (link.startswith(source.environment_path) or
-                                        Path(link).is_relative_to(source.environment)):
-                raise InstallError(f"{path}: links into the oneadmin-writable environment ({link})")
+            if not _safe_link(relative, link):
+                raise InstallError(f"{path}: a link out of the environment to {link} (only system paths "
+                                   f"{', '.join(SYSTEM_LINK_TARGETS)} may be linked)")
             copy.symlink_to(link)
             if as_root:
                 os.lchown(copy, 0, 0)

@@ -48,3 +48,40 @@ def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
             ownership.disown(host, address, owner)
             report.orphans_dropped.append(address)
     return report
+
+
+def restore_state_owner(host: HostRoot) -> list[str]:
+    """Give what a repair run as root wrote in the state dir (journals, quarantine and reset records,
+    the directories holding them) to the state dir's owner, so the unprivileged drivers and probes
+    can read and replace it; returns the paths it changed.
+
+    Each path is opened without following links and changed through that descriptor, and only when
+    root owns it and it has a single link: a link planted in the directory cannot hand over anything
+    outside it."""
+    import os
+    import stat
+
+    state = host.state_dir
+    try:
+        owner = os.stat(state)
+    except FileNotFoundError:
+        return []
+    if os.geteuid() != 0 or owner.st_uid == 0:
+        return []
+    changed: list[str] = []
+    for directory, subdirs, names in os.walk(state):
+        for name in [*subdirs, *names]:
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # a link, or gone
+            try:
+                info = os.fstat(fd)
+                single = stat.S_ISDIR(info.st_mode) or (stat.S_ISREG(info.st_mode) and info.st_nlink == 1)
+                if info.st_uid == 0 and single:
+                    os.fchown(fd, owner.st_uid, owner.st_gid)
+                    changed.append(path)
+            finally:
+                os.close(fd)
+    return changed
