@@ -289,6 +289,8 @@ def uninstall(target: layout.Layout, tx: Transaction) -> list[str]:
             notes.append(f"kept {item['path']}: changed since host-setup installed it")
             continue
         tx.step(f"remove {path}", path.unlink, partial(_restore, path, current, item["mode"]))
+    if _systemd_running(target):
+        tx.after_commit.append(partial(_quiet_systemctl, "daemon-reload"))
     environment = target.path(record.get("environment", ROOT_ENV))
     if environment.exists():
         scratch = environment.with_name(f".{environment.name}.aifactory-removed")
