@@ -293,3 +293,16 @@ def test_a_link_out_of_the_synced_environment_is_refused(root: Path) -> None:
     (env / "lib" / "escape").symlink_to(f"{SYNCED_ENV}/bin/python3")  # back into oneadmin's tree
     assert setup_cli(root).returncode == 1
     assert snapshot(root) == {**before, **{k: v for k, v in snapshot(root).items() if k.endswith("lib/escape")}}
+
+
+def test_an_identical_snippet_already_in_place_is_left_to_its_owner(root: Path) -> None:
+    """A host that is also the frontend has the installer's snippet: host-setup neither claims nor removes it."""
+    snippet = root / "etc/sudoers.d/aifactory"
+    snippet.parent.mkdir(parents=True)
+    shutil.copy(REPO / "drivers/sudoers/aifactory", snippet)
+    snippet.chmod(0o440)
+    result = setup_cli(root)
+    assert result.returncode == 0 and "/etc/sudoers.d/aifactory already in place" in result.stdout
+    assert setup_cli(root, "--uninstall").returncode == 0
+    assert snippet.read_bytes() == (REPO / "drivers/sudoers/aifactory").read_bytes()
+    assert not (root / "etc/systemd/system/aifactory-repair.service").exists()
