@@ -88,7 +88,7 @@ def run(args: argparse.Namespace, context: Context) -> int:
     from aifactory_core.policy.oned import Oned
 
     policy = load_policy(args.policy)
-    changes = apply_policy(Oned(args.endpoint, args.session), policy, dry_run=args.dry_run)
+    changes = apply_policy(Oned(args.endpoint, args.session, transport="pyone"), policy, dry_run=args.dry_run)
     verb = "would make" if args.dry_run else "made"
     for change in changes:
         print(("+ " if args.dry_run else "") + str(change))

@@ -174,7 +174,7 @@ def hook_checks(record: dict[str, Any], source: Path | None, endpoint: str | Non
     try:
         from aifactory_core.policy.oned import Oned
 
-        registered = hookreg.registered_hooks(Oned(endpoint, timeout=10.0))
+        registered = hookreg.registered_hooks(Oned(endpoint, timeout=10.0, transport="pyone"))
     except (AifactoryError, ImportError) as error:
         return [Check("hooks", "WARN", f"could not ask oned for its hooks: {error}",
                       fix="run as oneadmin (ONE_AUTH), or pass --endpoint")]

@@ -37,7 +37,7 @@ def _oned(endpoint: str | None) -> Any:
     try:
         from aifactory_core.policy.oned import Oned
 
-        return Oned(endpoint, timeout=15.0)
+        return Oned(endpoint, timeout=15.0, transport="pyone")
     except ImportError as error:  # pyone: present in the suite's environment, maybe not in this Python
         raise InstallError(f"cannot talk to oned from {sys.executable}: {error} (pyone; or --no-hooks)") from None
 

@@ -1,8 +1,15 @@
-"""Talking to oned: pyone's XML-RPC transport, answers parsed by the hardened XML parser.
+"""Talking to oned over XML-RPC, answers parsed by the hardened XML parser.
 
-pyone binds answers to generated classes with its own parser; the suite instead takes the raw
-XML-RPC answer (``OneServerXRPC._do_request``, which still adds nothing but the transport) and
-parses documents with :mod:`aifactory_core.one.xmlsafe`. pyone is imported on first use only.
+Two transports, one interface (``call``/``document``):
+
+* ``"lean"`` (the default, what the admission and accounting hooks use): :mod:`aifactory_core.one.xmlrpc`,
+  a plain-socket client that imports neither pyone nor ``xmlrpc.client``/``http.client`` -- a hook
+  is a process per API event, and pyone alone costs more to import than the decision;
+* ``"pyone"`` (``aifactory tenant apply``, the installer): pyone's raw XML-RPC answer
+  (``OneServerXRPC._do_request``, which adds nothing but the transport), imported on first use.
+
+pyone binds answers to generated classes with its own parser; both transports instead hand the
+documents to :mod:`aifactory_core.one.xmlsafe`.
 Endpoint and credentials: arguments, else ``ONE_XMLRPC`` and ``ONE_AUTH`` (a file holding
 ``user:password``, default ``~/.one/one_auth``) as OpenNebula's own clients read them.
 """
@@ -10,7 +17,7 @@ Endpoint and credentials: arguments, else ``ONE_XMLRPC`` and ``ONE_AUTH`` (a fil
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aifactory_core.errors import AifactoryError, UsageError
 
@@ -18,6 +25,7 @@ if TYPE_CHECKING:
     from lxml import etree
 
 DEFAULT_ENDPOINT = "http://localhost:2633/RPC2"
+Transport = Literal["lean", "pyone"]
 
 
 class OnedError(AifactoryError):
@@ -43,17 +51,34 @@ def resolve_session(session: str | None) -> str:
 class Oned:
     """The XML-RPC calls the policy layer makes."""
 
-    def __init__(self, endpoint: str | None = None, session: str | None = None, timeout: float = 30.0) -> None:
-        import pyone
-
+    def __init__(self, endpoint: str | None = None, session: str | None = None, timeout: float = 30.0,
+                 transport: Transport = "lean") -> None:  # fmt: skip
         self.endpoint = endpoint or os.environ.get("ONE_XMLRPC") or DEFAULT_ENDPOINT
-        self.server: Any = pyone.OneServer(self.endpoint, session=resolve_session(session), timeout=timeout)
+        self.transport = transport
+        self.timeout = timeout
+        self.session = resolve_session(session)
+        self.server: Any = None
+        if transport == "pyone":
+            import pyone
+
+            self.server = pyone.OneServer(self.endpoint, session=self.session, timeout=timeout)
+        elif transport != "lean":
+            raise UsageError(f"unknown oned transport {transport!r}")
+
+    def _request(self, method: str, params: tuple[Any, ...]) -> Any:
+        if self.server is not None:
+            return self.server._do_request(method, self.server._cast_parms(params))
+        from aifactory_core.one import xmlrpc
+
+        return xmlrpc.call(self.endpoint, method, (self.session, *params), timeout=self.timeout)
 
     def call(self, method: str, *params: Any) -> Any:
         try:
-            raw = self.server._do_request(method, self.server._cast_parms(params))
+            raw = self._request(method, params)
         except Exception as error:  # transport errors, faults
             raise OnedError(f"{method}: {' '.join(str(error).split())[:300]}") from None
+        if not isinstance(raw, list) or len(raw) < 2:
+            raise OnedError(f"{method}: expected oned's [success, result, error code] answer")
         if not raw[0]:
             raise OnedError(f"{method}: {' '.join(str(raw[1]).split())[:300]}")
         return raw[1]
