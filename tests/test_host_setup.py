@@ -306,3 +306,41 @@ def test_an_identical_snippet_already_in_place_is_left_to_its_owner(root: Path) 
     assert setup_cli(root, "--uninstall").returncode == 0
     assert snippet.read_bytes() == (REPO / "drivers/sudoers/aifactory").read_bytes()
     assert not (root / "etc/systemd/system/aifactory-repair.service").exists()
+
+
+def test_end_to_end_from_install_sh_through_onehost_sync(tmp_path: Path) -> None:
+    """install.sh builds the host environment (pip), the remotes are copied as ``onehost sync`` does
+    (``rsync -La``), the synced ``aifactory host-setup`` installs the root-owned copy, and the copy's
+    root helper and ``repair --boot`` run from it."""
+    frontend = tmp_path / "frontend"
+    env = {key: value for key, value in os.environ.items() if key not in ("DESTDIR", "PYTHONPATH")}
+    built = subprocess.run(["sh", str(REPO / "install.sh"), "--destdir", str(frontend), "--no-hooks"],
+                           capture_output=True, text=True, timeout=900, env=env, check=False)
+    assert built.returncode == 0, built.stdout + built.stderr
+    host = tmp_path / "host"
+    synced = host / layout.HOST_REMOTES.lstrip("/")
+    synced.mkdir(parents=True)
+    remotes = frontend / layout.REMOTES.lstrip("/")
+    if shutil.which("rsync"):
+        subprocess.run(["rsync", "-La", "--delete", f"{remotes}/", f"{synced}/"], check=True)
+    else:
+        shutil.copytree(remotes, synced, symlinks=False, dirs_exist_ok=True)
+    synced_python = synced / "aifactory/venv/bin/python3"
+    result = subprocess.run([str(synced_python), "-m", "aifactory_core.cli", "host-setup", "--destdir", str(host)],
+                            capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    copy = host / host_setup.ROOT_ENV.lstrip("/")
+    helper = copy / "bin/aifactory-root-helper"
+    assert helper.read_text().splitlines()[0] == f"#!{host_setup.ROOT_ENV}/bin/python3"
+    if os.geteuid() == 0:
+        assert host_setup.unsafe_paths(copy) == []
+    refused = subprocess.run([str(copy / "bin/python3"), str(helper), "set-driver", "../../etc", "none"],
+                             capture_output=True, text=True, env=env, check=False)
+    assert refused.returncode == 2 and "invalid" in refused.stderr.lower() + refused.stdout.lower(), refused.stderr
+    repaired = subprocess.run([str(copy / "bin/python3"), str(copy / "bin/aifactory"), "--host-root", str(tmp_path),
+                               "repair", "--boot"], capture_output=True, text=True, check=False,
+                              env={**env, "AIFACTORY_CONFIG": os.devnull, "AIFACTORY_STATE_DIR": str(tmp_path / "s")})
+    assert repaired.returncode == 0 and "released: none" in repaired.stdout, repaired.stderr
+    again = subprocess.run([str(synced_python), "-m", "aifactory_core.cli", "host-setup", "--destdir", str(host)],
+                           capture_output=True, text=True, env=env, check=False, timeout=300)
+    assert again.returncode == 0 and "nothing to change" in again.stdout, again.stdout + again.stderr
