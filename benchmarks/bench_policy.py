@@ -1,15 +1,21 @@
 """Tenant policy: admission hook cost per event, and decision time at 1,000 tenants / 10,000 VMs.
 
-    .venv/bin/python benchmarks/bench_policy.py [--rounds N]
+    .venv/bin/python benchmarks/bench_policy.py [--rounds N] [--importtime]
 
 1. Whole-process wall time of the admission hook per event, interleaved round by round with the
    baseline ``python -c pass`` (the same interpreter), reported as medians and ratios:
    - ``failed call``: an API event whose call failed in oned (RESULT 0) — decided without oned;
    - ``no devices``: ``one.vm.allocate`` whose EXTRA VM asks for no device or NIC — no oned;
    - ``release via oned``: the ``one.template.instantiate`` sample; the hook fetches the VM and the
-     tenant's pool from the XML-RPC test server (``tests/onetestserver.py``) and releases it (pyone
-     imported, XML-RPC over HTTP on 127.0.0.1).
-   Also shown: ``python -c "import lxml.etree"`` (the parser every decision needs).
+     tenant's pool from the XML-RPC test server (``tests/onetestserver.py``) and releases it over
+     HTTP on 127.0.0.1 with the lean transport (:mod:`aifactory_core.one.xmlrpc`, the default);
+   - ``release via oned, pyone``: the same event with ``Oned``'s transport switched to pyone (what
+     the hook used before the lean transport; kept as the in-run comparison).
+   Also shown, as floors: ``python -c "import lxml.etree"`` (the parser every decision needs, so the
+   lowest cost any hook that parses XML can have) and ``python -c "import http.client"`` (what a
+   transport on http.client would add, measured against the plain-socket one).
+   ``--importtime`` adds a ``python -X importtime`` breakdown of one release-via-oned run: the
+   modules with the largest cumulative import time.
 2. ``decide`` on a policy of 1,000 tenants with a usage index of 10,000 VMs: policy parse time,
    usage index build time, and the median time per decision over 10,000 requests.
 """
@@ -44,7 +50,7 @@ def _no_device_allocate() -> bytes:
     start, end = text.rindex(b"<CALL_INFO>"), text.index(b"</CALL_INFO>") + len(b"</CALL_INFO>")
     body = text[start:end]
     cut_start = body.index(b"<PCI>")
-    body = body[:cut_start] + body[body.index(b"</PCI>") + len(b"</PCI>"):]
+    body = body[:cut_start] + body[body.index(b"</PCI>") + len(b"</PCI>") :]
     return base64.b64encode(body)
 
 
@@ -57,7 +63,29 @@ def _run(command: list[str], stdin: bytes, env: dict[str, str]) -> float:
     return elapsed
 
 
-def bench_hook(rounds: int) -> None:
+_PYONE_HOOK = (
+    "import runpy, sys; import aifactory_core.policy.oned as oned; "
+    "oned.Oned.__init__.__defaults__ = (None, None, 30.0, 'pyone'); sys.argv[0] = 'hookmain'; "
+    "runpy.run_module('aifactory_core.policy.hookmain', run_name='__main__')"
+)
+
+
+def _importtime(command: list[str], stdin: bytes, env: dict[str, str], top: int = 15) -> None:
+    result = subprocess.run([command[0], "-X", "importtime", *command[1:]], input=stdin, capture_output=True,
+                            env=env, check=False)  # fmt: skip
+    rows = []
+    for line in result.stderr.decode().splitlines():
+        fields = line.removeprefix("import time:").split("|")
+        if line.startswith("import time:") and len(fields) == 3 and fields[0].strip().isdigit():
+            rows.append((int(fields[1]), int(fields[0]), fields[2][1:].rstrip()))
+    total_own = sum(own for _, own, _ in rows)
+    print(f"  python -X importtime, release via oned: {len(rows)} modules, {total_own / 1000:.1f} ms self time in all")
+    print("    top-level imports by cumulative time (us):")
+    for cumulative, own, name in sorted((row for row in rows if not row[2].startswith(" ")), reverse=True)[:top]:
+        print(f"    {cumulative:8d} {own:8d}  {name}")
+
+
+def bench_hook(rounds: int, importtime: bool = False) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from onetestserver import OneTestServer
 
@@ -76,23 +104,33 @@ def bench_hook(rounds: int) -> None:
     cases = {
         "python -c pass": ([PYTHON, "-c", "pass"], b""),
         "python -c 'import lxml.etree'": ([PYTHON, "-c", "import lxml.etree"], b""),
+        "python -c 'import http.client'": ([PYTHON, "-c", "import http.client"], b""),
         "hook: failed call": (hook, _call_info("hook_api_call_info_template_instantiate.xml", "0")
                               + b" one.template.instantiate"),
         "hook: no devices": (hook, _no_device_allocate() + b" one.vm.allocate"),
         "hook: release via oned": (hook, _call_info("hook_api_call_info_template_instantiate.xml")
                                    + b" one.template.instantiate"),
+        "hook: release via oned, pyone": ([PYTHON, "-c", _PYONE_HOOK, "admission"],
+                                          _call_info("hook_api_call_info_template_instantiate.xml")
+                                          + b" one.template.instantiate"),
     }  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         server.add_vm(42, state=2)  # the sample VM, on hold again for the release case
         for name, (command, stdin) in cases.items():
+            if name.startswith("hook: release"):
+                server.add_vm(42, state=2)
             times[name].append(_run(command, stdin, env))
+    if importtime:
+        server.add_vm(42, state=2)
+        release = cases["hook: release via oned"]
+        _importtime(release[0], release[1], env)
     server.stop()
     base = statistics.median(times["python -c pass"])
     print(f"admission hook, whole process, median of {rounds} interleaved rounds:")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"  {name:32s} {median * 1000:8.1f} ms   {median / base:5.2f}x python -c pass")
+        print(f"  {name:34s} {median * 1000:8.1f} ms   {median / base:5.2f}x python -c pass")
 
 
 def bench_decide() -> None:
@@ -152,9 +190,10 @@ def bench_decide() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--importtime", action="store_true", help="add a -X importtime breakdown of the hook")
     args = parser.parse_args()
     bench_decide()
-    bench_hook(args.rounds)
+    bench_hook(args.rounds, args.importtime)
 
 
 if __name__ == "__main__":
