@@ -90,7 +90,7 @@ def test_parameters_escaped_exactly(one_server: OneTestServer) -> None:
 
 
 def test_unsendable_parameters_refused() -> None:
-    for params in ((2**31,), ("\x00",), (1.5,)):
+    for params in ((2**31,), ("\x00",), ("a\ud800",), ("\ufffe",), (1.5,), (None,)):
         with pytest.raises(xmlrpc.XmlRpcError):
             xmlrpc.encode_call("one.vm.info", params)
 

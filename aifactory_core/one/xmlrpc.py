@@ -35,7 +35,8 @@ _URL = re.compile(r"(?P<scheme>https?)://(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.
 _STATUS = re.compile(rb"HTTP/1\.[01] (?P<code>[1-5]\d\d)(?: (?P<reason>[\t !-~]*))?\Z")
 _HEADER = re.compile(rb"(?P<name>[!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*(?P<value>[\t -~]*?)[ \t]*\Z")
 _CHUNK_SIZE = re.compile(rb"(?P<size>[0-9A-Fa-f]{1,8})(?:;[\t -~]*)?\Z")
-_INVALID_XML_CHAR = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# Characters XML 1.0 cannot carry (str.translate deletes them: a length change means one was there).
+_NOT_XML = dict.fromkeys([*range(0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0xFFFE, 0xFFFF])
 
 
 class XmlRpcError(AifactoryError):
@@ -70,8 +71,16 @@ class Endpoint:
 # ---------------------------------------------------------------- request
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _escape(text: str) -> str:
-    if _INVALID_XML_CHAR.search(text):
+    if len(text.translate(_NOT_XML)) != len(text) or not text.isascii() and _has_surrogate(text):
         raise XmlRpcError("a string parameter holds a character XML cannot carry")
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\r", "&#13;")
 
