@@ -224,8 +224,9 @@ def _body(reader: _Reader, headers: dict[str, str], max_bytes: int) -> bytes:
 
 def _connect(endpoint: Endpoint, timeout: float) -> socket.socket:
     host = endpoint.host.strip("[]")
-    try:
-        sock = socket.create_connection((host, endpoint.port), timeout=timeout)
+    try:  # the host is ASCII (the endpoint pattern): as bytes, getaddrinfo skips the idna codec import
+        address = (host.encode("ascii"), endpoint.port)
+        sock = socket.create_connection(address, timeout=timeout)  # type: ignore[arg-type]  # bytes: as getaddrinfo
     except TimeoutError:
         raise XmlRpcError(f"timed out connecting to {endpoint.netloc}") from None
     except OSError as error:
