@@ -129,3 +129,31 @@ def test_nvml_state_refuses_mig_and_running_processes(h100_root: Path, monkeypat
     with pytest.raises(HostError, match=message):
         nvidia_gpu.aifactory_prepare(HostInventory(HostRoot(h100_root)), DeployRequest(1, ("0000:00:06.0",)),
                                      parse_config({}))
+
+
+def test_doctor_reports_what_host_setup_installs(host: HostRoot) -> None:
+    """Missing pieces are named with the fix; a helper others may write is not trusted; all three
+    in place pass (as root, which owns what the test writes)."""
+    def check() -> object:
+        checks = vfio.aifactory_doctor_checks(HostInventory(host), [], parse_config({}))
+        return next(item for item in checks if item.name == "host-setup")
+
+    first = check()
+    assert first.status == "WARN" and "no root helper" in first.message and "host-setup" in (first.fix or "")
+    assert "no /etc/sudoers.d/aifactory" in first.message and "not enabled" in first.message
+    helper = host.path("/usr/local/lib/aifactory/venv/bin/aifactory-root-helper")
+    helper.parent.mkdir(parents=True)
+    helper.write_text("#!/bin/sh\n")
+    helper.chmod(0o775)
+    (host.path("/etc/sudoers.d")).mkdir(parents=True)
+    host.path("/etc/sudoers.d/aifactory").write_text("# snippet\n")
+    wants = host.path("/etc/systemd/system/multi-user.target.wants")
+    wants.mkdir(parents=True)
+    (wants / "aifactory-repair.service").symlink_to("../aifactory-repair.service")
+    host.path("/etc/systemd/system/aifactory-repair.service").write_text("[Unit]\n")
+    assert check().status == "WARN" and "not root-owned and closed to others" in check().message
+    helper.chmod(0o755)
+    if os.geteuid() == 0:
+        assert check().status == "PASS"
+    else:
+        assert "not root-owned" in check().message

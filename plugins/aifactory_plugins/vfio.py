@@ -55,6 +55,34 @@ def _module_check(inventory: HostInventory) -> Check:
                  fix="modprobe vfio-pci; echo vfio-pci > /etc/modules-load.d/vfio.conf")
 
 
+HOST_SETUP_FIX = "sudo /var/tmp/one/aifactory/venv/bin/aifactory host-setup (docs/host-setup.md)"
+
+
+def _host_setup_check(inventory: HostInventory) -> Check:
+    """What an unprivileged driver needs from root on this host: the root-owned helper sudo may
+    run, its sudoers snippet, and the unit that repairs interrupted transactions at boot."""
+    import os
+
+    from aifactory_core.install.host_setup import ROOT_ENV, SUDOERS_NAME, UNIT_NAME
+
+    host = inventory.host
+    helper = host.path(f"{ROOT_ENV}/bin/aifactory-root-helper")
+    problems = []
+    try:
+        mode = os.stat(helper)
+        if mode.st_uid != 0 or mode.st_mode & 0o022:
+            problems.append(f"{ROOT_ENV}/bin/aifactory-root-helper is not root-owned and closed to others")
+    except OSError:
+        problems.append(f"no root helper at {ROOT_ENV}/bin/aifactory-root-helper")
+    if not host.path(f"/etc/sudoers.d/{SUDOERS_NAME}").is_file():
+        problems.append(f"no /etc/sudoers.d/{SUDOERS_NAME}")
+    if not host.path(f"/etc/systemd/system/multi-user.target.wants/{UNIT_NAME}").exists():
+        problems.append(f"{UNIT_NAME} is not enabled (no repair at boot)")
+    if not problems:
+        return Check("host-setup", "PASS", f"root helper, sudoers snippet and {UNIT_NAME} in place")
+    return Check("host-setup", "WARN", "; ".join(problems), fix=HOST_SETUP_FIX)
+
+
 def _isolation_checks(inventory: HostInventory, devices: Sequence[DiscoveredDevice],
                       config: Config) -> list[Check]:
     checks = []
@@ -92,7 +120,8 @@ def _isolation_checks(inventory: HostInventory, devices: Sequence[DiscoveredDevi
 def aifactory_doctor_checks(
     inventory: HostInventory, devices: Sequence[DiscoveredDevice], config: Config
 ) -> Iterable[Check]:
-    return [*_iommu_checks(inventory), _module_check(inventory), *_isolation_checks(inventory, devices, config)]
+    return [*_iommu_checks(inventory), _module_check(inventory), _host_setup_check(inventory),
+            *_isolation_checks(inventory, devices, config)]
 
 
 VFIO_DRIVER = "vfio-pci"
