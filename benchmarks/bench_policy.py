@@ -17,6 +17,10 @@
    Before measuring, ``compileall`` writes the bytecode of ``aifactory_core`` (as ``pip install``
    does) and the children run without ``PYTHONDONTWRITEBYTECODE``: otherwise every changed module
    is compiled from source on every event and the numbers measure the compiler.
+   - ``client -> server``: the hook executable as installed (:mod:`aifactory_core.policy.hookclient`)
+     handing the event to a running ``aifactory hook-server`` (started by the benchmark on a
+     private socket): the event's cost is the interpreter, ``socket`` and the server's decision;
+     ``client, no server``: the same executable when no server listens (it decides itself).
    ``--importtime`` adds a ``python -X importtime`` breakdown of one release-via-oned run: the
    modules with the largest cumulative import time.
 2. ``decide`` on a policy of 1,000 tenants with a usage index of 10,000 VMs: policy parse time,
@@ -102,10 +106,22 @@ def bench_hook(rounds: int, importtime: bool = False) -> None:
     auth = work / "one_auth"
     auth.write_text("oneadmin:bench\n")
     subprocess.run([PYTHON, "-m", "compileall", "-q", str(REPO / "aifactory_core")], check=True, capture_output=True)
+    (work / "run").mkdir(mode=0o700)
+    socket_path = work / "run" / "hooks.sock"
     env = {**os.environ, "AIFACTORY_POLICY": str(policy), "AIFACTORY_CONFIG": str(work / "none.conf"),
-           "ONE_XMLRPC": server.endpoint, "ONE_AUTH": str(auth)}  # fmt: skip
+           "ONE_XMLRPC": server.endpoint, "ONE_AUTH": str(auth), "AIFACTORY_ACCOUNTING_DIR": str(work / "state"),
+           "AIFACTORY_HOOK_SOCKET": str(work / "no-server.sock")}  # fmt: skip
     env.pop("PYTHONDONTWRITEBYTECODE", None)
     hook = [PYTHON, "-m", "aifactory_core.policy.hookmain", "admission"]
+    client = [PYTHON, "-m", "aifactory_core.policy.hookclient", "admission"]
+    served = {**env, "AIFACTORY_HOOK_SOCKET": str(socket_path)}
+    aifactory = str(Path(PYTHON).parent / "aifactory")
+    hook_server = subprocess.Popen([aifactory, "hook-server", "--socket", str(socket_path)], env=env,
+                                   stderr=subprocess.DEVNULL)
+    while not socket_path.is_socket():
+        if hook_server.poll() is not None:
+            raise SystemExit("hook server did not start")
+        time.sleep(0.05)
     cases = {
         "python -c pass": ([PYTHON, "-c", "pass"], b""),
         "python -c 'import lxml.etree'": ([PYTHON, "-c", "import lxml.etree"], b""),
@@ -118,19 +134,28 @@ def bench_hook(rounds: int, importtime: bool = False) -> None:
         "hook: release via oned, pyone": ([PYTHON, "-c", _PYONE_HOOK, "admission"],
                                           _call_info("hook_api_call_info_template_instantiate.xml")
                                           + b" one.template.instantiate"),
+        "client, no server: release": (client, _call_info("hook_api_call_info_template_instantiate.xml")
+                                       + b" one.template.instantiate"),
+        "client -> server: failed call": (client, _call_info("hook_api_call_info_template_instantiate.xml", "0")
+                                          + b" one.template.instantiate"),
+        "client -> server: no devices": (client, _no_device_allocate() + b" one.vm.allocate"),
+        "client -> server: release": (client, _call_info("hook_api_call_info_template_instantiate.xml")
+                                      + b" one.template.instantiate"),
     }  # fmt: skip
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
         server.add_vm(42, state=2)  # the sample VM, on hold again for the release case
         for name, (command, stdin) in cases.items():
-            if name.startswith("hook: release"):
+            if "release" in name:
                 server.add_vm(42, state=2)
-            times[name].append(_run(command, stdin, env))
+            times[name].append(_run(command, stdin, served if "-> server" in name else env))
     if importtime:
         server.add_vm(42, state=2)
         release = cases["hook: release via oned"]
         _importtime(release[0], release[1], env)
     server.stop()
+    hook_server.terminate()
+    hook_server.wait(timeout=10)
     base = statistics.median(times["python -c pass"])
     print(f"admission hook, whole process, median of {rounds} interleaved rounds:")
     for name, values in times.items():

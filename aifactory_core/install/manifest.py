@@ -12,6 +12,8 @@ source                                             target
                                                    to the hosts for ``aifactory host-setup``
 ``hooks/<name>`` (executables)                     ``/var/lib/one/remotes/hooks/aifactory/<name>``
 ``hooks/templates/*.tmpl``                         registered with oned (``one.hook.allocate``)
+``hooks/systemd/<unit>``                           ``/etc/systemd/system/<unit>`` (the optional
+                                                   resident hook server; enabled by the admin)
 (built in)                                         ``/etc/one/aifactory.conf`` if absent; state dir
 =================================================  ==============================================
 
@@ -149,6 +151,9 @@ def discover(source: Path, prefix: str = layout.DEFAULT_PREFIX) -> list[Entry]:
             if prefix != layout.DEFAULT_PREFIX:
                 data = data.replace(_FRONTEND_DEFAULT_PYTHON, frontend_python.encode())
             entries.append(_entry(FILE, path, source, f"{layout.HOOKS_DIR}/{path.name}", content=data))
+    for path in _files(hooks / "systemd"):
+        unit = path.read_bytes().replace(b"/opt/aifactory/venv/", f"{prefix}/venv/".encode())
+        entries.append(_entry(FILE, path, source, f"/etc/systemd/system/{path.name}", content=unit, mode=0o644))
     entries.append(Entry(CONFIG, layout.CONFIG, 0o640, DEFAULT_CONFIG.encode(), "(built in)"))
     entries.append(Entry(DIRECTORY, layout.STATE_DIR, 0o750))
     return entries

@@ -36,8 +36,7 @@ def _settings() -> dict[str, Any]:
     return dict(load_config(path).plugin("policy"))
 
 
-def _stdin() -> bytes:
-    data = sys.stdin.buffer.read(MAX_STDIN + 1)
+def _checked(data: bytes) -> bytes:
     if len(data) > MAX_STDIN:
         from aifactory_core.errors import DocumentError
 
@@ -45,10 +44,10 @@ def _stdin() -> bytes:
     return data
 
 
-def admission(argv: Sequence[str]) -> str:
+def admission(argv: Sequence[str], data: bytes) -> str:
     from aifactory_core.policy.admission import DEFAULT_LOCK_TIMEOUT, admit_event, read_event
 
-    event = read_event(_stdin(), argv[0] if argv else None)
+    event = read_event(_checked(data), argv[0] if argv else None)
     if not event.call.success:
         return f"{event.method} failed in oned; nothing to admit"
     from aifactory_core.policy.schema import load_policy
@@ -79,13 +78,13 @@ def _accounting_directory(settings: dict[str, Any]) -> Path:
     return Path(str(directory)) if directory else default_directory()
 
 
-def accounting(argv: Sequence[str]) -> str:
+def accounting(argv: Sequence[str], data: bytes) -> str:
     """Record the VM in the ledger, then write its totals into its USER_TEMPLATE; the ledger is
     the source of truth: a failed write-back is reported in the line, the exit stays 0."""
     from aifactory_core.one.payload import load_document, vm_element_of
     from aifactory_core.policy.accounting import Ledger, vm_usage_from_element
 
-    words = _stdin().split()
+    words = _checked(data).split()
     if not words:
         from aifactory_core.errors import DocumentError
 
@@ -120,18 +119,35 @@ def _write_showback(vm_id: int, entry: dict[str, Any], settings: dict[str, Any])
     return f"USER_TEMPLATE {showback.template().replace(chr(10), ' ')}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    handlers = {"admission": admission, "accounting": accounting}
-    if not args or args[0] not in handlers:
-        print("usage: hookmain admission|accounting [METHOD] < payload", file=sys.stderr)
-        return EXIT_USAGE
+HANDLERS = {"admission": admission, "accounting": accounting}
+USAGE = "usage: hookmain admission|accounting [METHOD] < payload"
+
+
+def handle(args: Sequence[str], data: bytes) -> tuple[int, str, str]:
+    """One hook event: (exit status, the line for stdout, the line for stderr). The same for a
+    hook process and for the resident hook server (:mod:`aifactory_core.policy.hookserver`)."""
+    if not args or args[0] not in HANDLERS:
+        return EXIT_USAGE, "", USAGE
     try:
-        print(handlers[args[0]](args[1:]))
+        return EXIT_OK, HANDLERS[args[0]](args[1:], data), ""
     except AifactoryError as error:
-        print(f"aifactory-{args[0]}: {error.message}", file=sys.stderr)
-        return error.exit_status if error.exit_status in (EXIT_USAGE, EXIT_CHECK_FAILED) else EXIT_CHECK_FAILED
-    return EXIT_OK
+        status = error.exit_status if error.exit_status in (EXIT_USAGE, EXIT_CHECK_FAILED) else EXIT_CHECK_FAILED
+        return status, "", f"aifactory-{args[0]}: {error.message}"
+
+
+def report(status: int, out: str, err: str) -> int:
+    if out:
+        print(out)
+    if err:
+        print(err, file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None, data: bytes | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] not in HANDLERS:
+        return report(EXIT_USAGE, "", USAGE)
+    return report(*handle(args, sys.stdin.buffer.read(MAX_STDIN + 1) if data is None else data))
 
 
 if __name__ == "__main__":
