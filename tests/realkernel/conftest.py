@@ -6,6 +6,7 @@ On the host these never run: the testhost plugin sends realkernel items to the g
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,16 @@ from testhost import ENV_NETDEVSIM
 from testhost.guest import PCI, Virsh, bind, driver_of, find_pci, modprobe, read, sh, wait_for, write
 
 E1000E = ("0x8086", "0x10d3")
+
+
+@pytest.fixture
+def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A fresh state directory (journals, ownership, reset records), no config file, vfio-pci loaded."""
+    directory = Path(tempfile.mkdtemp(prefix="aif-state-"))
+    monkeypatch.setenv("AIFACTORY_STATE_DIR", str(directory))
+    monkeypatch.setenv("AIFACTORY_CONFIG", os.devnull)
+    modprobe("vfio-pci")
+    yield directory
 
 
 @pytest.fixture(scope="session")

@@ -3,24 +3,12 @@ kernel's ``reset`` attribute and records the outcome with the method the kernel 
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from testhost.guest import PCI, driver_of, modprobe, read
+from testhost.guest import PCI, driver_of, read
 
 pytestmark = pytest.mark.realkernel
-
-
-@pytest.fixture
-def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="aif-state-"))
-    monkeypatch.setenv("AIFACTORY_STATE_DIR", str(directory))
-    monkeypatch.setenv("AIFACTORY_CONFIG", os.devnull)
-    modprobe("vfio-pci")
-    yield directory
 
 
 def test_release_records_the_reset_outcome_and_method(state_dir: Path, e1000e_bdf: str) -> None:

@@ -6,25 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from testhost.guest import PCI, driver_of, iommu_group, modprobe, read, wait_for, write
+from testhost.guest import PCI, driver_of, iommu_group, read, wait_for, write
 
 pytestmark = pytest.mark.realkernel
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="aif-state-"))
-    monkeypatch.setenv("AIFACTORY_STATE_DIR", str(directory))
-    monkeypatch.setenv("AIFACTORY_CONFIG", os.devnull)
-    modprobe("vfio-pci")
-    yield directory
 
 
 @pytest.fixture
