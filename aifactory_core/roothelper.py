@@ -6,32 +6,89 @@ helper accepts exactly::
     aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none>
     aifactory-root-helper reset <dddd:bb:ss.f>     (prints the reset method used, then why the device
                                                     is unfit, if it is)
+    aifactory-root-helper vf-set <PF ifname> <VF index> key=value...
+                                                   (VF settings over netlink: mac, vlan, qos,
+                                                    spoofchk, trust, min_tx_rate, max_tx_rate,
+                                                    link_state, node_guid, port_guid)
+    aifactory-root-helper vf-scrub <PF ifname> <VF index> eth|ib
 
-— a validated PCI address and a validated driver name, nothing else (no paths, no shell, no
-environment: it always works on the live ``/``). ``drivers/sudoers/aifactory`` allows only it.
+— validated PCI addresses, driver names, interface names, VF indices and VF settings, nothing
+else (no paths, no shell, no environment: it always works on the live ``/``). Reading VFs back
+needs no privilege, so the caller verifies. ``drivers/sudoers/aifactory`` allows only it.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from aifactory_core.errors import AifactoryError, UsageError
 from aifactory_core.validate import driver_name, pci_address
 
-USAGE = "usage: aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none> | reset <dddd:bb:ss.f>"
+if TYPE_CHECKING:
+    from aifactory_core.host.netlink_vf import VfSettings
+    from aifactory_core.hostroot import HostRoot
+
+USAGE = ("usage: aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none> | reset <dddd:bb:ss.f> | "
+         "vf-set <ifname> <vf> key=value... | vf-scrub <ifname> <vf> eth|ib")
+VF_KEYS = ("mac", "vlan", "qos", "spoofchk", "trust", "min_tx_rate", "max_tx_rate", "link_state", "node_guid",
+           "port_guid")
+MAX_VF_INDEX = 4095
 ENV_ROOT_HELPER = "AIFACTORY_ROOT_HELPER"
 DEFAULT_ROOT_HELPER = "/usr/local/lib/aifactory/venv/bin/aifactory-root-helper"
 
 
 def parse(argv: Sequence[str]) -> tuple[str, str, str]:
-    """``(verb, address, driver)``; anything outside the grammar is a UsageError."""
+    """``(verb, address, driver)`` for the PCI verbs, ``(verb, ifname, VF index)`` for the VF
+    verbs (their settings: :func:`vf_settings_of`); anything outside the grammar is a UsageError."""
     if len(argv) == 3 and argv[0] == "set-driver":
         driver = "" if argv[2] == "none" else driver_name(argv[2])
         return "set-driver", pci_address(argv[1]), driver
     if len(argv) == 2 and argv[0] == "reset":
         return "reset", pci_address(argv[1]), ""
+    if len(argv) >= 3 and argv[0] in ("vf-set", "vf-scrub"):
+        from aifactory_core.validate import ifname, int_in_range
+
+        pf = ifname(argv[1])
+        vf = int_in_range(argv[2] if argv[2].isdigit() else -1, 0, MAX_VF_INDEX, "VF index")
+        if argv[0] == "vf-scrub" and (len(argv) != 4 or argv[3] not in ("eth", "ib")):
+            raise UsageError(USAGE)
+        if argv[0] == "vf-set":
+            vf_settings_of(argv[3:])
+        return argv[0], pf, str(vf)
     raise UsageError(USAGE)
+
+
+def vf_arguments(settings: VfSettings) -> list[str]:
+    """``key=value`` words for ``vf-set`` from a :class:`~aifactory_core.host.netlink_vf.VfSettings`."""
+    words = []
+    for key in VF_KEYS:
+        value = getattr(settings, key)
+        if value is None:
+            continue
+        words.append(f"{key}={('on' if value else 'off') if isinstance(value, bool) else value}")
+    return words
+
+
+def vf_settings_of(words: Sequence[str]) -> VfSettings:
+    """The validated VfSettings of ``vf-set``'s ``key=value`` words (each key at most once)."""
+    from aifactory_core.host.netlink_vf import settings
+
+    values: dict[str, object] = {}
+    for word in words:
+        key, equals, value = word.partition("=")
+        if not equals or key not in VF_KEYS or key in values:
+            raise UsageError(f"vf-set: unexpected argument {word[:40]!r}")
+        if key in ("spoofchk", "trust"):
+            if value not in ("on", "off"):
+                raise UsageError(f"vf-set: {key} must be on or off")
+            values[key] = value == "on"
+        elif key in ("vlan", "qos", "min_tx_rate", "max_tx_rate"):
+            values[key] = int(value) if value.isdigit() and len(value) <= 9 else value
+        else:
+            values[key] = value
+    return settings(**values)
 
 
 def run_privileged(*argv: str) -> str:
@@ -53,7 +110,8 @@ def run_privileged(*argv: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        verb, address, driver = parse(list(sys.argv[1:] if argv is None else argv))
+        args = list(sys.argv[1:] if argv is None else argv)
+        verb, subject, detail = parse(args)
         from pathlib import Path
 
         from aifactory_core.hostroot import HostRoot
@@ -62,16 +120,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verb == "reset":
             from aifactory_core.host.sanitize import reset_check_method
 
-            method, problem = reset_check_method(host, address)
+            method, problem = reset_check_method(host, subject)
             sys.stdout.write(f"{method}\n{problem or ''}\n")
+        elif verb in ("vf-set", "vf-scrub"):
+            _vf(host, verb, subject, int(detail), args[3:])
         else:
             from aifactory_core.host.pcibind import PciBinder
 
-            PciBinder(host).set_driver(address, driver)
+            PciBinder(host).set_driver(subject, detail)
     except AifactoryError as error:
         sys.stderr.write(f"aifactory-root-helper: {error.message}\n")
         return error.exit_status
     return 0
+
+
+def _vf(host: HostRoot, verb: str, pf: str, vf: int, rest: list[str]) -> None:
+    """Make the VF change over netlink as root (no read-back: the unprivileged caller verifies)."""
+    from aifactory_core.errors import HostError
+    from aifactory_core.host import netlink_vf
+    from aifactory_core.vnm.vf import ifindex, pool_size
+
+    index = ifindex(host, pf)
+    if index is None:
+        raise HostError(f"no interface {pf}")
+    size = pool_size(host, pf)
+    if verb == "vf-set":
+        wanted = vf_settings_of(rest)
+    else:
+        wanted = netlink_vf.CLEAN_IB if rest == ["ib"] else netlink_vf.CLEAN
+    netlink_vf.apply(netlink_vf.open_netlink(), index, vf, wanted, pool_size=size)
 
 
 def entry_point() -> None:

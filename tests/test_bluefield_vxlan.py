@@ -198,3 +198,25 @@ def test_parse_ports_reads_the_ovsdb_json_shapes() -> None:
     assert rows["p0"].trunks == {1000, 1001} and rows["br-llm"].tag is None
     with pytest.raises(HostError, match="unexpected output"):
         parse_ports("{}")
+
+
+def test_ovs_vsctl_goes_through_sudo_when_not_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenNebula's drivers run as oneadmin; its sudoers grants oneadmin ovs-vsctl (ONE_OVS)."""
+    import subprocess
+
+    from aifactory_plugins.bluefield import ovs
+
+    seen: list[list[str]] = []
+
+    def runner(argv: list[str], **_kwargs: object) -> subprocess.CompletedProcess[str]:
+        seen.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(ovs, "_runner", runner)
+    monkeypatch.setattr(ovs.os, "geteuid", lambda: 1000)
+    ovs.run_vsctl(["ovs-vsctl", "--timeout=10", "list-br"])
+    ovs.run_vsctl(["sudo", "-n", "ovs-vsctl", "list-br"])
+    monkeypatch.setattr(ovs.os, "geteuid", lambda: 0)
+    ovs.run_vsctl(["ovs-vsctl", "list-br"])
+    assert seen == [["sudo", "-n", "ovs-vsctl", "--timeout=10", "list-br"], ["sudo", "-n", "ovs-vsctl", "list-br"],
+                    ["ovs-vsctl", "list-br"]]

@@ -343,3 +343,58 @@ def test_hot_attach_failing_half_way_undoes_only_the_new_nic(world: tuple[HostRo
     journal = Journal.load(hook.vnm_host(host), 42)
     assert journal is not None and {step.scope for step in journal.steps} == {"nic1"}
     assert vf_actions.vf_owners(hook.vnm_host(host)) == {"ens1f0np0/0": 42}
+
+
+def test_unprivileged_vf_changes_go_through_the_root_helper(world: tuple[HostRoot, Config, NetlinkDouble],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As oneadmin (the live host, not root) the VF settings and the scrub are handed to the root
+    helper's closed grammar; the helper makes them (here on the test's host root and netlink
+    double) and the unprivileged side reads them back."""
+    from aifactory_core import roothelper
+
+    host, config, peer = world
+    handed: list[list[str]] = []
+
+    def helper(verb: str, pf: str, vf: int, *rest: str) -> None:
+        argv = [verb, pf, str(vf), *rest]
+        roothelper.parse(argv)  # what run_privileged checks before sudo
+        handed.append(argv)
+        roothelper._vf(host, verb, pf, vf, list(rest))
+
+    monkeypatch.setattr(vf_actions, "_unprivileged", lambda _host: True)
+    monkeypatch.setattr(vf_actions, "_through_root_helper", helper)
+    monkeypatch.setattr(netlink_vf, "open_netlink", lambda: peer)
+    owner(host)
+    assert hook.run("pre", stdin(), host, config) == "VM 42: 1 network action(s) made"
+    assert handed[0][:3] == ["vf-set", "ens1f0np0", "0"]
+    assert {"mac=02:00:c0:a8:c9:0a", "vlan=1001", "spoofchk=on", "trust=off"} <= set(handed[0][3:])
+    assert netlink_vf.read_vfs(peer, 5)[0].vlan == 1001
+    hook.run("clean", stdin(), host, config)
+    assert handed[-1] == ["vf-scrub", "ens1f0np0", "0", "eth"]
+    assert netlink_vf.read_vfs(peer, 5)[0] == netlink_vf.CLEAN
+
+
+@pytest.mark.parametrize("argv", [
+    ["vf-set", "ens1/0", "0", "vlan=5"], ["vf-set", "ens1f0", "-1", "vlan=5"], ["vf-set", "ens1f0", "x", "vlan=5"],
+    ["vf-set", "ens1f0", "0", "vlan=4095"], ["vf-set", "ens1f0", "0", "color=red"],
+    ["vf-set", "ens1f0", "0", "vlan=5", "vlan=6"], ["vf-set", "ens1f0", "0", "spoofchk=yes"],
+    ["vf-set", "ens1f0", "0", "mac=01:00:5e:00:00:01"], ["vf-set", "ens1f0", "0", "node_guid=zz"],
+    ["vf-scrub", "ens1f0", "0"], ["vf-scrub", "ens1f0", "0", "all"], ["vf-scrub", "ens1f0", "0", "eth", "x"],
+])
+def test_root_helper_vf_grammar_is_closed(argv: list[str]) -> None:
+    from aifactory_core.errors import UsageError
+    from aifactory_core.roothelper import parse
+
+    with pytest.raises(UsageError):
+        parse(argv)
+
+
+def test_root_helper_vf_arguments_round_trip() -> None:
+    from aifactory_core.roothelper import vf_arguments, vf_settings_of
+
+    for wanted in (netlink_vf.settings(mac="02:00:00:00:00:01", vlan=12, qos=3, spoofchk=False, trust=True,
+                                       min_tx_rate=10, max_tx_rate=100, link_state="enable"),
+                   netlink_vf.settings(link_state="disable", node_guid="a1:f0:00:00:00:54:02:00",
+                                       port_guid="a1:f0:00:00:00:54:03:00"),
+                   netlink_vf.CLEAN):
+        assert vf_settings_of(vf_arguments(wanted)) == wanted

@@ -124,6 +124,24 @@ def vf_owners_indices(host: HostRoot, pf: str) -> set[int]:
 
 # ---- executor -----------------------------------------------------------------------------------
 
+def _unprivileged(host: HostRoot) -> bool:
+    """Setting a VF needs CAP_NET_ADMIN: OpenNebula's drivers run as oneadmin, so on the live host
+    the change goes through the root helper (reading it back needs no privilege)."""
+    return host.is_live and os.geteuid() != 0
+
+
+def root_helper_arguments(wanted: netlink_vf.VfSettings) -> list[str]:
+    from aifactory_core.roothelper import vf_arguments
+
+    return vf_arguments(wanted)
+
+
+def _through_root_helper(verb: str, pf: str, vf: int, *rest: str) -> None:
+    from aifactory_core.roothelper import run_privileged
+
+    run_privileged(verb, pf, str(vf), *rest)
+
+
 def do(host: HostRoot, action_: Action, writer: Any) -> None:
     pf, vf, vm, wanted = decode(action_)
     from aifactory_core.host.pcibind import RecordingWriter, SysfsWrite
@@ -141,7 +159,10 @@ def do(host: HostRoot, action_: Action, writer: Any) -> None:
         token.write_text(f"{vm}\n")
         with _netlink_lock:
             ipr = _connection()
-            netlink_vf.apply(ipr, index, vf, wanted, pool_size=pool_size(host, pf))
+            if _unprivileged(host):
+                _through_root_helper("vf-set", pf, vf, *root_helper_arguments(wanted))
+            else:
+                netlink_vf.apply(ipr, index, vf, wanted, pool_size=pool_size(host, pf))
             netlink_vf.verify(ipr, index, vf, wanted)
 
 
@@ -170,8 +191,12 @@ def undo(host: HostRoot, action_: Action, writer: Any) -> None:
             with _netlink_lock:
                 ipr = _connection()
                 size = pool_size(host, pf)
-                if size is None or vf < size:
-                    netlink_vf.scrub(ipr, index, vf, infiniband=action_.undo_value == "clean-ib", pool_size=size)
+                infiniband = action_.undo_value == "clean-ib"
+                if (size is None or vf < size) and _unprivileged(host):
+                    _through_root_helper("vf-scrub", pf, vf, "ib" if infiniband else "eth")
+                    netlink_vf.verify(ipr, index, vf, netlink_vf.CLEAN_IB if infiniband else netlink_vf.CLEAN)
+                elif size is None or vf < size:
+                    netlink_vf.scrub(ipr, index, vf, infiniband=infiniband, pool_size=size)
         token.unlink(missing_ok=True)
 
 

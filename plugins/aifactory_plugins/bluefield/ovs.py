@@ -48,6 +48,11 @@ def vsctl_argv(value: object) -> tuple[str, ...]:
 
 
 def run_vsctl(argv: list[str]) -> str:
+    """Run ovs-vsctl; not as root (OpenNebula's drivers run as oneadmin, and the OVS database
+    socket is root's) through ``sudo -n``, which OpenNebula's own sudoers grants oneadmin for
+    ``ovs-vsctl`` (its ONE_OVS alias)."""
+    if os.geteuid() != 0 and argv[:1] != ["sudo"]:
+        argv = ["sudo", "-n", *argv]
     result = _runner(argv, capture_output=True, text=True, timeout=30, check=False)
     if result.returncode != 0:
         raise HostError(f"{' '.join(argv[:1])} failed: {(result.stderr or result.stdout or '').strip()[:200]}")
