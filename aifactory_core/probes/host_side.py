@@ -16,7 +16,7 @@ from aifactory_core.probes.sysfs import Root, is_pci_address
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Iterator, Mapping
 
 
 def aer_total(root: Root, address: str, kind: str) -> int | None:
@@ -54,23 +54,30 @@ def link(root: Root, address: str) -> dict[str, object]:
     }
 
 
-def quarantine_reasons(root: Root) -> dict[str, str]:
-    """The lifecycle engine's quarantine markers: address -> reason."""
-    directory = os.path.join(root.state_dir, "quarantine")
-    result: dict[str, str] = {}
+def _state_files(root: Root, subdirectory: str, *, encoding: str = "utf-8",
+                 accept: Callable[[str], bool] = is_pci_address) -> Iterator[tuple[str, str]]:
+    """``(name, content)`` of each readable file under ``<state dir>/<subdirectory>`` whose name
+    ``accept`` takes, in name order; nothing when the directory is missing."""
+    directory = os.path.join(root.state_dir, subdirectory)
     try:
         names = sorted(os.listdir(directory))
     except OSError:
-        return result
+        return
     for name in names:
-        if name.startswith("."):
+        if not accept(name):
             continue
         try:
-            with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as handle:
-                result[name] = " ".join(handle.read().split())
+            with open(os.path.join(directory, name), encoding=encoding, errors="replace") as handle:
+                text = handle.read()
         except OSError:
             continue
-    return result
+        yield name, text
+
+
+def quarantine_reasons(root: Root) -> dict[str, str]:
+    """The lifecycle engine's quarantine markers: address -> reason."""
+    return {name: " ".join(text.split())
+            for name, text in _state_files(root, "quarantine", accept=lambda name: not name.startswith("."))}
 
 
 def last_resets(root: Root) -> dict[str, tuple[str, str, str, str]]:
@@ -78,20 +85,9 @@ def last_resets(root: Root) -> dict[str, tuple[str, str, str, str]]:
 
     Read-only view of :func:`aifactory_core.host.sanitize.record_reset`'s files (one line per reset,
     tab-separated, replaced atomically), without importing the lifecycle engine."""
-    directory = os.path.join(root.state_dir, "resets")
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return {}
     result: dict[str, tuple[str, str, str, str]] = {}
-    for name in names:
-        if not is_pci_address(name):
-            continue
-        try:
-            with open(os.path.join(directory, name), encoding="utf-8", errors="replace") as handle:
-                lines = handle.read().splitlines()
-        except OSError:
-            continue
+    for name, text in _state_files(root, "resets"):
+        lines = text.splitlines()
         fields = lines[-1].split("\t", 3) + [""] if lines else []
         if len(fields) >= 4 and fields[1] in ("OK", "FAILED"):
             result[name] = (fields[0], fields[1], fields[2], fields[3])
@@ -112,22 +108,10 @@ def holders(root: Root) -> dict[str, int]:
     ``<state dir>/owners/<PCI address>`` holds the VM id. No lock is taken: a probe only reports, and
     an owner file is replaced atomically by the engine.
     """
-    directory = os.path.join(root.state_dir, "owners")
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return {}
     held: dict[str, int] = {}
-    for name in names:
-        if not is_pci_address(name):
-            continue
-        try:
-            with open(os.path.join(directory, name), encoding="ascii", errors="replace") as handle:
-                text = handle.read().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            held[name] = int(text)
+    for name, text in _state_files(root, "owners", encoding="ascii"):
+        if text.strip().isdigit():
+            held[name] = int(text.strip())
     return held
 
 
