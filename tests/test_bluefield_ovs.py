@@ -8,13 +8,13 @@ Skipped where OVS, ``ip netns`` or root are missing."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import needs
 import pytest
 from aifactory_plugins import bluefield
 from aifactory_plugins.bluefield import ovs as bluefield_ovs
@@ -28,8 +28,12 @@ from aifactory_core.lifecycle import executor
 
 TOOLS = ("ovsdb-tool", "ovsdb-server", "ovs-vswitchd", "ovs-vsctl", "ip", "ping")
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in TOOLS) or not SCHEMA.exists(),
-                                reason="needs root, Open vSwitch and iproute2")
+@pytest.fixture(autouse=True)
+def real_open_vswitch() -> None:
+    needs.root("runs ovsdb-server and ovs-vswitchd")
+    needs.tools(*TOOLS, hint="apt-get install openvswitch-switch iproute2 iputils-ping")
+    if not SCHEMA.exists():
+        needs.unavailable(f"{SCHEMA} missing (openvswitch-common)")
 
 
 def run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -1,9 +1,9 @@
 """The deployment-file owner, against the OpenNebula-shaped sample and libvirt's own validator."""
 
-import shutil
 import subprocess
 from pathlib import Path
 
+import needs
 import pytest
 
 from aifactory_core.domain import dump_domain, load_domain, one_metadata, pci_hostdevs
@@ -33,8 +33,8 @@ def test_metadata_and_hostdevs() -> None:
     assert all(ref.managed for ref in refs)
 
 
-@pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="libvirt-clients not installed")
 def test_merged_domain_passes_libvirt_schema(tmp_path: Path) -> None:
+    needs.tool("virt-xml-validate", hint="apt-get install libvirt-clients")
     original = tmp_path / "original.xml"
     original.write_bytes(SAMPLE.read_bytes())
     merged = tmp_path / "merged.xml"

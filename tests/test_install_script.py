@@ -8,6 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import needs
 import pytest
 from hostroots import h100_root  # noqa: F401 - fixture
 
@@ -22,10 +23,7 @@ def _run(*args: str, timeout: int = 900) -> subprocess.CompletedProcess[str]:
 
 
 def test_shellcheck_clean() -> None:
-    if shutil.which("shellcheck") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("shellcheck is not installed (CI installs it in .ci/run)")
-        pytest.skip("shellcheck not installed (apt-get install -y shellcheck)")
+    needs.tool("shellcheck", hint="apt-get install -y shellcheck")
     result = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout
 

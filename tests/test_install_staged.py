@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 from onetestserver import OneTestServer
 
@@ -229,8 +230,7 @@ def test_failure_half_way_through_the_files_rolls_back(tmp_path: Path, auth: Pat
 
 
 def test_sudoers_snippet_refused_by_visudo_installs_nothing(tmp_path: Path, auth: Path) -> None:
-    if not os.access("/usr/sbin/visudo", os.X_OK):
-        pytest.skip("visudo not installed (apt-get install sudo)")
+    needs.tool("/usr/sbin/visudo", hint="apt-get install sudo")
     source = tmp_path / "source"
     source.mkdir()
     subprocess.run(["cp", "-a", str(REPO / "drivers"), str(REPO / "hooks"), str(SCRIPT), str(source)], check=True)
@@ -247,8 +247,7 @@ def test_sudoers_snippet_refused_by_visudo_installs_nothing(tmp_path: Path, auth
 
 
 def test_installed_sudoers_snippet_passes_visudo(tmp_path: Path, auth: Path) -> None:
-    if not os.access("/usr/sbin/visudo", os.X_OK):
-        pytest.skip("visudo not installed (apt-get install sudo)")
+    needs.tool("/usr/sbin/visudo", hint="apt-get install sudo")
     root = clean_frontend(tmp_path / "root")
     assert install(root, auth).returncode == 0
     check = subprocess.run(["/usr/sbin/visudo", "-cf", str(root / "etc/sudoers.d/aifactory")],

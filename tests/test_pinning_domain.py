@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import needs
 import pytest
 from aifactory_plugins.cpu_pinning import plugin
 from aifactory_plugins.cpu_pinning.domain_rewrite import minimal_domain, rewrite_domain
@@ -32,7 +32,12 @@ GIB = 1 << 20
 SAMPLE = FIXTURES / "opennebula" / "samples" / "synthesized" / "deployment.0.xml"
 DGX_GPU0, DGX_NIC0 = "0000:1b:00.0", "0000:18:00.0"  # node 0, same PCIe switch
 DGX_GPU4, DGX_NIC4 = "0000:9d:00.0", "0000:9a:00.0"  # node 1, same PCIe switch
-needs_validator = pytest.mark.skipif(shutil.which("virt-xml-validate") is None, reason="virt-xml-validate missing")
+@pytest.fixture
+def validator() -> str:
+    return needs.tool("virt-xml-validate", hint="apt-get install libvirt-clients")
+
+
+needs_validator = pytest.mark.usefixtures("validator")
 
 
 def assert_valid(xml: bytes, tmp_path: Path, name: str = "domain.xml") -> None:

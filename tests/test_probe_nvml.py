@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import needs
 import pytest
 from probe_replays import DGX_GPUS, H100_NVML, multi_gpu, recording, write
 
@@ -267,12 +268,9 @@ def test_ctypes_binding_against_a_library_built_from_the_recording(tmp_path: Pat
 
     The library is a C stand-in compiled here whose every answer is the recorded value or error
     code of the real H100; the binding's structure layouts and signatures are those of nvml.h."""
-    import shutil
     import subprocess
 
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler to build the NVML stand-in")
+    compiler = needs.tool("cc", "gcc", hint="a C compiler builds the NVML stand-in")
     data = recording()
     device = data["devices"][0]
     source = tmp_path / "fake_nvml.c"
@@ -316,14 +314,11 @@ int nvmlDeviceGetGpuFabricInfoV(void *h, struct fabric_v2 *f) { return 3; }
 def _library_with_fabric(tmp_path: Path, *fabric_sources: str) -> tuple[Path, dict[str, Any]]:
     """The recording's C stand-in plus GPU fabric calls answering the SYNTHETIC DGX fabric values
     (``probe_replays.with_fabric_info``) in nvml.h's ``nvmlGpuFabricInfo[_v2]_t`` layouts."""
-    import shutil
     import subprocess
 
     from probe_replays import with_fabric_info
 
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        pytest.skip("no C compiler to build the NVML stand-in")
+    compiler = needs.tool("cc", "gcc", hint="a C compiler builds the NVML stand-in")
     data = recording()
     expected = with_fabric_info(data, state=3, status=0, clique=7)["devices"][0]["GpuFabricInfo"]["value"]
     expected["healthMask"] = 0x40

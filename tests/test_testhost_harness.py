@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import textwrap
 import time
 from pathlib import Path
 
+import needs
 import pytest
 from testhost import initramfs, junit, runner
 from testhost.config import DEFAULT_GUEST, FOUR_NODES, E1000e, GuestConfig, NvmeSriov, find_kernel_version
@@ -283,8 +283,7 @@ def test_a_test_using_libvirt_uri_makes_the_guest_start_libvirtd(
 
 
 def test_guest_init_and_install_script_are_shellcheck_clean() -> None:
-    if shutil.which("shellcheck") is None:
-        (pytest.fail if in_ci() else pytest.skip)("shellcheck is not installed (CI installs it in .ci/run)")
+    needs.tool("shellcheck", hint="apt-get install -y shellcheck")
     repo = Path(__file__).resolve().parents[1]
     scripts = [repo / ".ci" / "install-testhost.sh", repo / "tests" / "testhost" / "guest_init.sh"]
     result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True, check=False)

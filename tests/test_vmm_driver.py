@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 from simkernel import SimulatedDriverCore
 
@@ -148,11 +149,7 @@ def test_wrapper_scripts_are_shellcheck_clean_and_keep_the_action_name() -> None
 
 def test_sudoers_snippet_allows_only_the_root_helper() -> None:
     snippet = Path(__file__).parent.parent / "drivers" / "sudoers" / "aifactory"
-    visudo = shutil.which("visudo") or "/usr/sbin/visudo"
-    if not os.path.exists(visudo):
-        if os.environ.get("CI") == "true":
-            pytest.fail("visudo missing (CI installs sudo)")
-        pytest.skip("visudo not installed")
+    visudo = needs.tool("visudo", "/usr/sbin/visudo", hint="apt-get install sudo")
     result = subprocess.run([visudo, "-cf", str(snippet)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     text = snippet.read_text()
