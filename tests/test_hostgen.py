@@ -79,6 +79,11 @@ def devices(root: Path) -> list[str]:
     return sorted(os.listdir(root / "sys/bus/pci/devices"))
 
 
+def sriov_pfs(root: Path) -> list[str]:
+    """The functions with an SR-IOV capability (a ``sriov_totalvfs`` file)."""
+    return [bdf for bdf in devices(root) if (root / "sys/bus/pci/devices" / bdf / "sriov_totalvfs").exists()]
+
+
 def link_base(path: Path) -> str:
     return os.path.basename(os.readlink(path))
 
@@ -219,11 +224,8 @@ def extended_capabilities(config: bytes) -> dict[int, int]:
 
 def test_sriov_capability_in_config_agrees_with_sysfs(any_root: Path) -> None:
     checked = 0
-    for bdf in devices(any_root):
-        base = any_root / "sys/bus/pci/devices" / bdf
-        if not (base / "sriov_totalvfs").exists():
-            continue
-        config = (base / "config").read_bytes()
+    for bdf in sriov_pfs(any_root):
+        config = (any_root / "sys/bus/pci/devices" / bdf / "config").read_bytes()
         at = extended_capabilities(config)[0x0010]
         total, numvfs = struct.unpack_from("<H", config, at + 0x0E)[0], struct.unpack_from("<H", config, at + 0x10)[0]
         offset, stride, _, vf_device = struct.unpack_from("<HHHH", config, at + 0x14)
@@ -260,10 +262,8 @@ def test_vf_numbers_follow_offset_and_stride(tmp_path: Path) -> None:
 
 def test_sriov_links_are_consistent(any_root: Path) -> None:
     seen = 0
-    for bdf in devices(any_root):
+    for bdf in sriov_pfs(any_root):
         base = any_root / "sys/bus/pci/devices" / bdf
-        if not (base / "sriov_totalvfs").exists():
-            continue
         count = int(pci(any_root, bdf, "sriov_numvfs"))
         assert count <= int(pci(any_root, bdf, "sriov_totalvfs"))
         virtfns = sorted(name for name in os.listdir(base) if name.startswith("virtfn"))
