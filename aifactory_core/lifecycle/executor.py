@@ -94,7 +94,8 @@ def _keep(host: HostRoot, action: Action, writer: Writer) -> None:
 register_executor("fingerprint", _fingerprint_do, _keep)
 
 
-def _executor(kind: str) -> ActionExecutor:
+def executor_for(kind: str) -> ActionExecutor:
+    """The registered executor of an action kind."""
     try:
         return EXECUTORS[kind]
     except KeyError:
@@ -105,11 +106,11 @@ def plan_writes(host: HostRoot, actions: Sequence[Action]) -> list[SysfsWrite]:
     """The exact sysfs writes ``actions`` would make, in order (dry run: nothing is changed)."""
     recorder = RecordingWriter()
     for action in actions:
-        _executor(action.kind).do(host, action, recorder)
+        executor_for(action.kind).do(host, action, recorder)
     return recorder.writes
 
 
-def _undo_steps(host: HostRoot, journal: Journal, writer: Writer, scope: str | None = None) -> list[str]:
+def undo_steps(host: HostRoot, journal: Journal, writer: Writer, scope: str | None = None) -> list[str]:
     """Undo every step not yet undone (of ``scope`` only, when given), newest first; returns the
     errors (keeps going)."""
     errors = []
@@ -117,7 +118,7 @@ def _undo_steps(host: HostRoot, journal: Journal, writer: Writer, scope: str | N
         if step.status == "undone" or (scope is not None and step.scope != scope):
             continue
         try:
-            _executor(step.action.kind).undo(host, step.action, writer)
+            executor_for(step.action.kind).undo(host, step.action, writer)
         except AifactoryError as error:
             errors.append(error.message)
             continue
@@ -136,7 +137,7 @@ def _batches(actions: Sequence[Action]) -> list[list[Action]]:
     """Consecutive actions of a parallel kind form one batch; every other action is its own."""
     batches: list[list[Action]] = []
     for action in actions:
-        if batches and _executor(action.kind).parallel and batches[-1][-1].kind == action.kind:
+        if batches and executor_for(action.kind).parallel and batches[-1][-1].kind == action.kind:
             batches[-1].append(action)
         else:
             batches.append([action])
@@ -150,7 +151,7 @@ def _run_batch(host: HostRoot, steps: list[Step], writer: Writer) -> None:
     holding up the others; the first failure is re-raised once all have finished.
     """
     def make(step: Step) -> None:
-        _executor(step.action.kind).do(host, step.action, writer)
+        executor_for(step.action.kind).do(host, step.action, writer)
         step.status = "done"
 
     if len(steps) == 1 or isinstance(writer, RecordingWriter):
@@ -166,6 +167,22 @@ def _run_batch(host: HostRoot, steps: list[Step], writer: Writer) -> None:
         raise errors[0]  # type: ignore[misc]
 
 
+def make_steps(host: HostRoot, journal: Journal, actions: Sequence[Action], writer: Writer, *,
+               scopes: Sequence[str] = ()) -> None:
+    """Claim the devices, then make ``actions`` as new steps of ``journal`` (saved before and after
+    each batch). On failure the caller undoes what was made."""
+    scope_of = {id(action): scope for action, scope in zip(actions, scopes, strict=False)}
+    for action in actions:
+        if executor_for(action.kind).claims_target:
+            ownership.claim(host, action.target, journal.vm_id)
+    for batch in _batches(actions):
+        steps = [Step(action, scope=scope_of.get(id(action), "")) for action in batch]
+        journal.steps.extend(steps)
+        journal.save()
+        _run_batch(host, steps, writer)
+        journal.save()
+
+
 def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer | None = None, *,
             scopes: Sequence[str] = ()) -> Journal:
     """Claim the devices, then make every action, journaled; on failure undo all and re-raise.
@@ -174,7 +191,6 @@ def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer |
     part can later be released alone (:mod:`aifactory_core.lifecycle.parts`)."""
     if scopes and len(scopes) != len(actions):
         raise ValueError("scopes must name one scope per action")
-    scope_of = {id(action): scope for action, scope in zip(actions, scopes, strict=False)}
     writer = writer if writer is not None else SysfsWriter()
     existing = Journal.load(host, vm)
     if existing is not None and existing.phase == "prepared":
@@ -184,15 +200,7 @@ def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer |
     journal = Journal(host, vm)
     journal.save()
     try:
-        for action in actions:
-            if _executor(action.kind).claims_target:
-                ownership.claim(host, action.target, vm)
-        for batch in _batches(actions):
-            steps = [Step(action, scope=scope_of.get(id(action), "")) for action in batch]
-            journal.steps.extend(steps)
-            journal.save()
-            _run_batch(host, steps, writer)
-            journal.save()
+        make_steps(host, journal, actions, writer, scopes=scopes)
     except BaseException as error:
         problems = rollback(host, journal, writer)
         if problems and isinstance(error, AifactoryError):
@@ -206,7 +214,7 @@ def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer |
 def rollback(host: HostRoot, journal: Journal, writer: Writer | None = None) -> list[str]:
     """Undo an unfinished (or any) transaction and give its devices back."""
     writer = writer if writer is not None else SysfsWriter()
-    problems = _undo_steps(host, journal, writer)
+    problems = undo_steps(host, journal, writer)
     if problems:
         log.error("VM %s: rollback incomplete: %s", journal.vm_id, "; ".join(problems))
         return problems

@@ -15,8 +15,8 @@ from aifactory_core.errors import AifactoryError, HostError
 from aifactory_core.host.pcibind import SysfsWriter, Writer
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle import ownership
-from aifactory_core.lifecycle.executor import _batches, _executor, _run_batch, _undo_steps, prepare
-from aifactory_core.lifecycle.journal import Journal, Step
+from aifactory_core.lifecycle.executor import executor_for, make_steps, prepare, undo_steps
+from aifactory_core.lifecycle.journal import Journal
 from aifactory_core.model import Action
 
 
@@ -37,15 +37,7 @@ def add_part(host: HostRoot, vm: int, scope: str, actions: Sequence[Action], wri
     if any(step.scope == scope for step in journal.steps):
         return journal
     try:
-        for action in actions:
-            if _executor(action.kind).claims_target:
-                ownership.claim(host, action.target, vm)
-        for batch in _batches(actions):
-            steps = [Step(action, scope=scope) for action in batch]
-            journal.steps.extend(steps)
-            journal.save()
-            _run_batch(host, steps, writer)
-            journal.save()
+        make_steps(host, journal, actions, writer, scopes=[scope] * len(actions))
     except BaseException as error:
         problems = _undo_part(host, journal, scope, writer, actions)
         if problems and isinstance(error, AifactoryError):
@@ -70,11 +62,11 @@ def release_part(host: HostRoot, vm: int, scope: str, writer: Writer | None = No
 
 def _undo_part(host: HostRoot, journal: Journal, scope: str, writer: Writer,
                actions: Sequence[Action]) -> list[str]:
-    errors = _undo_steps(host, journal, writer, scope)
+    errors = undo_steps(host, journal, writer, scope)
     if errors:
         return errors
     for action in actions:
-        if _executor(action.kind).claims_target and ownership.owner_of(host, action.target) == journal.vm_id:
+        if executor_for(action.kind).claims_target and ownership.owner_of(host, action.target) == journal.vm_id:
             ownership.disown(host, action.target, journal.vm_id)
     journal.steps = [step for step in journal.steps if step.scope != scope]
     if journal.steps:
