@@ -257,6 +257,13 @@ def test_cli_probe_and_metrics(h100_root: Path, tmp_path: Path) -> None:
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     wrong = run_cli("--host-root", str(h100_root), "probe", "host-system", "--nvml-replay", str(tmp_path))
     assert wrong.returncode == 2
+    broken = tmp_path / "broken.json"
+    for content in ("{ not json", "[]"):
+        broken.write_text(content)
+        for command in (("probe", "host-system"), ("metrics",)):
+            bad = run_cli("--host-root", str(h100_root), *command, "--nvml-replay", str(broken), env=env)
+            assert (bad.returncode, bad.stdout) == (2, "") and bad.stderr.count("\n") == 1, bad.stderr
+            assert "NVML recording" in bad.stderr
 
 
 SAMPLE = re.compile(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\[\\"n])*",?)*\})? -?[0-9.e+]+')

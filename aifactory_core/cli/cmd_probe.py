@@ -26,7 +26,8 @@ def probe_root(context: Any) -> Any:
 
 
 def check_replay(path: str | None) -> str | None:
-    """The recording to replay: a file, or ``sample:NAME`` for a bundled capture's ``NAME.nvml.json``."""
+    """The recording to replay: a file holding a JSON object, or ``sample:NAME`` for a bundled
+    capture's ``NAME.nvml.json``; anything else is a :class:`UsageError` (one line, exit 2)."""
     import os
 
     from aifactory_core.errors import UsageError
@@ -40,6 +41,16 @@ def check_replay(path: str | None) -> str | None:
         path = os.path.join(os.path.dirname(os.path.abspath(samples.__file__)), f"{name}.nvml.json")
     if path is not None and not os.path.isfile(path):
         raise UsageError(f"NVML recording {path!r} is not a file")
+    if path is not None:  # the probes would only report it in AIF_NVML, and metrics not at all
+        import json
+
+        try:
+            with open(path, encoding="utf-8") as handle:
+                recording = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"NVML recording {path!r} is unreadable: {' '.join(str(error).split())}") from None
+        if not isinstance(recording, dict):
+            raise UsageError(f"NVML recording {path!r} is not a JSON object")
     return path
 
 
