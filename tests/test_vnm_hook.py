@@ -261,6 +261,15 @@ def test_main_reports_bad_documents_in_one_line(monkeypatch: pytest.MonkeyPatch,
     assert hook.main(["bogus"], io.BytesIO(stdin())) == 2
 
 
+def test_main_refuses_oversized_input_by_its_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("AIFACTORY_HOST_ROOT", str(tmp_path))
+    monkeypatch.setenv("AIFACTORY_CONFIG", str(tmp_path / "none.conf"))
+    assert hook.main(["pre"], io.BytesIO(b"A" * (hook.MAX_STDIN + 1))) != 0
+    err = capsys.readouterr().err
+    assert "larger than" in err and len(err.strip().splitlines()) == 1
+
+
 def test_domain_hostdev_interface_follows_the_journal(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
     host, config, _peer = world
     owner(host)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aifactory_core.errors import AifactoryError, ConfigError, PolicyRefused
+from aifactory_core.errors import AifactoryError, ConfigError, DocumentError, PolicyRefused
 
 if TYPE_CHECKING:
     from aifactory_core.config import Config
@@ -288,6 +288,8 @@ def main(argv: list[str] | None = None, stdin: Any = None) -> int:
         if not args:
             raise ConfigError("usage: python -m aifactory_core.vnm.hook pre|post|clean [driver arguments]")
         data = (stdin or sys.stdin.buffer).read(MAX_STDIN + 1)
+        if len(data) > MAX_STDIN:
+            raise DocumentError(f"VNM input is larger than {MAX_STDIN} bytes")
         print(run(args[0], data, HostRoot.resolve(), load_config()))
     except PolicyRefused as error:
         print(f"aifactory: network refused by tenant policy: {error.message}", file=sys.stderr)
