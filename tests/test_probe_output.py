@@ -253,6 +253,10 @@ def test_cli_probe_and_metrics(h100_root: Path, tmp_path: Path) -> None:
                       "--textfile", str(textfile), env=env)
     assert metrics.returncode == 0, metrics.stderr
     assert 'aifactory_gpu_power_milliwatts{bus_id="0000:00:06.0"' in textfile.read_text()
+    nowhere = tmp_path / "no-such-dir" / "aifactory.prom"
+    stray = run_cli("--host-root", str(h100_root), "metrics", "--textfile", str(nowhere), env=env)
+    assert (stray.returncode, stray.stdout) == (2, "") and stray.stderr.count("\n") == 1, stray.stderr
+    assert "does not exist" in stray.stderr and not nowhere.parent.exists()
     missing = run_cli("--host-root", str(h100_root), "metrics", "--nvml-replay", str(tmp_path / "nope.json"))
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     wrong = run_cli("--host-root", str(h100_root), "probe", "host-system", "--nvml-replay", str(tmp_path))

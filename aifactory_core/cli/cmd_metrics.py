@@ -25,14 +25,20 @@ def run(args: argparse.Namespace, context: Any) -> int:
     from aifactory_core.probes.prometheus import exposition, write_textfile
 
     replay = check_replay(args.nvml_replay)
-    text = exposition(collect(probe_root(context), replay, args.budget, nvml_mode="metrics"))
-    if args.textfile:
+    if args.textfile:  # checked before the NVML reads, not after
+        import os
+
         if not args.textfile.endswith(".prom"):
             raise UsageError(f"textfile {args.textfile!r}: node_exporter reads only *.prom files")
+        directory = os.path.dirname(os.path.abspath(args.textfile))
+        if not os.path.isdir(directory):  # a typo must not create a directory node_exporter never reads
+            raise UsageError(f"textfile {args.textfile!r}: directory {directory!r} does not exist")
+    text = exposition(collect(probe_root(context), replay, args.budget, nvml_mode="metrics"))
+    if args.textfile:
         try:
             write_textfile(args.textfile, text)
         except OSError as error:
-            raise UsageError(f"cannot write {args.textfile}: {error.strerror}") from None
+            raise UsageError(f"cannot write {args.textfile}: {error.strerror or error}") from None
     else:
         sys.stdout.write(text)
     return EXIT_OK
