@@ -128,3 +128,33 @@ def test_a_vxlan_network_on_a_legacy_vf_is_refused(tmp_path: Path, vn_mad: str) 
     with pytest.raises(PolicyRefused, match=f"VXLAN network \\({vn_mad}\\) on VF 0 of ens1f0np0, a legacy-mode PF"):
         sriov_plugin.aifactory_network_setup(HostInventory(host), Request(), nic,
                                              TenantNetworkGrant("llm", vnis=((5000, 5099),)))
+
+
+def test_vf_pool_command_shows_resizes_and_refuses_while_a_vm_holds_a_vf(tmp_path: Path) -> None:
+    """``aifactory vf-pool`` as a real process on a generated PF: dry run prints the writes, a resize
+    makes them, and a VF a VM's network hooks configured (an owner token) blocks a resize."""
+    from hostroots import run_cli
+
+    make_pf(tmp_path)
+    env = {"AIFACTORY_STATE_DIR": str(tmp_path / "state")}
+    shown = run_cli("--host-root", str(tmp_path), "vf-pool", "ens1f0np0", env=env)
+    assert shown.returncode == 0 and "4/8 VFs, autoprobe on, in use: none" in shown.stdout, shown.stderr
+    dry = run_cli("--host-root", str(tmp_path), "vf-pool", "0000:18:00.0", "6", "--autoprobe", "off", "--dry-run",
+                  env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert [line.split("#")[0].split()[1] for line in dry.stdout.splitlines()] == ["0", "0", "6"]
+    assert (tmp_path / "sys/bus/pci/devices/0000:18:00.0/sriov_numvfs").read_text().strip() == "4"
+    tokens = tmp_path / "state" / "vnm" / "vf-owners"
+    tokens.mkdir(parents=True)
+    (tokens / "ens1f0np0.1").write_text("42\n")
+    refused = run_cli("--host-root", str(tmp_path), "vf-pool", "ens1f0np0", "2", env=env)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "VF(s) 1 in use" in refused.stderr
+    bad = run_cli("--host-root", str(tmp_path), "vf-pool", "ens1f0np0", "many", env=env)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "VF count" in bad.stderr
+    (tokens / "ens1f0np0.1").unlink()  # the VM released its VF
+    made = run_cli("--host-root", str(tmp_path), "vf-pool", "ens1f0np0", "6", "--autoprobe", "off", env=env)
+    assert made.returncode == 0 and made.stdout.strip() == "0000:18:00.0: 4 -> 6 VFs", made.stderr
+    pf_dir = tmp_path / "sys/bus/pci/devices/0000:18:00.0"
+    assert (pf_dir / "sriov_numvfs").read_text().strip() == "6"
+    assert (pf_dir / "sriov_drivers_autoprobe").read_text().strip() == "0"

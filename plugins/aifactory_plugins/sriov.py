@@ -119,7 +119,7 @@ def aifactory_doctor_checks(inventory: HostInventory, devices: Sequence[Discover
         return None
     checks = []
     for pf in pfs:
-        fix = f"create VFs: echo N > /sys/bus/pci/devices/{pf.address}/sriov_numvfs"
+        fix = f"create VFs: aifactory vf-pool {pf.address} N [--autoprobe off]"
         checks.append(Check("sriov-pool", "PASS" if pf.num_vfs else "WARN",
                             f"{pf.address} ({pf.netdev or 'no netdev'}, {pf.driver or 'no driver'}): "
                             f"{pf.num_vfs}/{pf.total_vfs} VFs, autoprobe {pf.autoprobe}",
