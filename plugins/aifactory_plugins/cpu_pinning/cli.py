@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aifactory_core.errors import EXIT_OK, DocumentError, HostError, UsageError
+from aifactory_core.errors import EXIT_OK, UsageError
 
 
 def _read(path: str, what: str) -> bytes:
@@ -43,9 +43,8 @@ def run_plan(args: argparse.Namespace, context: Any) -> int:
     from aifactory_core.host.inventory import HostInventory
     from aifactory_core.one.payload import parse_vm_payload
     from aifactory_plugins.cpu_pinning.domain_rewrite import minimal_domain, rewrite_domain
-    from aifactory_plugins.cpu_pinning.held import DomainXmlHeld, HeldCpus, StateFileHeld, usage_of
-    from aifactory_plugins.cpu_pinning.planner import PlanInputError, Unplaced, plan
-    from aifactory_plugins.cpu_pinning.plugin import NAME, policies_from
+    from aifactory_plugins.cpu_pinning.held import DomainXmlHeld, HeldCpus, StateFileHeld
+    from aifactory_plugins.cpu_pinning.plugin import NAME, place_vm, policies_from
     from aifactory_plugins.cpu_pinning.spec import spec_from_request
     from aifactory_plugins.cpu_pinning.topology import HostTopology
 
@@ -75,12 +74,7 @@ def run_plan(args: argparse.Namespace, context: Any) -> int:
         provider: HeldCpus = DomainXmlHeld(Path(args.held))
     else:
         provider = StateFileHeld(context.host)
-    try:
-        result = plan(topology, usage_of(provider, exclude_vm=request.vm_id), spec, policies.conflict)
-    except PlanInputError as error:
-        raise DocumentError(str(error)) from None
-    if isinstance(result, Unplaced):
-        raise HostError(result.reason)
+    result = place_vm(topology, provider, spec, policies)
     if domain is None:
         domain = minimal_domain(result, f"one-{request.vm_id}")
         notes: list[str] = []

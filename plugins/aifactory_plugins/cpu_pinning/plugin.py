@@ -20,7 +20,10 @@ from aifactory_core.model import DeployRequest
 if TYPE_CHECKING:
     from aifactory_core.config import Config
     from aifactory_core.host.inventory import HostInventory
+    from aifactory_plugins.cpu_pinning.held import HeldCpus
+    from aifactory_plugins.cpu_pinning.planner import Placement, VmSpec
     from aifactory_plugins.cpu_pinning.spec import Policies
+    from aifactory_plugins.cpu_pinning.topology import HostTopology
 
 AIFACTORY_API_VERSION = 1
 NAME = "cpu_pinning"
@@ -54,6 +57,21 @@ def policies_from(section: Mapping[str, Any]) -> Policies:
     return Policies(cast(Any, values["thread_policy"]), cast(Any, values["emulator_policy"]), values["conflict"])
 
 
+def place_vm(topology: HostTopology, held: HeldCpus, spec: VmSpec, policies: Policies) -> Placement:
+    """Plan ``spec`` against what the other VMs hold: a request that can never fit this host is a
+    :class:`DocumentError`, one that does not fit now a :class:`HostError`."""
+    from aifactory_plugins.cpu_pinning.held import usage_of
+    from aifactory_plugins.cpu_pinning.planner import PlanInputError, Unplaced, plan
+
+    try:
+        result = plan(topology, usage_of(held, exclude_vm=spec.vm_id), spec, policies.conflict)
+    except PlanInputError as error:
+        raise DocumentError(str(error)) from None
+    if isinstance(result, Unplaced):
+        raise HostError(result.reason)
+    return result
+
+
 @hookimpl
 def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -> None:
     if name == NAME:
@@ -67,8 +85,7 @@ def aifactory_domain_xml(inventory: HostInventory, request: Any, domain: Any, co
         return
     from aifactory_core.domain import pci_hostdevs
     from aifactory_plugins.cpu_pinning.domain_rewrite import rewrite_domain
-    from aifactory_plugins.cpu_pinning.held import StateFileHeld, usage_of
-    from aifactory_plugins.cpu_pinning.planner import PlanInputError, Unplaced, plan
+    from aifactory_plugins.cpu_pinning.held import StateFileHeld
     from aifactory_plugins.cpu_pinning.spec import spec_from_domain
     from aifactory_plugins.cpu_pinning.topology import HostTopology
 
@@ -82,12 +99,7 @@ def aifactory_domain_xml(inventory: HostInventory, request: Any, domain: Any, co
     if not spec.oned_cells and (scope == "none" or (scope == "with_devices" and not spec.devices)):
         return
     held = StateFileHeld(inventory.host)
-    try:
-        result = plan(topology, usage_of(held, exclude_vm=request.vm_id), spec, policies.conflict)
-    except PlanInputError as error:
-        raise DocumentError(str(error)) from None
-    if isinstance(result, Unplaced):
-        raise HostError(result.reason)
+    result = place_vm(topology, held, spec, policies)
     for note in result.notes:
         log.warning("VM %s: %s", request.vm_id, note)
     for note in rewrite_domain(domain, result):
