@@ -115,6 +115,15 @@ def test_corrupt_ledger_is_reported_not_overwritten(tmp_path: Path) -> None:
     assert (tmp_path / "ledger.json").read_text() == "{not json"
 
 
+def test_ledger_entry_of_an_unknown_shape_is_reported_not_overwritten(tmp_path: Path) -> None:
+    from aifactory_core.errors import UsageError
+
+    (tmp_path / "ledger.json").write_text('{"version": 1, "vms": {"42": "x"}}')
+    with pytest.raises(UsageError, match="unknown format"):
+        Ledger(tmp_path).record(vm_usage_from_element(EVENTS[0]))
+    assert (tmp_path / "ledger.json").read_text() == '{"version": 1, "vms": {"42": "x"}}'
+
+
 def test_history_with_end_before_start_is_refused() -> None:
     from aifactory_core.errors import DocumentError
 
@@ -154,3 +163,11 @@ def test_hook_refuses_bad_payload_and_writes_nothing(tmp_path: Path, stdin: byte
     result = run_hook(tmp_path, stdin)
     assert result.returncode == 2 and result.stderr.startswith(b"aifactory-accounting: ")
     assert not (tmp_path / "acct").exists()
+
+
+def test_hook_with_an_unusable_ledger_directory_fails_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "acct").write_text("a file where the ledger directory should be")
+    message = parse_xml((SAMPLES / "hook_message_state_vm_running.xml").read_bytes())
+    result = run_hook(tmp_path, base64.b64encode(etree.tostring(message.find("VM"))))
+    assert result.returncode == 1
+    assert result.stderr.startswith(b"aifactory-accounting: GPU ledger ") and result.stderr.count(b"\n") == 1

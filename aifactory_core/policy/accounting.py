@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aifactory_core.errors import DocumentError, UsageError
+from aifactory_core.errors import AifactoryError, DocumentError, UsageError
 
 if TYPE_CHECKING:
     from lxml import etree
@@ -92,15 +92,22 @@ class Ledger:
 
         from aifactory_core.lifecycle.atomic import write_atomic
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / ".ledger.lock", "a+b") as lock:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            lock = open(self.directory / ".ledger.lock", "a+b")  # noqa: SIM115 (closed below)
+        except OSError as error:
+            raise AifactoryError(f"GPU ledger {self.directory}: {error.strerror or error}") from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = self.read()
             before = json.dumps(data, sort_keys=True)
             yield data
             after = json.dumps(data, sort_keys=True)
             if after != before:
-                write_atomic(self.path, (after + "\n").encode())
+                try:
+                    write_atomic(self.path, (after + "\n").encode())
+                except OSError as error:
+                    raise AifactoryError(f"GPU ledger {self.path}: {error.strerror or error}") from None
 
     def read(self) -> dict[str, Any]:
         try:
@@ -110,7 +117,9 @@ class Ledger:
             return {"version": LEDGER_VERSION, "vms": {}}
         except (OSError, ValueError) as error:
             raise UsageError(f"GPU ledger {self.path} is unreadable: {error}") from None
-        if not isinstance(data, dict) or data.get("version") != LEDGER_VERSION or not isinstance(data.get("vms"), dict):
+        if (not isinstance(data, dict) or data.get("version") != LEDGER_VERSION or not isinstance(data.get("vms"), dict)
+                or not all(isinstance(entry, dict) and isinstance(entry.get("intervals"), dict)
+                           for entry in data["vms"].values())):
             raise UsageError(f"GPU ledger {self.path} has an unknown format")
         return data
 
