@@ -25,13 +25,7 @@ def read_int(path: Path, base: int = 10) -> int | None:
 
 
 def read_hex(path: Path) -> int | None:
-    text = read_str(path)
-    if not text:
-        return None
-    try:
-        return int(text, 16)
-    except ValueError:
-        return None
+    return read_int(path, 16)
 
 
 def link_name(path: Path) -> str | None:
