@@ -114,3 +114,16 @@ def test_a_second_server_on_a_live_socket_is_refused(hook_server: Path, tmp_path
     result = subprocess.run([str(PYTHON.parent / "aifactory"), "hook-server", "--socket", str(hook_server)],
                             capture_output=True, timeout=60, check=False, env=dict(os.environ))
     assert result.returncode == 2 and b"another server is listening" in result.stderr
+
+
+def test_a_defect_while_deciding_is_answered_in_one_line(monkeypatch) -> None:
+    """An exception that is no AifactoryError (a bug) still gives the hook its one line and exit 1,
+    from a hook process and from the server alike, instead of a traceback or a dropped connection."""
+    from aifactory_core.policy import hookmain, hookserver
+
+    def broken(_argv: list[str], _data: bytes) -> str:
+        raise KeyError("GID")
+
+    monkeypatch.setitem(hookmain.HANDLERS, "accounting", broken)
+    assert hookmain.handle(["accounting"], b"x") == (1, "", "aifactory-accounting: internal error: KeyError: 'GID'")
+    assert hookserver.answer(["accounting"], b"x") == b"1\n\naifactory-accounting: internal error: KeyError: 'GID'"

@@ -133,6 +133,9 @@ def handle(args: Sequence[str], data: bytes) -> tuple[int, str, str]:
     except AifactoryError as error:
         status = error.exit_status if error.exit_status in (EXIT_USAGE, EXIT_CHECK_FAILED) else EXIT_CHECK_FAILED
         return status, "", f"aifactory-{args[0]}: {error.message}"
+    except Exception as error:  # a defect, not bad input: one line (as the CLI says it), never a traceback
+        detail = " ".join(str(error).split())[:300]
+        return EXIT_CHECK_FAILED, "", f"aifactory-{args[0]}: internal error: {type(error).__name__}: {detail}"
 
 
 def report(status: int, out: str, err: str) -> int:
