@@ -48,7 +48,6 @@ CREATING_CALLS = frozenset({"one.template.instantiate", "one.vm.allocate"})
 ERROR_ATTRIBUTE = "AIFACTORY_POLICY_ERROR"
 STATUS_ATTRIBUTE = "AIFACTORY_ADMISSION"
 KEEP_HOLD_ATTRIBUTE = "AIFACTORY_KEEP_HOLD"  # the owner wants the VM held: admit, do not release
-MAX_STDIN = 24 * 1024 * 1024
 # States whose VMs hold their devices: PENDING, ACTIVE, SUSPENDED, POWEROFF (oned keeps the PCI
 # allocation through poweroff/suspend; HOLD VMs are not admitted yet, STOPPED/UNDEPLOYED freed them).
 HOLDING_STATES = frozenset({1, 3, 5, 8})
@@ -115,11 +114,10 @@ class Step:
 
 
 def read_event(stdin: bytes, argv_method: str | None = None) -> Event:
-    """Split ``"<base64> <method>"`` and parse the CALL_INFO; refuses anything unexpected."""
+    """Split ``"<base64> <method>"`` and parse the CALL_INFO; refuses anything unexpected (the
+    input's size is bounded where it is read, :mod:`aifactory_core.policy.hookmain`)."""
     from aifactory_core.one.payload import parse_call_info
 
-    if len(stdin) > MAX_STDIN:
-        raise DocumentError(f"hook input is larger than {MAX_STDIN} bytes")
     parts = stdin.split()
     if not parts:
         raise DocumentError("hook input is empty: expected '$API METHOD' on stdin (ARGUMENTS_STDIN = \"YES\")")

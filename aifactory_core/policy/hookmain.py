@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, AifactoryError
+from aifactory_core.policy.hookclient import MAX_PAYLOAD as MAX_STDIN  # one limit, with or without the server
 
 DEFAULT_POLICY = "/etc/one/aifactory-policy.toml"
-MAX_STDIN = 24 * 1024 * 1024
 
 
 def _settings() -> dict[str, Any]:
