@@ -10,7 +10,7 @@ untagged needs the tenant's grant.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from aifactory_core.errors import HostError, PolicyRefused, UsageError
 from aifactory_core.host import netlink_vf
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from aifactory_core.one.vm import PciRequest
 
 ARPHRD_INFINIBAND = 32
+VfMode = Literal["infiniband", "switchdev", "legacy"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,23 @@ def locate_nic_vf(host: HostRoot, nic: object) -> VfLocation | None:
     if not isinstance(nic, PciRequest) or not nic.is_nic or nic.address is None:
         return None
     return locate_vf(host, nic.address)
+
+
+def vf_mode(host: HostRoot, where: VfLocation) -> VfMode:
+    """How a VF's PF runs, which decides the one network plugin that configures the VF:
+    ``infiniband`` (an IPoIB PF), ``switchdev`` (its netdev has a ``phys_switch_id``) or ``legacy``."""
+    from aifactory_core.host.devlink import switch_id
+
+    if where.infiniband:
+        return "infiniband"
+    return "legacy" if switch_id(host, where.pf_netdev) is None else "switchdev"
+
+
+def nic_vf_in_mode(host: HostRoot, nic: object, mode: VfMode) -> VfLocation | None:
+    """The VF behind a PCI NIC request when its PF runs in ``mode`` (the calling plugin's to
+    configure); None for any other request or mode."""
+    where = locate_nic_vf(host, nic)
+    return where if where is not None and vf_mode(host, where) == mode else None
 
 
 def locate_vf(host: HostRoot, vf_address: str) -> VfLocation:

@@ -69,21 +69,13 @@ def aifactory_admit(inventory: HostInventory, request: Any, config: Config) -> I
     return None
 
 
-def is_switchdev_pf(inventory: HostInventory, pf_netdev: str) -> bool:
-    from aifactory_core.host.devlink import switch_id
-
-    return switch_id(inventory.host, pf_netdev) is not None
-
-
 @hookimpl
 def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, grant: Any) -> Iterable[Action] | None:
     from aifactory_core.vnm import vf
-    from aifactory_core.vnm.plan import locate_nic_vf, vf_settings
+    from aifactory_core.vnm.plan import nic_vf_in_mode, vf_settings
 
-    where = locate_nic_vf(inventory.host, nic)
+    where = nic_vf_in_mode(inventory.host, nic, "legacy")
     if where is None:
-        return None
-    if where.infiniband or is_switchdev_pf(inventory, where.pf_netdev):
         return None
     if (nic.vn_mad or "").lower() in ("vxlan", "ovswitch_vxlan"):
         from aifactory_core.errors import PolicyRefused

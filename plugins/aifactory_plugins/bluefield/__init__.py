@@ -13,7 +13,8 @@ Both are undone by removing the port (and, for the last VM of a VNI, its tunnel 
 
 ``[plugin.bluefield]``: ``bridge`` (default ``br-tenant``), ``ovs_vsctl`` (argv prefix, default
 ``["ovs-vsctl", "--timeout=10"]``), ``switchdev`` (devlink handles such as ``pci/0000:03:00.0``
-that must be in switchdev mode; :func:`apply_eswitch_modes` switches them), ``vxlan_remote_ip``
+that must be in switchdev mode; :func:`apply_eswitch_modes`, run by ``aifactory eswitch --apply``,
+switches them), ``vxlan_remote_ip``
 (the unicast VTEP the tunnels lead to), ``vxlan_local_ip`` (the tunnels' source address),
 ``vxlan_local_tags`` (``"4000-4094"``: host-local tags for VXLAN segments; keep them out of the
 tenants' VLANs and of the uplink's trunks).
@@ -99,14 +100,12 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
                             grant: Any) -> Iterable[Action] | None:
     from dataclasses import replace
 
-    from aifactory_core.host.devlink import representors, switch_id
+    from aifactory_core.host.devlink import representors
     from aifactory_core.vnm import vf
-    from aifactory_core.vnm.plan import locate_nic_vf, vf_settings
+    from aifactory_core.vnm.plan import nic_vf_in_mode, vf_settings
 
-    where = locate_nic_vf(inventory.host, nic)
+    where = nic_vf_in_mode(inventory.host, nic, "switchdev")
     if where is None:
-        return None
-    if where.infiniband or switch_id(inventory.host, where.pf_netdev) is None:
         return None
     section = config.plugin(NAME)
     bridge = section.get("bridge", DEFAULT_BRIDGE)

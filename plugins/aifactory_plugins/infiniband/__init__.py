@@ -98,13 +98,11 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
                             grant: Any) -> Iterable[Action] | None:
     from aifactory_core.host.netlink_vf import guid
     from aifactory_core.vnm import vf
-    from aifactory_core.vnm.plan import locate_nic_vf, vf_settings
+    from aifactory_core.vnm.plan import nic_vf_in_mode, vf_settings
     from aifactory_plugins.infiniband.guid import allocate, format_guid, parse_prefix
 
-    where = locate_nic_vf(inventory.host, nic)
+    where = nic_vf_in_mode(inventory.host, nic, "infiniband")
     if where is None:
-        return None
-    if not where.infiniband:
         return None
     settings = config.plugin(NAME)
     prefix = parse_prefix(settings.get("guid_prefix", DEFAULT_PREFIX))
