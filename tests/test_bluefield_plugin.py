@@ -140,3 +140,15 @@ def test_switchdev_when_configured() -> None:
     assert bluefield.apply_eswitch_modes(section, devlink) == []
     with pytest.raises(ConfigError, match="invalid PCI address"):
         bluefield.switchdev_handles({"switchdev": ["pci/../../x"]})
+
+
+def test_eswitch_command_refuses_a_config_without_or_with_bad_handles(tmp_path: Path) -> None:
+    from hostroots import run_cli
+
+    config = tmp_path / "aifactory.conf"
+    config.write_text("[plugin.bluefield]\n")
+    empty = run_cli("--config", str(config), "eswitch")
+    assert empty.returncode == 2 and "switchdev names no device" in empty.stderr and empty.stderr.count("\n") == 1
+    config.write_text('[plugin.bluefield]\nswitchdev = ["pci/../../x"]\n')
+    bad = run_cli("--config", str(config), "eswitch", "--apply")
+    assert bad.returncode == 2 and "invalid" in bad.stderr and bad.stderr.count("\n") == 1

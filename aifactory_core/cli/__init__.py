@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "probe": ("cmd_probe", "print an OpenNebula IM probe's output (host-system, vm-monitor)"),
     "metrics": ("cmd_metrics", "GPU and host metrics in Prometheus text format"),
     "host-setup": ("cmd_host_setup", "as root on a host: root helper environment, sudoers, boot repair unit"),
+    "eswitch": ("cmd_eswitch", "show or apply the switchdev mode [plugin.bluefield] asks for (devlink)"),
     "vf-pool": ("cmd_vf_pool", "show or resize an SR-IOV PF's VF pool (refused while VFs are in use)"),
     "hook-server": ("cmd_hook_server", "on the frontend: decide admission/accounting hook events in one process"),
 }

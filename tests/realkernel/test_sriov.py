@@ -178,3 +178,23 @@ def test_two_tenants_on_8021q_and_a_vlan_filtering_bridge() -> None:
         for name in members:
             subprocess.run(["ip", "netns", "del", f"{tag}{name}"], check=False)
         subprocess.run(["ip", "link", "del", bridge], check=False)
+
+
+def test_netdevsim_eswitch_to_switchdev_over_real_devlink(netdevsim_pf: tuple[HostRoot, str, int],
+                                                          tmp_path: Path) -> None:
+    """``aifactory eswitch`` over the kernel's devlink (pyroute2): reads the netdevsim device's mode,
+    ``--apply`` switches it to switchdev, a second ``--apply`` changes nothing; ``devlink`` agrees."""
+    import sys
+
+    _host, pf, _index = netdevsim_pf
+    device = Path(f"/sys/class/net/{pf}/device").resolve().name  # netdevsimN
+    config = tmp_path / "aifactory.conf"
+    config.write_text(f'[plugin.bluefield]\nswitchdev = ["netdevsim/{device}"]\n')
+    aifactory = [str(Path(sys.executable).with_name("aifactory")), "--config", str(config), "eswitch"]
+    shown = subprocess.run(aifactory, capture_output=True, text=True, check=False)
+    assert shown.returncode == 0 and shown.stdout == f"netdevsim/{device}: legacy\n", shown.stderr
+    applied = subprocess.run([*aifactory, "--apply"], capture_output=True, text=True, check=False)
+    assert applied.returncode == 0 and applied.stdout == f"netdevsim/{device}: switchdev (switched)\n", applied.stderr
+    again = subprocess.run([*aifactory, "--apply"], capture_output=True, text=True, check=False)
+    assert again.stdout == f"netdevsim/{device}: switchdev\n", again.stderr
+    assert "mode switchdev" in sh("devlink", "dev", "eswitch", "show", f"netdevsim/{device}")
