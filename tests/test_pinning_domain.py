@@ -10,6 +10,7 @@ import re
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import needs
 import pytest
@@ -57,6 +58,12 @@ def _classes(inventory: HostInventory) -> dict[str, int]:
     return {address: device.class_code for address, device in inventory.pci.items()}
 
 
+def _domain_spec(domain: Any, vm: int, inventory: HostInventory) -> VmSpec:
+    """What the deploy hook plans from a deployment file (default policies)."""
+    addresses = [ref.address for _, ref in pci_hostdevs(domain)]
+    return spec_from_domain(domain, vm, addresses, _classes(inventory), Policies())
+
+
 def oned_sample_on_dgx() -> str:
     """The synthesized oned deployment file with its hostdevs moved to the DGX GPU/NIC pair."""
     text = re.sub(r"<!--.*?-->", "", SAMPLE.read_text(), flags=re.S)
@@ -96,8 +103,7 @@ def test_rewrite_within_oned_pinning_validates_and_stays_inside(
 ) -> None:
     inventory, topology = dgx
     domain = load_domain(oned_sample_on_dgx())
-    addresses = [ref.address for _, ref in pci_hostdevs(domain)]
-    spec = spec_from_domain(domain, 42, addresses, _classes(inventory), Policies())
+    spec = _domain_spec(domain, 42, inventory)
     assert spec.oned_cells and spec.oned_cells[0].cpus == {0, 1, 8, 9} and spec.hugepage_kib == GIB
     result = plan(topology, HostUsage(), spec)
     assert isinstance(result, Placement) and result.local and result.pairs == ((DGX_GPU0, DGX_NIC0),)
@@ -124,8 +130,7 @@ def test_expander_node_follows_the_guest_cell_not_the_host_node(
 ) -> None:
     inventory, topology = dgx
     domain = load_domain(unpinned_sample_on_node1())
-    addresses = [ref.address for _, ref in pci_hostdevs(domain)]
-    spec = spec_from_domain(domain, 43, addresses, _classes(inventory), Policies())
+    spec = _domain_spec(domain, 43, inventory)
     assert spec.oned_cells == () and set(spec.devices) == {DGX_GPU4, DGX_NIC4}
     result = plan(topology, HostUsage(), spec)
     assert isinstance(result, Placement) and result.local and result.memory_nodes == (1,)
