@@ -47,6 +47,7 @@ def schema(name: str) -> etree.XMLSchema:
 
 
 def namespaced(root: etree._Element) -> etree._Element:
+    """A copy of ``root`` with every element moved into OpenNebula's schema namespace."""
     result = copy.deepcopy(root)
     for element in result.iter():
         if isinstance(element.tag, str):

@@ -27,13 +27,13 @@ import pytest
 
 from aifactory_core.errors import DocumentError
 from aifactory_core.one import xmlsafe
+from tests.onetestserver import namespaced
 
 etree = pytest.importorskip("lxml.etree")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "opennebula"
 SAMPLES = FIXTURES / "samples" / "synthesized"
 XSD = FIXTURES / "xsd"
-NS = "http://opennebula.org/XMLSchema"
 TAGS = ("release-7.0.2", "release-6.10.5")
 
 GPU_MONITORING = (
@@ -120,15 +120,6 @@ def sample_root(name: str, sub: str | None = None) -> etree._Element:
         assert found is not None, f"{name} has no {sub}"
         return copy.deepcopy(found)
     return root
-
-
-def namespaced(root: etree._Element) -> etree._Element:
-    """A copy of ``root`` with every element moved into OpenNebula's schema namespace."""
-    result = copy.deepcopy(root)
-    for element in result.iter():
-        if isinstance(element.tag, str):
-            element.tag = f"{{{NS}}}{element.tag}"
-    return result
 
 
 _XMLLINT_ERROR = re.compile(r"element (\w+): Schemas validity error")
