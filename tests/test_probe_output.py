@@ -450,3 +450,7 @@ def test_link_names_as_the_kernel_resolves_them(tmp_path: Path) -> None:
     assert root.link_name(f"{base}/driver") == "nvidia" and root.link_name(f"{base}/slash") == "nvidia"
     assert root.link_name(f"{base}/dots") == "drivers"
     assert root.link_name(f"{base}/file") is None and root.link_name(f"{base}/absent") is None
+    from aifactory_core.host.sysfs import link_name  # the engine's reader follows the same rule
+
+    for name in ("driver", "slash", "dots", "file", "absent"):
+        assert link_name(device / name) == root.link_name(f"{base}/{name}"), name

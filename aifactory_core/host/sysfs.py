@@ -29,11 +29,17 @@ def read_hex(path: Path) -> int | None:
 
 
 def link_name(path: Path) -> str | None:
-    """The last component of a symlink's target (``driver`` -> ``nvidia``), or None."""
+    """The last component of a symlink's target (``driver`` -> ``nvidia``), or None; the same rule
+    as :meth:`aifactory_core.probes.sysfs.Root.link_name` (a target ending in ``/`` or ``..`` is
+    resolved as the kernel would, not reported as ``''`` or ``'..'``)."""
     try:
-        return os.path.basename(os.readlink(path))
-    except OSError:
+        target = os.readlink(path)
+    except OSError:  # absent or not a link
         return None
+    name = os.path.basename(target.rstrip("/"))
+    if name in ("", ".", ".."):
+        name = os.path.basename(os.path.realpath(path))
+    return name or None
 
 
 def list_dir(path: Path) -> list[str]:
