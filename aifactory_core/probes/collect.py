@@ -11,7 +11,7 @@ import os
 
 from aifactory_core.probes import gpu as gpu_health
 from aifactory_core.probes import host_side
-from aifactory_core.probes.sysfs import Root, one_address, pci_driver, pci_functions, pci_ids
+from aifactory_core.probes.sysfs import NVIDIA, Root, one_address, pci_driver, pci_functions, pci_ids
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 
     Snapshot = dict[str, Any]
 
-NVIDIA = 0x10DE
 SEVERITY = {"OK": 0, "DEGRADED": 1, "FAILED": 2}
 INVENTORY_CACHE = "gpu-inventory.tsv"
 LEGACY_INVENTORY_CACHE = "gpu-inventory.json"

@@ -7,9 +7,8 @@ state where NVSwitches exist. ``AIF_READY`` is ``YES`` only when no check fails,
 
 from __future__ import annotations
 
-from aifactory_core.probes.sysfs import Root, pci_functions, pci_ids
+from aifactory_core.probes.sysfs import NVIDIA, Root, pci_functions, pci_ids
 
-NVIDIA = 0x10DE
 BRIDGE_OTHER = 0x068000  # NVSwitch's class code
 
 

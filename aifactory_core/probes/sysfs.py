@@ -12,6 +12,7 @@ import os
 
 _HEX = frozenset("0123456789abcdef")
 DEFAULT_STATE_DIR = "/var/lib/one/aifactory"
+NVIDIA = 0x10DE  # PCI vendor id
 
 
 class Root:
