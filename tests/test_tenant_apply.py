@@ -131,3 +131,18 @@ def test_cli_check_exit_codes_and_apply_dry_run(one_server, policy_without_ids: 
     assert second.stdout.strip() == "OpenNebula already matches the policy: no change"
     show = run("show", str(EXAMPLE))
     assert "#9 VM/@100 USE+MANAGE #0" in show.stdout
+
+
+@pytest.mark.parametrize("endpoint", ["bogus", "localhost:2633", "ftp://one/RPC2"])
+def test_apply_to_a_malformed_endpoint_is_refused_in_one_line(tmp_path: Path, endpoint: str) -> None:
+    import os
+    import subprocess
+
+    cli = str(Path(__file__).parent.parent / ".venv" / "bin" / "aifactory")
+    env = {key: value for key, value in os.environ.items() if key != "AIFACTORY_CONFIG"}
+    result = subprocess.run([cli, "tenant", "apply", str(EXAMPLE), "--dry-run", "--endpoint", endpoint,
+                             "--session", "oneadmin:secret"], capture_output=True, text=True, env=env, timeout=60,
+                            check=False)  # fmt: skip
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (f"aifactory: unsupported XML-RPC endpoint {endpoint!r}: "
+                             "expected http(s)://host[:port]/path\n")  # fmt: skip

@@ -61,6 +61,10 @@ class Oned:
         if transport == "pyone":
             import pyone
 
+            from aifactory_core.one.xmlrpc import Endpoint
+
+            Endpoint(self.endpoint)  # the lean client's check: pyone would take anything else for gRPC
+
             self.server = pyone.OneServer(self.endpoint, session=self.session, timeout=timeout)
         elif transport != "lean":
             raise UsageError(f"unknown oned transport {transport!r}")
