@@ -11,7 +11,15 @@ import os
 
 from aifactory_core.probes import gpu as gpu_health
 from aifactory_core.probes import host_side
-from aifactory_core.probes.sysfs import NVIDIA, Root, one_address, pci_driver, pci_functions, pci_ids
+from aifactory_core.probes.sysfs import (
+    NVIDIA,
+    Root,
+    one_address,
+    pci_driver,
+    pci_functions,
+    pci_ids,
+    replace_quietly,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -123,17 +131,9 @@ def _cache_entry(entry: dict[str, object] | None) -> list[str] | None:
 
 
 def _write_cache(root: Root, cache: dict[str, dict[str, object]]) -> None:
-    path = _cache_path(root)
     lines = ["\t".join([address, *(_cache_text(entry.get(key, "")) for key in CACHED_KEYS)])
              for address, entry in sorted(cache.items())]
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
-            handle.write("".join(f"{line}\n" for line in lines))
-        os.replace(temporary, path)
-    except OSError:
-        pass
+    replace_quietly(_cache_path(root), "".join(f"{line}\n" for line in lines))
 
 
 def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: str | None,

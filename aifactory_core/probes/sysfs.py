@@ -86,6 +86,20 @@ class Root:
         return os.path.exists(self.path(absolute))
 
 
+def replace_quietly(path: str, text: str) -> None:
+    """Replace the probes' own state file ``path`` with ``text`` (temporary file, then rename; the
+    directory made if missing). An unwritable state directory is ignored: it costs the probe its
+    memory between runs, never its report."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = f"{path}.{os.getpid()}.tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except OSError:
+        pass
+
+
 def is_pci_address(name: str) -> bool:
     """``dddd:bb:ss.f`` in lower-case hex, function 0-7 (what the kernel names a PCI function)."""
     return (len(name) == 12 and name[4] == ":" and name[7] == ":" and name[10] == "."

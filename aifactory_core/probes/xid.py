@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from aifactory_core.probes.sysfs import Root
+from aifactory_core.probes.sysfs import Root, replace_quietly
 
 XID_MARK = "NVRM: Xid (PCI:"
 MAX_RECORDS = 100000
@@ -85,16 +85,5 @@ def read_new_xids(root: Root) -> tuple[dict[str, list[int]], str]:
     finally:
         os.close(fd)
     if newest != last:
-        _save(state, newest)
+        replace_quietly(state, f"{newest}\n")  # a read-only state dir costs de-duplication, not the report
     return found, "kmsg"
-
-
-def _save(path: str, sequence: int) -> None:
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="ascii") as handle:
-            handle.write(f"{sequence}\n")
-        os.replace(temporary, path)
-    except OSError:
-        pass  # a read-only state dir costs de-duplication, not the report
