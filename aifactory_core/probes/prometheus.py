@@ -7,12 +7,13 @@ labelled with ``bus_id``, ``uuid``, ``model`` and ``state``. The file is written
 
 from __future__ import annotations
 
+from aifactory_core.probes.collect import SEVERITY  # the verdicts' order is the gauge's value
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-HEALTH_VALUE = {"OK": 0, "DEGRADED": 1, "FAILED": 2}
 GAUGES = (
     ("GPU_UTILIZATION", "gpu_utilization_percent", "GPU utilisation (%)"),
     ("GPU_MEMORY_UTILIZATION", "gpu_memory_utilization_percent", "memory controller utilisation (%)"),
@@ -66,7 +67,7 @@ def exposition(snapshot: dict[str, Any]) -> str:
 
     gpus = snapshot["gpus"]
     family("gpu_health", "gauge", "GPU verdict: 0 OK, 1 DEGRADED, 2 FAILED",
-           [(_labels(row), HEALTH_VALUE.get(str(row["HEALTH"]), 1)) for row in gpus])
+           [(_labels(row), SEVERITY.get(str(row["HEALTH"]), 1)) for row in gpus])
     for key, name, help_text in GAUGES:
         family(name, "gauge", help_text,
                [(_labels(row), row["_metrics"][key]) for row in gpus if key in row["_metrics"]])
