@@ -16,6 +16,7 @@ from aifactory_core.model import PCI_CLASS_STORAGE, Action, Check, DeployRequest
 AIFACTORY_API_VERSION = 1
 NAME = "vfio"
 PASSTHROUGH_KINDS = ("gpu", "nic", "dpu", "accelerator")
+VFIO_DRIVER = "vfio-pci"
 _IOMMU_CMDLINE = re.compile(r"(?:^|\s)(intel_iommu=on|amd_iommu=on|iommu=pt|amd_iommu=force_isolation)")
 
 
@@ -83,6 +84,12 @@ def _host_setup_check(inventory: HostInventory) -> Check:
     return Check("host-setup", "WARN", "; ".join(problems), fix=HOST_SETUP_FIX)
 
 
+def _host_uses(device: PciDevice, host_devices: set[str]) -> bool:
+    """The host itself needs the device: listed in ``host.host_devices``, or storage on a host driver."""
+    return device.address in host_devices or (
+        device.base_class == PCI_CLASS_STORAGE and device.driver not in (None, VFIO_DRIVER))
+
+
 def _isolation_checks(inventory: HostInventory, devices: Sequence[DiscoveredDevice],
                       config: Config) -> list[Check]:
     checks = []
@@ -106,8 +113,7 @@ def _isolation_checks(inventory: HostInventory, devices: Sequence[DiscoveredDevi
                                 subject=device.address))
             continue
         names = ", ".join(f"{other.address} ({other.driver or 'no driver'})" for other in others)
-        host_used = [other for other in others if other.address in host_devices
-                     or other.base_class == PCI_CLASS_STORAGE and other.driver not in (None, "vfio-pci")]
+        host_used = [other for other in others if _host_uses(other, host_devices)]
         checks.append(Check(
             "iommu-group", "FAIL" if host_used else "WARN",
             f"group {pci.iommu_group} also holds {names}; all must go to vfio-pci together",
@@ -123,8 +129,6 @@ def aifactory_doctor_checks(
     return [*_iommu_checks(inventory), _module_check(inventory), _host_setup_check(inventory),
             *_isolation_checks(inventory, devices, config)]
 
-
-VFIO_DRIVER = "vfio-pci"
 
 
 def group_closure(inventory: HostInventory, address: str, config: Config) -> list[PciDevice]:
@@ -142,9 +146,7 @@ def group_closure(inventory: HostInventory, address: str, config: Config) -> lis
     endpoints = [member for member in members if not member.is_bridge]
     host_devices = set(config.host.host_devices)
     for member in endpoints:
-        in_use = member.address in host_devices or (
-            member.base_class == PCI_CLASS_STORAGE and member.driver not in (None, VFIO_DRIVER))
-        if member.address != address and in_use:
+        if member.address != address and _host_uses(member, host_devices):
             raise HostError(f"{address} shares IOMMU group {device.iommu_group} with {member.address} "
                             f"({member.driver or 'no driver'}), which the host uses; refusing")
     return endpoints
