@@ -253,6 +253,12 @@ def test_cli_probe_and_metrics(h100_root: Path, tmp_path: Path) -> None:
                       "--textfile", str(textfile), env=env)
     assert metrics.returncode == 0, metrics.stderr
     assert 'aifactory_gpu_power_milliwatts{bus_id="0000:00:06.0"' in textfile.read_text()
+    for budget in ("inf", "nan", "0", "-1"):
+        for command in (("probe", "host-system"), ("metrics",)):
+            bad = run_cli("--host-root", str(h100_root), *command, "--nvml-replay", str(H100_NVML),
+                          "--budget", budget, env=env)
+            assert (bad.returncode, bad.stdout) == (2, "") and bad.stderr.count("\n") == 1, bad.stderr
+            assert "--budget" in bad.stderr
     nowhere = tmp_path / "no-such-dir" / "aifactory.prom"
     stray = run_cli("--host-root", str(h100_root), "metrics", "--textfile", str(nowhere), env=env)
     assert (stray.returncode, stray.stdout) == (2, "") and stray.stderr.count("\n") == 1, stray.stderr

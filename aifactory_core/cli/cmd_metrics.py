@@ -19,12 +19,13 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, context: Any) -> int:
-    from aifactory_core.cli.cmd_probe import check_replay, probe_root
+    from aifactory_core.cli.cmd_probe import check_budget, check_replay, probe_root
     from aifactory_core.errors import UsageError
     from aifactory_core.probes.collect import collect
     from aifactory_core.probes.prometheus import exposition, write_textfile
 
     replay = check_replay(args.nvml_replay)
+    budget = check_budget(args.budget)
     if args.textfile:  # checked before the NVML reads, not after
         import os
 
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace, context: Any) -> int:
         directory = os.path.dirname(os.path.abspath(args.textfile))
         if not os.path.isdir(directory):  # a typo must not create a directory node_exporter never reads
             raise UsageError(f"textfile {args.textfile!r}: directory {directory!r} does not exist")
-    text = exposition(collect(probe_root(context), replay, args.budget, nvml_mode="metrics"))
+    text = exposition(collect(probe_root(context), replay, budget, nvml_mode="metrics"))
     if args.textfile:
         try:
             write_textfile(args.textfile, text)

@@ -54,11 +54,23 @@ def check_replay(path: str | None) -> str | None:
     return path
 
 
+def check_budget(seconds: float) -> float:
+    """``--budget``: the NVML deadline, within the bounds the installed probes clamp
+    ``AIFACTORY_PROBE_BUDGET_S`` to (``inf`` would overflow the thread join, ``nan`` or 0 time out
+    every GPU)."""
+    from aifactory_core.errors import UsageError
+
+    if not 0.1 <= seconds <= 60.0:  # also false for nan
+        raise UsageError(f"--budget {seconds:g}: give a number of seconds from 0.1 to 60")
+    return seconds
+
+
 def run(args: argparse.Namespace, context: Any) -> int:
     replay = check_replay(args.nvml_replay)
+    budget = check_budget(args.budget)
     if args.kind == "host-system":
         from aifactory_core.probes.host_system import probe
     else:
         from aifactory_core.probes.vm_monitor import probe
-    sys.stdout.write(probe(probe_root(context), replay, args.budget))
+    sys.stdout.write(probe(probe_root(context), replay, budget))
     return EXIT_OK
