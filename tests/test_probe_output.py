@@ -460,3 +460,11 @@ def test_link_names_as_the_kernel_resolves_them(tmp_path: Path) -> None:
 
     for name in ("driver", "slash", "dots", "file", "absent"):
         assert link_name(device / name) == root.link_name(f"{base}/{name}"), name
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("2.5", 2.5), ("nan", 5.0), ("inf", 60.0), ("-1", 0.1), ("x", 5.0)])
+def test_installed_probe_budget_is_clamped(monkeypatch: pytest.MonkeyPatch, value: str, seconds: float) -> None:
+    from aifactory_core.probes import entry
+
+    monkeypatch.setenv("AIFACTORY_PROBE_BUDGET_S", value)
+    assert entry._budget() == seconds

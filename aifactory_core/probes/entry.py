@@ -17,9 +17,10 @@ import sys
 
 def _budget() -> float:
     try:
-        return min(max(float(os.environ.get("AIFACTORY_PROBE_BUDGET_S", "5")), 0.1), 60.0)
+        seconds = float(os.environ.get("AIFACTORY_PROBE_BUDGET_S", "5"))
     except ValueError:
         return 5.0
+    return min(max(seconds, 0.1), 60.0) if seconds == seconds else 5.0  # nan passes min/max unchanged
 
 
 def run(kind: str) -> int:
