@@ -101,6 +101,19 @@ def _list(context: Any) -> int:
     return EXIT_OK
 
 
+def _clear(args: argparse.Namespace, context: Any) -> int:
+    from aifactory_core.host.fingerprint import forget
+    from aifactory_core.host.sanitize import clear_quarantine
+    from aifactory_core.validate import pci_address
+
+    address = pci_address(args.address)
+    lifted, forgotten = clear_quarantine(context.host, address), forget(context.host, address)
+    if not (lifted or forgotten):
+        raise UsageError(f"device {address} is neither quarantined nor fingerprinted")
+    sys.stdout.write(f"{address}: {'quarantine lifted; ' if lifted else ''}fingerprint will be taken anew\n")
+    return EXIT_OK
+
+
 def run(args: argparse.Namespace, context: Any) -> int:
     if args.device_command == "bind":
         return _bind(args, context)
@@ -109,14 +122,5 @@ def run(args: argparse.Namespace, context: Any) -> int:
     if args.device_command == "list":
         return _list(context)
     if args.device_command == "clear":
-        from aifactory_core.host.fingerprint import forget
-        from aifactory_core.host.sanitize import clear_quarantine
-        from aifactory_core.validate import pci_address
-
-        address = pci_address(args.address)
-        lifted, forgotten = clear_quarantine(context.host, address), forget(context.host, address)
-        if not (lifted or forgotten):
-            raise UsageError(f"device {address} is neither quarantined nor fingerprinted")
-        sys.stdout.write(f"{address}: {'quarantine lifted; ' if lifted else ''}fingerprint will be taken anew\n")
-        return EXIT_OK
-    raise UsageError("device needs an action: bind, release or list")
+        return _clear(args, context)
+    raise UsageError("device needs an action: bind, release, list or clear")
