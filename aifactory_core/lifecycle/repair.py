@@ -6,7 +6,7 @@ VM whose prepare had finished is gone too: its devices are given back like any o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle import ownership
@@ -23,8 +23,8 @@ class RepairReport:
     problems: list[str] = field(default_factory=list)
 
     def add(self, other: RepairReport) -> None:
-        for name in ("rolled_back", "released", "kept", "orphans_dropped", "problems"):
-            getattr(self, name).extend(getattr(other, name))
+        for each in fields(self):
+            getattr(self, each.name).extend(getattr(other, each.name))
 
 
 def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
