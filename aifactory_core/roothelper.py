@@ -51,7 +51,9 @@ def parse(argv: Sequence[str]) -> tuple[str, str, str]:
         from aifactory_core.validate import ifname, int_in_range
 
         pf = ifname(argv[1])
-        vf = int_in_range(argv[2] if argv[2].isdigit() else -1, 0, MAX_VF_INDEX, "VF index")
+        if not argv[2].isdigit():  # strictly digits: no sign, no blanks
+            raise UsageError(f"invalid VF index {argv[2][:20]!r}: not an integer")
+        vf = int_in_range(argv[2], 0, MAX_VF_INDEX, "VF index")
         if argv[0] == "vf-scrub" and (len(argv) != 4 or argv[3] not in ("eth", "ib")):
             raise UsageError(USAGE)
         if argv[0] == "vf-set":

@@ -398,6 +398,14 @@ def test_root_helper_vf_grammar_is_closed(argv: list[str]) -> None:
         parse(argv)
 
 
+def test_root_helper_names_a_non_numeric_vf_index() -> None:
+    from aifactory_core.errors import UsageError
+    from aifactory_core.roothelper import parse
+
+    with pytest.raises(UsageError, match="invalid VF index 'x': not an integer"):
+        parse(["vf-set", "ens1f0", "x", "vlan=5"])
+
+
 def test_root_helper_vf_arguments_round_trip() -> None:
     from aifactory_core.roothelper import vf_arguments, vf_settings_of
 
