@@ -270,6 +270,22 @@ def test_main_refuses_oversized_input_by_its_size(monkeypatch: pytest.MonkeyPatc
     assert "larger than" in err and len(err.strip().splitlines()) == 1
 
 
+def test_main_reports_a_defect_in_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("AIFACTORY_HOST_ROOT", str(tmp_path))
+    monkeypatch.setenv("AIFACTORY_CONFIG", str(tmp_path / "none.conf"))
+    monkeypatch.delenv("AIFACTORY_DEBUG", raising=False)
+
+    def broken(*_args: object) -> str:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(hook, "run", broken)
+    monkeypatch.setattr("aifactory_core.config.load_config", lambda *_args: None)
+    assert hook.main(["pre"], io.BytesIO(stdin())) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("aifactory: internal error: KeyError") and len(err.strip().splitlines()) == 1
+
+
 def test_domain_hostdev_interface_follows_the_journal(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
     host, config, _peer = world
     owner(host)
