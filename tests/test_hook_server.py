@@ -127,3 +127,13 @@ def test_a_defect_while_deciding_is_answered_in_one_line(monkeypatch) -> None:
     monkeypatch.setitem(hookmain.HANDLERS, "accounting", broken)
     assert hookmain.handle(["accounting"], b"x") == (1, "", "aifactory-accounting: internal error: KeyError: 'GID'")
     assert hookserver.answer(["accounting"], b"x") == b"1\n\naifactory-accounting: internal error: KeyError: 'GID'"
+
+
+def test_a_socket_path_that_cannot_be_bound_is_refused_in_one_line(tmp_path: Path) -> None:
+    directory = tmp_path / "run"
+    directory.mkdir(mode=0o700)
+    path = directory / ("a" * 120 + ".sock")  # longer than AF_UNIX allows
+    result = subprocess.run([str(PYTHON.parent / "aifactory"), "hook-server", "--socket", str(path)],
+                            capture_output=True, text=True, timeout=60, check=False, env=dict(os.environ))
+    assert result.returncode == 2
+    assert result.stderr == f"aifactory: hook server: cannot listen on {path}: AF_UNIX path too long\n"

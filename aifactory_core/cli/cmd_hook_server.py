@@ -30,9 +30,8 @@ def run(args: argparse.Namespace, context: Any) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     path = args.socket or os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET
-    sys.stderr.write(f"aifactory hook-server: listening on {path}\n")
     try:
-        serve(path)
+        serve(path, lambda: sys.stderr.write(f"aifactory hook-server: listening on {path}\n"))
     except KeyboardInterrupt:
         pass
     return EXIT_OK

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import socketserver
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from aifactory_core.errors import EXIT_USAGE, UsageError
@@ -118,17 +118,21 @@ def open_server(path: str = DEFAULT_SOCKET) -> HookServer:
     previous = os.umask(0o177)
     try:
         server = HookServer(path, _Handler)
+    except OSError as error:  # a path too long for AF_UNIX, a directory it may not write
+        raise UsageError(f"hook server: cannot listen on {path}: {error.strerror or error}") from None
     finally:
         os.umask(previous)
     return server
 
 
-def serve(path: str = DEFAULT_SOCKET, ready: threading.Event | None = None) -> None:
+def serve(path: str = DEFAULT_SOCKET, listening: Callable[[], object] | None = None) -> None:
+    """Serve until interrupted; ``listening`` is called once the socket is bound
+    (``threading.Event().set`` for a thread, a log line for the service)."""
     warm_up()
     server = open_server(path)
     try:
-        if ready is not None:
-            ready.set()
+        if listening is not None:
+            listening()
         server.serve_forever()
     finally:
         server.server_close()
