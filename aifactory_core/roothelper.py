@@ -93,6 +93,14 @@ def vf_settings_of(words: Sequence[str]) -> VfSettings:
     return settings(**values)
 
 
+def needed(host: HostRoot) -> bool:
+    """Whether a change to ``host`` must go through the helper: it is the live machine and this
+    process is not root (OpenNebula runs its drivers as oneadmin)."""
+    import os
+
+    return host.is_live and os.geteuid() != 0
+
+
 def run_privileged(*argv: str) -> str:
     """Run the helper through ``sudo -n`` (the unprivileged side); its stdout, or HostError."""
     import os

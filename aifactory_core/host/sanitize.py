@@ -178,7 +178,9 @@ def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str 
     Unprivileged on the live host, the reset runs through the root helper (``reset ADDR``), which
     answers the method it used on its first line and the problem, if any, on the second."""
     address = pci_address(address)
-    if host.is_live and os.geteuid() != 0 and not isinstance(writer, RecordingWriter):
+    from aifactory_core.roothelper import needed
+
+    if needed(host) and not isinstance(writer, RecordingWriter):
         from aifactory_core.roothelper import run_privileged
 
         method = _first_method(host, address) if (host.pci_devices / address / "reset").exists() else NO_RESET

@@ -9,7 +9,6 @@ interrupted by a crash is undone without knowing how far it got). Built in: ``pc
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -46,7 +45,9 @@ def register_executor(kind: str, do: ActionFunction, undo: ActionFunction, *, cl
 
 def _set_driver(host: HostRoot, address: str, driver: str, writer: Writer) -> None:
     """Move a function; unprivileged on the live host, through the root helper and sudo."""
-    if host.is_live and os.geteuid() != 0 and not isinstance(writer, RecordingWriter):
+    from aifactory_core.roothelper import needed
+
+    if needed(host) and not isinstance(writer, RecordingWriter):
         from aifactory_core.roothelper import run_privileged
 
         run_privileged("set-driver", pci_address(address), driver or "none")

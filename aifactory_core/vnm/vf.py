@@ -125,9 +125,10 @@ def vf_owners_indices(host: HostRoot, pf: str) -> set[int]:
 # ---- executor -----------------------------------------------------------------------------------
 
 def _unprivileged(host: HostRoot) -> bool:
-    """Setting a VF needs CAP_NET_ADMIN: OpenNebula's drivers run as oneadmin, so on the live host
-    the change goes through the root helper (reading it back needs no privilege)."""
-    return host.is_live and os.geteuid() != 0
+    """Setting a VF needs CAP_NET_ADMIN (reading it back does not)."""
+    from aifactory_core.roothelper import needed
+
+    return needed(host)
 
 
 def root_helper_arguments(wanted: netlink_vf.VfSettings) -> list[str]:
