@@ -12,7 +12,7 @@ from aifactory_plugins import bluefield, infiniband, sriov
 from fixtures.nics import cx7
 
 from aifactory_core.config import parse_config
-from aifactory_core.errors import ConfigError, PolicyRefused, UsageError
+from aifactory_core.errors import ConfigError, HostError, PolicyRefused, UsageError
 from aifactory_core.host.devlink import representor_of, representors
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.host.pcibind import RecordingWriter
@@ -39,6 +39,18 @@ def test_representors_by_switch_id_and_port_name(tmp_path: Path) -> None:
     found = representors(host, "ens1f0np0")
     assert {vf: rep.netdev for vf, rep in found.items()} == {0: "eth10", 1: "eth11", 2: "eth12", 3: "eth13"}
     assert representor_of(host, "ens1f0np0", 2).switch_id == cx7.SWITCH_ID  # not eth99 (another switch)
+
+
+def test_bluefield_refuses_a_vf_whose_only_pf0vf0_port_is_on_another_switch(tmp_path: Path) -> None:
+    """VF 0's own representor (eth10) gone: eth99, ``pf0vf0`` on another NIC's switch, is not taken."""
+    host = cx7.build(tmp_path)
+    (tmp_path / "sys/class/net/eth10/phys_port_name").unlink()
+    inventory = HostInventory(host)
+    config = parse_config({})
+    with pytest.raises(HostError, match="no representor for VF 0 of ens1f0np0"):
+        bluefield.aifactory_network_setup(inventory, Request(), nic("0000:18:00.2"), config, GRANT)
+    actions = list(bluefield.aifactory_network_setup(inventory, Request(), nic("0000:18:00.3"), config, GRANT) or [])
+    assert actions[1].target == "eth11"
 
 
 def test_bluefield_plans_vf_mac_and_an_ovs_access_port(tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ def representors(host: HostRoot, pf_netdev: str) -> dict[int, Representor]:
 
 
 def representor_of(host: HostRoot, pf_netdev: str, vf: int) -> Representor:
+    """The representor of local VF ``vf`` of ``pf_netdev``, or :class:`HostError` when none exists."""
     found = representors(host, pf_netdev).get(vf)
     if found is None:
         raise HostError(f"no representor for VF {vf} of {pf_netdev}")

@@ -100,7 +100,7 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
                             grant: Any) -> Iterable[Action] | None:
     from dataclasses import replace
 
-    from aifactory_core.host.devlink import representors
+    from aifactory_core.host.devlink import representor_of
     from aifactory_core.vnm import vf
     from aifactory_core.vnm.plan import nic_vf_in_mode, vf_settings
 
@@ -122,9 +122,7 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
         if low <= wanted.vlan <= high:
             raise UsageError(f"PCI NIC {nic.nic_id}: VLAN {wanted.vlan} is reserved for VXLAN segments "
                              f"([plugin.bluefield] vxlan_local_tags {low}-{high})")
-    representor = representors(inventory.host, where.pf_netdev).get(where.vf)
-    if representor is None:
-        raise HostError(f"no representor for VF {where.vf} of {where.pf_netdev}")
+    representor = representor_of(inventory.host, where.pf_netdev, where.vf)
     vf_action = vf.action(where.pf_netdev, where.vf, request.vm_id, replace(wanted, vlan=0, qos=0))
     if is_vxlan(nic):
         return [vf_action, vxlan_action(representor.netdev, bridge, segment, request.vm_id, vsctl)]
