@@ -468,3 +468,28 @@ def test_installed_probe_budget_is_clamped(monkeypatch: pytest.MonkeyPatch, valu
 
     monkeypatch.setenv("AIFACTORY_PROBE_BUDGET_S", value)
     assert entry._budget() == seconds
+
+
+@pytest.mark.parametrize(("tree_mode", "compat", "expected"), [
+    ("switchdev", None, "switchdev"), ("legacy", None, "legacy"),
+    ("switchdev", "legacy", "legacy"), ("legacy", "switchdev\n", "switchdev"),
+    ("switchdev", "Unknown", "switchdev"), ("legacy", "", "legacy"),
+])
+def test_probe_reports_the_eswitch_mode_the_vfs_are_routed_by(tmp_path: Path, tree_mode: str, compat: str | None,
+                                                              expected: str) -> None:
+    """One rule for both readers of a PF's eswitch mode: the probe's ``AIF_SRIOV/ESWITCH_MODE`` and
+    the mode :func:`vnm.plan.vf_mode` hands a VF to a network plugin by. MLNX_OFED's
+    ``compat/devlink/mode`` (the driver's own answer) wins over the ``phys_switch_id`` inference when
+    it holds one of the two mode words; the ConnectX-7 tree is the recorded-shape fixture."""
+    from fixtures.nics import cx7
+
+    from aifactory_core.vnm.plan import locate_vf, vf_mode
+
+    host = cx7.build(tmp_path / "root", mode=tree_mode)
+    if compat is not None:
+        mode_file = host.path("/sys/class/net/ens1f0np0/compat/devlink/mode")
+        mode_file.parent.mkdir(parents=True)
+        mode_file.write_text(compat)
+    [row] = collect(Root(str(host.root), str(tmp_path / "state")))["sriov"]
+    assert row["ESWITCH_MODE"] == expected.upper()
+    assert vf_mode(host, locate_vf(host, "0000:18:00.2")) == expected

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from aifactory_core.host.eswitch import uplink_mode
 from aifactory_core.probes import gpu as gpu_health
 from aifactory_core.probes import host_side
 from aifactory_core.probes.sysfs import (
@@ -236,16 +237,6 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
     snapshot["gpus"] = rows
 
 
-def eswitch_mode(root: Root, interface: str) -> str:
-    """``switchdev`` or ``legacy``: MLNX_OFED's ``compat/devlink/mode`` where it exists, else the
-    rule the network plugins route VFs by (an uplink with a ``phys_switch_id`` is in switchdev
-    mode; upstream kernels expose the mode only over devlink netlink, too slow to load here)."""
-    mode = root.text(f"/sys/class/net/{interface}/compat/devlink/mode")
-    if mode:
-        return mode.strip().lower()
-    return "switchdev" if root.text(f"/sys/class/net/{interface}/phys_switch_id") else "legacy"
-
-
 def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None:
     rows = []
     held = snapshot["held"]
@@ -262,7 +253,7 @@ def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None
                     vfs.append(target)
         used = [vf for vf in vfs if vf in held or pci_driver(root, vf) == "vfio-pci"]
         interfaces = root.listdir(base + "net")
-        modes = [eswitch_mode(root, interface) for interface in interfaces]
+        modes = [uplink_mode(root.text, interface) for interface in interfaces]
         mode = "switchdev" if "switchdev" in modes else (modes[0] if modes else "")
         vendor, device, _klass = pci_ids(root, address)
         rows.append({

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Literal
 
 from aifactory_core.errors import HostError, PolicyRefused, UsageError
 from aifactory_core.host import netlink_vf
+from aifactory_core.host.eswitch import uplink_mode
 from aifactory_core.host.sysfs import link_name, list_dir, read_int
 from aifactory_core.hostroot import HostRoot
-from aifactory_core.validate import pci_address
+from aifactory_core.validate import ifname, pci_address
 from aifactory_core.vnm.grant import TenantNetworkGrant
 
 if TYPE_CHECKING:
@@ -49,12 +50,11 @@ def locate_nic_vf(host: HostRoot, nic: object) -> VfLocation | None:
 
 def vf_mode(host: HostRoot, where: VfLocation) -> VfMode:
     """How a VF's PF runs, which decides the one network plugin that configures the VF:
-    ``infiniband`` (an IPoIB PF), ``switchdev`` (its netdev has a ``phys_switch_id``) or ``legacy``."""
-    from aifactory_core.host.devlink import switch_id
-
+    ``infiniband`` (an IPoIB PF), else its uplink's eswitch mode by the rule the probes report
+    (:func:`aifactory_core.host.eswitch.uplink_mode`): ``switchdev`` or ``legacy``."""
     if where.infiniband:
         return "infiniband"
-    return "legacy" if switch_id(host, where.pf_netdev) is None else "switchdev"
+    return uplink_mode(host.read_text, ifname(where.pf_netdev))
 
 
 def nic_vf_in_mode(host: HostRoot, nic: object, mode: VfMode) -> VfLocation | None:
