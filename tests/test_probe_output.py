@@ -493,3 +493,25 @@ def test_probe_reports_the_eswitch_mode_the_vfs_are_routed_by(tmp_path: Path, tr
     [row] = collect(Root(str(host.root), str(tmp_path / "state")))["sriov"]
     assert row["ESWITCH_MODE"] == expected.upper()
     assert vf_mode(host, locate_vf(host, "0000:18:00.2")) == expected
+
+
+def test_error_text_is_one_bounded_line() -> None:
+    """An exception becomes a problem attribute's text on one line, at most ``limit`` characters,
+    which the template syntax carries as one attribute."""
+    text = render.error_text(OSError("first line\n\tsecond   line " + "x" * 500), prefix="gpu: ")
+    assert text.startswith("gpu: OSError: first line second line xxx") and len(text) == 300
+    assert render.error_text(ValueError("bad"), prefix="error: ", limit=200) == "error: ValueError: bad"
+    assert len(parse_template(render.attribute("AIF_PROBE", {"PROBLEMS": text}) + "\n", "probe line")) == 1
+
+
+def test_a_failing_section_is_one_problem_line(monkeypatch: pytest.MonkeyPatch, dgx_root: Path,
+                                               tmp_path: Path) -> None:
+    from aifactory_core.probes import readiness
+
+    def broken(*_args: object) -> list[dict[str, object]]:
+        raise RuntimeError("iommu\ngroups unreadable")
+
+    monkeypatch.setattr(readiness, "checks", broken)
+    snapshot = collect(Root(str(dgx_root), str(_dgx_state(tmp_path))))
+    assert snapshot["problems"] == ["readiness: RuntimeError: iommu groups unreadable"]
+    assert snapshot["gpus"] and not snapshot["checks"]  # the other sections are still reported

@@ -12,6 +12,7 @@ import os
 from aifactory_core.host.eswitch import uplink_mode
 from aifactory_core.probes import gpu as gpu_health
 from aifactory_core.probes import host_side
+from aifactory_core.probes.render import error_text
 from aifactory_core.probes.sysfs import (
     NVIDIA,
     Root,
@@ -49,7 +50,7 @@ GPU_KEYS = (
 
 
 def _problem(snapshot: Snapshot, section: str, error: BaseException) -> None:
-    snapshot["problems"].append(f"{section}: {type(error).__name__}: {' '.join(str(error).split())}"[:300])
+    snapshot["problems"].append(error_text(error, prefix=f"{section}: "))
 
 
 def gpu_functions(root: Root, functions: list[str]) -> list[str]:
@@ -147,7 +148,7 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
         try:
             source, status = _nvml_source(root, gpus, drivers, replay, budget_s, mode)
         except Exception as error:  # an unreadable recording
-            source, status = None, f"error: {type(error).__name__}: {error}"[:200]
+            source, status = None, error_text(error, prefix="error: ", limit=200)
         snapshot["nvml"]["STATUS"] = status
         if source is not None:
             try:
@@ -161,7 +162,7 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
                             f"nvml: GPU index {reading.get('label')}: {reading.get('problem') or 'no PCI address'}")
                 snapshot["nvml"]["STATUS"] = "ok" if status == "live" else status
             except Exception as error:  # NVML init failure, unreadable recording
-                snapshot["nvml"]["STATUS"] = f"error: {type(error).__name__}: {error}"[:200]
+                snapshot["nvml"]["STATUS"] = error_text(error, prefix="error: ", limit=200)
             finally:
                 close = getattr(source, "close", None)
                 if close is not None:

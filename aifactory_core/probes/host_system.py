@@ -62,6 +62,6 @@ def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
     try:
         return render.template(attributes(collect(root, replay, budget_s)))
     except Exception as error:
-        message = f"{type(error).__name__}: {' '.join(str(error).split())}"[:300]
-        return render.template([("AIF_PROBE", {"VERSION": __version__, "STATUS": "FAILED", "PROBLEMS": message}),
+        return render.template([("AIF_PROBE", {"VERSION": __version__, "STATUS": "FAILED",
+                                               "PROBLEMS": render.error_text(error)}),
                                 ("AIF_READY", "NO")])

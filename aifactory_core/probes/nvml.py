@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 import time
 
+from aifactory_core.probes.render import error_text
+
 TYPE_CHECKING = False  # typing is not loaded at interpreter start-up; mypy reads the name
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -39,6 +41,7 @@ LIBRARY_DIRS = (
 )
 LIBRARY = "libnvidia-ml.so.1"
 DEFAULT_BUDGET_S = 5.0
+ERROR_TEXT_LIMIT = 200  # per GPU and per field: a reading holds many
 
 # Recorded field name -> (pynvml function, extra arguments after the handle). The live backend
 # reads exactly these; values are normalised to what the recording holds (lists of strings for
@@ -151,10 +154,6 @@ def _normalise(value: object) -> object:
     return str(value)
 
 
-def _error_text(error: BaseException) -> str:
-    return f"{type(error).__name__}: {' '.join(str(error).split())}"[:200]
-
-
 class _Collector:
     """Runs one reader function per GPU in daemon threads under one shared deadline."""
 
@@ -176,7 +175,7 @@ class _Collector:
                     job(reading)
                 except Exception as error:  # one GPU's failure stays that GPU's
                     reading["status"] = "error"
-                    reading["problem"] = _error_text(error)
+                    reading["problem"] = error_text(error, limit=ERROR_TEXT_LIMIT)
                 reading["done"] = True
 
             thread = threading.Thread(target=run, name=f"nvml-{label}", daemon=True)
@@ -266,7 +265,7 @@ class LiveNvml:
         try:
             return str(_normalise(self._init().nvmlSystemGetDriverVersion())), None
         except Exception as error:
-            return None, _error_text(error)
+            return None, error_text(error, limit=ERROR_TEXT_LIMIT)
 
     def _reader(self, index: int) -> Callable[[Reading], None]:
         def read(reading: Reading) -> None:
@@ -277,14 +276,14 @@ class LiveNvml:
                     arguments = [getattr(nvml, constant) for constant in constants]
                     reading["fields"][name] = _normalise(getattr(nvml, function)(handle, *arguments))
                 except Exception as error:
-                    reading["errors"][name] = _error_text(error)
+                    reading["errors"][name] = error_text(error, limit=ERROR_TEXT_LIMIT)
                     if "GpuIsLost" in type(error).__name__:
                         break  # fallen off the bus: every further call fails the same way
             else:
                 try:  # after the others, so its failure (kept in ``errors``) spoils none of them
                     reading["fields"]["GpuFabricInfo"] = read_gpu_fabric_info(nvml, handle)
                 except Exception as error:
-                    reading["errors"]["GpuFabricInfo"] = _error_text(error)
+                    reading["errors"]["GpuFabricInfo"] = error_text(error, limit=ERROR_TEXT_LIMIT)
             pci = reading["fields"].get("PciInfo")
             if isinstance(pci, dict):
                 reading["address"] = bus_id(pci.get("busId") or pci.get("busIdLegacy"))

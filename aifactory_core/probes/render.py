@@ -65,6 +65,12 @@ def attribute(key: str, value: object) -> str:
     return f"{key}={quote(value)}"
 
 
+def error_text(error: BaseException, *, prefix: str = "", limit: int = 300) -> str:
+    """A problem attribute's text for an exception: ``<prefix><Type>: <message>`` on one line
+    (whitespace runs, newlines included, become one space), at most ``limit`` characters."""
+    return f"{prefix}{type(error).__name__}: {' '.join(str(error).split())}"[:limit]
+
+
 def template(attributes: Attributes) -> str:
     return "".join(attribute(key, value) + "\n" for key, value in attributes)
 
