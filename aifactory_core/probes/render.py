@@ -11,8 +11,6 @@ hold are dropped, ``]]>`` is broken up and a trailing backslash is removed.
 
 from __future__ import annotations
 
-import binascii
-
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 # C0 controls other than TAB/LF/CR: XML 1.0 cannot carry them (oned keeps templates as XML).
 _C0 = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20)])
@@ -77,5 +75,7 @@ def template(attributes: Attributes) -> str:
 
 def vm_line(vm_id: int, deploy_id: str, attributes: Attributes) -> str:
     """``VM = [ ID="42", DEPLOY_ID="one-42", MONITOR="<base64>" ]`` as ``domain.rb`` writes it."""
+    import binascii  # an extension module the host/system probe, which writes no VM line, never loads
+
     encoded = binascii.b2a_base64(template(attributes).encode("utf-8"), newline=False).decode("ascii")
     return f'VM = [ ID="{int(vm_id)}", DEPLOY_ID={quote(deploy_id)}, MONITOR="{encoded}" ]'
