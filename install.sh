@@ -2,7 +2,8 @@
 # Install the aifactory suite on an OpenNebula frontend (docs/install.md).
 #
 #   ./install.sh [--prefix DIR] [--destdir DIR] [--dry-run] [--upgrade | --uninstall]
-#                [--no-hooks] [--endpoint URL] [--no-venv] [--sync] [--with-example-plugin]
+#                [--no-hooks] [--endpoint URL] [--no-venv] [--sync] [--enable-hook-server]
+#                [--with-example-plugin]
 #
 # 1. Python environments (skipped when up to date, or with --no-venv):
 #      PREFIX/venv                               the frontend's: CLI, hooks (default /opt/aifactory)
@@ -10,6 +11,9 @@
 #                                                /var/tmp/one/aifactory/venv on every host
 # 2. Files, state directory, sudoers snippet, config, and the hooks registered with oned: done by
 #    `python -m aifactory_core.install.main` as one transaction, rolled back if any step fails.
+# 3. With --sync, once everything is in place: `onehost sync --force` as oneadmin, which copies
+#    /var/lib/one/remotes to /var/tmp/one on every host (not with DESTDIR: a staged tree is not
+#    this frontend's remotes). If it fails the installation stays; run it again later.
 # DESTDIR (or --destdir) stages everything under another root, for packaging and tests.
 set -eu
 
@@ -21,11 +25,13 @@ dry_run=0
 with_venv=1
 example=0
 sync=0
+enable_hook_server=0
+endpoint=""
 passthrough=""
 
 usage() {
     echo "usage: $0 [--prefix DIR] [--destdir DIR] [--dry-run] [--upgrade | --uninstall] [--no-hooks]" >&2
-    echo "          [--endpoint URL] [--no-venv] [--sync] [--with-example-plugin]" >&2
+    echo "          [--endpoint URL] [--no-venv] [--sync] [--enable-hook-server] [--with-example-plugin]" >&2
     exit 2
 }
 die() { echo "install.sh: $*" >&2; exit 1; }
@@ -36,14 +42,15 @@ while [ $# -gt 0 ]; do
         --prefix=*) prefix=${1#--prefix=}; shift ;;
         --destdir) [ $# -ge 2 ] || usage; destdir=$2; shift 2 ;;
         --destdir=*) destdir=${1#--destdir=}; shift ;;
-        --endpoint) [ $# -ge 2 ] || usage; passthrough="$passthrough --endpoint=$2"; shift 2 ;;
-        --endpoint=*) passthrough="$passthrough $1"; shift ;;
+        --endpoint) [ $# -ge 2 ] || usage; endpoint=$2; shift 2 ;;
+        --endpoint=*) endpoint=${1#--endpoint=}; shift ;;
         --dry-run) dry_run=1; passthrough="$passthrough --dry-run"; shift ;;
         --upgrade) mode=upgrade; shift ;;
         --uninstall) mode=uninstall; shift ;;
         --no-hooks) passthrough="$passthrough --no-hooks"; shift ;;
         --no-venv) with_venv=0; shift ;;
         --sync) sync=1; shift ;;
+        --enable-hook-server) enable_hook_server=1; passthrough="$passthrough --enable-hook-server"; shift ;;
         --with-example-plugin) example=1; shift ;;
         -h|--help) usage ;;
         *) echo "install.sh: unknown option $1" >&2; usage ;;
@@ -59,6 +66,42 @@ case "$destdir" in
     *) echo "install.sh: DESTDIR must be an absolute path" >&2; exit 2 ;;
 esac
 destdir=${destdir%/}
+if [ -n "$endpoint" ]; then
+    case "$endpoint" in
+        *[!][A-Za-z0-9:/.@_%+-]*) echo "install.sh: --endpoint: unexpected characters in $endpoint" >&2; exit 2 ;;
+    esac
+    passthrough="$passthrough --endpoint=$endpoint"
+fi
+if [ "$enable_hook_server" = 1 ] && [ "$mode" = uninstall ]; then
+    echo "install.sh: --enable-hook-server cannot be combined with --uninstall (which stops and disables it)" >&2
+    exit 2
+fi
+
+# --sync: checked before anything changes. OpenNebula's `onehost sync` refuses to run as root, so
+# root runs it as oneadmin (runuser sets HOME, where the CLI finds ~/.one/one_auth); --force
+# syncs every host that is not OFFLINE, whatever the VERSION recorded for it.
+if [ "$sync" = 1 ]; then
+    if [ -n "$destdir" ]; then
+        echo "install.sh: --sync cannot be used with DESTDIR: a staged tree is not this frontend's remotes" >&2
+        exit 2
+    fi
+    onehost=$(command -v onehost) || onehost=""
+    case "$onehost" in
+        /*) ;;
+        *) echo "install.sh: --sync: onehost not found on PATH (OpenNebula's CLI, on the frontend)" >&2; exit 2 ;;
+    esac
+    set -- "$onehost" sync --force
+    if [ -n "$endpoint" ]; then set -- env "ONE_XMLRPC=$endpoint" "$@"; fi
+    if [ "$(id -u)" = 0 ]; then
+        if ! id -u oneadmin >/dev/null 2>&1; then
+            echo "install.sh: --sync: user oneadmin does not exist (is OpenNebula installed?)" >&2; exit 2
+        fi
+        runuser=$(command -v runuser) || die "--sync: runuser (util-linux) not found"
+        set -- "$runuser" -u oneadmin -- "$@"
+    elif [ "$(id -un)" != oneadmin ]; then
+        echo "install.sh: --sync: run as root or as oneadmin" >&2; exit 2
+    fi
+fi
 
 python=${PYTHON:-python3}
 if ! "$python" -c 'import sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -143,6 +186,7 @@ if [ "$mode" != uninstall ] && [ "$with_venv" = 1 ]; then
     build_env "$host_env" "$host_python"
     if [ -x "$destdir$frontend_env/bin/python3" ]; then installer=$destdir$frontend_env/bin/python3; fi
     passthrough="$passthrough --environment=$frontend_env --environment=$host_env"
+    if [ -n "$built_envs" ]; then passthrough="$passthrough --rebuilt-environment"; fi
 elif [ "$mode" = uninstall ] && [ -x "$destdir$frontend_env/bin/python3" ] && [ "$with_venv" = 1 ]; then
     installer=$destdir$frontend_env/bin/python3
 fi
@@ -161,13 +205,22 @@ for env in $built_envs; do
     if [ -d "$env.old" ]; then rm -rf "$env.old"; fi
 done
 
-if [ "$mode" = uninstall ]; then
+if [ "$mode" = uninstall ]; then done=uninstalled; else done=installed; fi
+if [ "$sync" = 1 ]; then
+    # The command is in "$@" (built above, before anything changed).
+    if (cd / && run "$@"); then
+        :
+    else
+        status=$?
+        echo "install.sh: $done, but 'onehost sync --force' failed (exit $status): the hosts keep their" \
+            "previous remotes until it succeeds; see onehost's output above, then run it again as oneadmin" >&2
+        exit 1
+    fi
+elif [ "$mode" = uninstall ]; then
     echo "uninstalled; run 'onehost sync --force' as oneadmin to remove the suite from the hosts"
-    exit 0
-fi
-if [ "$sync" = 1 ] && [ -z "$destdir" ]; then
-    run su oneadmin -s /bin/sh -c 'onehost sync --force'
 else
     echo "next: as oneadmin, run 'onehost sync --force' so every host gets the remotes and $host_python;"
-    echo "      install $destdir/etc/sudoers.d/aifactory on every host (docs/install.md)"
+fi
+if [ "$mode" != uninstall ]; then
+    echo "then, as root on every host: ${host_python%/python3}/aifactory host-setup (docs/host-setup.md)"
 fi

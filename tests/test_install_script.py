@@ -3,6 +3,7 @@ staged install (both Python environments built with pip) whose host environment 
 being copied the way ``onehost sync`` copies the remotes (``rsync -L``: symlinks dereferenced) to
 ``/var/tmp/one`` — here a directory standing for it."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -90,3 +91,185 @@ def test_complete_staged_install_gives_working_environments(tmp_path: Path, h100
     removed = _run("--destdir", str(root), "--no-hooks", "--uninstall")
     assert removed.returncode == 0, removed.stderr
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == []
+
+
+# --- live installs (no DESTDIR) in an isolated mount namespace -------------------------------------
+
+ONEADMIN_UID = 9869  # the uid/gid OpenNebula's packages give oneadmin
+STANDIN_DIR = "/opt/aifactory-test-standins"
+ONEHOST_STANDIN = f"""#!/bin/sh
+# Stand-in for OpenNebula's onehost: records the call only (oned cannot run here). Its exit status is
+# chosen by the test; a failure prints what OpenNebula's CLI prints and exits 255 like its exit(-1).
+calls={STANDIN_DIR}/onehost.calls
+{{
+    printf 'call'; printf ' %s' "$@"; printf '\\n'
+    printf 'uid=%s gid=%s home=%s cwd=%s xmlrpc=%s\\n' "$(id -u)" "$(id -g)" "$HOME" "$(pwd)" "${{ONE_XMLRPC:-}}"
+    if [ -f /var/lib/one/aifactory/install-manifest.json ]; then echo manifest=present; else echo manifest=absent; fi
+}} >> "$calls"
+status=$(cat {STANDIN_DIR}/onehost.status 2>/dev/null || echo 0)
+if [ "$status" != 0 ]; then
+    echo "Failed to update the following hosts:" >&2
+    echo "* gpu-node-01" >&2
+fi
+exit "$status"
+"""
+SYSTEMCTL_STANDIN = f"""#!/bin/sh
+# Stand-in for systemctl: records the call only (systemd does not manage this machine). is-enabled
+# and is-active answer like systemctl (0: yes, 1: no) from what enable/disable --now recorded; a
+# command named in systemctl.fail exits 1.
+dir={STANDIN_DIR}
+unit=/etc/systemd/system/aifactory-hook-server.service
+if [ -f "$unit" ]; then state=unit-present; else state=unit-absent; fi
+echo "$* ($state)" >> "$dir/systemctl.calls"
+case "$1" in
+    is-enabled|is-active) [ -f "$dir/enabled" ]; exit $? ;;
+esac
+if grep -qx "$1" "$dir/systemctl.fail" 2>/dev/null; then echo "Failed to $1 unit: stand-in told to fail" >&2; exit 1; fi
+case "$1" in
+    enable) touch "$dir/enabled" ;;
+    disable) rm -f "$dir/enabled" ;;
+esac
+"""
+OVERLAID = ("etc", "var", "opt", "run")
+
+
+class LiveFrontend:
+    """A throw-away frontend: ``/etc /var /opt /run`` overlaid (in a private mount namespace) on
+    directories under ``top``, so install.sh can run without DESTDIR and change nothing real.
+
+    The overlays start with a ``oneadmin`` user (uid 9869), OpenNebula's KVM VMM actions that the
+    suite wraps, and the recording stand-ins for ``onehost`` and ``systemctl`` on ``PATH``; with
+    ``systemd=True`` also ``/run/systemd/system``, which says systemd manages the machine.
+    """
+
+    def __init__(self, top: Path, systemd: bool = False) -> None:
+        from test_install_staged import OPENNEBULA_DIRS, ORIGINAL, wrapped_actions
+
+        self.top = top
+        for name in OVERLAID:
+            (top / name / "upper").mkdir(parents=True)
+            (top / name / "work").mkdir()
+        etc = self.upper("/etc")
+        etc.mkdir(parents=True, exist_ok=True)
+        passwd = Path("/etc/passwd").read_text()
+        group = Path("/etc/group").read_text()
+        (etc / "passwd").write_text(passwd + f"oneadmin:x:{ONEADMIN_UID}:{ONEADMIN_UID}::/var/lib/one:/bin/sh\n")
+        (etc / "group").write_text(group + f"oneadmin:x:{ONEADMIN_UID}:\n")
+        for directory in OPENNEBULA_DIRS:
+            self.upper("/" + directory).mkdir(parents=True, exist_ok=True)
+        for action in wrapped_actions():
+            original = self.upper(f"/var/lib/one/remotes/vmm/kvm/{action}")
+            original.write_text(ORIGINAL.format(action=action))
+            original.chmod(0o755)
+        standins = self.upper(STANDIN_DIR)
+        (standins / "bin").mkdir(parents=True)
+        standins.chmod(0o777)  # onehost runs as oneadmin and writes its record here
+        for name, text in (("onehost", ONEHOST_STANDIN), ("systemctl", SYSTEMCTL_STANDIN)):
+            (standins / "bin" / name).write_text(text)
+            (standins / "bin" / name).chmod(0o755)
+        if systemd:
+            self.upper("/run/systemd/system").mkdir(parents=True)
+
+    def upper(self, path: str) -> Path:
+        """Where ``path`` (under one of the overlaid trees) is written."""
+        top, _, rest = path.lstrip("/").partition("/")
+        return self.top / top / "upper" / rest
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        mounts = " && ".join(f"mount -t overlay overlay -o lowerdir=/{name},upperdir={self.top}/{name}/upper,"
+                             f"workdir={self.top}/{name}/work /{name}" for name in OVERLAID)
+        env = {key: value for key, value in os.environ.items() if key not in ("DESTDIR", "PYTHONPATH", "ONE_XMLRPC")}
+        env["PATH"] = f"{STANDIN_DIR}/bin:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
+        return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                               f"{mounts} || exit 97; exec sh \"$0\" \"$@\"", str(SCRIPT), *args],
+                              capture_output=True, text=True, env=env, timeout=300, check=False)
+
+    def calls(self, name: str) -> list[str]:
+        record = self.upper(f"{STANDIN_DIR}/{name}.calls")
+        return record.read_text().splitlines() if record.exists() else []
+
+    def standin_file(self, name: str) -> Path:
+        return self.upper(f"{STANDIN_DIR}/{name}")
+
+
+def _live_frontend(tmp_path: Path, systemd: bool = False) -> LiveFrontend:
+    needs.root("mounts overlays in a private mount namespace")
+    needs.tool("unshare", hint="util-linux")
+    needs.tool("runuser", hint="util-linux")
+    probe = tmp_path / "overlay-probe"
+    for part in ("lower", "upper", "work", "mnt"):
+        (probe / part).mkdir(parents=True)
+    result = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "overlay", "overlay",
+                             "-o", f"lowerdir={probe}/lower,upperdir={probe}/upper,workdir={probe}/work",
+                             str(probe / "mnt")], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        needs.unavailable(f"no private mount namespace with overlayfs here: {result.stderr.strip()}")
+    return LiveFrontend(tmp_path / "frontend", systemd=systemd)
+
+
+def test_sync_runs_onehost_once_as_oneadmin_after_everything_is_installed(tmp_path: Path) -> None:
+    """``--sync`` runs OpenNebula's ``onehost sync --force`` as oneadmin once the installation is in
+    place (and again after ``--uninstall --sync``, so the hosts lose the suite). The ``onehost`` on
+    PATH is a stand-in that records the call only (argv, uid, gid, HOME, cwd, ONE_XMLRPC, and whether
+    the install manifest existed at that moment): oned cannot run here."""
+    frontend = _live_frontend(tmp_path)
+    endpoint = "http://127.0.0.1:2633/RPC2"
+    result = frontend.run("--no-venv", "--no-hooks", "--sync", "--endpoint", endpoint)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert frontend.calls("onehost") == [
+        "call sync --force",
+        f"uid={ONEADMIN_UID} gid={ONEADMIN_UID} home=/var/lib/one cwd=/ xmlrpc={endpoint}",
+        "manifest=present",
+    ]
+    assert frontend.upper("/var/lib/one/remotes/vmm/kvm/deploy.one").exists()
+    assert "run 'onehost sync --force'" not in result.stdout  # done, not advised
+
+    removed = frontend.run("--no-venv", "--no-hooks", "--uninstall", "--sync")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert frontend.calls("onehost")[3:] == [
+        "call sync --force",
+        f"uid={ONEADMIN_UID} gid={ONEADMIN_UID} home=/var/lib/one cwd=/ xmlrpc=",
+        "manifest=absent",
+    ]
+
+
+def test_failed_sync_is_one_line_and_keeps_the_installation(tmp_path: Path) -> None:
+    """A failing ``onehost sync`` (stand-in recording the call only, exiting 255 as OpenNebula's CLI
+    does when a host fails) leaves the installation in place and says so in one line, exit 1."""
+    frontend = _live_frontend(tmp_path)
+    frontend.standin_file("onehost.status").write_text("255\n")
+    result = frontend.run("--no-venv", "--no-hooks", "--sync")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert frontend.calls("onehost")[0] == "call sync --force"
+    ours = [line for line in result.stderr.splitlines() if line.startswith("install.sh:")]
+    assert ours == [result.stderr.splitlines()[-1]]
+    assert ours[0].startswith("install.sh: installed, but 'onehost sync --force' failed (exit 255)")
+    assert "* gpu-node-01" in result.stderr  # onehost's own words, naming the host, are kept
+    manifest_path = frontend.upper("/var/lib/one/aifactory/install-manifest.json")
+    installed = json.loads(manifest_path.read_text())
+    deploy = frontend.upper("/var/lib/one/remotes/vmm/kvm/deploy")
+    assert any(item["path"] == "/var/lib/one/remotes/vmm/kvm/deploy" for item in installed["files"])
+    assert "aifactory" in deploy.read_text()
+
+
+def test_dry_run_sync_prints_the_command_and_runs_nothing(tmp_path: Path) -> None:
+    """``--dry-run --sync`` shows the exact command; the recording onehost stand-in is not called."""
+    frontend = _live_frontend(tmp_path)
+    result = frontend.run("--no-venv", "--no-hooks", "--sync", "--dry-run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    runuser = shutil.which("runuser")
+    assert f"+ {runuser} -u oneadmin -- {STANDIN_DIR}/bin/onehost sync --force" in result.stdout.splitlines()
+    assert frontend.calls("onehost") == []
+    assert not frontend.upper("/var/lib/one/aifactory").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--destdir", "/nonexistent/aifactory-test", "--sync"), "--sync cannot be used with DESTDIR"),
+    (("--uninstall", "--enable-hook-server"), "--enable-hook-server cannot be combined with --uninstall"),
+    (("--endpoint", "http://oned:2633/RPC2;reboot"), "--endpoint: unexpected characters"),
+])
+def test_refused_combinations_change_nothing(args: tuple[str, ...], message: str) -> None:
+    result = _run(*args, "--no-hooks", "--no-venv")
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.splitlines() == [result.stderr.splitlines()[0]] and message in result.stderr
+    assert not Path("/nonexistent/aifactory-test").exists()

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_core.errors import UsageError
-from aifactory_core.install import layout, stage
+from aifactory_core.install import layout, stage, systemd
 from aifactory_core.install.manifest import FILE, Entry
 from aifactory_core.install.stage import InstallError, Transaction
 
@@ -205,39 +205,19 @@ def check_sudoers(content: bytes, where: Path) -> None:
         raise InstallError(f"sudoers snippet {where.name} refused by visudo -cf: {message}")
 
 
-def _systemd_running(target: layout.Layout) -> bool:
-    return not target.staged and Path("/run/systemd/system").is_dir() and shutil.which("systemctl") is not None
-
-
-def _systemctl(*argv: str) -> subprocess.CompletedProcess[str]:
-    systemctl = shutil.which("systemctl") or "/bin/systemctl"
-    return subprocess.run([systemctl, *argv], capture_output=True, text=True, check=False, timeout=60)
-
-
-def _quiet_systemctl(*argv: str) -> None:
-    """An undo: tried, its failure left to the next run."""
-    _systemctl(*argv)
-
-
-def _checked_systemctl(*argv: str) -> None:
-    result = _systemctl(*argv)
-    if result.returncode != 0:
-        raise InstallError(f"systemctl {' '.join(argv)}: {' '.join((result.stderr or result.stdout).split())}")
-
-
 def enable_unit(tx: Transaction, target: layout.Layout, unit_changed: bool, notes: list[str]) -> bool:
     """``systemctl enable`` the unit; False (with a note) where systemd does not run or when staged."""
-    if not _systemd_running(target):
+    if not systemd.running(target):
         where = "a staged tree" if target.staged else "this machine does not run systemd"
         notes.append(f"{UNIT_NAME} not enabled ({where}): enable it with 'systemctl enable {UNIT_NAME}' "
                      "or have the init system run 'aifactory repair --boot' before libvirtd")
         return False
     if unit_changed:
-        tx.step("systemctl daemon-reload", partial(_checked_systemctl, "daemon-reload"),
-                partial(_quiet_systemctl, "daemon-reload"))
-    if tx.dry_run or _systemctl("is-enabled", "--quiet", UNIT_NAME).returncode != 0:
-        tx.step(f"systemctl enable {UNIT_NAME}", partial(_checked_systemctl, "enable", UNIT_NAME),
-                partial(_quiet_systemctl, "disable", UNIT_NAME))
+        tx.step("systemctl daemon-reload", partial(systemd.checked, "daemon-reload"),
+                partial(systemd.quiet, "daemon-reload"))
+    if tx.dry_run or not systemd.succeeds("is-enabled", "--quiet", UNIT_NAME):
+        tx.step(f"systemctl enable {UNIT_NAME}", partial(systemd.checked, "enable", UNIT_NAME),
+                partial(systemd.quiet, "disable", UNIT_NAME))
     return True
 
 
@@ -280,9 +260,9 @@ def uninstall(target: layout.Layout, tx: Transaction) -> list[str]:
     if not record:
         raise UsageError(f"nothing to uninstall: no {target.path(RECORD)}")
     notes: list[str] = []
-    if record.get("enabled") and _systemd_running(target):
-        tx.step(f"systemctl disable {UNIT_NAME}", partial(_checked_systemctl, "disable", UNIT_NAME),
-                partial(_quiet_systemctl, "enable", UNIT_NAME))
+    if record.get("enabled") and systemd.running(target):
+        tx.step(f"systemctl disable {UNIT_NAME}", partial(systemd.checked, "disable", UNIT_NAME),
+                partial(systemd.quiet, "enable", UNIT_NAME))
     for item in reversed(record.get("files", [])):
         path = target.path(item["path"])
         current = _read(path)
@@ -292,8 +272,8 @@ def uninstall(target: layout.Layout, tx: Transaction) -> list[str]:
             notes.append(f"kept {item['path']}: changed since host-setup installed it")
             continue
         tx.step(f"remove {path}", path.unlink, partial(_restore, path, current, item["mode"]))
-    if _systemd_running(target):
-        tx.after_commit.append(partial(_quiet_systemctl, "daemon-reload"))
+    if systemd.running(target):
+        tx.after_commit.append(partial(systemd.quiet, "daemon-reload"))
     environment = target.path(record.get("environment", ROOT_ENV))
     if environment.exists():
         scratch = environment.with_name(f".{environment.name}.aifactory-removed")

@@ -30,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", help="oned XML-RPC endpoint (default $ONE_XMLRPC or localhost:2633)")
     parser.add_argument("--environment", action="append", default=[], help="a Python environment this run owns")
     parser.add_argument("--created-dir", action="append", default=[], help="a directory install.sh created")
+    parser.add_argument("--enable-hook-server", action="store_true",
+                        help="enable and start aifactory-hook-server.service (systemd)")
+    parser.add_argument("--rebuilt-environment", action="store_true",
+                        help="install.sh rebuilt a Python environment in this run")
     return parser
 
 
@@ -43,11 +47,13 @@ def _oned(endpoint: str | None) -> Any:
 
 
 def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
-    from aifactory_core.install import hookreg, manifest, stage
+    from aifactory_core.install import hook_server, hookreg, manifest, stage
 
     previous = stage.load_record(target)
     if args.mode == "upgrade" and not previous:
         raise UsageError(f"nothing to upgrade: no {target.path(layout.MANIFEST)} (run install.sh without --upgrade)")
+    if args.enable_hook_server:
+        hook_server.check_can_enable(target)
     recorded = {item["path"]: item for item in previous.get("files", [])}
     entries = manifest.discover(args.source, args.prefix)
     templates = manifest.hook_templates(args.source)
@@ -57,8 +63,11 @@ def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) ->
         if directory not in created:
             created.append(directory)
     files: list[dict[str, Any]] = []
+    unit_changed = False
     for entry in entries:
+        before = tx.changes
         item = stage.install_entry(tx, target, entry, recorded.get(entry.destination, {}), created, notes)
+        unit_changed |= entry.destination == hook_server.UNIT and tx.changes != before
         if item is not None:
             files.append(item)
     hooks: dict[str, int] = dict(previous.get("hooks", {}))
@@ -73,15 +82,24 @@ def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) ->
         finally:
             for index, undo in enumerate(hook_undo):  # undone with the files if the run fails later
                 tx.undo.append((f"hook change {index}", undo))
+    server_enabled = bool(previous.get(hook_server.RECORD_KEY))
+    started = False
+    if args.enable_hook_server:
+        started = hook_server.enable(tx, target, unit_changed, notes)
+        server_enabled |= not target.staged
+    if server_enabled and not started and (tx.changes or args.rebuilt_environment):
+        hook_server.restart_after_commit(tx, target, unit_changed)
     environments = sorted(set(previous.get("environments", [])) | set(args.environment))
-    record = {"format": 1, "prefix": args.prefix, "files": files, "directories": created, "hooks": hooks,
-              "environments": environments}
+    record: dict[str, Any] = {"format": 1, "prefix": args.prefix, "files": files, "directories": created,
+                              "hooks": hooks, "environments": environments}
+    if server_enabled:
+        record[hook_server.RECORD_KEY] = True
     stage.write_record(tx, target, record, previous)
     return notes
 
 
 def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
-    from aifactory_core.install import hookreg, stage
+    from aifactory_core.install import hook_server, hookreg, stage
 
     record = stage.load_record(target)
     if not record:
@@ -91,6 +109,7 @@ def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) 
     if not args.no_hooks and record.get("hooks"):
         oned = _oned(args.endpoint)  # connected, and pyone loaded, before the environments go
         hookreg.registered_hooks(oned)
+    hook_server.stop_for_uninstall(tx, target, record, notes)
     stage.uninstall_files(tx, target, record, notes)
     if oned is not None:
         hookreg.unregister(oned, sorted(record["hooks"]), args.dry_run, tx.tell)
