@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -50,13 +50,14 @@ class HeldCpus(Protocol):
     def holdings(self) -> Iterable[Holding]: ...
 
 
-def usage_of(provider: HeldCpus, exclude_vm: int | None = None) -> HostUsage:
-    """Sum the holdings of every VM but ``exclude_vm`` (a VM being deployed again)."""
+def usage_of(provider: HeldCpus, exclude_vm: int | None = None, *, exclude_vms: Collection[int] = ()) -> HostUsage:
+    """Sum the holdings of every VM but ``exclude_vm`` and ``exclude_vms`` (VMs being planned again)."""
+    excluded = set(exclude_vms) | ({exclude_vm} if exclude_vm is not None else set())
     cpus: set[int] = set()
     memory: dict[int, int] = {}
     pages: dict[tuple[int, int], int] = {}
     for holding in provider.holdings():
-        if exclude_vm is not None and holding.vm_id == exclude_vm:
+        if holding.vm_id in excluded:
             continue
         cpus |= holding.cpus
         for node, kib in holding.memory_kib:
