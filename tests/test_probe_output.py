@@ -194,6 +194,32 @@ def test_xid_since_last_run_from_kmsg(h100_root: Path, tmp_path: Path) -> None:
     assert (again["XID_SINCE_LAST"], again["HEALTH"]) == ("", "OK")
 
 
+def test_xid_after_a_reboot_is_reported_though_its_sequence_is_lower(h100_root: Path, tmp_path: Path) -> None:
+    """The kernel numbers ``/dev/kmsg`` records from 0 again after a reboot: an XID the new boot
+    logs is reported even when its sequence is below the last one read in the previous boot, and
+    a state file written before boot ids were kept is still read as this boot's."""
+    root_dir = tmp_path / "root"
+    shutil.copytree(h100_root, root_dir, symlinks=True)
+    (root_dir / "dev").mkdir()
+    boot_id = root_dir / "proc/sys/kernel/random/boot_id"
+    boot_id.parent.mkdir(parents=True)
+    kmsg = root_dir / "dev" / "kmsg"
+    xid_line = "3,{},2000,-;NVRM: Xid (PCI:0000:00:06): 79, pid=0, name=, GPU has fallen off the bus.\n"
+    root = Root(str(root_dir), str(tmp_path / "state"))
+    (tmp_path / "state" / "probes").mkdir(parents=True)
+    (tmp_path / "state" / "probes" / "xid-seq").write_text("500\n")  # the format without a boot id
+    boot_id.write_text("11111111-1111-1111-1111-111111111111\n")
+    kmsg.write_text(xid_line.format(400) + xid_line.format(501))
+    first = _parse(host_system.probe(root, str(H100_NVML)))["AIF_GPU"][0]
+    assert first["XID_SINCE_LAST"] == "79"  # only 501: 400 was read before
+    kmsg.write_text("6,0,10,-;Linux version\n" + xid_line.format(7))
+    boot_id.write_text("22222222-2222-2222-2222-222222222222\n")
+    rebooted = _parse(host_system.probe(root, str(H100_NVML)))["AIF_GPU"][0]
+    assert (rebooted["XID_SINCE_LAST"], rebooted["HEALTH"]) == ("79", "FAILED")
+    again = _parse(host_system.probe(root, str(H100_NVML)))["AIF_GPU"][0]
+    assert again["XID_SINCE_LAST"] == ""
+
+
 @pytest.mark.parametrize("value", ['a "quoted" word', "back\\slash\\", "tab\there", "ctl\x01\x1f", "]]> cdata",
                                    "ünïcødé", "", "x=1, y=[2]", "# not a comment", "line\nbreak"])
 def test_writer_matches_the_reference_and_reads_back(value: str) -> None:

@@ -2,7 +2,9 @@
 
 The NVIDIA driver logs ``NVRM: Xid (PCI:0000:17:00): 79, pid=..., GPU has fallen off the bus``.
 ``/dev/kmsg`` gives every record with a sequence number; the last sequence seen is kept in
-``<state dir>/probes/xid-seq`` so each run reports only what is new. Reading ``/dev/kmsg`` needs
+``<state dir>/probes/xid-seq`` so each run reports only what is new. The kernel numbers records
+from 0 again after a reboot, so the file also holds the boot's id
+(``/proc/sys/kernel/random/boot_id``): a sequence from another boot is not compared. Reading ``/dev/kmsg`` needs
 the right to read the kernel log (root, or ``kernel.dmesg_restrict=0``); when it cannot be read the
 source is reported as unavailable rather than as "no errors".
 """
@@ -41,14 +43,23 @@ def _state_file(root: Root) -> str:
     return os.path.join(root.state_dir, "probes", "xid-seq")
 
 
+def _last_sequence(state: str, boot: str) -> int:
+    """The last sequence read in this boot (``<sequence> <boot id>``; -1 when none, or when it is
+    another boot's; a file without a boot id is taken as this boot's)."""
+    try:
+        with open(state, encoding="ascii") as handle:
+            sequence, _, recorded_boot = handle.read().strip().partition(" ")
+        last = int(sequence or "-1")
+    except (OSError, ValueError):
+        return -1
+    return -1 if recorded_boot and boot and recorded_boot != boot else last
+
+
 def read_new_xids(root: Root) -> tuple[dict[str, list[int]], str]:
     """(``{"0000:17:00": [79, ...]}`` new since the last run, source status text)."""
     state = _state_file(root)
-    try:
-        with open(state, encoding="ascii") as handle:
-            last = int(handle.read().strip() or "-1")
-    except (OSError, ValueError):
-        last = -1
+    boot = root.text("/proc/sys/kernel/random/boot_id") or ""
+    last = _last_sequence(state, boot)
     found: dict[str, list[int]] = {}
     newest = last
     try:
@@ -84,6 +95,6 @@ def read_new_xids(root: Root) -> tuple[dict[str, list[int]], str]:
                     found.setdefault(xid[0], []).append(xid[1])
     finally:
         os.close(fd)
-    if newest != last:
-        replace_quietly(state, f"{newest}\n")  # a read-only state dir costs de-duplication, not the report
+    if newest != last:  # a read-only state dir costs de-duplication, not the report
+        replace_quietly(state, f"{newest} {boot}".rstrip() + "\n")
     return found, "kmsg"
