@@ -142,7 +142,7 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
                   budget_s: float, mode: str) -> None:
     gpus = gpu_functions(root, functions)
     drivers = {address: pci_driver(root, address) for address in gpus}
-    snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": "", "SOURCE": ""}
+    snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": ""}
     readings: dict[str, dict[str, Any]] = {}
     if gpus or replay:
         try:
@@ -295,7 +295,7 @@ def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_m
     from aifactory_core.probes import readiness
 
     snapshot: Snapshot = {"problems": [], "gpus": [], "sriov": [], "ib": [], "hugepages": [], "checks": [],
-                          "nvml": {"STATUS": "", "DRIVER_VERSION": "", "SOURCE": ""}, "held": {},
+                          "nvml": {"STATUS": "", "DRIVER_VERSION": ""}, "held": {},
                           "xid_source": "unused"}
     functions = pci_functions(root)
     try:
