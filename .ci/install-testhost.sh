@@ -53,7 +53,7 @@ if [ "${SKIP_APT:-0}" != 1 ]; then
     apt_install qemu-system-x86 ipxe-qemu linux-image-amd64 busybox-static kmod cpio \
         libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libxml2-utils \
         pciutils hwloc numactl openvswitch-switch iproute2 iputils-ping tcpdump \
-        gcc make xz-utils driverctl sudo
+        gcc make xz-utils driverctl sudo systemd
     KVER=$(pick_kver)
     [ -n "$KVER" ] || die "no Debian kernel found in /lib/modules after installing linux-image-amd64"
     SRC_PKG="linux-source-$(echo "$KVER" | cut -d. -f1-2)"

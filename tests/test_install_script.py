@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import needs
@@ -273,3 +274,106 @@ def test_refused_combinations_change_nothing(args: tuple[str, ...], message: str
     assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
     assert result.stderr.splitlines() == [result.stderr.splitlines()[0]] and message in result.stderr
     assert not Path("/nonexistent/aifactory-test").exists()
+
+
+HOOK_SERVER_UNIT = "/etc/systemd/system/aifactory-hook-server.service"
+
+
+def _changing_calls(frontend: LiveFrontend) -> list[str]:
+    return [call for call in frontend.calls("systemctl") if not call.startswith(("is-enabled", "is-active"))]
+
+
+def test_enable_hook_server_is_a_step_of_the_install_and_undone_by_uninstall(tmp_path: Path) -> None:
+    """``--enable-hook-server`` on a machine systemd manages: the unit is installed, systemd reloaded,
+    the service enabled and started; a later run that changes the suite restarts it; ``--uninstall``
+    stops and disables it while its unit file is still there, then removes it and reloads. The
+    ``systemctl`` on PATH is a stand-in that records the calls only (systemd does not run here)."""
+    frontend = _live_frontend(tmp_path, systemd=True)
+    result = frontend.run("--no-venv", "--no-hooks", "--enable-hook-server")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _changing_calls(frontend) == ["daemon-reload (unit-present)",
+                                         "enable --now aifactory-hook-server.service (unit-present)"]
+    unit = frontend.upper(HOOK_SERVER_UNIT).read_text()
+    assert "ExecStart=/opt/aifactory/venv/bin/aifactory hook-server" in unit
+    record = json.loads(frontend.upper("/var/lib/one/aifactory/install-manifest.json").read_text())
+    assert record["hook_server"] is True
+
+    again = frontend.run("--no-venv", "--no-hooks", "--enable-hook-server")
+    assert again.returncode == 0 and "nothing to change" in again.stdout, again.stdout + again.stderr
+    assert len(_changing_calls(frontend)) == 2  # enabled and active: left alone
+
+    hook = next(path for path in frontend.upper("/var/lib/one/remotes/hooks/aifactory").iterdir())
+    hook.unlink()  # the suite changes (here: a hook executable is missing): the server must restart
+    changed = frontend.run("--no-venv", "--no-hooks")
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert _changing_calls(frontend)[2:] == ["try-restart aifactory-hook-server.service (unit-present)"]
+
+    removed = frontend.run("--no-venv", "--no-hooks", "--uninstall")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert _changing_calls(frontend)[3:] == ["disable --now aifactory-hook-server.service (unit-present)",
+                                             "daemon-reload (unit-absent)"]
+    assert not frontend.upper(HOOK_SERVER_UNIT).exists()
+
+
+def test_hook_server_that_cannot_start_rolls_the_install_back(tmp_path: Path) -> None:
+    """``systemctl enable --now`` failing (the recording stand-in told to fail) undoes the whole run."""
+    frontend = _live_frontend(tmp_path, systemd=True)
+    frontend.standin_file("systemctl.fail").write_text("enable\n")
+    result = frontend.run("--no-venv", "--no-hooks", "--enable-hook-server")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "install.sh: systemctl enable --now aifactory-hook-server.service: Failed to enable unit" in result.stderr
+    assert "rolled back" in result.stderr
+    assert _changing_calls(frontend) == ["daemon-reload (unit-present)",
+                                         "enable --now aifactory-hook-server.service (unit-present)",
+                                         "daemon-reload (unit-absent)"]  # the rollback's, once the unit is gone
+    assert not frontend.upper(HOOK_SERVER_UNIT).exists()
+    assert not frontend.upper("/var/lib/one/aifactory/install-manifest.json").exists()
+    assert frontend.upper("/var/lib/one/remotes/vmm/kvm/deploy").read_text().startswith("#!/bin/sh\n# OpenNebula's")
+
+
+def test_enable_hook_server_dry_run_and_refusals(tmp_path: Path) -> None:
+    """The dry run shows the systemctl steps and calls none (recording stand-in); without systemd the
+    option is refused before anything changes; staged (DESTDIR), the unit is installed, not enabled."""
+    frontend = _live_frontend(tmp_path, systemd=True)
+    dry = frontend.run("--no-venv", "--no-hooks", "--enable-hook-server", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "would systemctl daemon-reload" in dry.stdout.splitlines()
+    assert "would systemctl enable --now aifactory-hook-server.service" in dry.stdout.splitlines()
+    assert frontend.calls("systemctl") == []
+
+    no_systemd = _live_frontend(tmp_path / "no-systemd")
+    refused = no_systemd.run("--no-venv", "--no-hooks", "--enable-hook-server")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.startswith("install.sh: --enable-hook-server: this machine is not managed by systemd")
+    assert no_systemd.calls("systemctl") == []
+    assert not no_systemd.upper("/var/lib/one/aifactory").exists()
+
+    root = tmp_path / "staged"
+    root.mkdir()
+    staged = _run("--destdir", str(root), "--no-venv", "--no-hooks", "--enable-hook-server")
+    assert staged.returncode == 0, staged.stdout + staged.stderr
+    assert (root / HOOK_SERVER_UNIT.lstrip("/")).is_file()
+    assert "aifactory-hook-server.service not enabled (a staged tree)" in staged.stdout
+    assert "hook_server" not in json.loads((root / "var/lib/one/aifactory/install-manifest.json").read_text())
+
+
+def test_hook_server_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """The unit as the installer writes it (ExecStart under --prefix) passes ``systemd-analyze verify``
+    with no warning; the prefix here holds a ``venv`` that is this checkout's environment."""
+    analyze = needs.tool("systemd-analyze", hint="apt-get install -y systemd")
+    from aifactory_core.install import manifest
+
+    prefix = tmp_path / "prefix"
+    prefix.mkdir()
+    (prefix / "venv").symlink_to(Path(sys.prefix))
+    entry = next(entry for entry in manifest.discover(REPO, str(prefix)) if entry.destination == HOOK_SERVER_UNIT)
+    unit = tmp_path / "aifactory-hook-server.service"
+    unit.write_bytes(entry.content)
+    assert f"ExecStart={prefix}/venv/bin/aifactory hook-server" in unit.read_text()
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == "", result.stdout + result.stderr
+    broken = tmp_path / "broken" / unit.name
+    broken.parent.mkdir()
+    broken.write_text(unit.read_text().replace("Type=simple", "Type=simple\nRestartSecs=2"))
+    warned = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True, check=False, timeout=60)
+    assert "Unknown key" in warned.stderr  # the check would see a mistake
