@@ -13,7 +13,7 @@ source                                             target
 ``hooks/<name>`` (executables)                     ``/var/lib/one/remotes/hooks/aifactory/<name>``
 ``hooks/templates/*.tmpl``                         registered with oned (``one.hook.allocate``)
 ``hooks/systemd/<unit>``                           ``/etc/systemd/system/<unit>`` (the optional
-                                                   resident hook server; enabled by the admin)
+                                                   resident hook server; ``--enable-hook-server``)
 (built in)                                         ``/etc/one/aifactory.conf`` if absent; state dir
 =================================================  ==============================================
 
