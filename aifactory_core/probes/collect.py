@@ -138,35 +138,45 @@ def _write_cache(root: Root, cache: dict[str, dict[str, object]]) -> None:
     replace_quietly(_cache_path(root), "".join(f"{line}\n" for line in lines))
 
 
+def _read_nvml(root: Root, snapshot: Snapshot, gpus: list[str], drivers: dict[str, str], replay: str | None,
+               budget_s: float, mode: str) -> dict[str, dict[str, Any]]:
+    """NVML's readings by PCI address; sets ``snapshot["nvml"]`` and records a GPU NVML reports
+    without an address as a problem."""
+    snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": ""}
+    readings: dict[str, dict[str, Any]] = {}
+    if not gpus and not replay:
+        return readings
+    try:
+        source, status = _nvml_source(root, gpus, drivers, replay, budget_s, mode)
+    except Exception as error:  # an unreadable recording
+        source, status = None, error_text(error, prefix="error: ", limit=200)
+    snapshot["nvml"]["STATUS"] = status
+    if source is None:
+        return readings
+    try:
+        version, _error = source.driver_version()
+        snapshot["nvml"]["DRIVER_VERSION"] = version or ""
+        for reading in source.read():
+            if reading.get("address"):
+                readings[reading["address"]] = reading
+            else:
+                snapshot["problems"].append(
+                    f"nvml: GPU index {reading.get('label')}: {reading.get('problem') or 'no PCI address'}")
+        snapshot["nvml"]["STATUS"] = "ok" if status == "live" else status
+    except Exception as error:  # NVML init failure, unreadable recording
+        snapshot["nvml"]["STATUS"] = error_text(error, prefix="error: ", limit=200)
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+    return readings
+
+
 def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: str | None,
                   budget_s: float, mode: str) -> None:
     gpus = gpu_functions(root, functions)
     drivers = {address: pci_driver(root, address) for address in gpus}
-    snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": ""}
-    readings: dict[str, dict[str, Any]] = {}
-    if gpus or replay:
-        try:
-            source, status = _nvml_source(root, gpus, drivers, replay, budget_s, mode)
-        except Exception as error:  # an unreadable recording
-            source, status = None, error_text(error, prefix="error: ", limit=200)
-        snapshot["nvml"]["STATUS"] = status
-        if source is not None:
-            try:
-                version, _error = source.driver_version()
-                snapshot["nvml"]["DRIVER_VERSION"] = version or ""
-                for reading in source.read():
-                    if reading.get("address"):
-                        readings[reading["address"]] = reading
-                    else:
-                        snapshot["problems"].append(
-                            f"nvml: GPU index {reading.get('label')}: {reading.get('problem') or 'no PCI address'}")
-                snapshot["nvml"]["STATUS"] = "ok" if status == "live" else status
-            except Exception as error:  # NVML init failure, unreadable recording
-                snapshot["nvml"]["STATUS"] = error_text(error, prefix="error: ", limit=200)
-            finally:
-                close = getattr(source, "close", None)
-                if close is not None:
-                    close()
+    readings = _read_nvml(root, snapshot, gpus, drivers, replay, budget_s, mode)
     xids: dict[str, list[int]] = {}
     if gpus and (root.is_live or root.exists("/dev/kmsg")):
         from aifactory_core.probes.xid import read_new_xids
