@@ -47,6 +47,9 @@ GPU_KEYS = (
     "FABRIC_INFO_STATE", "FABRIC_INFO_STATUS", "FABRIC_CLIQUE_ID", "FABRIC_CLUSTER_UUID", "NVML_STATUS",
     "NVML_PROBLEM", "HEALTH", "HEALTH_REASON", "HEALTH_SOURCE",
 )
+# What the host side adds to a GPU NVML reads (NVML gives the rest, and the verdict).
+HOST_SIDE_WITH_NVML = ("LINK_SPEED", "LINK_SPEED_MAX", "LINK_WIDTH", "LINK_WIDTH_MAX", "AER_CORRECTABLE",
+                       "AER_NONFATAL", "AER_FATAL", "CONFIG_SPACE")
 
 
 def _problem(snapshot: Snapshot, section: str, error: BaseException) -> None:
@@ -202,12 +205,11 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
             "STATE": "ASSIGNED" if address in held or drivers.get(address) == "vfio-pci" else "HOST",
             "VM_ID": held.get(address, ""),
         })
-        row.update(host_side.link(root, address))
+        side = host_side.attributes(root, address, quarantined)  # link, AER, config space, host-side verdict
         bus_xids = xids.get(address[:-2], [])
         reading = readings.get(address)
         if reading is not None:
-            side = host_side.attributes(root, address, quarantined)
-            row.update({key: side[key] for key in ("AER_CORRECTABLE", "AER_NONFATAL", "AER_FATAL", "CONFIG_SPACE")})
+            row.update({key: side[key] for key in HOST_SIDE_WITH_NVML})
             row.update(gpu_health.nvml_attributes(reading, bus_xids))
             row["INVENTORY_SOURCE"] = "NVML"
             if reading.get("status") == "ok" and row["UUID"]:
@@ -218,7 +220,7 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
                     cache_changed = True
             row["_metrics"] = gpu_health.metrics(reading)
         else:
-            row.update(host_side.attributes(root, address, quarantined))
+            row.update(side)
             cache = _read_cache(root) if cache is None else cache
             remembered = cache.get(address)
             if remembered:
