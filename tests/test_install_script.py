@@ -308,6 +308,11 @@ def test_enable_hook_server_is_a_step_of_the_install_and_undone_by_uninstall(tmp
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert _changing_calls(frontend)[2:] == ["try-restart aifactory-hook-server.service (unit-present)"]
 
+    rebuilt = frontend.run("--no-hooks", "--dry-run")  # the environments would be rebuilt: so would it restart
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    assert "would systemctl try-restart aifactory-hook-server.service (once committed)" in rebuilt.stdout
+    assert len(_changing_calls(frontend)) == 3
+
     removed = frontend.run("--no-venv", "--no-hooks", "--uninstall")
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert _changing_calls(frontend)[3:] == ["disable --now aifactory-hook-server.service (unit-present)",
