@@ -187,6 +187,9 @@ def test_config_space_agrees_with_the_attribute_files(any_root: Path) -> None:
             assert config[0x0E] & 0x7F == 1
             assert config[0x19] == int(pci(any_root, bdf, "secondary_bus_number"))
             assert config[0x1A] == int(pci(any_root, bdf, "subordinate_bus_number"))
+        else:  # VFs too: the kernel reads a VF's subsystem IDs from its own registers
+            assert struct.unpack_from("<HH", config, 0x2C) == (
+                int(pci(any_root, bdf, "subsystem_vendor"), 16), int(pci(any_root, bdf, "subsystem_device"), 16))
 
 
 def test_bars_sit_inside_the_windows_of_every_bridge_above(any_root: Path) -> None:
@@ -479,6 +482,9 @@ def test_small_cpus_isolated_offline_and_hugepages(small: Path) -> None:
     assert read(small, "sys/devices/system/cpu/offline") == "15"
     assert read(small, "sys/devices/system/cpu/cpu15/online") == "0"
     assert not (small / "sys/devices/system/cpu/cpu15/topology").exists()
+    # offlining removes topology/ only; the node links go with hot-remove (drivers/base/cpu.c)
+    assert (small / "sys/devices/system/cpu/cpu15/node1").resolve() == small / "sys/devices/system/node/node1"
+    assert (small / "sys/devices/system/node/node1/cpu15").resolve() == small / "sys/devices/system/cpu/cpu15"
     assert read(small, "sys/devices/system/cpu/cpu7/topology/thread_siblings_list") == "7"
     assert read(small, "sys/devices/system/cpu/cpu3/topology/thread_siblings_list") == "3,11"
     assert read(small, "sys/devices/system/node/node1/cpulist") == "4-7,12-14"
@@ -581,6 +587,90 @@ def test_cpu_node_and_proc_files_match_the_capture(capture: Path, dgx: Path) -> 
         line.split(":")[0] for line in our_block.splitlines()]
     assert (capture / "sys/devices/system/node/node0/cpumap").read_text() == "ffff\n"
     assert hostgen.format_cpumask(range(16), 16) == "ffff"
+
+
+def extended_capability_ids(config: bytes) -> list[int]:
+    ids, offset = [], 0x100
+    while offset and len(ids) < 48:
+        header = int.from_bytes(config[offset:offset + 4], "little")
+        if not header:
+            break
+        ids.append(header & 0xFFFF)
+        offset = header >> 20
+    return ids
+
+
+def bus_bridge(root: Path, bdf: str) -> str | None:
+    """The bridge whose secondary bus the function sits on (None on a root bus)."""
+    parent = os.path.basename(os.path.dirname(os.path.realpath(root / "sys/bus/pci/devices" / bdf)))
+    return None if parent.startswith("pci") else parent
+
+
+def test_ari_enabled_is_the_state_of_the_functions_bus(capture: Path, any_root: Path) -> None:
+    """``ari_enabled`` shows ``pci_ari_enabled(dev->bus)``: 1 on a bus whose function 0 has the ARI
+    capability below a bridge (``pci_configure_ari``), 0 on a root bus (all of the capture's)."""
+    for bdf in devices(capture):
+        assert bus_bridge(capture, bdf) is None and pci(capture, bdf, "ari_enabled") == "0"
+    seen = set()
+    for bdf in devices(any_root):
+        first = f"{bdf[:8]}00.0"
+        expected = 0
+        if bus_bridge(any_root, bdf) is not None and bus_bridge(any_root, first) == bus_bridge(any_root, bdf):
+            config = (any_root / "sys/bus/pci/devices" / first / "config").read_bytes()
+            expected = int(0x000E in extended_capability_ids(config))
+        assert pci(any_root, bdf, "ari_enabled") == str(expected), bdf
+        seen.add(expected)
+    for pf in sriov_pfs(any_root):  # an SR-IOV PF's bus forwards ARI, the port above it sits on one that does not
+        assert pci(any_root, pf, "ari_enabled") == "1"
+        assert pci(any_root, str(bus_bridge(any_root, pf)), "ari_enabled") == "0"
+    assert seen == {0, 1}
+
+
+def test_a_function_without_an_interrupt_pin_reads_irq_0(capture: Path, any_root: Path) -> None:
+    """The capture: the functions with Interrupt Pin 0 (host bridge, MSI-X-only virtio) read irq 0;
+    a VF has no INTx (SR-IOV: Interrupt Pin RO 0)."""
+    for root in (capture, any_root):
+        pins = {}
+        for bdf in devices(root):
+            pins[bdf] = (root / "sys/bus/pci/devices" / bdf / "config").read_bytes()[0x3D]
+            if pins[bdf] == 0:
+                assert pci(root, bdf, "irq") == "0", bdf
+            else:
+                assert pci(root, bdf, "irq") != "0", bdf
+        assert 0 in pins.values() and any(pins.values())
+    for bdf in devices(any_root):
+        if (any_root / "sys/bus/pci/devices" / bdf / "physfn").is_symlink():
+            assert pci(any_root, bdf, "irq") == "0"
+
+
+def test_a_root_without_a_node_reads_like_the_capture(capture: Path, tmp_path: Path) -> None:
+    """No ``_PXM`` for a host bridge: ``numa_node`` -1, and the kernel then shows every online CPU as
+    the device's ``local_cpulist`` (``cpu_online_mask``), as the capture's GPU does."""
+    real = capture_gpu(capture)
+    assert (real / "numa_node").read_text() == "-1\n"
+    assert (real / "local_cpulist").read_text() == (capture / "sys/devices/system/cpu/online").read_text()
+    description = load("two-node-small")
+    description["pci_roots"][1]["node"] = -1
+    description["cpu"].pop("offline", None)
+    root = hostgen.generate(description, tmp_path / "root")
+    gpu = root / "sys/bus/pci/devices/0000:83:00.0"
+    assert (gpu / "numa_node").read_text() == "-1\n"
+    online = (root / "sys/devices/system/cpu/online").read_text()
+    assert (gpu / "local_cpulist").read_text() == online and cpulist(online) == set(range(16))
+    assert (gpu / "local_cpus").read_text() == hostgen.format_cpumask(range(16), 16) + "\n"
+    assert read(root, "sys/class/pci_bus/0000:80/cpulistaffinity") == online.strip()
+    assert pci(root, "0000:02:00.0", "local_cpulist") == read(root, "sys/devices/system/node/node0/cpulist")
+
+
+def test_amd_iommu_attributes_in_the_kernel_format(tmp_path: Path) -> None:
+    """drivers/iommu/amd/init.c: ``cap`` is ``%x``, ``features`` ``%llx:%llx`` (EFR2:EFR), no 0x."""
+    description = load("two-node-small")
+    description["iommu"]["vendor"] = "amd"
+    root = hostgen.generate(description, tmp_path / "root")
+    unit = root / "sys/class/iommu/ivhd0/amd-iommu"
+    assert re.fullmatch(r"[0-9a-f]+\n", (unit / "cap").read_text())
+    assert re.fullmatch(r"[0-9a-f]+:[0-9a-f]+\n", (unit / "features").read_text())
+    assert "amd_iommu=on" in read(root, "proc/cmdline").split()
 
 
 def test_net_interface_attributes_match_the_capture(capture: Path, dgx: Path) -> None:
