@@ -248,6 +248,31 @@ def test_numa_node_minus_one_on_two_nodes_uses_local_cpulist(small_root: Path) -
     assert isinstance(result, Placement) and result.local and result.memory_nodes == (1,)
 
 
+def test_numa_node_minus_one_as_the_kernel_shows_it_on_two_nodes_stays_unknown(tmp_path: Path) -> None:
+    """Where the firmware gives a device no node the kernel shows every online CPU as its
+    ``local_cpulist`` (the capture's GPU: -1 and 0-15; hostgen writes that for a root with node
+    -1): on two nodes that names no node, so the device's node stays unknown, never guessed."""
+    import json
+    import sys
+
+    from hostroots import FIXTURES
+
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import hostgen
+    finally:
+        sys.path.remove(str(FIXTURES))
+    description = json.loads((FIXTURES / "topologies" / "two-node-small.json").read_text())
+    description["pci_roots"][1]["node"] = -1
+    inventory = HostInventory(HostRoot(hostgen.generate(description, tmp_path / "root")))
+    gpu = "0000:83:00.0"
+    assert inventory.pci[gpu].numa_node is None and len(inventory.numa_nodes) == 2
+    topology = HostTopology.from_inventory(inventory, frozenset({0}))
+    assert topology.node_of_device(gpu) is None
+    result = plan(topology, HostUsage(), VmSpec(1, 2, GIB, GIB, gpus=(gpu,)))
+    assert isinstance(result, Placement) and result.device_nodes == {gpu: None}
+
+
 def test_isolcpus_leave_the_rest_to_the_host_and_remote_placement_is_explained(small_root: Path) -> None:
     inventory = HostInventory(HostRoot(small_root))
     assert inventory.cpu.isolated == {2, 3, 10, 11}
