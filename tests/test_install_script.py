@@ -176,13 +176,14 @@ class LiveFrontend:
         top, _, rest = path.lstrip("/").partition("/")
         return self.top / top / "upper" / rest
 
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, command: tuple[str, ...] = ("sh", str(SCRIPT))) -> subprocess.CompletedProcess[str]:
+        """``command ARGS`` (default: install.sh) in the frontend, as root."""
         mounts = " && ".join(f"mount -t overlay overlay -o lowerdir=/{name},upperdir={self.top}/{name}/upper,"
                              f"workdir={self.top}/{name}/work /{name}" for name in OVERLAID)
         env = {key: value for key, value in os.environ.items() if key not in ("DESTDIR", "PYTHONPATH", "ONE_XMLRPC")}
         env["PATH"] = f"{STANDIN_DIR}/bin:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
         return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                               f"{mounts} || exit 97; exec sh \"$0\" \"$@\"", str(SCRIPT), *args],
+                               f"{mounts} || exit 97; exec \"$@\"", "sh", *command, *args],
                               capture_output=True, text=True, env=env, timeout=300, check=False)
 
     def calls(self, name: str) -> list[str]:
@@ -297,6 +298,8 @@ def test_enable_hook_server_is_a_step_of_the_install_and_undone_by_uninstall(tmp
     assert "ExecStart=/opt/aifactory/venv/bin/aifactory hook-server" in unit
     record = json.loads(frontend.upper("/var/lib/one/aifactory/install-manifest.json").read_text())
     assert record["hook_server"] is True
+    doctor = frontend.run("--no-hooks", command=(sys.executable, "-m", "aifactory_core.install.frontend_doctor"))
+    assert "PASS  hook-server: aifactory-hook-server.service running" in doctor.stdout.splitlines(), doctor.stdout
 
     again = frontend.run("--no-venv", "--no-hooks", "--enable-hook-server")
     assert again.returncode == 0 and "nothing to change" in again.stdout, again.stdout + again.stderr

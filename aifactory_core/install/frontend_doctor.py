@@ -5,7 +5,7 @@ with its mode), the VMM wrappers (still the wrapper, original kept as ``<action>
 upgrade of OpenNebula overwrites the remotes), the state directory, the sudoers snippet (``visudo
 -cf``), the Python environments, the drivers in ``oned.conf``/``monitord.conf`` (``VM_MAD`` kvm
 running the wrapped actions on the hosts, ``IM_MAD`` kvm, ``HM_MAD`` for the hooks) and the hooks
-registered with oned.
+registered with oned; where ``--enable-hook-server`` enabled the hook server, whether it runs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_core.errors import AifactoryError
-from aifactory_core.install import layout
+from aifactory_core.install import hook_server, layout
 from aifactory_core.install.manifest import SUDOERS, WRAPPER
 from aifactory_core.model import Check
 
@@ -208,6 +208,9 @@ def run_checks(target: layout.Layout, endpoint: str | None = None, source: Path 
     checks.append(state_check(target))
     checks.extend(environment_checks(target, record))
     checks.extend(oned_checks(target, wrapped))
+    server = hook_server.doctor_check(target, record)
+    if server is not None:
+        checks.append(server)
     if hooks:
         checks.extend(hook_checks(record, source, endpoint))
     return checks

@@ -15,6 +15,7 @@ from typing import Any
 from aifactory_core.errors import UsageError
 from aifactory_core.install import layout, systemd
 from aifactory_core.install.stage import Transaction
+from aifactory_core.model import Check
 
 UNIT_NAME = "aifactory-hook-server.service"
 UNIT = f"/etc/systemd/system/{UNIT_NAME}"
@@ -76,3 +77,16 @@ def stop_for_uninstall(tx: Transaction, target: layout.Layout, record: dict[str,
         tx.step(f"systemctl disable --now {UNIT_NAME}", partial(systemd.checked, "disable", "--now", UNIT_NAME),
                 partial(systemd.quiet, "enable", "--now", UNIT_NAME))
     tx.after_commit.append(partial(systemd.quiet, "daemon-reload"))
+
+
+def doctor_check(target: layout.Layout, record: dict[str, Any]) -> Check | None:
+    """Where the installer enabled the service: is it running? (None: not enabled by the installer.)"""
+    if not record.get(RECORD_KEY) or target.staged:
+        return None
+    if not systemd.running(target):
+        return Check("hook-server", "WARN", f"{UNIT_NAME} was enabled but systemd does not manage this machine",
+                     fix="run 'aifactory hook-server' some other way, or reinstall without --enable-hook-server")
+    if systemd.succeeds("is-active", "--quiet", UNIT_NAME):
+        return Check("hook-server", "PASS", f"{UNIT_NAME} running")
+    return Check("hook-server", "WARN", f"{UNIT_NAME} is not running: each hook decides in its own process "
+                 "(slower, same decisions)", fix=f"systemctl status {UNIT_NAME}; systemctl enable --now {UNIT_NAME}")
