@@ -237,17 +237,6 @@ def small_root(tmp_path: Path) -> Path:
     return generate_host("two-node-small", tmp_path / "small")
 
 
-def test_numa_node_minus_one_on_two_nodes_uses_local_cpulist(small_root: Path) -> None:
-    gpu = "0000:83:00.0"  # the H100 behind the switch on node 1
-    (small_root / "sys" / "bus" / "pci" / "devices" / gpu / "numa_node").resolve().write_text("-1\n")
-    inventory = HostInventory(HostRoot(small_root))
-    assert inventory.pci[gpu].numa_node is None
-    topology = HostTopology.from_inventory(inventory, frozenset({0}))
-    assert topology.node_of_device(gpu) == 1
-    result = plan(topology, HostUsage(), VmSpec(1, 2, GIB, GIB, gpus=(gpu,)))
-    assert isinstance(result, Placement) and result.local and result.memory_nodes == (1,)
-
-
 def test_numa_node_minus_one_as_the_kernel_shows_it_on_two_nodes_stays_unknown(tmp_path: Path) -> None:
     """Where the firmware gives a device no node the kernel shows every online CPU as its
     ``local_cpulist`` (the capture's GPU: -1 and 0-15; hostgen writes that for a root with node

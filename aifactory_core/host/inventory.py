@@ -78,15 +78,14 @@ class HostInventory:
         return version.split()[2] if version and len(version.split()) > 2 else None
 
     def device_node(self, device: PciDevice) -> int | None:
-        """A device's NUMA node; where the kernel says -1, the node that holds its local CPUs."""
+        """A device's NUMA node; where the kernel says -1, the host's only node, else unknown.
+
+        A device's ``local_cpulist`` cannot stand in for a missing node: the kernel derives it from
+        the same bus node, and for a bus without one it lists every online CPU
+        (``cpumask_of_pcibus``), which names no single node."""
         if device.numa_node is not None:
             return device.numa_node
-        if not device.local_cpus or len(self.numa_nodes) <= 1:
-            return self.numa_nodes[0].node_id if len(self.numa_nodes) == 1 else None
-        for node in self.numa_nodes:
-            if device.local_cpus and device.local_cpus <= node.cpus:
-                return node.node_id
-        return None
+        return self.numa_nodes[0].node_id if len(self.numa_nodes) == 1 else None
 
     def group_of(self, address: str) -> tuple[str, ...]:
         device = self.pci.get(address)
