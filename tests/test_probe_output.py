@@ -541,3 +541,16 @@ def test_a_failing_section_is_one_problem_line(monkeypatch: pytest.MonkeyPatch, 
     snapshot = collect(Root(str(dgx_root), str(_dgx_state(tmp_path))))
     assert snapshot["problems"] == ["readiness: RuntimeError: iommu groups unreadable"]
     assert snapshot["gpus"] and not snapshot["checks"]  # the other sections are still reported
+
+
+def test_vm_monitor_that_cannot_read_prints_nothing_and_says_why_on_stderr(
+        h100_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A defect under the vm/monitor probe leaves its stream empty (valid for monitord) and names
+    the cause in one stderr line instead of vanishing."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("state directory\nunreadable")
+
+    monkeypatch.setattr(vm_monitor, "collect", broken)
+    assert vm_monitor.probe(Root(str(h100_root), str(tmp_path))) == ""
+    assert capsys.readouterr().err == "aifactory vm/monitor probe: OSError: state directory unreadable\n"

@@ -42,10 +42,15 @@ def records(snapshot: dict[str, Any]) -> list[tuple[int, list[tuple[str, object]
 
 
 def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
-    """The probe's whole output; never raises (nothing is printed when nothing can be read)."""
+    """The probe's whole output; never raises. When nothing can be read the output is empty (an
+    empty vm/monitor stream is valid; monitord keeps the VMs' other monitoring) and the reason goes
+    to stderr in one line, for whoever runs the probe by hand."""
     try:
         snapshot = collect(root, replay, budget_s, nvml_mode="off")
         return "".join(render.vm_line(vm, f"one-{vm}", attributes) + "\n"
                        for vm, attributes in records(snapshot))
-    except Exception:
+    except Exception as error:
+        import sys
+
+        sys.stderr.write(render.error_text(error, prefix="aifactory vm/monitor probe: ") + "\n")
         return ""
