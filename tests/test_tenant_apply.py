@@ -146,3 +146,47 @@ def test_apply_to_a_malformed_endpoint_is_refused_in_one_line(tmp_path: Path, en
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == (f"aifactory: unsupported XML-RPC endpoint {endpoint!r}: "
                              "expected http(s)://host[:port]/path\n")  # fmt: skip
+
+
+@pytest.mark.parametrize("session", ["oneadmin", "", ":secret", "oneadmin:se\ncret"])
+def test_apply_with_a_malformed_session_is_refused_in_one_line(session: str) -> None:
+    import os
+    import subprocess
+
+    cli = str(Path(__file__).parent.parent / ".venv" / "bin" / "aifactory")
+    env = {key: value for key, value in os.environ.items() if key != "AIFACTORY_CONFIG"}
+    result = subprocess.run([cli, "tenant", "apply", str(EXAMPLE), "--dry-run", "--endpoint", "http://127.0.0.1:9/RPC2",
+                             "--session", session], capture_output=True, text=True, env=env, timeout=60,
+                            check=False)  # fmt: skip
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == "aifactory: --session: expected user:password\n"
+
+
+class _AnswersOf:
+    """oned as a broken endpoint would answer: documents with ids that are not numbers (the test
+    server cannot send these, since every answer it gives is checked against OpenNebula's XSDs)."""
+
+    def __init__(self, documents: dict[str, str]) -> None:
+        self.documents = documents
+
+    def document(self, method: str) -> object:
+        from aifactory_core.one.xmlsafe import parse_xml
+
+        return parse_xml(self.documents.get(method, f"<{method.split('.')[1].upper()}_POOL/>"))
+
+
+@pytest.mark.parametrize(("method", "document", "message"), [
+    ("one.grouppool.info", "<GROUP_POOL><GROUP><ID>x1</ID><NAME>a</NAME></GROUP></GROUP_POOL>",
+     "oned answered a group ID 'x1', not a number"),
+    ("one.vdcpool.info", "<VDC_POOL><VDC><ID>0</ID><NAME>v</NAME><GROUPS><ID>1e3</ID></GROUPS></VDC></VDC_POOL>",
+     "oned answered a VDC group ID '1e3', not a number"),
+    ("one.acl.info", "<ACL_POOL><ACL><USER>zz</USER><RESOURCE>1</RESOURCE><RIGHTS>1</RIGHTS><ZONE>1</ZONE></ACL>"
+     "</ACL_POOL>", "oned answered an ACL USER 'zz', not a number"),
+])
+def test_ids_that_are_not_numbers_are_onederrors_not_defects(method: str, document: str, message: str) -> None:
+    from aifactory_core.policy.apply import read_state
+    from aifactory_core.policy.oned import OnedError
+
+    with pytest.raises(OnedError) as raised:
+        read_state(_AnswersOf({method: document}))  # type: ignore[arg-type]
+    assert str(raised.value) == message

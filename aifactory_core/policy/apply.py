@@ -28,23 +28,35 @@ class OneState:
     acls: set[tuple[int, int, int, int]] = field(default_factory=set)
 
 
-def _hex(text: str | None) -> int:
-    return int((text or "0").strip(), 16)
+def _number(text: str | None, what: str, base: int = 10) -> int:
+    """An id or ACL word from oned's answer; anything else is oned's defect, said in one line."""
+    from aifactory_core.policy.oned import OnedError
+
+    raw = (text or "").strip()
+    if not raw:
+        return -1 if base == 10 else 0
+    try:
+        return int(raw, base)
+    except ValueError:
+        raise OnedError(f"oned answered {what} {raw[:40]!r}, not a number") from None
 
 
 def read_state(oned: Oned) -> OneState:
     state = OneState()
     for group in oned.document("one.grouppool.info").iterfind("GROUP"):
-        state.groups[group.findtext("NAME") or ""] = int(group.findtext("ID") or "-1")
+        state.groups[group.findtext("NAME") or ""] = _number(group.findtext("ID"), "a group ID")
     for vdc in oned.document("one.vdcpool.info").iterfind("VDC"):
-        groups = {int(item.text or "-1") for item in vdc.iterfind("GROUPS/ID")}
+        groups = {_number(item.text, "a VDC group ID") for item in vdc.iterfind("GROUPS/ID")}
         clusters = {
-            (int(item.findtext("ZONE_ID") or "-1"), int(item.findtext("CLUSTER_ID") or "-1"))
+            (_number(item.findtext("ZONE_ID"), "a VDC zone ID"),
+             _number(item.findtext("CLUSTER_ID"), "a VDC cluster ID"))
             for item in vdc.iterfind("CLUSTERS/CLUSTER")
         }
-        state.vdcs[vdc.findtext("NAME") or ""] = (int(vdc.findtext("ID") or "-1"), groups, clusters)
+        state.vdcs[vdc.findtext("NAME") or ""] = (_number(vdc.findtext("ID"), "a VDC ID"), groups, clusters)
     for acl in oned.document("one.acl.info").iterfind("ACL"):
-        state.acls.add(tuple(_hex(acl.findtext(tag)) for tag in ("USER", "RESOURCE", "RIGHTS", "ZONE")))  # type: ignore[arg-type]
+        user, resource, rights, zone = (_number(acl.findtext(tag), f"an ACL {tag}", 16)
+                                        for tag in ("USER", "RESOURCE", "RIGHTS", "ZONE"))
+        state.acls.add((user, resource, rights, zone))
     return state
 
 

@@ -35,7 +35,10 @@ class OnedError(AifactoryError):
 
 
 def resolve_session(session: str | None) -> str:
-    if session:
+    """``user:password`` as given, else from the ``$ONE_AUTH`` file as OpenNebula's clients read it."""
+    if session is not None:
+        if ":" not in session or "\n" in session or session.startswith(":"):
+            raise UsageError("--session: expected user:password")
         return session
     path = os.environ.get("ONE_AUTH") or os.path.expanduser("~/.one/one_auth")
     try:
