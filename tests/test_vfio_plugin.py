@@ -131,6 +131,27 @@ def test_nvml_state_refuses_mig_and_running_processes(h100_root: Path, monkeypat
                                      parse_config({}))
 
 
+@pytest.mark.parametrize(("content", "reason"), [
+    (None, "No such file or directory"),
+    ("{not json", "Expecting property name enclosed in double quotes"),
+    ("[1, 2]", "not an nvml.json recording"),
+    ('{"devices": ["0000:00:06.0"]}', "not an nvml.json recording"),
+])
+def test_a_broken_nvml_recording_is_one_config_error(h100_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path, content: str | None, reason: str) -> None:
+    from aifactory_core.errors import ConfigError
+
+    path = tmp_path / "nvml.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("AIFACTORY_NVML_REPLAY", str(path))
+    with pytest.raises(ConfigError) as raised:
+        nvidia_gpu.aifactory_prepare(HostInventory(HostRoot(h100_root)), DeployRequest(1, ("0000:00:06.0",)),
+                                     parse_config({}))
+    message = str(raised.value)
+    assert message.startswith(f"AIFACTORY_NVML_REPLAY={path}: ") and reason in message and "\n" not in message
+
+
 def test_doctor_reports_what_host_setup_installs(host: HostRoot) -> None:
     """Missing pieces are named with the fix; a helper others may write is not trusted; all three
     in place pass (as root, which owns what the test writes)."""
