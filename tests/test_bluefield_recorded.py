@@ -134,8 +134,9 @@ def test_external_controller_vf_representor_is_not_taken_for_a_local_vf(tmp_path
 def test_probe_reports_the_recorded_switchdev_uplink_without_mlnx_ofed(tmp_path: Path) -> None:
     """Recording: ``devlink-port-cx6.txt`` (ovn-org/ovn#169). An upstream kernel has no
     ``compat/devlink/mode`` (MLNX_OFED only): the probe's ``AIF_SRIOV`` row reads the mode the way
-    the network plugins route VFs — an uplink with a ``phys_switch_id`` is in switchdev mode — and
-    the same PF without a switch id reads legacy. ``sriov_totalvfs`` is filled in."""
+    the network plugins route VFs — VF representors on the uplink's switch mean switchdev — and the
+    same PF whose VFs have no representors reads legacy, with or without its own switch id.
+    ``sriov_totalvfs`` and ``sriov_numvfs`` are filled in."""
     from aifactory_core.probes.collect import collect
     from aifactory_core.probes.sysfs import Root
 
@@ -148,5 +149,12 @@ def test_probe_reports_the_recorded_switchdev_uplink_without_mlnx_ofed(tmp_path:
         return str(next(row for row in rows if row["BUS_ID"] == uplink.pci_address)["ESWITCH_MODE"])
 
     assert mode() == "SWITCHDEV"
+    # Legacy mode on an upstream kernel: the uplink keeps its switch id (mlx5 en/devlink.c gives the
+    # PF's physical port one in both modes) but the VFs have no representors.
+    rec.write(host.pci_devices / uplink.pci_address / "sriov_numvfs", "1")
+    for port in ports:
+        if port.flavour == "pcivf":
+            (host.path(f"/sys/class/net/{port.netdev}") / "phys_switch_id").unlink()
+    assert mode() == "LEGACY"
     (host.path(f"/sys/class/net/{uplink.netdev}") / "phys_switch_id").unlink()
     assert mode() == "LEGACY"

@@ -521,6 +521,72 @@ def test_probe_reports_the_eswitch_mode_the_vfs_are_routed_by(tmp_path: Path, tr
     assert vf_mode(host, locate_vf(host, "0000:18:00.2")) == expected
 
 
+def test_eswitch_mode_of_a_pf_without_vfs_is_unknown_unless_the_driver_says(tmp_path: Path) -> None:
+    """With no VFs there are no representors to tell the modes apart, and a ``phys_switch_id`` is
+    there in both (upstream mlx5, netdevsim): the row says UNKNOWN rather than guess; MLNX_OFED's
+    compat file, where present, still answers."""
+    from fixtures.nics import cx7
+
+    host = cx7.build(tmp_path / "root", mode="switchdev", vfs=0)
+    for name in [entry.name for entry in host.path("/sys/class/net").iterdir()]:
+        if name != "ens1f0np0":
+            shutil.rmtree(host.path(f"/sys/class/net/{name}"))  # a PF without VFs has no representors
+    [row] = collect(Root(str(host.root), str(tmp_path / "state")))["sriov"]
+    assert (row["NUM_VFS"], row["ESWITCH_MODE"]) == (0, "UNKNOWN")
+    mode_file = host.path("/sys/class/net/ens1f0np0/compat/devlink/mode")
+    mode_file.parent.mkdir(parents=True)
+    mode_file.write_text("switchdev\n")
+    [row] = collect(Root(str(host.root), str(tmp_path / "state")))["sriov"]
+    assert row["ESWITCH_MODE"] == "SWITCHDEV"
+
+
+@pytest.mark.parametrize(("port_name", "expected"), [
+    ("pf0vf3", (0, 3)), ("pf1vf12", (1, 12)), ("c1pf0vf1", None), ("pf0", None), ("p0", None),
+    ("pf0sf1", None), ("pf0vf", None), ("pfvf1", None), ("pf0vf1x", None), ("pf0vf\u0661", None), ("", None),
+])
+def test_vf_representor_port_names(port_name: str, expected: tuple[int, int] | None) -> None:
+    """Only ``pf<P>vf<V>`` names a local VF's representor (an external controller's ``c1pf0vf1``,
+    the uplink, the host-PF representor and sub-functions never do)."""
+    from aifactory_core.host.eswitch import vf_port
+
+    assert vf_port(port_name) == expected
+
+
+def test_two_pfs_of_one_card_share_a_switch_id_but_not_representors(tmp_path: Path) -> None:
+    """Both PFs of a dual-port ConnectX carry the card's switch id; each PF's VF representors are
+    ``pf<its PCI function>vf<N>``: PF 1's ``pf1vf0`` is not PF 0's VF 0, and PF 1 (whose VFs all
+    have representors) is in switchdev mode while its own ``phys_port_name`` is ``p1``."""
+    import os
+
+    from fixtures.nics import cx7
+
+    from aifactory_core.host.eswitch import uplink_mode, vf_representors
+
+    host = cx7.build(tmp_path / "root", mode="switchdev", vfs=4)
+    pf1 = host.path("/sys/bus/pci/devices/0000:18:00.1")
+    pf1.mkdir()
+    (pf1 / "sriov_numvfs").write_text("1\n")
+    for address, directory in ((cx7.PF, host.path(f"/sys/bus/pci/devices/{cx7.PF}")), ("0000:18:00.1", pf1)):
+        (directory / "uevent").write_text(f"DRIVER=mlx5_core\nPCI_SLOT_NAME={address}\n")
+    for name, port, device in (("ens1f1np1", "p1", "0000:18:00.1"), ("eth30", "pf1vf0", None)):
+        net = host.path(f"/sys/class/net/{name}")
+        net.mkdir()
+        (net / "phys_port_name").write_text(port + "\n")
+        (net / "phys_switch_id").write_text(cx7.SWITCH_ID + "\n")
+        if device:
+            os.symlink(f"../../../bus/pci/devices/{device}", net / "device")
+
+    def listing(path: str) -> list[str]:
+        return sorted(os.listdir(host.path(path)))
+
+    pf0_reps = vf_representors(host.read_text, listing, "ens1f0np0")
+    assert {vf: rep[0] for vf, rep in pf0_reps.items()} == {0: "eth10", 1: "eth11", 2: "eth12", 3: "eth13"}
+    assert vf_representors(host.read_text, listing, "ens1f1np1") == {0: ("eth30", 1, cx7.SWITCH_ID)}
+    assert uplink_mode(host.read_text, listing, "ens1f1np1") == "switchdev"
+    shutil.rmtree(host.path("/sys/class/net/eth30"))
+    assert uplink_mode(host.read_text, listing, "ens1f1np1") == "legacy"  # PF 0's representors are not its own
+
+
 def test_error_text_is_one_bounded_line() -> None:
     """An exception becomes a problem attribute's text on one line, at most ``limit`` characters,
     which the template syntax carries as one attribute."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aifactory_core.errors import HostError, UsageError
+from aifactory_core.host.eswitch import vf_representors
 from aifactory_core.host.sysfs import list_dir, read_str
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.validate import ifname, pci_address
@@ -20,9 +21,6 @@ from aifactory_core.validate import ifname, pci_address
 ESWITCH_MODES = {"legacy": 0, "switchdev": 1}
 """DEVLINK_ESWITCH_MODE_LEGACY / _SWITCHDEV."""
 _MODE_NAMES = {number: name for name, number in ESWITCH_MODES.items()}
-_VF_PORT = re.compile(r"^pf(\d+)vf(\d+)$")
-"""A local VF's representor; ``c<N>pf<P>vf<V>`` is an external controller's VF (a host's VF seen
-from a BlueField's Arm), never the local VF ``V``."""
 _DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
@@ -48,20 +46,13 @@ def switch_id(host: HostRoot, netdev: str) -> str | None:
 
 
 def representors(host: HostRoot, pf_netdev: str) -> dict[int, Representor]:
-    """The VF representors on the same switch as ``pf_netdev``: VF number -> representor."""
-    wanted = switch_id(host, pf_netdev)
-    if wanted is None:
-        raise HostError(f"{pf_netdev} has no phys_switch_id (not in switchdev mode?)")
-    pf_number = _pf_number(host, pf_netdev)
-    found: dict[int, Representor] = {}
-    for name in list_dir(host.path("/sys/class/net")):
-        base = host.path(f"/sys/class/net/{name}")
-        if read_str(base / "phys_switch_id") != wanted:
-            continue
-        match = _VF_PORT.fullmatch(read_str(base / "phys_port_name") or "")
-        if match and (pf_number is None or int(match.group(1)) == pf_number):
-            found[int(match.group(2))] = Representor(name, int(match.group(1)), int(match.group(2)), wanted)
-    return found
+    """The VF representors on the same switch as ``pf_netdev``: VF number -> representor (the scan
+    and its naming rules: :func:`aifactory_core.host.eswitch.vf_representors`)."""
+    netdev = ifname(pf_netdev)
+    if switch_id(host, netdev) is None:
+        raise HostError(f"{netdev} has no phys_switch_id (not in switchdev mode?)")
+    found = vf_representors(host.read_text, lambda path: list_dir(host.path(path)), netdev)
+    return {vf: Representor(name, pf, vf, switch) for vf, (name, pf, switch) in found.items()}
 
 
 def representor_of(host: HostRoot, pf_netdev: str, vf: int) -> Representor:
@@ -70,13 +61,6 @@ def representor_of(host: HostRoot, pf_netdev: str, vf: int) -> Representor:
     if found is None:
         raise HostError(f"no representor for VF {vf} of {pf_netdev}")
     return found
-
-
-def _pf_number(host: HostRoot, pf_netdev: str) -> int | None:
-    """The PF number from the uplink's ``phys_port_name`` (``p0`` -> 0, ``pf0`` -> 0)."""
-    name = read_str(host.path(f"/sys/class/net/{ifname(pf_netdev)}/phys_port_name")) or ""
-    match = re.fullmatch(r"(?:c\d+)?pf?(\d+)", name)
-    return int(match.group(1)) if match else None
 
 
 class Devlink(Protocol):

@@ -266,8 +266,8 @@ def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None
                     vfs.append(target)
         used = [vf for vf in vfs if vf in held or pci_driver(root, vf) == "vfio-pci"]
         interfaces = root.listdir(base + "net")
-        modes = [uplink_mode(root.text, interface) for interface in interfaces]
-        mode = "switchdev" if "switchdev" in modes else (modes[0] if modes else "")
+        modes = [uplink_mode(root.text, root.listdir, interface) for interface in interfaces]
+        mode = next((word for word in ("switchdev", "legacy", "unknown") if word in modes), "")
         vendor, device, _klass = pci_ids(root, address)
         rows.append({
             "ADDRESS": one_address(address), "SHORT_ADDRESS": address[5:], "BUS_ID": address,

@@ -54,7 +54,8 @@ def vf_mode(host: HostRoot, where: VfLocation) -> VfMode:
     (:func:`aifactory_core.host.eswitch.uplink_mode`): ``switchdev`` or ``legacy``."""
     if where.infiniband:
         return "infiniband"
-    return uplink_mode(host.read_text, ifname(where.pf_netdev))
+    mode = uplink_mode(host.read_text, lambda path: list_dir(host.path(path)), ifname(where.pf_netdev))
+    return "switchdev" if mode == "switchdev" else "legacy"  # a PF with this VF has VFs: never unknown
 
 
 def nic_vf_in_mode(host: HostRoot, nic: object, mode: VfMode) -> VfLocation | None:

@@ -198,3 +198,35 @@ def test_netdevsim_eswitch_to_switchdev_over_real_devlink(netdevsim_pf: tuple[Ho
     again = subprocess.run([*aifactory, "--apply"], capture_output=True, text=True, check=False)
     assert again.stdout == f"netdevsim/{device}: switchdev\n", again.stderr
     assert "mode switchdev" in sh("devlink", "dev", "eswitch", "show", f"netdevsim/{device}")
+
+
+def test_netdevsim_eswitch_mode_read_unprivileged_matches_devlink(netdevsim_pf: tuple[HostRoot, str, int]) -> None:
+    """The sysfs rule the probes and the network routing share (``host.eswitch.uplink_mode``) on the
+    real kernel: in legacy mode the PF already has a ``phys_switch_id`` (so a switch id alone cannot
+    mean switchdev) and no VF representors -> legacy; after devlink switches the device to
+    switchdev the kernel adds a ``pf0vfN`` representor per VF -> switchdev; ``devlink`` agrees with
+    both answers. No VFs and no representors -> unknown."""
+    from aifactory_core.host.eswitch import uplink_mode, vf_representors
+
+    host, pf, _index = netdevsim_pf
+    device = Path(f"/sys/class/net/{pf}/device").resolve()
+
+    def listing(path: str) -> list[str]:
+        return sorted(os.listdir(path))
+
+    def mode() -> str:
+        return uplink_mode(host.read_text, listing, pf)
+
+    assert read(Path(f"/sys/class/net/{pf}/phys_switch_id"))  # present in legacy mode too
+    assert "mode legacy" in sh("devlink", "dev", "eswitch", "show", f"netdevsim/{device.name}")
+    assert mode() == "unknown"  # no VFs yet
+    write(device / "sriov_numvfs", "4")
+    assert (mode(), vf_representors(host.read_text, listing, pf)) == ("legacy", {})
+    sh("devlink", "dev", "eswitch", "set", f"netdevsim/{device.name}", "mode", "switchdev")
+    found = wait_for(lambda: len(vf_representors(host.read_text, listing, pf)) == 4 and
+                     vf_representors(host.read_text, listing, pf), "VF representors")
+    assert sorted(found) == [0, 1, 2, 3] and mode() == "switchdev"
+    assert "mode switchdev" in sh("devlink", "dev", "eswitch", "show", f"netdevsim/{device.name}")
+    sh("devlink", "dev", "eswitch", "set", f"netdevsim/{device.name}", "mode", "legacy")
+    wait_for(lambda: not vf_representors(host.read_text, listing, pf), "representors gone")
+    assert mode() == "legacy"
