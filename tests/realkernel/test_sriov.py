@@ -205,27 +205,36 @@ def test_netdevsim_eswitch_mode_read_unprivileged_matches_devlink(netdevsim_pf: 
     real kernel: in legacy mode the PF already has a ``phys_switch_id`` (so a switch id alone cannot
     mean switchdev) and no VF representors -> legacy; after devlink switches the device to
     switchdev the kernel adds a ``pf0vfN`` representor per VF -> switchdev; ``devlink`` agrees with
-    both answers. No VFs and no representors -> unknown."""
+    both answers, read through the probes' own ``Root`` reader too. No VFs and no representors ->
+    unknown. (netdevsim is not a PCI function, so neither the probe's SR-IOV section, which walks PCI
+    PFs, nor ``vnm.plan.vf_mode``, which starts from a VF's PCI address, can be run on it whole; both
+    call ``uplink_mode``.)"""
     from aifactory_core.host.eswitch import uplink_mode, vf_representors
+    from aifactory_core.probes.sysfs import Root
 
     host, pf, _index = netdevsim_pf
     device = Path(f"/sys/class/net/{pf}/device").resolve()
+    probe_root = Root("/")
 
     def listing(path: str) -> list[str]:
         return sorted(os.listdir(path))
 
     def mode() -> str:
-        return uplink_mode(host.read_text, listing, pf)
+        probe_mode = uplink_mode(probe_root.text, probe_root.listdir, pf)
+        assert probe_mode == uplink_mode(host.read_text, listing, pf)
+        return probe_mode
 
     assert read(Path(f"/sys/class/net/{pf}/phys_switch_id"))  # present in legacy mode too
     assert "mode legacy" in sh("devlink", "dev", "eswitch", "show", f"netdevsim/{device.name}")
     assert mode() == "unknown"  # no VFs yet
     write(device / "sriov_numvfs", "4")
     assert (mode(), vf_representors(host.read_text, listing, pf)) == ("legacy", {})
+    print(f"legacy: phys_switch_id={read(Path(f'/sys/class/net/{pf}/phys_switch_id'))} uplink_mode={mode()}")
     sh("devlink", "dev", "eswitch", "set", f"netdevsim/{device.name}", "mode", "switchdev")
     found = wait_for(lambda: len(vf_representors(host.read_text, listing, pf)) == 4 and
                      vf_representors(host.read_text, listing, pf), "VF representors")
     assert sorted(found) == [0, 1, 2, 3] and mode() == "switchdev"
+    print(f"switchdev: representors={found} uplink_mode={mode()}")
     assert "mode switchdev" in sh("devlink", "dev", "eswitch", "show", f"netdevsim/{device.name}")
     sh("devlink", "dev", "eswitch", "set", f"netdevsim/{device.name}", "mode", "legacy")
     wait_for(lambda: not vf_representors(host.read_text, listing, pf), "representors gone")
