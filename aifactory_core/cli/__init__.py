@@ -130,7 +130,11 @@ def selected_command(argv: Sequence[str]) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(selected_command(args_list))
-    args = parser.parse_args(args_list)
+    try:
+        args = parser.parse_args(args_list)
+    except AifactoryError as error:  # raised by an option's own type check (argparse passes it on)
+        sys.stderr.write(f"aifactory: {error.message}\n")
+        return error.exit_status
     logging.basicConfig(level=args.log_level.upper(), format="aifactory: %(levelname)s: %(message)s")
     debug = args.debug or os.environ.get("AIFACTORY_DEBUG") == "1"
     if not args.command:
