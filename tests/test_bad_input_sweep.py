@@ -28,31 +28,27 @@ BILLION_LAUGHS = ('<?xml version="1.0"?><!DOCTYPE v [<!ENTITY a "aaaaaaaaaa">'
 EXTERNAL_ENTITY = '<?xml version="1.0"?><!DOCTYPE v [<!ENTITY x SYSTEM "file:///etc/passwd">]><VM><ID>&x;</ID></VM>'
 
 
-def _files(name: str, content: str | bytes) -> tuple[str, str | bytes]:
-    return name, content
-
-
 # (case id, argv with {tmp} for the case's directory, files to write there first, stdin)
 CLI_CASES: list[tuple[str, list[str], list[tuple[str, str | bytes]], bytes]] = [
-    ("vm-entity-expansion", ["vm", "{tmp}/vm.xml"], [_files("vm.xml", BILLION_LAUGHS)], b""),
-    ("vm-external-entity", ["vm", "{tmp}/vm.xml"], [_files("vm.xml", EXTERNAL_ENTITY)], b""),
-    ("vm-truncated", ["vm", "{tmp}/vm.xml"], [_files("vm.xml", "<VM><ID>4")], b""),
-    ("vm-base64-garbage", ["vm", "{tmp}/vm.xml"], [_files("vm.xml", "PFZNPjxJRD4=!!!***")], b""),
-    ("vm-binary", ["vm", "{tmp}/vm.xml"], [_files("vm.xml", bytes(range(256)))], b""),
-    ("vm-oversized", ["vm", "{tmp}/vm.xml"], [_files("vm.xml", "<VM>" + "<A>x</A>" * 3_000_000 + "</VM>")], b""),
-    ("vm-id-not-number", ["vm", "{tmp}/vm.xml"], [_files("vm.xml", "<VM><ID>4x</ID></VM>")], b""),
+    ("vm-entity-expansion", ["vm", "{tmp}/vm.xml"], [("vm.xml", BILLION_LAUGHS)], b""),
+    ("vm-external-entity", ["vm", "{tmp}/vm.xml"], [("vm.xml", EXTERNAL_ENTITY)], b""),
+    ("vm-truncated", ["vm", "{tmp}/vm.xml"], [("vm.xml", "<VM><ID>4")], b""),
+    ("vm-base64-garbage", ["vm", "{tmp}/vm.xml"], [("vm.xml", "PFZNPjxJRD4=!!!***")], b""),
+    ("vm-binary", ["vm", "{tmp}/vm.xml"], [("vm.xml", bytes(range(256)))], b""),
+    ("vm-oversized", ["vm", "{tmp}/vm.xml"], [("vm.xml", "<VM>" + "<A>x</A>" * 3_000_000 + "</VM>")], b""),
+    ("vm-id-not-number", ["vm", "{tmp}/vm.xml"], [("vm.xml", "<VM><ID>4x</ID></VM>")], b""),
     ("vm-missing-file", ["vm", "{tmp}/absent.xml"], [], b""),
-    ("plan-truncated-vm", ["plan", "--vm", "{tmp}/vm.xml"], [_files("vm.xml", "<VM><ID>")], b""),
+    ("plan-truncated-vm", ["plan", "--vm", "{tmp}/vm.xml"], [("vm.xml", "<VM><ID>")], b""),
     ("plan-deployment-entity", ["plan", "--vm", "{tmp}/vm.xml", "--deployment", "{tmp}/d.xml"],
-     [_files("vm.xml", "<VM><ID>1</ID><TEMPLATE><VCPU>1</VCPU><MEMORY>512</MEMORY></TEMPLATE></VM>"),
-      _files("d.xml", BILLION_LAUGHS.replace("<VM><ID>&b;</ID></VM>", "<domain>&b;</domain>"))], b""),
+     [("vm.xml", "<VM><ID>1</ID><TEMPLATE><VCPU>1</VCPU><MEMORY>512</MEMORY></TEMPLATE></VM>"),
+      ("d.xml", BILLION_LAUGHS.replace("<VM><ID>&b;</ID></VM>", "<domain>&b;</domain>"))], b""),
     ("tenant-check-wrong-types", ["tenant", "check", "{tmp}/p.toml"],
-     [_files("p.toml", '[tenant.a]\ngroup = "a"\nmax_gpus = "many"\n')], b""),
-    ("tenant-check-not-toml", ["tenant", "check", "{tmp}/p.toml"], [_files("p.toml", "[tenant.a\n")], b""),
+     [("p.toml", '[tenant.a]\ngroup = "a"\nmax_gpus = "many"\n')], b""),
+    ("tenant-check-not-toml", ["tenant", "check", "{tmp}/p.toml"], [("p.toml", "[tenant.a\n")], b""),
     ("usage-bad-date", ["usage", "--from", "yesterday", "--to", "2026-11-27"], [], b""),
     ("config-wrong-type", ["--config", "{tmp}/c.toml", "inventory"],
-     [_files("c.toml", '[plugin.sriov]\nnuma_local = 7\n')], b""),
-    ("config-not-toml", ["--config", "{tmp}/c.toml", "inventory"], [_files("c.toml", "plugin = [\n")], b""),
+     [("c.toml", '[plugin.sriov]\nnuma_local = 7\n')], b""),
+    ("config-not-toml", ["--config", "{tmp}/c.toml", "inventory"], [("c.toml", "plugin = [\n")], b""),
     ("device-bind-driver-with-space", ["device", "bind", "0000:00:06.0", "--driver", "vfio pci", "--dry-run"], [], b""),
     ("device-bind-driver-with-slash", ["device", "bind", "0000:00:06.0", "--driver", "../vfio", "--dry-run"], [], b""),
     ("device-release-dotdot", ["device", "release", "0000:00:06.0/../../x"], [], b""),
