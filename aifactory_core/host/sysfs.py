@@ -1,9 +1,14 @@
-"""Tolerant readers for sysfs attribute files (missing or unreadable gives ``None``)."""
+"""Tolerant readers for sysfs attribute files (missing or unreadable gives ``None``).
+
+Imports only ``os``: the probes share :func:`link_name` on their start-up path."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+
+TYPE_CHECKING = False  # typing is not loaded at the probes' start-up; mypy reads the name
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def read_str(path: Path) -> str | None:
@@ -28,10 +33,10 @@ def read_hex(path: Path) -> int | None:
     return read_int(path, 16)
 
 
-def link_name(path: Path) -> str | None:
-    """The last component of a symlink's target (``driver`` -> ``nvidia``), or None; the same rule
-    as :meth:`aifactory_core.probes.sysfs.Root.link_name` (a target ending in ``/`` or ``..`` is
-    resolved as the kernel would, not reported as ``''`` or ``'..'``)."""
+def link_name(path: Path | str) -> str | None:
+    """The last component of a symlink's target (``driver`` -> ``nvidia``), or None; also the
+    probes' rule (:meth:`aifactory_core.probes.sysfs.Root.link_name`). A target ending in ``/`` or
+    ``..`` is resolved as the kernel would, not reported as ``''`` or ``'..'``."""
     try:
         target = os.readlink(path)
     except OSError:  # absent or not a link

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from aifactory_core.host.sysfs import link_name  # imports only os
+
 _HEX = frozenset("0123456789abcdef")
 DEFAULT_STATE_DIR = "/var/lib/one/aifactory"
 NVIDIA = 0x10DE  # PCI vendor id
@@ -73,14 +75,7 @@ class Root:
 
     def link_name(self, absolute: str) -> str | None:
         """The last component of a symlink's target (a driver's or group's name)."""
-        try:
-            target = os.readlink(self.path(absolute))
-        except OSError:  # absent or not a link
-            return None
-        name = os.path.basename(target.rstrip("/"))
-        if name in ("", ".", ".."):  # not a plain name: let the kernel's path rules decide
-            name = os.path.basename(os.path.realpath(self.path(absolute)))
-        return name or None
+        return link_name(self.path(absolute))
 
     def exists(self, absolute: str) -> bool:
         return os.path.exists(self.path(absolute))
