@@ -95,6 +95,21 @@ def test_a_malformed_request_is_answered_not_obeyed(hook_server: Path) -> None:
     assert (status, out) == ("2", "") and "malformed request" in err
 
 
+def test_the_server_takes_only_what_the_client_may_send() -> None:
+    """One rule (hookclient.is_request) for the client's header and the server's: a METHOD the
+    client would never send is a malformed request to the server too."""
+    from aifactory_core.policy.hookclient import _header
+    from aifactory_core.policy.hookserver import parse_header
+
+    for args in (["admission"], ["accounting"], ["admission", "one.vm.allocate"]):
+        header = _header(args)
+        assert header is not None and parse_header(header.rstrip(b"\n")) == args
+    for args in (["admission", "one.vm.allocate;id"], ["admission", "x" * 65], ["shutdown"], [],
+                 ["admission", "one.vm.allocate", "extra"]):
+        assert _header(args) is None
+        assert parse_header(" ".join(args).encode()) is None
+
+
 def test_concurrent_events_through_the_server_keep_the_gpu_cap(one_server, hook_server: Path,
                                                                tmp_path: Path) -> None:
     vm_ids = list(range(500, 500 + VMS))

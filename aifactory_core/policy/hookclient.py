@@ -27,14 +27,18 @@ ANSWER_TIMEOUT_S = 110.0  # below the hook templates' TIMEOUT = 120
 KINDS = ("admission", "accounting")
 
 
+def is_request(words: list[str]) -> bool:
+    """``kind [METHOD]``, METHOD an XML-RPC method name: the one rule for what the client sends
+    and what the server (:func:`aifactory_core.policy.hookserver.parse_header`) accepts."""
+    if not words or words[0] not in KINDS or len(words) > 2:
+        return False
+    method = words[1] if len(words) == 2 else "x"
+    return method.isascii() and method.replace(".", "").replace("_", "").isalnum() and len(method) <= 64
+
+
 def _header(args: list[str]) -> bytes | None:
     """``kind [METHOD]\\n``; None when the arguments are not a hook's (decided locally, refused there)."""
-    if not args or args[0] not in KINDS or len(args) > 2:
-        return None
-    if len(args) == 2 and not (args[1].isascii() and args[1].replace(".", "").replace("_", "").isalnum()
-                               and len(args[1]) <= 64):
-        return None
-    return (" ".join(args) + "\n").encode("ascii")
+    return (" ".join(args) + "\n").encode("ascii") if is_request(args) else None
 
 
 def _exchange(path: str, header: bytes, data: bytes) -> tuple[int, str, str] | None:

@@ -20,21 +20,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 from aifactory_core.errors import EXIT_USAGE, UsageError
-from aifactory_core.policy.hookclient import DEFAULT_SOCKET, KINDS, MAX_PAYLOAD
+from aifactory_core.policy.hookclient import DEFAULT_SOCKET, MAX_PAYLOAD, is_request
 
 MAX_HEADER = 256
 REQUEST_TIMEOUT_S = 30.0
 
 
 def parse_header(line: bytes) -> list[str] | None:
-    """``kind [METHOD]`` as the client sends it; None for anything else."""
+    """``kind [METHOD]`` as the client sends it (:func:`~aifactory_core.policy.hookclient.is_request`);
+    None for anything else."""
     try:
         words = line.decode("ascii").split()
     except UnicodeDecodeError:
         return None
-    if not words or words[0] not in KINDS or len(words) > 2:
-        return None
-    return words
+    return words if is_request(words) else None
 
 
 def read_request(connection: socket.socket) -> tuple[list[str] | None, bytes]:
