@@ -153,12 +153,10 @@ def record_reset(host: HostRoot, address: str, method: str, problem: str | None,
 
 def reset_history(host: HostRoot, address: str) -> list[tuple[str, str, str, str]]:
     """The recorded outcomes of ``address``, oldest first: (time, OK|FAILED, method, reason)."""
-    history = []
-    for line in (read_str(_history_path(host, address)) or "").splitlines():
-        fields = line.split("\t", 3) + [""]  # an empty reason may have lost its trailing tab
-        if len(fields) >= 4:
-            history.append((fields[0], fields[1], fields[2], fields[3]))
-    return history
+    from aifactory_core.probes.host_side import reset_record  # the probes read the same lines
+
+    lines = (read_str(_history_path(host, address)) or "").splitlines()
+    return [outcome for outcome in map(reset_record, lines) if outcome is not None]
 
 
 def parse_helper_reset(output: str, expected_method: str) -> tuple[str, str | None]:

@@ -88,10 +88,17 @@ def last_resets(root: Root) -> dict[str, tuple[str, str, str, str]]:
     result: dict[str, tuple[str, str, str, str]] = {}
     for name, text in _state_files(root, "resets"):
         lines = text.splitlines()
-        fields = lines[-1].split("\t", 3) + [""] if lines else []
-        if len(fields) >= 4 and fields[1] in ("OK", "FAILED"):
-            result[name] = (fields[0], fields[1], fields[2], fields[3])
+        outcome = reset_record(lines[-1]) if lines else None
+        if outcome is not None and outcome[1] in ("OK", "FAILED"):
+            result[name] = outcome
     return result
+
+
+def reset_record(line: str) -> tuple[str, str, str, str] | None:
+    """One line of a reset history as (time, result, method, reason), or None when it has fewer
+    than three fields (the one reader of the format, shared with ``sanitize.reset_history``)."""
+    fields = line.split("\t", 3) + [""]  # an empty reason may have lost its trailing tab
+    return (fields[0], fields[1], fields[2], fields[3]) if len(fields) >= 4 else None
 
 
 def last_reset_text(outcome: tuple[str, str, str, str]) -> str:
