@@ -152,3 +152,17 @@ def test_a_socket_path_that_cannot_be_bound_is_refused_in_one_line(tmp_path: Pat
                             capture_output=True, text=True, timeout=60, check=False, env=dict(os.environ))
     assert result.returncode == 2
     assert result.stderr == f"aifactory: hook server: cannot listen on {path}: AF_UNIX path too long\n"
+
+
+def test_the_hook_client_starts_with_nothing_but_itself() -> None:
+    """The hook executable is a process per event: what it loads before handing the event to the
+    server is itself and ``socket`` -- not the XML parser, the policy, the errors or oned's client
+    (those load only when no server answers, in hookmain)."""
+    import sys
+
+    statement = ("import sys; from aifactory_core.policy import hookclient; "
+                 "hookclient._exchange('/nonexistent/hooks.sock', b'admission\\n', b''); "
+                 "print(' '.join(sorted(m for m in sys.modules if m.startswith(('aifactory', 'lxml', 'pyone', "
+                 "'tomllib', 'xmlrpc', 'http', 'json', 'email')))))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["aifactory_core", "aifactory_core.policy", "aifactory_core.policy.hookclient"]
