@@ -67,13 +67,22 @@ def _held(args: argparse.Namespace, context: Any) -> Any:
     return StateFileHeld(context.host)
 
 
+def _host_model(context: Any) -> tuple[Any, Any, Any]:
+    """(pinning policies, host inventory, CPU topology without the reserved CPUs) of this host."""
+    from aifactory_core.host.inventory import HostInventory
+    from aifactory_plugins.cpu_pinning.plugin import NAME, policies_from
+    from aifactory_plugins.cpu_pinning.topology import HostTopology
+
+    inventory = HostInventory(context.host)
+    topology = HostTopology.from_inventory(inventory, context.config.host.reserved_cpus)
+    return policies_from(context.config.plugin(NAME)), inventory, topology
+
+
 def run_plan(args: argparse.Namespace, context: Any) -> int:
     from aifactory_core.domain import dump_domain, load_domain
-    from aifactory_core.host.inventory import HostInventory
     from aifactory_core.one.payload import parse_vm_payload
     from aifactory_plugins.cpu_pinning.domain_rewrite import minimal_domain, rewrite_domain
-    from aifactory_plugins.cpu_pinning.plugin import NAME, place_vm, policies_from
-    from aifactory_plugins.cpu_pinning.topology import HostTopology
+    from aifactory_plugins.cpu_pinning.plugin import place_vm
 
     if len(args.vm) > 1:
         return _run_batch(args, context)
@@ -84,9 +93,7 @@ def run_plan(args: argparse.Namespace, context: Any) -> int:
         if args.deployment
         else None
     )
-    policies = policies_from(context.config.plugin(NAME))
-    inventory = HostInventory(context.host)
-    topology = HostTopology.from_inventory(inventory, context.config.host.reserved_cpus)
+    policies, inventory, topology = _host_model(context)
     spec = _spec(request, inventory, policies, domain)
     result = place_vm(topology, _held(args, context), spec, policies)
     if domain is None:
@@ -109,12 +116,9 @@ def _run_batch(args: argparse.Namespace, context: Any) -> int:
     """Several VMs planned onto this host in the order given, each seeing what the earlier ones
     took: a report of which fit (device-local or not) and which do not; no domain is written."""
     from aifactory_core.errors import EXIT_CHECK_FAILED, DocumentError
-    from aifactory_core.host.inventory import HostInventory
     from aifactory_core.one.payload import parse_vm_payload
     from aifactory_plugins.cpu_pinning.held import usage_of
     from aifactory_plugins.cpu_pinning.planner import Placement, PlanInputError, plan_many
-    from aifactory_plugins.cpu_pinning.plugin import NAME, policies_from
-    from aifactory_plugins.cpu_pinning.topology import HostTopology
 
     if args.deployment:
         raise UsageError("--deployment goes with a single --vm")
@@ -126,9 +130,7 @@ def _run_batch(args: argparse.Namespace, context: Any) -> int:
         if request.vm_id in seen:
             raise UsageError(f"VM {request.vm_id} is given twice")
         seen.add(request.vm_id)
-    policies = policies_from(context.config.plugin(NAME))
-    inventory = HostInventory(context.host)
-    topology = HostTopology.from_inventory(inventory, context.config.host.reserved_cpus)
+    policies, inventory, topology = _host_model(context)
     specs = [_spec(request, inventory, policies) for request in requests]
     usage = usage_of(_held(args, context), exclude_vms=seen)
     try:
