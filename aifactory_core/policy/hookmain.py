@@ -53,7 +53,7 @@ def admission(argv: Sequence[str], data: bytes) -> str:
     from aifactory_core.policy.schema import load_policy
 
     settings = _settings()
-    policy = load_policy(os.environ.get("AIFACTORY_POLICY") or str(settings.get("file", DEFAULT_POLICY)))
+    policy = load_policy(_policy_file(settings))
     on_refusal = settings.get("on_refusal", "hold")
     if on_refusal not in ("hold", "terminate"):
         from aifactory_core.errors import ConfigError
@@ -69,6 +69,10 @@ def admission(argv: Sequence[str], data: bytes) -> str:
         event, policy, on_refusal=on_refusal, lock_timeout=float(lock_timeout),
         lock_directory=Path(str(lock_dir)) if lock_dir else _accounting_directory(settings),
     ).summary()  # fmt: skip
+
+
+def _policy_file(settings: dict[str, Any]) -> str:
+    return os.environ.get("AIFACTORY_POLICY") or str(settings.get("file") or DEFAULT_POLICY)
 
 
 def _accounting_directory(settings: dict[str, Any]) -> Path:
@@ -102,21 +106,21 @@ def _write_showback(vm_id: int, entry: dict[str, Any], settings: dict[str, Any])
     from aifactory_core.policy.schema import Policy, load_policy
 
     policy: Policy | None = None
-    policy_file = os.environ.get("AIFACTORY_POLICY") or settings.get("file") or DEFAULT_POLICY
     try:
-        policy = load_policy(str(policy_file))
+        policy = load_policy(_policy_file(settings))
     except AifactoryError:
         pass  # no readable policy: GPU time without a price
     showback = showback_of(vm_id, entry, policy)
     if showback is None:
         return "no GPUs, USER_TEMPLATE left as it is"
+    template = showback.template()
     try:
         from aifactory_core.policy.oned import Oned
 
-        Oned(None, None).call("one.vm.update", vm_id, showback.template(), 1)
+        Oned(None, None).call("one.vm.update", vm_id, template, 1)
     except AifactoryError as error:
         return f"USER_TEMPLATE not updated ({error.message})"
-    return f"USER_TEMPLATE {showback.template().replace(chr(10), ' ')}"
+    return f"USER_TEMPLATE {template.replace(chr(10), ' ')}"
 
 
 HANDLERS = {"admission": admission, "accounting": accounting}
