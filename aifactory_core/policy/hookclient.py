@@ -73,6 +73,15 @@ def _exchange(path: str, header: bytes, data: bytes) -> tuple[int, str, str] | N
     return int(status), out.strip(), err.strip()
 
 
+def report(status: int, out: str, err: str) -> int:
+    """Write a hook's answer as OpenNebula's hook log takes it (the server's or this process's)."""
+    if out:
+        print(out)
+    if err:
+        print(err, file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     data = sys.stdin.buffer.read(MAX_PAYLOAD + 1)
@@ -84,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         from aifactory_core.policy import hookmain
 
         return hookmain.main(args, data)
-    status, out, err = answer
-    if out:
-        print(out)
-    if err:
-        print(err, file=sys.stderr)
-    return status
+    return report(*answer)
 
 
 if __name__ == "__main__":

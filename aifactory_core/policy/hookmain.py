@@ -22,7 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from aifactory_core.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, AifactoryError
-from aifactory_core.policy.hookclient import MAX_PAYLOAD as MAX_STDIN  # one limit, with or without the server
+
+# one input limit and one way to answer, with or without the server
+from aifactory_core.policy.hookclient import MAX_PAYLOAD as MAX_STDIN
+from aifactory_core.policy.hookclient import report
 
 DEFAULT_POLICY = "/etc/one/aifactory-policy.toml"
 
@@ -140,14 +143,6 @@ def handle(args: Sequence[str], data: bytes) -> tuple[int, str, str]:
     except Exception as error:  # a defect, not bad input: one line (as the CLI says it), never a traceback
         detail = " ".join(str(error).split())[:300]
         return EXIT_CHECK_FAILED, "", f"aifactory-{args[0]}: internal error: {type(error).__name__}: {detail}"
-
-
-def report(status: int, out: str, err: str) -> int:
-    if out:
-        print(out)
-    if err:
-        print(err, file=sys.stderr)
-    return status
 
 
 def main(argv: Sequence[str] | None = None, data: bytes | None = None) -> int:
