@@ -60,7 +60,10 @@ NO_RESET = "none"
 
 def _first_method(host: HostRoot, address: str) -> str:
     """The method the kernel's ``reset`` tries first: the head of ``reset_method`` (the kernel
-    lists only the methods the device supports, and stops at the first one that applies)."""
+    lists only the methods the device supports, and stops at the first one that applies);
+    :data:`NO_RESET` for a device without a ``reset`` file."""
+    if not (host.pci_devices / address / "reset").exists():
+        return NO_RESET
     methods = (read_str(host.pci_devices / address / "reset_method") or "").split()
     return methods[0] if methods else "default"
 
@@ -68,9 +71,9 @@ def _first_method(host: HostRoot, address: str) -> str:
 def _reset(host: HostRoot, address: str, writer: Writer) -> str:
     """Reset ``address``; the method used (``flr``, ``bus``..., ``none`` when it has no reset)."""
     device = host.pci_devices / address
-    if not (device / "reset").exists():
-        return NO_RESET  # nothing the kernel can do; the health checks still run
     method = _first_method(host, address)
+    if method == NO_RESET:
+        return method  # nothing the kernel can do; the health checks still run
     try:
         writer.write(device / "reset", "1", f"reset {address} before it changes hands")
         return method
@@ -181,7 +184,7 @@ def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str 
     if needed(host) and not isinstance(writer, RecordingWriter):
         from aifactory_core.roothelper import run_privileged
 
-        method = _first_method(host, address) if (host.pci_devices / address / "reset").exists() else NO_RESET
+        method = _first_method(host, address)
         try:
             output = run_privileged("reset", address)
         except HostError as error:
