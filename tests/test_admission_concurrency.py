@@ -98,6 +98,22 @@ def test_a_lock_held_past_the_bounded_wait_fails_in_one_line_and_changes_nothing
     assert one_server.writes() == [] and one_server.vms[300].findtext("STATE") == "2"
 
 
+def test_an_unusable_lock_directory_fails_in_one_line_and_changes_nothing(one_server, tmp_path: Path) -> None:
+    """A lock that cannot be taken at all (lock_dir is a file) is said as such, not as a lock timeout."""
+    one_server.add_vm(301, state=2)
+    env = environment(one_server, tmp_path, CAP)
+    config = tmp_path / "aifactory.conf"
+    config.write_text(f'[plugin.policy]\nlock_dir = "{tmp_path / "locks"}"\n')
+    env["AIFACTORY_CONFIG"] = str(config)
+    (tmp_path / "locks").write_text("a file where the lock directory should be")
+    (result,) = run_concurrently(env, [301])
+    assert result.returncode == 1
+    message = result.stderr.decode()
+    assert message.startswith("aifactory-admission: admission lock ") and message.count("\n") == 1, message
+    assert "still held" not in message
+    assert one_server.writes() == [] and one_server.vms[301].findtext("STATE") == "2"
+
+
 @pytest.mark.parametrize("timeout", ["0", "-1", '"soon"', "true"])
 def test_a_bad_lock_timeout_is_a_config_error(one_server, tmp_path: Path, timeout: str) -> None:
     one_server.add_vm(301, state=2)

@@ -76,7 +76,7 @@ def group_lock(directory: Path, gid: int, timeout: float = DEFAULT_LOCK_TIMEOUT)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as error:
-        raise AdmissionLockTimeout(f"admission lock {path}: {error.strerror or error}") from None
+        raise AifactoryError(f"admission lock {path}: {error.strerror or error}", code="lock") from None
     try:
         deadline = time.monotonic() + timeout
         delay = 0.005
