@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 ARPHRD_INFINIBAND = 32
 VfMode = Literal["infiniband", "switchdev", "legacy"]
+VXLAN_DRIVERS = {"vxlan": "VLAN_ID", "ovswitch_vxlan": "OUTER_VLAN_ID"}
+"""OpenNebula's VXLAN ``VN_MAD`` drivers -> the attribute that holds the VNI."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,11 @@ def vf_settings(pci: PciRequest, grant: TenantNetworkGrant, *, node_guid: str | 
     )
     grant.check_vlan(wanted.vlan)
     return wanted
+
+
+def is_vxlan(nic: PciRequest) -> bool:
+    """Whether a PCI NIC's network is a VXLAN one (by its ``VN_MAD``, any case)."""
+    return (nic.vn_mad or "").lower() in VXLAN_DRIVERS
 
 
 def network_nics(pcis: tuple[PciRequest, ...]) -> list[PciRequest]:

@@ -72,12 +72,12 @@ def aifactory_admit(inventory: HostInventory, request: Any, config: Config) -> I
 @hookimpl
 def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, grant: Any) -> Iterable[Action] | None:
     from aifactory_core.vnm import vf
-    from aifactory_core.vnm.plan import nic_vf_in_mode, vf_settings
+    from aifactory_core.vnm.plan import is_vxlan, nic_vf_in_mode, vf_settings
 
     where = nic_vf_in_mode(inventory.host, nic, "legacy")
     if where is None:
         return None
-    if (nic.vn_mad or "").lower() in ("vxlan", "ovswitch_vxlan"):
+    if is_vxlan(nic):
         from aifactory_core.errors import PolicyRefused
 
         raise PolicyRefused(f"PCI NIC {nic.nic_id}: VXLAN network ({nic.vn_mad}) on VF {where.vf} of "

@@ -32,7 +32,7 @@ from aifactory_core.host.inventory import HostInventory
 from aifactory_core.model import Action, Check, DiscoveredDevice
 
 from .ovs import DEFAULT_BRIDGE, DEFAULT_VSCTL, OVS_KIND, bridge_name, ovs_action, vsctl_argv
-from .vxlan import VXLAN_KIND, configured_ip, is_vxlan, local_tag_range, segment_for, vxlan_action
+from .vxlan import VXLAN_KIND, configured_ip, local_tag_range, segment_for, vxlan_action
 
 __all__ = ["OVS_KIND", "VXLAN_KIND", "apply_eswitch_modes", "ovs_action", "switchdev_handles", "vxlan_action"]
 
@@ -102,7 +102,7 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
 
     from aifactory_core.host.devlink import representor_of
     from aifactory_core.vnm import vf
-    from aifactory_core.vnm.plan import nic_vf_in_mode, vf_settings
+    from aifactory_core.vnm.plan import is_vxlan, nic_vf_in_mode, vf_settings
 
     where = nic_vf_in_mode(inventory.host, nic, "switchdev")
     if where is None:

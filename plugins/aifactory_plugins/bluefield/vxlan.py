@@ -45,8 +45,6 @@ from .ovs import (
 )
 
 VXLAN_KIND = "ovs_vxlan_port"
-VXLAN_DRIVERS = {"vxlan": "VLAN_ID", "ovswitch_vxlan": "OUTER_VLAN_ID"}
-"""``VN_MAD`` -> the attribute that holds the VNI."""
 DEFAULT_LOCAL_TAGS = (4000, 4094)
 MTU_RANGE = (68, 9216)
 
@@ -94,12 +92,10 @@ def configured_ip(section: Mapping[str, Any], key: str) -> str | None:
         raise ConfigError(f"[plugin.bluefield] {error.message}") from None
 
 
-def is_vxlan(nic: Any) -> bool:
-    return (nic.vn_mad or "").lower() in VXLAN_DRIVERS
-
-
 def segment_for(nic: Any, grant: Any, section: Mapping[str, Any]) -> VxlanSegment:
     """The segment a VXLAN PCI NIC joins; refuses a VNI outside the tenant's grant."""
+    from aifactory_core.vnm.plan import VXLAN_DRIVERS
+
     driver = (nic.vn_mad or "").lower()
     source = VXLAN_DRIVERS[driver]
     raw = nic.vlan_id if source == "VLAN_ID" else nic.attributes.get(source)
