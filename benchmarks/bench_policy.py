@@ -33,6 +33,7 @@ import argparse
 import base64
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -118,44 +119,47 @@ def bench_hook(rounds: int, importtime: bool = False) -> None:
     aifactory = str(Path(PYTHON).parent / "aifactory")
     hook_server = subprocess.Popen([aifactory, "hook-server", "--socket", str(socket_path)], env=env,
                                    stderr=subprocess.DEVNULL)
-    while not socket_path.is_socket():
-        if hook_server.poll() is not None:
-            raise SystemExit("hook server did not start")
-        time.sleep(0.05)
-    cases = {
-        "python -c pass": ([PYTHON, "-c", "pass"], b""),
-        "python -c 'import lxml.etree'": ([PYTHON, "-c", "import lxml.etree"], b""),
-        "python -c 'import http.client'": ([PYTHON, "-c", "import http.client"], b""),
-        "hook: failed call": (hook, _call_info("hook_api_call_info_template_instantiate.xml", "0")
-                              + b" one.template.instantiate"),
-        "hook: no devices": (hook, _no_device_allocate() + b" one.vm.allocate"),
-        "hook: release via oned": (hook, _call_info("hook_api_call_info_template_instantiate.xml")
-                                   + b" one.template.instantiate"),
-        "hook: release via oned, pyone": ([PYTHON, "-c", _PYONE_HOOK, "admission"],
-                                          _call_info("hook_api_call_info_template_instantiate.xml")
-                                          + b" one.template.instantiate"),
-        "client, no server: release": (client, _call_info("hook_api_call_info_template_instantiate.xml")
+    try:
+        while not socket_path.is_socket():
+            if hook_server.poll() is not None:
+                raise SystemExit("hook server did not start")
+            time.sleep(0.05)
+        cases = {
+            "python -c pass": ([PYTHON, "-c", "pass"], b""),
+            "python -c 'import lxml.etree'": ([PYTHON, "-c", "import lxml.etree"], b""),
+            "python -c 'import http.client'": ([PYTHON, "-c", "import http.client"], b""),
+            "hook: failed call": (hook, _call_info("hook_api_call_info_template_instantiate.xml", "0")
+                                  + b" one.template.instantiate"),
+            "hook: no devices": (hook, _no_device_allocate() + b" one.vm.allocate"),
+            "hook: release via oned": (hook, _call_info("hook_api_call_info_template_instantiate.xml")
                                        + b" one.template.instantiate"),
-        "client -> server: failed call": (client, _call_info("hook_api_call_info_template_instantiate.xml", "0")
+            "hook: release via oned, pyone": ([PYTHON, "-c", _PYONE_HOOK, "admission"],
+                                              _call_info("hook_api_call_info_template_instantiate.xml")
+                                              + b" one.template.instantiate"),
+            "client, no server: release": (client, _call_info("hook_api_call_info_template_instantiate.xml")
+                                           + b" one.template.instantiate"),
+            "client -> server: failed call": (client, _call_info("hook_api_call_info_template_instantiate.xml", "0")
+                                              + b" one.template.instantiate"),
+            "client -> server: no devices": (client, _no_device_allocate() + b" one.vm.allocate"),
+            "client -> server: release": (client, _call_info("hook_api_call_info_template_instantiate.xml")
                                           + b" one.template.instantiate"),
-        "client -> server: no devices": (client, _no_device_allocate() + b" one.vm.allocate"),
-        "client -> server: release": (client, _call_info("hook_api_call_info_template_instantiate.xml")
-                                      + b" one.template.instantiate"),
-    }  # fmt: skip
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(rounds):
-        server.add_vm(42, state=2)  # the sample VM, on hold again for the release case
-        for name, (command, stdin) in cases.items():
-            if "release" in name:
-                server.add_vm(42, state=2)
-            times[name].append(_run(command, stdin, served if "-> server" in name else env))
-    if importtime:
-        server.add_vm(42, state=2)
-        release = cases["hook: release via oned"]
-        _importtime(release[0], release[1], env)
-    server.stop()
-    hook_server.terminate()
-    hook_server.wait(timeout=10)
+        }  # fmt: skip
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(rounds):
+            server.add_vm(42, state=2)  # the sample VM, on hold again for the release case
+            for name, (command, stdin) in cases.items():
+                if "release" in name:
+                    server.add_vm(42, state=2)
+                times[name].append(_run(command, stdin, served if "-> server" in name else env))
+        if importtime:
+            server.add_vm(42, state=2)
+            release = cases["hook: release via oned"]
+            _importtime(release[0], release[1], env)
+    finally:  # a failed run leaves no server behind
+        server.stop()
+        hook_server.terminate()
+        hook_server.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
     base = statistics.median(times["python -c pass"])
     print(f"admission hook, whole process, median of {rounds} interleaved rounds:")
     for name, values in times.items():
