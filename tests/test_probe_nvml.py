@@ -394,3 +394,13 @@ def test_real_pynvml_reads_gpu_fabric_info_through_the_same_code(tmp_path: Path)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     fields, error, status = json.loads(result.stdout)
     assert (fields, error, status) == (expected, None, "ok")
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"devices": ["0000:00:06.0"]}', '{"devices": 3}'])
+def test_a_recording_of_the_wrong_shape_is_refused_on_load(tmp_path: Path, content: str) -> None:
+    """The probes' replay and the nvidia plugin share one loader: the wrong shape is one clear
+    ValueError when the recording is opened, not an AttributeError half-way through a read."""
+    path = tmp_path / "nvml.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="^not an nvml.json recording"):
+        nvml.ReplayNvml(str(path))

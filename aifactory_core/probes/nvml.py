@@ -192,14 +192,24 @@ class _Collector:
                 for reading in readings]
 
 
+def load_recording(path: str) -> dict[str, Any]:
+    """A recorded ``nvml.json``: an object whose ``devices`` (absent: none) is a list of objects.
+    Raises OSError, or ValueError (a JSON error, or the wrong shape) for anything else."""
+    import json
+
+    with open(path, encoding="utf-8") as handle:
+        recording: dict[str, Any] = json.load(handle)
+    devices = recording.get("devices", []) if isinstance(recording, dict) else None
+    if not isinstance(devices, list) or not all(isinstance(device, dict) for device in devices):
+        raise ValueError("not an nvml.json recording (an object with a list of devices)")
+    return recording
+
+
 class ReplayNvml:
     """NVML readings from a recorded ``nvml.json`` (tests, ``--nvml-replay FILE``)."""
 
     def __init__(self, path: str, budget_s: float = DEFAULT_BUDGET_S, honour_latency: bool = False) -> None:
-        import json
-
-        with open(path, encoding="utf-8") as handle:
-            self.recording: dict[str, Any] = json.load(handle)
+        self.recording: dict[str, Any] = load_recording(path)
         self.path = path
         self.budget_s = budget_s
         self.honour_latency = honour_latency

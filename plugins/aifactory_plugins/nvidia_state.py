@@ -42,19 +42,13 @@ def _mig(value: Any) -> bool | None:
 
 
 def _from_replay(path: str, address: str) -> GpuNvmlState | None:
-    import json
-
     from aifactory_core.errors import ConfigError
-    from aifactory_core.probes.nvml import bus_id
+    from aifactory_core.probes.nvml import bus_id, load_recording
 
     try:
-        with open(path, encoding="utf-8") as handle:
-            recording = json.load(handle)
+        devices = load_recording(path).get("devices", [])
     except (OSError, ValueError) as error:
         raise ConfigError(f"{ENV_REPLAY}={path}: {' '.join(str(error).split())}") from None
-    devices = recording.get("devices", []) if isinstance(recording, dict) else None
-    if not isinstance(devices, list) or not all(isinstance(device, dict) for device in devices):
-        raise ConfigError(f"{ENV_REPLAY}={path}: not an nvml.json recording (an object with a list of devices)")
     for device in devices:
         pci = (device.get("PciInfo") or {}).get("value") or {}
         if bus_id(pci.get("busId") or pci.get("busIdLegacy")) != address:
