@@ -86,6 +86,20 @@ def test_pre_configures_post_reapplies_clean_scrubs(world: tuple[HostRoot, Confi
     assert Journal.load(hook.vnm_host(host), 42) is None
 
 
+def test_clean_after_the_pool_shrank_past_the_vf_sets_nothing_and_releases_it(
+        world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
+    """A VF the pool no longer has (sriov_numvfs lowered since) is gone with its settings: the
+    scrub makes no netlink change, and the VM's owner token is released."""
+    host, config, peer = world
+    owner(host)
+    hook.run("pre", stdin(), host, config)
+    (host.pci_devices / "0000:18:00.0" / "sriov_numvfs").write_text("0\n")
+    sets = peer.sets()
+    assert hook.run("clean", stdin(), host, config) == "VM 42: network released"
+    assert peer.sets() == sets
+    assert vf_actions.vf_owners(hook.vnm_host(host)) == {}
+
+
 def test_vlan_outside_the_tenant_grant_configures_nothing(world: tuple[HostRoot, Config, NetlinkDouble]) -> None:
     host, config, peer = world
     owner(host)
