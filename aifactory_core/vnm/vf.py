@@ -131,12 +131,6 @@ def _unprivileged(host: HostRoot) -> bool:
     return needed(host)
 
 
-def root_helper_arguments(wanted: netlink_vf.VfSettings) -> list[str]:
-    from aifactory_core.roothelper import vf_arguments
-
-    return vf_arguments(wanted)
-
-
 def _through_root_helper(verb: str, pf: str, vf: int, *rest: str) -> None:
     from aifactory_core.roothelper import run_privileged
 
@@ -161,7 +155,9 @@ def do(host: HostRoot, action_: Action, writer: Any) -> None:
         with _netlink_lock:
             ipr = _connection()
             if _unprivileged(host):
-                _through_root_helper("vf-set", pf, vf, *root_helper_arguments(wanted))
+                from aifactory_core.roothelper import vf_arguments
+
+                _through_root_helper("vf-set", pf, vf, *vf_arguments(wanted))
             else:
                 netlink_vf.apply(ipr, index, vf, wanted, pool_size=pool_size(host, pf))
             netlink_vf.verify(ipr, index, vf, wanted)
@@ -193,10 +189,12 @@ def undo(host: HostRoot, action_: Action, writer: Any) -> None:
                 ipr = _connection()
                 size = pool_size(host, pf)
                 infiniband = action_.undo_value == "clean-ib"
-                if (size is None or vf < size) and _unprivileged(host):
+                if size is not None and vf >= size:
+                    pass  # the pool shrank past this VF: nothing left to scrub
+                elif _unprivileged(host):
                     _through_root_helper("vf-scrub", pf, vf, "ib" if infiniband else "eth")
                     netlink_vf.verify(ipr, index, vf, netlink_vf.CLEAN_IB if infiniband else netlink_vf.CLEAN)
-                elif size is None or vf < size:
+                else:
                     netlink_vf.scrub(ipr, index, vf, infiniband=infiniband, pool_size=size)
         token.unlink(missing_ok=True)
 
