@@ -166,3 +166,12 @@ def test_the_hook_client_starts_with_nothing_but_itself() -> None:
                  "'tomllib', 'xmlrpc', 'http', 'json', 'email')))))")  # fmt: skip
     result = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["aifactory_core", "aifactory_core.policy", "aifactory_core.policy.hookclient"]
+
+
+def test_the_client_knows_the_kinds_hookmain_handles() -> None:
+    """hookclient keeps its own KINDS (importing hookmain would load what the client avoids):
+    the two lists must name the same hooks, or one kind would never reach the server."""
+    from aifactory_core.policy.hookclient import KINDS
+    from aifactory_core.policy.hookmain import HANDLERS
+
+    assert sorted(KINDS) == sorted(HANDLERS)
