@@ -8,6 +8,7 @@ builds them, owned by another user and group-writable as oneadmin's copy may be)
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import stat
@@ -191,6 +192,28 @@ def test_without_visudo_the_snippet_is_refused(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(host_setup, "VISUDO_PATHS", ())
     with pytest.raises(host_setup.InstallError, match="visudo not found"):
         host_setup.check_sudoers((REPO / "drivers/sudoers/aifactory").read_bytes(), Path("/etc/sudoers.d/aifactory"))
+
+
+def test_a_rollback_reloads_systemd_after_the_unit_file_is_put_back(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    from aifactory_core.install import systemd
+    from aifactory_core.install.stage import Transaction
+
+    events: list[str] = []
+
+    def systemctl(*argv: str) -> subprocess.CompletedProcess[str]:
+        events.append(" ".join(argv))
+        return subprocess.CompletedProcess(["systemctl", *argv], 1 if argv[0] == "is-enabled" else 0, "", "")
+
+    monkeypatch.setattr(systemd, "running", lambda target: True)
+    monkeypatch.setattr(systemd, "systemctl", systemctl)
+    tx = Transaction(out=io.StringIO())
+    tx.step("install the unit", lambda: events.append("unit written"), lambda: events.append("unit restored"))
+    assert host_setup.enable_unit(tx, layout.Layout(Path("/")), True, [])
+    assert tx.rollback() == []
+    assert events == ["unit written", "daemon-reload", "is-enabled --quiet aifactory-repair.service",
+                      "enable aifactory-repair.service", "disable aifactory-repair.service", "unit restored",
+                      "daemon-reload"]
 
 
 def test_a_missing_synced_tree_is_a_usage_error(tmp_path: Path) -> None:

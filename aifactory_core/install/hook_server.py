@@ -40,9 +40,7 @@ def enable(tx: Transaction, target: layout.Layout, unit_changed: bool, notes: li
                      f"run 'systemctl enable --now {UNIT_NAME}'")
         return False
     if unit_changed:
-        tx.step("systemctl daemon-reload", partial(systemd.checked, "daemon-reload"))
-        if not tx.dry_run:  # undone last, once a rollback has put the unit file back as it was
-            tx.undo.insert(0, ("systemctl daemon-reload", partial(systemd.quiet, "daemon-reload")))
+        systemd.reload_step(tx)
     if not tx.dry_run and systemd.succeeds("is-enabled", "--quiet", UNIT_NAME) \
             and systemd.succeeds("is-active", "--quiet", UNIT_NAME):
         return False

@@ -213,8 +213,7 @@ def enable_unit(tx: Transaction, target: layout.Layout, unit_changed: bool, note
                      "or have the init system run 'aifactory repair --boot' before libvirtd")
         return False
     if unit_changed:
-        tx.step("systemctl daemon-reload", partial(systemd.checked, "daemon-reload"),
-                partial(systemd.quiet, "daemon-reload"))
+        systemd.reload_step(tx)
     if tx.dry_run or not systemd.succeeds("is-enabled", "--quiet", UNIT_NAME):
         tx.step(f"systemctl enable {UNIT_NAME}", partial(systemd.checked, "enable", UNIT_NAME),
                 partial(systemd.quiet, "disable", UNIT_NAME))

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from functools import partial
 from pathlib import Path
 
 from aifactory_core.install import layout
-from aifactory_core.install.stage import InstallError
+from aifactory_core.install.stage import InstallError, Transaction
 
 BOOTED_MARKER = Path("/run/systemd/system")
 
@@ -42,3 +43,11 @@ def quiet(*argv: str) -> None:
 def succeeds(*argv: str) -> bool:
     """A query (``is-enabled``, ``is-active``): True when it exits 0."""
     return systemctl(*argv).returncode == 0
+
+
+def reload_step(tx: Transaction) -> None:
+    """``systemctl daemon-reload`` as a step of ``tx`` after a unit file changed. Its undo is put
+    first, so a rollback reloads systemd last, once the unit file has been put back as it was."""
+    tx.step("systemctl daemon-reload", partial(checked, "daemon-reload"))
+    if not tx.dry_run:
+        tx.undo.insert(0, ("systemctl daemon-reload", partial(quiet, "daemon-reload")))
