@@ -22,7 +22,7 @@ from simkernel import SimulatedDriverCore
 
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.hostroot import HostRoot
-from aifactory_core.install import host_setup, layout, manifest
+from aifactory_core.install import host_setup, layout, manifest, stage
 from aifactory_core.lifecycle import executor, ownership
 from aifactory_core.lifecycle.journal import Journal
 from aifactory_core.lifecycle.repair import repair
@@ -189,9 +189,10 @@ def test_a_failure_on_a_fresh_host_leaves_nothing(root: Path, tmp_path: Path) ->
 
 def test_without_visudo_the_snippet_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.setattr(host_setup, "VISUDO_PATHS", ())
+    monkeypatch.setattr(stage, "VISUDO_PATHS", ())
     with pytest.raises(host_setup.InstallError, match="visudo not found"):
-        host_setup.check_sudoers((REPO / "drivers/sudoers/aifactory").read_bytes(), Path("/etc/sudoers.d/aifactory"))
+        stage.validate_sudoers((REPO / "drivers/sudoers/aifactory").read_bytes(), Path("/etc/sudoers.d/aifactory"),
+                               staged=False)
 
 
 def test_a_rollback_reloads_systemd_after_the_unit_file_is_put_back(monkeypatch: pytest.MonkeyPatch,

@@ -23,6 +23,7 @@ from typing import Any
 from aifactory_core.errors import AifactoryError
 from aifactory_core.install import hook_server, layout
 from aifactory_core.install.manifest import SUDOERS, WRAPPER
+from aifactory_core.install.stage import VISUDO_PATHS
 from aifactory_core.model import Check
 
 UPGRADE_FIX = "run install.sh --upgrade, then as oneadmin: onehost sync --force"
@@ -73,7 +74,7 @@ def file_checks(target: layout.Layout, record: dict[str, Any]) -> list[Check]:
 
 
 def sudoers_check(path: Path, where: str) -> Check:
-    visudo = next((p for p in ("/usr/sbin/visudo", "/sbin/visudo") if os.access(p, os.X_OK)), None)
+    visudo = next((p for p in VISUDO_PATHS if os.access(p, os.X_OK)), None)
     if visudo is None:
         return Check("sudoers", "WARN", "visudo not found: the sudoers snippet was not checked",
                      fix="apt-get install sudo", subject=where)

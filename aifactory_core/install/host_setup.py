@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -38,7 +37,6 @@ UNIT = f"/etc/systemd/system/{UNIT_NAME}"
 SUDOERS_NAME = "aifactory"
 SYSTEM_LINK_TARGETS = ("/usr/bin/", "/usr/lib/", "/usr/lib64/", "/bin/", "/lib/", "/lib64/")
 """Where an environment's absolute links may point (the base interpreter and its library)."""
-VISUDO_PATHS = ("/usr/sbin/visudo", "/sbin/visudo")
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
 
 
@@ -188,23 +186,6 @@ def install_environment(tx: Transaction, target: layout.Layout, sources: Sources
         notes.append(f"not root: {path} is owned by uid {os.geteuid()}, not root")
 
 
-def check_sudoers(content: bytes, where: Path) -> None:
-    """``visudo -cf`` on the snippet; refused when visudo is missing (a broken snippet locks sudo)."""
-    visudo = shutil.which("visudo") or next((p for p in VISUDO_PATHS if os.access(p, os.X_OK)), None)
-    if visudo is None:
-        raise InstallError("visudo not found: cannot check the sudoers snippet (apt-get install sudo)")
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="aifactory-sudoers-") as scratch_dir:
-        scratch = Path(scratch_dir) / where.name
-        scratch.write_bytes(content)
-        os.chmod(scratch, 0o440)
-        result = subprocess.run([visudo, "-cf", str(scratch)], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        message = " ".join((result.stderr or result.stdout).split())
-        raise InstallError(f"sudoers snippet {where.name} refused by visudo -cf: {message}")
-
-
 def enable_unit(tx: Transaction, target: layout.Layout, unit_changed: bool, notes: list[str]) -> bool:
     """``systemctl enable`` the unit; False (with a note) where systemd does not run or when staged."""
     if not systemd.running(target):
@@ -230,7 +211,7 @@ def setup(target: layout.Layout, sources: Sources, tx: Transaction) -> list[str]
     install_environment(tx, target, sources, notes)
     sudoers = Entry(FILE, f"/etc/sudoers.d/{SUDOERS_NAME}", 0o440, sources.sudoers.read_bytes(), str(sources.sudoers))
     unit = Entry(FILE, UNIT, 0o644, sources.unit.read_bytes(), str(sources.unit))
-    check_sudoers(sudoers.content, target.path(sudoers.destination))
+    stage.validate_sudoers(sudoers.content, target.path(sudoers.destination), staged=False)
     files: list[dict[str, Any]] = []
     unit_changed = False
     for entry in (sudoers, unit):

@@ -129,9 +129,14 @@ def make_dirs(tx: Transaction, target: layout.Layout, absolute: str, created: li
         tx.step(f"create directory {path}", partial(path.mkdir, mode=mode), path.rmdir)
 
 
+VISUDO_PATHS = ("/usr/sbin/visudo", "/sbin/visudo")
+"""Where visudo lives when ``sbin`` is not on ``PATH`` (a user's shell)."""
+
+
 def validate_sudoers(content: bytes, where: Path, staged: bool) -> None:
-    visudo = shutil.which("visudo") or next((p for p in ("/usr/sbin/visudo", "/sbin/visudo") if os.access(p, os.X_OK)),
-                                            None)
+    """``visudo -cf`` on the snippet before it is put in place; refused when visudo is missing on a
+    live host (a broken snippet locks sudo), skipped for a staged tree without it."""
+    visudo = shutil.which("visudo") or next((p for p in VISUDO_PATHS if os.access(p, os.X_OK)), None)
     if visudo is None:
         if staged:
             return
