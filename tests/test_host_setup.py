@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import needs
 import pytest
 from hostroots import run_cli
 from simkernel import SimulatedDriverCore
@@ -235,9 +236,7 @@ def test_unit_runs_repair_boot_from_the_root_owned_environment_before_libvirt(tm
     assert {"libvirtd.service", "libvirtd.socket", "virtqemud.service"} <= set(settings["Before"])
     assert {"local-fs.target", "systemd-modules-load.service"} <= set(settings["After"])
     assert int(settings["TimeoutStartSec"][0]) > 0 and settings["WantedBy"] == ["multi-user.target"]
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze not installed")
+    analyze = needs.tool("systemd-analyze", hint="apt-get install -y systemd")
     # verify resolves ExecStart on this machine: point it at an executable that exists here
     unit = tmp_path / "aifactory-repair.service"
     unit.write_text(text.replace(f"{host_setup.ROOT_ENV}/bin/aifactory", "/bin/true"))
