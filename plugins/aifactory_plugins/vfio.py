@@ -130,7 +130,6 @@ def aifactory_doctor_checks(
             *_isolation_checks(inventory, devices, config)]
 
 
-
 def group_closure(inventory: HostInventory, address: str, config: Config) -> list[PciDevice]:
     """Every endpoint that must go to vfio-pci with ``address``: its IOMMU group, bridges excepted.
 
