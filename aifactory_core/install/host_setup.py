@@ -215,7 +215,7 @@ def setup(target: layout.Layout, sources: Sources, tx: Transaction) -> list[str]
     files: list[dict[str, Any]] = []
     unit_changed = False
     for entry in (sudoers, unit):
-        if entry.destination not in recorded and _read(target.path(entry.destination)) == entry.content:
+        if entry.destination not in recorded and stage._read(target.path(entry.destination)) == entry.content:
             notes.append(f"{entry.destination} already in place (not installed by host-setup: left to its owner)")
             continue  # e.g. the frontend installer's, on a host that is also the frontend
         before = tx.changes
@@ -228,9 +228,9 @@ def setup(target: layout.Layout, sources: Sources, tx: Transaction) -> list[str]
     if record != previous:
         path = target.path(RECORD)
         content = (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
-        old = _read(path)
-        tx.step(f"record the host setup in {path}", partial(_write, path, content),
-                partial(_restore, path, old))
+        old = stage._read(path)
+        tx.step(f"record the host setup in {path}", partial(stage._write, path, content, 0o644),
+                stage._restore(path, old, 0o644))
     return notes
 
 
@@ -245,13 +245,13 @@ def uninstall(target: layout.Layout, tx: Transaction) -> list[str]:
                 partial(systemd.quiet, "enable", UNIT_NAME))
     for item in reversed(record.get("files", [])):
         path = target.path(item["path"])
-        current = _read(path)
+        current = stage._read(path)
         if current is None:
             continue
         if hashlib.sha256(current).hexdigest() != item.get("sha256"):
             notes.append(f"kept {item['path']}: changed since host-setup installed it")
             continue
-        tx.step(f"remove {path}", path.unlink, partial(_restore, path, current, item["mode"]))
+        tx.step(f"remove {path}", path.unlink, stage._restore(path, current, item["mode"]))
     if systemd.running(target):
         tx.after_commit.append(partial(systemd.quiet, "daemon-reload"))
     environment = target.path(record.get("environment", ROOT_ENV))
@@ -261,8 +261,8 @@ def uninstall(target: layout.Layout, tx: Transaction) -> list[str]:
                 partial(os.replace, scratch, environment))
         tx.after_commit.append(partial(shutil.rmtree, scratch, ignore_errors=True))
     path = target.path(RECORD)
-    old = _read(path)
-    tx.step(f"remove {path}", path.unlink, partial(_restore, path, old))
+    old = stage._read(path)
+    tx.step(f"remove {path}", path.unlink, stage._restore(path, old, 0o644))
     for directory in reversed(record.get("directories", [])):
         tx.after_commit.append(partial(_remove_if_empty, target.path(directory), notes))
         tx.out.write(("would " if tx.dry_run else "") + f"remove directory {target.path(directory)} if empty\n")
@@ -270,7 +270,7 @@ def uninstall(target: layout.Layout, tx: Transaction) -> list[str]:
 
 
 def load_record(target: layout.Layout) -> dict[str, Any]:
-    data = _read(target.path(RECORD))
+    data = stage._read(target.path(RECORD))
     if data is None:
         return {}
     try:
@@ -280,27 +280,6 @@ def load_record(target: layout.Layout) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != 1:
         raise UsageError(f"{target.path(RECORD)}: not a valid host-setup record")
     return record
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def _write(path: Path, content: bytes, mode: int = 0o644) -> None:
-    temporary = path.with_name(f".{path.name}.aifactory-new")
-    temporary.write_bytes(content)
-    os.chmod(temporary, mode)
-    os.replace(temporary, path)
-
-
-def _restore(path: Path, content: bytes | None, mode: int = 0o644) -> None:
-    if content is None:
-        path.unlink(missing_ok=True)
-    else:
-        _write(path, content, mode)
 
 
 def _remove_if_empty(path: Path, notes: list[str]) -> None:
