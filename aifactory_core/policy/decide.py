@@ -1,8 +1,8 @@
 """The admission decision: (policy, VM request, current usage) -> admit, or refusals naming rules.
 
-Pure and fast: no I/O, no imports beyond the stdlib, O(devices + NICs) per request once the
-usage is indexed. The same function runs in the frontend admission hook and, authoritatively,
-on the host before anything is bound.
+Pure and fast: no I/O, no imports beyond the stdlib and the suite's own small modules,
+O(devices + NICs) per request once the usage is indexed. The same function runs in the frontend
+admission hook and, authoritatively, on the host before anything is bound.
 
 Rules (the ``rule`` of a :class:`Refusal`):
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aifactory_core.policy.schema import Policy, Tenant
+from aifactory_core.vnm.grant import VXLAN_DRIVERS
 
 if TYPE_CHECKING:
     from aifactory_core.one.vm import NicRequest, PciRequest, VmRequest
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     RequestLike = VmRequest
 
 PKEY_ATTRIBUTES = ("IB_PKEY", "PKEY")
-VXLAN_DRIVERS = frozenset({"vxlan"})  # VNI in VLAN_ID
-OVS_VXLAN_DRIVER = "ovswitch_vxlan"  # VNI in OUTER_VLAN_ID
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,7 @@ def _network_refusals(tenant: Tenant, request: RequestLike) -> list[Refusal]:
                                     f"network {nic.network_id if nic.network_id is not None else '(none named)'} "
                                     f"is not granted to tenant {tenant.key}"))  # fmt: skip
         driver = (nic.vn_mad or "").lower()
-        if driver == OVS_VXLAN_DRIVER:  # VNI in OUTER_VLAN_ID; VLAN_ID is a tag inside the segment
+        if VXLAN_DRIVERS.get(driver) == "OUTER_VLAN_ID":  # VLAN_ID is then a tag inside the segment
             outer = (nic.attributes.get("OUTER_VLAN_ID") or "").strip()
             if not outer.isdigit() or len(outer) > 8 or int(outer) not in tenant.vnis:
                 refusals.append(Refusal(f"tenant.{tenant.key}.vnis",

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from aifactory_core.policy.schema import Policy
 
 Ranges = tuple[tuple[int, int], ...]
+VXLAN_DRIVERS = {"vxlan": "VLAN_ID", "ovswitch_vxlan": "OUTER_VLAN_ID"}
+"""OpenNebula's VXLAN ``VN_MAD`` drivers -> the attribute that holds the VNI (the one table the
+frontend's policy decision and the host's network plugins read)."""
 
 
 def _within(value: int, ranges: Ranges) -> bool:

@@ -18,15 +18,13 @@ from aifactory_core.host.eswitch import uplink_mode
 from aifactory_core.host.sysfs import link_name, list_dir, read_int
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.validate import ifname, pci_address
-from aifactory_core.vnm.grant import TenantNetworkGrant
+from aifactory_core.vnm.grant import VXLAN_DRIVERS, TenantNetworkGrant
 
 if TYPE_CHECKING:
     from aifactory_core.one.vm import PciRequest
 
 ARPHRD_INFINIBAND = 32
 VfMode = Literal["infiniband", "switchdev", "legacy"]
-VXLAN_DRIVERS = {"vxlan": "VLAN_ID", "ovswitch_vxlan": "OUTER_VLAN_ID"}
-"""OpenNebula's VXLAN ``VN_MAD`` drivers -> the attribute that holds the VNI."""
 
 
 @dataclass(frozen=True)
