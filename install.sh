@@ -9,6 +9,8 @@
 #      PREFIX/venv                               the frontend's: CLI, hooks (default /opt/aifactory)
 #      /var/lib/one/remotes/aifactory/venv       the hosts': `onehost sync` copies it to
 #                                                /var/tmp/one/aifactory/venv on every host
+#    With $ONE_LOCATION set (a self-contained OpenNebula), its remotes, etc and var directories
+#    stand for /var/lib/one/remotes, /etc/one and /var/lib/one.
 # 2. Files, state directory, sudoers snippet, config, and the hooks registered with oned: done by
 #    `python -m aifactory_core.install.main` as one transaction, rolled back if any step fails.
 # 3. With --sync, once everything is in place: `onehost sync --force` as oneadmin, which copies
@@ -113,8 +115,17 @@ run() {
     if [ "$dry_run" = 0 ]; then "$@"; fi
 }
 
+# A self-contained OpenNebula (installed with its install.sh -d) is found through $ONE_LOCATION, as
+# OpenNebula's own commands find it; its remotes are $ONE_LOCATION/var/remotes.
+one_location=${ONE_LOCATION:-}
+one_location=${one_location%/}
+case "$one_location" in
+    ""|/*) ;;
+    *) echo "install.sh: ONE_LOCATION must be an absolute path" >&2; exit 2 ;;
+esac
+if [ -n "$one_location" ]; then remotes=$one_location/var/remotes; else remotes=/var/lib/one/remotes; fi
 frontend_env=$prefix/venv
-host_env=/var/lib/one/remotes/aifactory/venv
+host_env=$remotes/aifactory/venv
 host_python=/var/tmp/one/aifactory/venv/bin/python3
 created_dirs=""
 built_envs=""
@@ -194,7 +205,7 @@ fi
 set +e
 # shellcheck disable=SC2086 # $passthrough and $created_dirs are lists of --option=value words
 PYTHONPATH=$here${PYTHONPATH:+:$PYTHONPATH} "$installer" -m aifactory_core.install.main "$mode" \
-    --source "$here" --destdir "${destdir:-/}" --prefix "$prefix" $passthrough $created_dirs
+    --source "$here" --destdir "${destdir:-/}" --prefix "$prefix" --one-location "$one_location" $passthrough $created_dirs
 status=$?
 set -e
 if [ "$status" != 0 ]; then

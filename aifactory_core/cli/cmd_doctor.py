@@ -42,7 +42,10 @@ def run(args: argparse.Namespace, context: Any) -> int:
 
         from aifactory_core.install import frontend_doctor, layout
 
-        checks = frontend_doctor.run_checks(layout.Layout(Path(context.host.root)))
+        import os
+
+        one_location = os.environ.get("ONE_LOCATION", "").rstrip("/")  # a self-contained OpenNebula
+        checks = frontend_doctor.run_checks(layout.Layout(Path(context.host.root), one_location=one_location))
     else:
         checks = run_checks(context)
     failed = any(check.status == "FAIL" for check in checks)

@@ -41,7 +41,7 @@ def file_checks(target: layout.Layout, record: dict[str, Any]) -> list[Check]:
     for item in record.get("files", []):
         where = item["path"]
         path = target.path(where)
-        relative = where.removeprefix(layout.REMOTES + "/")
+        relative = where.removeprefix(target.remotes + "/")
         digest = _digest(path)
         if item["kind"] == WRAPPER:
             original = target.path(item["original"])
@@ -88,9 +88,9 @@ def sudoers_check(path: Path, where: str) -> Check:
 def state_check(target: layout.Layout) -> Check:
     import pwd
 
-    path = target.path(layout.STATE_DIR)
+    path = target.path(target.state_dir)
     if not path.is_dir():
-        return Check("state", "FAIL", f"{layout.STATE_DIR} is missing", fix="run install.sh")
+        return Check("state", "FAIL", f"{target.state_dir} is missing", fix="run install.sh")
     info = path.stat()
     problems = []
     if stat.S_IMODE(info.st_mode) != 0o750:
@@ -103,9 +103,9 @@ def state_check(target: layout.Layout) -> Check:
         if not target.staged:
             problems.append(f"user {layout.OWNER} does not exist")
     if problems:
-        return Check("state", "FAIL", f"{layout.STATE_DIR}: {'; '.join(problems)}",
-                     fix=f"chown {layout.OWNER}:{layout.OWNER} {layout.STATE_DIR} && chmod 750 {layout.STATE_DIR}")
-    return Check("state", "PASS", f"{layout.STATE_DIR} (750, {layout.OWNER})")
+        return Check("state", "FAIL", f"{target.state_dir}: {'; '.join(problems)}",
+                     fix=f"chown {layout.OWNER}:{layout.OWNER} {target.state_dir} && chmod 750 {target.state_dir}")
+    return Check("state", "PASS", f"{target.state_dir} (750, {layout.OWNER})")
 
 
 def environment_checks(target: layout.Layout, record: dict[str, Any]) -> list[Check]:
@@ -132,9 +132,9 @@ def _drivers(path: Path, key: str) -> list[dict[str, str]] | None:
 
 def oned_checks(target: layout.Layout, wrapped: Sequence[str]) -> list[Check]:
     checks: list[Check] = []
-    vm_mads = _drivers(target.path(layout.ONED_CONF), "VM_MAD")
+    vm_mads = _drivers(target.path(target.oned_conf), "VM_MAD")
     if vm_mads is None:
-        return [Check("oned.conf", "FAIL", f"{layout.ONED_CONF} not readable: is this the OpenNebula frontend?",
+        return [Check("oned.conf", "FAIL", f"{target.oned_conf} not readable: is this the OpenNebula frontend?",
                       fix="run install.sh and aifactory doctor --frontend on the frontend, as root")]
     kvm = [mad for mad in vm_mads if mad.get("NAME") == "kvm"]
     if not kvm:
@@ -155,11 +155,11 @@ def oned_checks(target: layout.Layout, wrapped: Sequence[str]) -> list[Check]:
                                 fix="remove those actions from -l in VM_MAD kvm ARGUMENTS; restart opennebula"))
         else:
             checks.append(Check("oned.conf", "PASS", f"VM_MAD kvm: {mad.get('EXECUTABLE')} {' '.join(arguments)}"))
-    hm = _drivers(target.path(layout.ONED_CONF), "HM_MAD") or []
+    hm = _drivers(target.path(target.oned_conf), "HM_MAD") or []
     if not hm:
         checks.append(Check("oned.conf", "FAIL", "no HM_MAD in oned.conf: hooks never run",
                             fix='add HM_MAD = [ EXECUTABLE = "one_hm", ARGUMENTS = "-p 2101 -l 2102 -b 127.0.0.1" ]'))
-    im = _drivers(target.path(layout.MONITORD_CONF), "IM_MAD")
+    im = _drivers(target.path(target.monitord_conf), "IM_MAD")
     if not im or not any(mad.get("NAME") == "kvm" for mad in im):
         checks.append(Check("monitord.conf", "FAIL", "no IM_MAD named kvm in monitord.conf: probes never run",
                             fix='restore IM_MAD = [ NAME = "kvm", EXECUTABLE = "one_im_ssh", ... ] in monitord.conf'))
@@ -203,7 +203,7 @@ def run_checks(target: layout.Layout, endpoint: str | None = None, source: Path 
     except AifactoryError as error:
         return [Check("install", "FAIL", error.message, fix="run install.sh")]
     if not record:
-        return [Check("install", "FAIL", f"the suite is not installed (no {layout.MANIFEST})", fix="run install.sh")]
+        return [Check("install", "FAIL", f"the suite is not installed (no {target.manifest})", fix="run install.sh")]
     wrapped = [Path(item["path"]).name for item in record.get("files", []) if item["kind"] == WRAPPER]
     checks = file_checks(target, record)
     checks.append(state_check(target))
@@ -230,7 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--endpoint")
     parser.add_argument("--no-hooks", action="store_true")
     args = parser.parse_args(argv)
-    checks = run_checks(layout.Layout(Path(args.destdir)), args.endpoint, hooks=not args.no_hooks)
+    target = layout.Layout(Path(args.destdir), one_location=os.environ.get("ONE_LOCATION", "").rstrip("/"))
+    checks = run_checks(target, args.endpoint, hooks=not args.no_hooks)
     print_checks(checks)
     return 1 if any(check.status == "FAIL" for check in checks) else 0
 

@@ -6,6 +6,11 @@ The remotes layout follows OpenNebula's own ``install.sh`` (``VAR_LOCATION=/var/
 ``src/vnm_mad/remotes/<driver>`` (with ``pre.d post.d clean.d``) -> ``/var/lib/one/remotes/vnm/<driver>``,
 ``share/hooks/<name>`` -> ``/var/lib/one/remotes/hooks/<name>`` (onehem's ``:hook_base_path``).
 ``onehost sync`` copies ``/var/lib/one/remotes`` to ``/var/tmp/one`` on every host.
+
+A self-contained OpenNebula (its ``install.sh -d ONE_LOCATION``; every OpenNebula command then runs
+with ``$ONE_LOCATION`` set) keeps the same tree under one directory: ``ONE_LOCATION/etc`` for
+``/etc/one``, ``ONE_LOCATION/var`` for ``/var/lib/one`` and ``ONE_LOCATION/var/remotes`` for the
+remotes. The hosts' side (``/var/tmp/one``, ``/etc/sudoers.d``) is the same in both.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ class Layout:
 
     destdir: Path = Path("/")
     prefix: str = DEFAULT_PREFIX
+    one_location: str = ""  # a self-contained OpenNebula's ONE_LOCATION; empty: the packaged layout
+
+    def __post_init__(self) -> None:
+        if self.one_location and (not self.one_location.startswith("/") or "\n" in self.one_location):
+            raise ValueError(f"ONE_LOCATION must be an absolute path: {self.one_location!r}")
 
     def path(self, absolute: str) -> Path:
         """An absolute target path mapped under the staging root."""
@@ -50,3 +60,50 @@ class Layout:
     @property
     def frontend_python(self) -> str:
         return f"{self.prefix}/venv/bin/python3"
+
+    @property
+    def etc(self) -> str:
+        """OpenNebula's configuration directory (``/etc/one``)."""
+        return f"{self.one_location}/etc" if self.one_location else "/etc/one"
+
+    @property
+    def var(self) -> str:
+        """OpenNebula's state directory (``/var/lib/one``)."""
+        return f"{self.one_location}/var" if self.one_location else "/var/lib/one"
+
+    @property
+    def remotes(self) -> str:
+        return f"{self.var}/remotes"
+
+    @property
+    def hooks_dir(self) -> str:
+        return f"{self.remotes}/hooks/aifactory"
+
+    @property
+    def host_env(self) -> str:
+        """The hosts' Python environment as staged in the remotes (synced to ``HOST_ENV_ON_HOSTS``)."""
+        return f"{self.remotes}/aifactory/venv"
+
+    @property
+    def host_files(self) -> str:
+        return f"{self.remotes}/aifactory/host"
+
+    @property
+    def config(self) -> str:
+        return f"{self.etc}/aifactory.conf"
+
+    @property
+    def state_dir(self) -> str:
+        return f"{self.var}/aifactory"
+
+    @property
+    def manifest(self) -> str:
+        return f"{self.state_dir}/install-manifest.json"
+
+    @property
+    def oned_conf(self) -> str:
+        return f"{self.etc}/oned.conf"
+
+    @property
+    def monitord_conf(self) -> str:
+        return f"{self.etc}/monitord.conf"

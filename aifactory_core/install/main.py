@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2])
     parser.add_argument("--destdir", default=os.environ.get("DESTDIR") or "/")
     parser.add_argument("--prefix", default=layout.DEFAULT_PREFIX)
+    parser.add_argument("--one-location", default=os.environ.get("ONE_LOCATION", ""),
+                        help="a self-contained OpenNebula's ONE_LOCATION (default $ONE_LOCATION; unset: packaged)")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--no-hooks", action="store_true", help="do not register hooks with oned")
     parser.add_argument("--endpoint", help="oned XML-RPC endpoint (default $ONE_XMLRPC or localhost:2633)")
@@ -51,11 +53,11 @@ def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) ->
 
     previous = stage.load_record(target)
     if args.mode == "upgrade" and not previous:
-        raise UsageError(f"nothing to upgrade: no {target.path(layout.MANIFEST)} (run install.sh without --upgrade)")
+        raise UsageError(f"nothing to upgrade: no {target.path(target.manifest)} (run install.sh without --upgrade)")
     if args.enable_hook_server:
         hook_server.check_can_enable(target)
     recorded = {item["path"]: item for item in previous.get("files", [])}
-    entries = manifest.discover(args.source, args.prefix)
+    entries = manifest.discover(args.source, args.prefix, target)
     templates = manifest.hook_templates(args.source)
     notes: list[str] = []
     created = [d for d in previous.get("directories", [])]
@@ -103,7 +105,7 @@ def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) 
 
     record = stage.load_record(target)
     if not record:
-        raise UsageError(f"nothing to uninstall: no {target.path(layout.MANIFEST)}")
+        raise UsageError(f"nothing to uninstall: no {target.path(target.manifest)}")
     notes: list[str] = []
     oned = None
     if not args.no_hooks and record.get("hooks"):
@@ -119,10 +121,11 @@ def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     destdir = Path(args.destdir)
-    if not destdir.is_absolute() or not args.prefix.startswith("/"):
-        sys.stderr.write("aifactory-install: DESTDIR and --prefix must be absolute paths\n")
+    if not destdir.is_absolute() or not args.prefix.startswith("/") or (
+            args.one_location and not args.one_location.startswith("/")):
+        sys.stderr.write("aifactory-install: DESTDIR, --prefix and ONE_LOCATION must be absolute paths\n")
         return EXIT_USAGE
-    target = layout.Layout(destdir, args.prefix)
+    target = layout.Layout(destdir, args.prefix, args.one_location.rstrip("/"))
     tx = Transaction(dry_run=args.dry_run, out=sys.stdout)
     try:
         notes = uninstall(args, target, tx) if args.mode == "uninstall" else install(args, target, tx)

@@ -125,8 +125,9 @@ def _entry(kind: str, source: Path, root: Path, destination: str, python: str | 
     return Entry(kind, destination, _mode(source) if mode is None else mode, data, str(source.relative_to(root)))
 
 
-def discover(source: Path, prefix: str = layout.DEFAULT_PREFIX) -> list[Entry]:
-    """Every file the source tree provides, with its target, in install order."""
+def discover(source: Path, prefix: str = layout.DEFAULT_PREFIX, target: layout.Layout | None = None) -> list[Entry]:
+    """Every file the source tree provides, with its target (``target``'s OpenNebula layout), in install order."""
+    where = target if target is not None else layout.Layout()
     host_python = f"{layout.HOST_ENV_ON_HOSTS}/bin/python3"
     frontend_python = f"{prefix}/venv/bin/python3"
     entries: list[Entry] = []
@@ -134,28 +135,28 @@ def discover(source: Path, prefix: str = layout.DEFAULT_PREFIX) -> list[Entry]:
     for path in _files(drivers / "vmm" / "kvm"):
         if path.parent != drivers / "vmm" / "kvm":
             raise UsageError(f"{path}: VMM actions are files directly under drivers/vmm/kvm")
-        entries.append(_entry(WRAPPER, path, source, f"{layout.REMOTES}/vmm/kvm/{path.name}", host_python))
+        entries.append(_entry(WRAPPER, path, source, f"{where.remotes}/vmm/kvm/{path.name}", host_python))
     for area in ("im", "vnm"):
         for path in _files(drivers / area):
             relative = path.relative_to(drivers / area).as_posix()
-            entries.append(_entry(FILE, path, source, f"{layout.REMOTES}/{area}/{relative}", host_python))
+            entries.append(_entry(FILE, path, source, f"{where.remotes}/{area}/{relative}", host_python))
     for path in _files(drivers / "sudoers"):
         entries.append(_entry(SUDOERS, path, source, f"/etc/sudoers.d/{path.name}", mode=0o440))
     for area in ("sudoers", "systemd"):  # for `aifactory host-setup` on each host, after `onehost sync`
         for path in _files(drivers / area):
-            entries.append(_entry(HOST_DATA, path, source, f"{layout.HOST_FILES}/{area}/{path.name}", mode=0o644))
+            entries.append(_entry(HOST_DATA, path, source, f"{where.host_files}/{area}/{path.name}", mode=0o644))
     hooks = source / "hooks"
     for path in _files(hooks):
         if path.parent == hooks and os.access(path, os.X_OK):
             data = with_interpreter(path.read_bytes(), frontend_python)
             if prefix != layout.DEFAULT_PREFIX:
                 data = data.replace(_FRONTEND_DEFAULT_PYTHON, frontend_python.encode())
-            entries.append(_entry(FILE, path, source, f"{layout.HOOKS_DIR}/{path.name}", content=data))
+            entries.append(_entry(FILE, path, source, f"{where.hooks_dir}/{path.name}", content=data))
     for path in _files(hooks / "systemd"):
         unit = path.read_bytes().replace(b"/opt/aifactory/venv/", f"{prefix}/venv/".encode())
         entries.append(_entry(FILE, path, source, f"/etc/systemd/system/{path.name}", content=unit, mode=0o644))
-    entries.append(Entry(CONFIG, layout.CONFIG, 0o640, DEFAULT_CONFIG.encode(), "(built in)"))
-    entries.append(Entry(DIRECTORY, layout.STATE_DIR, 0o750))
+    entries.append(Entry(CONFIG, where.config, 0o640, DEFAULT_CONFIG.encode(), "(built in)"))
+    entries.append(Entry(DIRECTORY, where.state_dir, 0o750))
     return entries
 
 

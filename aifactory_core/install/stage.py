@@ -101,7 +101,7 @@ def _restore(path: Path, content: bytes | None, mode: int) -> Callable[[], None]
 
 
 def load_record(target: layout.Layout) -> dict[str, Any]:
-    path = target.path(layout.MANIFEST)
+    path = target.path(target.manifest)
     data = _read(path)
     if data is None:
         return {}
@@ -240,7 +240,7 @@ def write_record(tx: Transaction, target: layout.Layout, record: dict[str, Any],
     comparable = {key: value for key, value in record.items()}
     if comparable == previous:
         return
-    path = target.path(layout.MANIFEST)
+    path = target.path(target.manifest)
     content = (json.dumps(record, indent=1, sort_keys=True) + "\n").encode()
     old = _read(path)
     tx.step(f"record the installation in {path}", lambda: _write(path, content, 0o644), _restore(path, old, 0o644))
@@ -279,7 +279,7 @@ def uninstall_files(tx: Transaction, target: layout.Layout, record: dict[str, An
             tx.step(f"remove environment {path}", partial(os.replace, path, scratch),
                     partial(os.replace, scratch, path))
             tx.after_commit.append(partial(shutil.rmtree, scratch, ignore_errors=True))
-    manifest = target.path(layout.MANIFEST)
+    manifest = target.path(target.manifest)
     old = _read(manifest)
     if old is not None:
         tx.step(f"remove {manifest}", manifest.unlink, _restore(manifest, old, 0o644))

@@ -30,8 +30,18 @@ from aifactory_core.policy.hookclient import report
 DEFAULT_POLICY = "/etc/one/aifactory-policy.toml"
 
 
+def config_path() -> str:
+    """``$AIFACTORY_CONFIG``, else the frontend's: ``/etc/one/aifactory.conf``, or for a self-contained
+    OpenNebula (whose hook manager runs the hooks with ``$ONE_LOCATION`` set) ``$ONE_LOCATION/etc``'s."""
+    explicit = os.environ.get("AIFACTORY_CONFIG")
+    if explicit:
+        return explicit
+    location = os.environ.get("ONE_LOCATION", "").rstrip("/")
+    return f"{location}/etc/aifactory.conf" if location.startswith("/") else "/etc/one/aifactory.conf"
+
+
 def _settings() -> dict[str, Any]:
-    path = os.environ.get("AIFACTORY_CONFIG", "/etc/one/aifactory.conf")
+    path = config_path()
     if not os.path.exists(path):
         return {}
     from aifactory_core.config import load_config
