@@ -67,6 +67,8 @@ def configure(etc: Path) -> None:
     oned = etc / "oned.conf"
     _edit(oned, r"^#VM_MAD = \[ NAME=\"dummy\"(.*)\n#  TYPE=\"xml\" \]", r'VM_MAD = [ NAME="dummy"\1\n  TYPE="xml" ]')
     _edit(oned, r"^SCHED_MAX_WND_TIME\s*=\s*\d+", "SCHED_MAX_WND_TIME   = 1")
+    # The generic GPU quota, as docs/tenant-policy.md tells the operator to configure it.
+    _edit(oned, r'^#QUOTA_VM_ATTRIBUTE = "VCPU"', 'QUOTA_VM_ATTRIBUTE = "GPU"')
     _edit(oned, r"^MONITORING_INTERVAL_MARKET\s*=\s*\d+", "MONITORING_INTERVAL_MARKET    = 86400")
     monitord = etc / "monitord.conf"
     _edit(monitord, r"^# (IM_MAD = \[)\n# (    NAME\s*= \"dummy\",)\n((?:# .*\n)+?)# \]",

@@ -38,11 +38,10 @@ def run_checks(context: Any) -> list[Check]:
 
 def run(args: argparse.Namespace, context: Any) -> int:
     if args.frontend:
+        import os
         from pathlib import Path
 
         from aifactory_core.install import frontend_doctor, layout
-
-        import os
 
         one_location = os.environ.get("ONE_LOCATION", "").rstrip("/")  # a self-contained OpenNebula
         checks = frontend_doctor.run_checks(layout.Layout(Path(context.host.root), one_location=one_location))

@@ -9,7 +9,8 @@ layers of the role model map onto OpenNebula as:
   ``#uid VM+IMAGE+TEMPLATE+NET/@gid USE+MANAGE #zone`` over the group's objects;
 * service user (``service_users``) — automation acting for the tenant:
   ``#uid VM/@gid USE+MANAGE #zone`` and ``#uid TEMPLATE/@gid USE #zone``;
-* end user (the group's members) — ``@gid HOST/%cid USE``, ``@gid NET/#id USE`` and
+* end user (the group's members) — ``@gid VM/* CREATE`` (oned gives a group made through the API
+  no right to create anything), ``@gid HOST/%cid USE``, ``@gid NET/#id USE`` and
   ``@gid TEMPLATE/#id USE`` for the tenant's clusters, networks and GPU templates.
 
 OpenNebula's ACLs reach API objects only: devices, VLANs and pkeys are enforced by admission.
@@ -65,7 +66,8 @@ def parse_rule(rule: str) -> tuple[int, int, int, int | None]:
 def tenant_rules(policy: Policy, tenant: Tenant, gid: int) -> list[str]:
     """The rules for ``tenant`` whose group has id ``gid``, in a stable order."""
     zone = f"#{policy.zone}"
-    rules = [f"@{gid} HOST/%{cluster} USE {zone}" for cluster in tenant.clusters]
+    rules = [f"@{gid} VM/* CREATE {zone}"]
+    rules += [f"@{gid} HOST/%{cluster} USE {zone}" for cluster in tenant.clusters]
     rules += [f"@{gid} NET/#{network} USE {zone}" for network in sorted(tenant.networks)]
     rules += [f"@{gid} TEMPLATE/#{template} USE {zone}" for template in tenant.templates]
     for uid in tenant.service_admins:

@@ -4,6 +4,17 @@ Read the current state, compare, and make only the missing changes, so a second 
 nothing. ``dry_run`` reports the same list of changes without making them (a group that does not
 exist yet is shown as ``@<new:NAME>`` in the rules it will get). Nothing is ever deleted: rules or
 groups the policy no longer names are reported by ``tenant show`` for an operator to remove.
+
+What oned does on its own, and what is done about it:
+
+* ``one.group.allocate`` puts every new group into the ``default`` VDC (id 0), which grants every
+  cluster of the zone: a tenant with a VDC of its own is taken out of it.
+* ``one.group.allocate`` gives the group no right to create anything (``onegroup create`` adds its
+  default ``CREATE`` rule client-side): the tenant's rules include ``@gid VM/* CREATE``.
+* ``one.group.addadmin`` refuses a user who is not in the group: the user is added to it first
+  (as a secondary group, ``one.user.addgroup``; the primary group is left alone).
+* oned drops a generic ``GPU`` quota it was not told about (``QUOTA_VM_ATTRIBUTE = "GPU"`` in
+  ``oned.conf``): the quota is read back, and one that did not stick is an error naming the fix.
 """
 
 from __future__ import annotations
@@ -19,6 +30,9 @@ if TYPE_CHECKING:
 
     from aifactory_core.policy.oned import Oned
     from aifactory_core.policy.schema import Policy, Tenant
+
+
+DEFAULT_VDC = 0  # the VDC oned creates at bootstrap and puts every new group into
 
 
 @dataclass
@@ -103,6 +117,9 @@ class _Run:
             gid = None if created is None else int(str(created))
             if gid is not None:
                 state.groups[tenant.group] = gid
+                for vid, groups, _ in state.vdcs.values():
+                    if vid == DEFAULT_VDC:
+                        groups.add(gid)  # where oned puts every group it creates
         self.vdc(state, tenant, gid)
         self.acls(state, tenant, gid)
         self.quota_and_admins(tenant, gid)
@@ -120,6 +137,12 @@ class _Run:
             self.change(tenant, f"add group {tenant.group} to VDC {tenant.vdc}", "one.vdc.addgroup", vid, gid)
             if gid is not None:
                 groups.add(gid)
+        default = next((entry for entry in state.vdcs.values() if entry[0] == DEFAULT_VDC), None)
+        if vid != DEFAULT_VDC and (gid is None or (default is not None and gid in default[1])):
+            self.change(tenant, f"remove group {tenant.group} from the default VDC (it grants every cluster)",
+                        "one.vdc.delgroup", DEFAULT_VDC, gid)  # fmt: skip
+            if default is not None and gid is not None:
+                default[1].discard(gid)
         for cluster in tenant.clusters:
             if (self.policy.zone, cluster) not in clusters:
                 self.change(tenant, f"add cluster {cluster} (zone {self.policy.zone}) to VDC {tenant.vdc}",
@@ -149,9 +172,31 @@ class _Run:
         if any(now.get(key) != value for key, value in wanted.items()):
             self.change(tenant, f"set quota {quota_template(self.policy, tenant)}", "one.group.quota",
                         gid, quota_template(self.policy, tenant))  # fmt: skip
+            if not self.dry_run and gid is not None:
+                self.check_quota_kept(tenant, gid, wanted)
         for uid in tenant.service_admins:
-            if uid not in admins:
-                self.change(tenant, f"make user {uid} an admin of group {tenant.group}", "one.group.addadmin", gid, uid)
+            if uid in admins:
+                continue
+            if gid is None or gid not in self.user_groups(uid):
+                self.change(tenant, f"add user {uid} to group {tenant.group}", "one.user.addgroup", uid, gid)
+            self.change(tenant, f"make user {uid} an admin of group {tenant.group}", "one.group.addadmin", gid, uid)
+
+    def user_groups(self, uid: int) -> set[int]:
+        user = self.oned.document("one.user.info", uid, False)
+        return {_number(item.text, "a user's group ID") for item in user.iterfind("GROUPS/ID")}
+
+    def check_quota_kept(self, tenant: Tenant, gid: int, wanted: dict[str, str]) -> None:
+        from aifactory_core.policy.oned import OnedError
+
+        kept = _quota_now(self.oned.document("one.group.info", gid, False))
+        lost = sorted(key for key, value in wanted.items() if kept.get(key) != value)
+        if not lost:
+            return
+        if any("PCI_DEV" in key for key in lost):
+            fix = "this oned has no PCI device quotas: set [opennebula] version to the version oned runs"
+        else:
+            fix = 'add QUOTA_VM_ATTRIBUTE = "GPU" to oned.conf and restart oned'
+        raise OnedError(f"tenant {tenant.key}: oned did not keep the quota {', '.join(lost)}: {fix}")
 
 
 def apply_policy(oned: Oned, policy: Policy, *, dry_run: bool = False) -> list[Change]:
