@@ -7,6 +7,7 @@ them through the hook specifications in ``aifactory_core.hookspecs``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 PCI_CLASS_BRIDGE = 0x06
@@ -237,7 +238,8 @@ class Action:
 @dataclass(frozen=True)
 class DeployRequest:
     """What the host knows of a VM at deploy time: its id, its owner (from the deployment file's
-    ``<one:vm>`` metadata) and the PCI functions its domain takes."""
+    ``<one:vm>`` metadata), the PCI functions its domain takes, and where the full ``<VM>``
+    document OpenNebula writes beside the deployment file before ``deploy`` (``vm.xml``) is."""
 
     vm_id: int
     pci_addresses: tuple[str, ...]
@@ -245,3 +247,4 @@ class DeployRequest:
     gid: int | None = None
     uname: str | None = None
     gname: str | None = None
+    vm_document: Path | None = None

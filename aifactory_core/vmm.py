@@ -38,14 +38,15 @@ RELEASING_ACTIONS = ("cancel", "shutdown", "save", "migrate")
 MAX_STDIN = 4 * 1024 * 1024
 
 
-def deploy_request(domain: Any, vm: int) -> DeployRequest:
+def deploy_request(domain: Any, vm: int, vm_document: Path | None = None) -> DeployRequest:
     from aifactory_core.domain import one_metadata, pci_hostdevs
 
     meta = one_metadata(domain)
     addresses = tuple(dict.fromkeys(ref.address for _element, ref in pci_hostdevs(domain)))
     return DeployRequest(vm_id=vm, pci_addresses=addresses,
                          uid=meta.uid if meta else None, gid=meta.gid if meta else None,
-                         uname=meta.uname if meta else None, gname=meta.gname if meta else None)
+                         uname=meta.uname if meta else None, gname=meta.gname if meta else None,
+                         vm_document=vm_document)
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,14 @@ class DeployPlan:
     inventory: Any  # the HostInventory it planned on
 
 
-def plan_deploy(host: HostRoot, config: Config, domain: Any, vm: int) -> DeployPlan:
+def plan_deploy(host: HostRoot, config: Config, domain: Any, vm: int, vm_document: Path | None = None) -> DeployPlan:
     """Admission and the actions every plugin wants, without changing anything."""
     from aifactory_core.host.inventory import HostInventory
     from aifactory_core.plugins import build_manager
 
     manager, _loaded = build_manager(config)
     inventory = HostInventory(host)
-    request = deploy_request(domain, vm)
+    request = deploy_request(domain, vm, vm_document)
     refusals = [reason for result in manager.hook.aifactory_admit(inventory=inventory, request=request, config=config)
                 for reason in (result or ())]
     if refusals:
@@ -92,7 +93,7 @@ def prepare_deploy(host: HostRoot, config: Config, domain_xml: bytes, vm: int,
     from aifactory_core.lifecycle.executor import prepare, rollback
 
     domain = load_domain(domain_xml)
-    plan = plan_deploy(host, config, domain, vm)
+    plan = plan_deploy(host, config, domain, vm, vm_document)
     network_made = False
     if vm_document is not None:
         from aifactory_core.vnm.hook import configure_at_deploy

@@ -1,10 +1,10 @@
 """Tenant policy on the host: the authoritative admission gate before any device is bound.
 
 ``aifactory_admit`` evaluates the tenant policy for the VM the VMM deploy wrapper is about to
-start (the VmRequest read from OpenNebula's VM document: owner, PCI devices, NICs, cluster).
-:func:`admit_domain` does the same from what the host has at hand in the deployment file: the
-owner in ``<metadata><one:vm>`` and the ``<hostdev>`` functions, identified by the host's own
-sysfs (the inventory) rather than by anything in the document.
+start. The wrapper passes what the host has (a :class:`~aifactory_core.model.DeployRequest`: the
+deployment file's ``<one:vm>`` owner and ``<hostdev>`` functions, and where ``vm.xml`` is);
+:mod:`aifactory_core.policy.hostgate` reads it into the request the frontend decides on, with
+every device identified by this host's sysfs, and runs the frontend's own decision on it.
 
 Configuration ``[plugin.policy]``: ``file`` (default ``/etc/one/aifactory-policy.toml``),
 ``required`` (default: true when ``file`` is set — a missing or invalid policy then refuses every
@@ -25,8 +25,6 @@ from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 
 if TYPE_CHECKING:
-    from lxml import etree
-
     from aifactory_core.one.vm import VmRequest
     from aifactory_core.policy.schema import Policy
 
@@ -34,7 +32,6 @@ AIFACTORY_API_VERSION = 1
 NAME = "policy"
 DEFAULT_FILE = "/etc/one/aifactory-policy.toml"
 _KEYS = {"file", "required", "cluster_id", "on_refusal", "accounting_dir"}
-_NETWORK_CLASS = 0x02  # PCI base class "network controller" (Ethernet, InfiniBand)
 _cache: dict[tuple[str, int, int], Policy] = {}
 
 
@@ -85,6 +82,9 @@ def policy_for(config: Config) -> Policy | None:
 
 @hookimpl
 def aifactory_admit(inventory: HostInventory, request: Any, config: Config) -> Iterable[str] | None:
+    """At deploy (a :class:`~aifactory_core.model.DeployRequest`): the host gate on the deployment
+    file, ``vm.xml`` and this host's sysfs; given the frontend's ``VmRequest``: the same decision on it."""
+    from aifactory_core.model import DeployRequest
     from aifactory_core.policy.decide import decide
 
     try:
@@ -94,73 +94,13 @@ def aifactory_admit(inventory: HostInventory, request: Any, config: Config) -> I
     if policy is None:
         return None
     cluster = _settings(config).get("cluster_id")
+    if isinstance(request, DeployRequest):
+        from aifactory_core.policy.hostgate import gate
+
+        return [str(refusal) for refusal in gate(policy, request, inventory, cluster).refusals]
     vm: VmRequest = request
     if vm.cluster_id is None and cluster is not None:
         from dataclasses import replace
 
         vm = replace(vm, cluster_id=cluster)
     return [str(refusal) for refusal in decide(policy, vm).refusals]
-
-
-def admit_domain(
-    domain_root: etree._Element, policy: Policy, inventory: HostInventory | None = None,
-    cluster_id: int | None = None,
-) -> list[str]:  # fmt: skip
-    """Refusal reasons for the deployment file's VM (empty: admitted).
-
-    Owner: ``<one:vm>`` uid/gid/gname. Devices: each PCI ``<hostdev>``, identified by the host's
-    sysfs through ``inventory`` (a function the host does not have is refused); without an
-    inventory, by OpenNebula's ``<one:pci_devices>`` list, which must name as many devices.
-    Network functions are checked by the frontend and VNM path (the domain has no network ids);
-    here: device grants, clusters and the GPU cap of a single VM.
-    """
-    from aifactory_core.domain import one_metadata, pci_hostdevs
-    from aifactory_core.policy.decide import decide
-
-    hostdevs = [ref for _, ref in pci_hostdevs(domain_root)]
-    meta = one_metadata(domain_root)
-    if meta is None:
-        if not hostdevs:
-            return []
-        return ["policy rule tenant: the deployment file has no <one:vm> metadata, so the owner is unknown"]
-    models: list[tuple[int, int, int]] = []
-    if inventory is not None:
-        for ref in hostdevs:
-            function = inventory.pci.get(ref.address)
-            if function is None:
-                return [f"policy rule devices: hostdev {ref.address} is not a PCI function of this host"]
-            models.append((function.vendor_id, function.device_id, function.class_code >> 8))
-    else:
-        if len(meta.pci_devices) != len(hostdevs):
-            listed = len(meta.pci_devices)
-            return [f"policy rule devices: {len(hostdevs)} hostdevs but <one:pci_devices> names {listed}"]
-        for item in meta.pci_devices:
-            try:
-                vendor, device, device_class = (int(part, 16) for part in item.split(":"))
-            except ValueError:
-                return [f"policy rule devices: <one:pci_devices> entry {item[:30]!r} is not VENDOR:DEVICE:CLASS"]
-            models.append((vendor, device, device_class))
-    request = _domain_request(meta.uid, meta.gid, meta.gname, cluster_id, models)
-    return [str(refusal) for refusal in decide(policy, request).refusals]
-
-
-def _domain_request(
-    uid: int | None, gid: int | None, gname: str | None, cluster_id: int | None, models: list[tuple[int, int, int]]
-) -> VmRequest:
-    from aifactory_core.one.vm import PciRequest, VmRequest
-
-    pci = tuple(
-        PciRequest(
-            pci_id=index, type=None, address=None, short_address=None, vendor=vendor, device=device,
-            device_class=device_class, numa_node=None, nic_id=None, network=None, network_id=None, vlan_id=None,
-            mac=None, phydev=None, vn_mad=None, vm_address=None, vm_bus=None, vm_bus_index=None, uuid=None,
-            profile=None, mdev_mode=None,
-        )
-        for index, (vendor, device, device_class) in enumerate(models)
-        if device_class >> 8 != _NETWORK_CLASS
-    )  # fmt: skip
-    return VmRequest(
-        vm_id=-1, name=None, uid=uid, gid=gid, uname=None, gname=gname, state=None, lcm_state=None, deploy_id=None,
-        host=None, host_id=None, cluster_id=cluster_id, pci=pci, nics=(), topology=None, numa_nodes=(), vcpu=None,
-        cpu=None, memory_mib=None, hugepage_size=None, template_id=None,
-    )  # fmt: skip
