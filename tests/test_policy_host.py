@@ -352,3 +352,49 @@ def test_deploy_wrapper_process_admits_one_tenant_and_refuses_anothers_gpu(dgx_h
     stranger = run_deploy(dgx_host, 45, "intruders", DGX_GPUS[:1])
     assert stranger.returncode == 1 and b"policy rule tenant: group intruders is no tenant" in stranger.stderr
     assert (originals / "deploy.argv").read_text().split().count("dgx-01") == 2  # only VM 42 reached oned's deploy
+
+
+def test_deploy_wrapper_counts_what_the_tenant_already_holds_on_the_host(dgx_host: dict[str, object]) -> None:
+    """vision (max_gpus = 2) holds 2 H100s on the host through VM 50: VM 51's 2 more are refused
+    (the gate once admitted it, counting only the request); llm-lab is not charged for vision's
+    GPUs; once VM 50 is cancelled (its devices given back) VM 51 starts."""
+    from aifactory_core.hostroot import HostRoot
+    from aifactory_core.lifecycle import ownership
+
+    originals = Path(str(dgx_host["originals"]))
+    (originals / "cancel.one").write_text("#!/bin/sh\ncat > /dev/null\n")
+    (originals / "cancel.one").chmod(0o755)
+    host = HostRoot(Path(str(dgx_host["root"])), Path(str(dgx_host["env"]["AIFACTORY_STATE_DIR"])))  # type: ignore[index]
+    first = run_deploy(dgx_host, 50, "vision", DGX_GPUS[:2], DGX_VF, vlan=301)
+    assert first.returncode == 0, first.stderr
+    assert ownership.held_devices(host) == {DGX_GPUS[0]: 50, DGX_GPUS[1]: 50, DGX_VF: 50}
+    over = run_deploy(dgx_host, 51, "vision", ("0000:61:00.0", "0000:9d:00.0"))
+    assert over.returncode == 1
+    assert over.stderr.decode() == (
+        "aifactory deploy: VM 51 refused: policy rule tenant.vision.max_gpus: tenant vision holds 2 GPUs; 2 more "
+        "exceed its cap of 2\n")
+    other_tenant = run_deploy(dgx_host, 52, "llm-lab", ("0000:c3:00.0", "0000:d1:00.0"))
+    assert other_tenant.returncode == 0, other_tenant.stderr
+    cancel = subprocess.run([str(REPO / "drivers" / "vmm" / "kvm" / "cancel"), "one-50", "dgx-01", "50", "dgx-01"],
+                            input=b"", capture_output=True, env=dgx_host["env"], timeout=120, check=False)
+    assert cancel.returncode == 0, cancel.stderr
+    again = run_deploy(dgx_host, 51, "vision", ("0000:61:00.0", "0000:9d:00.0"))
+    assert again.returncode == 0, again.stderr
+
+
+def test_devices_held_by_a_vm_without_tenancy_record_count_through_its_vm_xml(dgx_host: dict[str, object]) -> None:
+    """A VM that held its GPUs before the gate kept tenancy records (claimed in the ownership records
+    only) is attributed through the vm.xml in its directory; its VF is no GPU."""
+    from aifactory_core.hostroot import HostRoot
+    from aifactory_core.lifecycle import ownership
+
+    root = Path(str(dgx_host["root"]))
+    host = HostRoot(root, Path(str(dgx_host["env"]["AIFACTORY_STATE_DIR"])))  # type: ignore[index]
+    directory = root / "var/lib/one/datastores/0/60"
+    directory.mkdir(parents=True)
+    (directory / "vm.xml").write_bytes(vm_xml(60, "vision", DGX_GPUS[:1], DGX_VF, network=30, vlan=301))
+    for address in (DGX_GPUS[0], DGX_VF):
+        ownership.claim(host, address, 60)
+    refused = run_deploy(dgx_host, 61, "vision", ("0000:61:00.0", "0000:9d:00.0"))
+    assert "tenant vision holds 1 GPUs; 2 more exceed its cap of 2" in refused.stderr.decode()
+    assert run_deploy(dgx_host, 62, "vision", ("0000:61:00.0",)).returncode == 0

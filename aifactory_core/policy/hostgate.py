@@ -14,6 +14,8 @@ decision on one shape. Two host facts replace the documents' word:
 Without ``vm.xml`` the owner comes from ``<one:vm>`` and every hostdev is a plain passthrough
 device. Documents that contradict each other (another VM id, another owner) refuse the VM
 (rule ``deployment``); so does a PCI address that is no function of this host (rule ``devices``).
+:func:`gate` adds what the tenant already holds on this host to the request's GPUs
+(:mod:`aifactory_core.policy.hostusage`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 Identity = tuple[int, int, int]  # vendor, device, class (base class and subclass: 0x0302)
 Identify = Callable[[str], "Identity | None"]
 MAX_VM_DOCUMENT = 8 * 1024 * 1024
+LOCK_TIMEOUT = 60.0  # seconds a deploy waits for another deploy of the same tenant to be decided
 
 
 class GateMismatch(Exception):
@@ -154,13 +157,42 @@ def decide_on_host(policy: Policy, deploy: DeployRequest, vm_document: VmRequest
 
 
 def gate(policy: Policy, deploy: DeployRequest, inventory: HostInventory, cluster_id: int | None = None,
-         usage: Usage | None = None) -> Decision:
+         lock_timeout: float = LOCK_TIMEOUT) -> Decision:
     """The deploy wrapper's decision: ``vm.xml`` read from beside the deployment file, devices
-    identified by this host's sysfs."""
-    from aifactory_core.policy.decide import Decision, Refusal
+    identified by this host's sysfs, and the GPUs the tenant's other VMs hold on this host counted
+    against its cap (:mod:`aifactory_core.policy.hostusage`).
 
+    Counting, deciding and taking the devices run under the group's lock in the tenancy directory:
+    an admitted VM's tenancy is recorded and its hostdevs are claimed in the ownership records at
+    once, so a second deploy of the same tenant waits and then counts them. (Prepare claims the
+    same devices again, idempotently; a failed prepare, a failed start and release give them back.)"""
+    from aifactory_core.lifecycle import ownership
+    from aifactory_core.policy.admission import group_lock
+    from aifactory_core.policy.decide import Decision, Refusal, decide
+    from aifactory_core.policy.hostusage import forget_released, held_usage, record_tenancy, tenancy_dir
+
+    identify = sysfs_identity(inventory)
     try:
-        document = read_vm_document(deploy)
+        request = host_request(deploy, read_vm_document(deploy), identify, cluster_id)
     except GateMismatch as mismatch:
         return Decision(None, (Refusal(mismatch.rule, mismatch.message),))
-    return decide_on_host(policy, deploy, document, sysfs_identity(inventory), cluster_id, usage)
+    if not deploy.pci_addresses:
+        return decide(policy, request)
+    host = inventory.host
+    documents = None if deploy.vm_document is None else deploy.vm_document.parent.parent
+    with group_lock(tenancy_dir(host), request.gid if request.gid is not None else -1, lock_timeout):
+        usage = held_usage(host, policy, lambda address: is_gpu_identity(identify(address)), documents)
+        decision = decide(policy, request, usage)
+        if decision.admitted:
+            record_tenancy(host, request.vm_id, request.gid, request.gname)
+            for address in deploy.pci_addresses:
+                ownership.claim(host, address, request.vm_id)
+            forget_released(host, request.vm_id)
+        return decision
+
+
+def is_gpu_identity(identity: Identity | None) -> bool:
+    """A held function counts as a GPU unless sysfs says it is a network function (base class 0x02)."""
+    from aifactory_core.model import PCI_CLASS_NETWORK
+
+    return identity is not None and identity[2] >> 8 != PCI_CLASS_NETWORK
