@@ -1,17 +1,25 @@
-"""The KVM VMM driver extension: what the wrapped ``deploy``/``cancel``/``shutdown`` actions do.
+"""The KVM VMM driver extension: what the wrapped actions do around OpenNebula's originals.
 
 OpenNebula calls ``<remotes>/vmm/kvm/<action>`` on the host; the suite's wrapper there runs
 ``python -m aifactory_core.vmm <action> <wrapper path> <argv...>``, and this module keeps the
 original contract (same argv; stdout = the original's stdout; non-zero exit + one stderr line on
-refusal) around the original script, kept beside the wrapper as ``<action>.one``:
+refusal) around the original script, kept beside the wrapper as ``<action>.one``. Where each
+argument sits in an action's argv is :mod:`aifactory_core.vmm_actions`' table:
 
 - ``deploy '<deployment file>' '<host>' <vmid> <host>``, domain XML on stdin: admit (policy
   plugins), configure the VM's network VFs if VNM ``pre`` could not yet (from ``vm.xml`` beside
   the deployment file), prepare (journaled, rolled back on failure), let plugins edit the domain,
   run the original with the edited domain; if the original fails, release again.
-- ``cancel``/``shutdown``/``reset``… ``'<deploy id>' '<host>' <vmid> <host>``: run the original, then
-  (when the VM is gone) release what deploy took. Every action is idempotent: ``cancel`` may follow
-  a failed deploy.
+- ``restore '<checkpoint>' '<host>' '<deploy id>' <vmid> <host>``: the same admission, network and
+  prepare for the domain the VM was deployed with (the newest ``deployment.N`` beside the
+  checkpoint; the saved domain already carries deploy's edits), then the original; if it fails,
+  release what this restore claimed.
+- ``shutdown``/``cancel``/``save``/``migrate``: run the original, then (the domain is gone from this
+  host) release what deploy took. Every action is idempotent: ``cancel`` may follow a failed deploy.
+
+Log records go to stderr as ``WARN: aifactory <action>: ...`` (OpenNebula's driver log convention),
+but only once the action succeeded: OpenNebula 6.10 makes a failed action's whole stderr its error
+message, so a failure's stderr carries the error alone (plus ERROR records, which belong to it).
 """
 
 from __future__ import annotations
@@ -23,18 +31,20 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from aifactory_core.errors import AifactoryError, DocumentError, PolicyRefused, UsageError
+from aifactory_core import vmm_actions
+from aifactory_core.errors import AifactoryError, DocumentError, HostError, PolicyRefused, UsageError
 from aifactory_core.model import Action, DeployRequest
 from aifactory_core.validate import vm_id as check_vm_id
+from aifactory_core.vmm_actions import DriverAction
 
 if TYPE_CHECKING:
     from aifactory_core.config import Config
     from aifactory_core.hostroot import HostRoot
+    from aifactory_core.lifecycle.journal import Journal
 
 ENV_ORIGINAL_DIR = "AIFACTORY_VMM_ORIGINAL_DIR"
-RELEASING_ACTIONS = ("cancel", "shutdown", "save", "migrate")
 MAX_STDIN = 4 * 1024 * 1024
 
 
@@ -76,24 +86,49 @@ def plan_deploy(host: HostRoot, config: Config, domain: Any, vm: int, vm_documen
     return DeployPlan(request, actions, manager, inventory)
 
 
+def _vm_directory(path: str, what: str, host: HostRoot) -> Path:
+    """The VM directory holding ``path`` (an absolute path OpenNebula passed), under the host root."""
+    if not path.startswith("/") or ".." in path.split("/") or "\0" in path:
+        raise UsageError(f"{what} {path[:200]!r} is not an absolute path")
+    return host.path(os.path.dirname(os.path.normpath(path)))
+
+
 def vm_document_of(deployment_file: str, host: HostRoot) -> Path:
     """The ``vm.xml`` OpenNebula writes beside the remote deployment file before ``deploy``."""
-    if not deployment_file.startswith("/") or ".." in deployment_file.split("/") or "\0" in deployment_file:
-        raise UsageError(f"deploy: deployment file {deployment_file[:200]!r} is not an absolute path")
-    return host.path(os.path.dirname(os.path.normpath(deployment_file))) / "vm.xml"
+    return _vm_directory(deployment_file, "deploy: deployment file", host) / "vm.xml"
 
 
-def prepare_deploy(host: HostRoot, config: Config, domain_xml: bytes, vm: int,
-                   vm_document: Path | None = None) -> tuple[bytes, bool]:
-    """Admit, configure the VM's network VFs (when VNM ``pre`` could not: see
-    :func:`aifactory_core.vnm.hook.configure_at_deploy`), prepare the devices (journaled) and
-    rewrite the domain. Returns the domain to start, and whether this call configured the network
-    (then a failed start must give it back). Any failure undoes what this call made."""
-    from aifactory_core.domain import dump_domain, load_domain
-    from aifactory_core.lifecycle.executor import prepare, rollback
+def deployment_file_beside(checkpoint_file: str, vm: int, host: HostRoot) -> Path:
+    """The newest ``deployment.N`` in the VM directory holding the checkpoint: the domain ``deploy``
+    started (after the suite's edits), so the one ``save`` wrote into the checkpoint."""
+    directory = _vm_directory(checkpoint_file, "restore: checkpoint", host)
+    if directory.name != str(vm):
+        raise UsageError(f"restore: checkpoint {checkpoint_file[:200]!r} is not in VM {vm}'s directory")
+    numbered = [path for path in directory.glob("deployment.*") if path.suffix[1:].isdigit()]
+    if not numbered:
+        raise HostError(f"restore: no deployment file beside {checkpoint_file[:200]}: the devices of VM {vm} "
+                        "are unknown")
+    return max(numbered, key=lambda path: int(path.suffix[1:]))
 
-    domain = load_domain(domain_xml)
-    plan = plan_deploy(host, config, domain, vm, vm_document)
+
+class Claim(NamedTuple):
+    """What one call claimed: the devices (False when it found them claimed already) and the
+    network VFs (True only when VNM ``pre`` had not configured them), and the VM's journal."""
+
+    devices: bool
+    network: bool
+    journal: Journal
+
+
+def _claim(host: HostRoot, config: Config, plan: DeployPlan, vm: int, vm_document: Path | None) -> Claim:
+    """Configure the VM's network VFs when VNM ``pre`` could not (see
+    :func:`aifactory_core.vnm.hook.configure_at_deploy`), then prepare the plan's actions
+    (journaled); a failure gives back the network part this call made."""
+    from aifactory_core.lifecycle.executor import prepare
+    from aifactory_core.lifecycle.journal import Journal
+
+    existing = Journal.load(host, vm)
+    claimed_before = existing is not None and existing.phase == "prepared"
     network_made = False
     if vm_document is not None:
         from aifactory_core.vnm.hook import configure_at_deploy
@@ -101,17 +136,48 @@ def prepare_deploy(host: HostRoot, config: Config, domain_xml: bytes, vm: int,
         network_made = configure_at_deploy(host, config, vm, vm_document)
     try:
         journal = prepare(host, vm, plan.actions)
-        try:
-            plan.manager.hook.aifactory_domain_xml(inventory=plan.inventory, request=plan.request, domain=domain,
-                                                   config=config)
-            return dump_domain(domain), network_made
-        except BaseException:
-            rollback(host, journal)
-            raise
     except BaseException:
         if network_made:
             _undo_network(host, vm)
         raise
+    return Claim(devices=not claimed_before, network=network_made, journal=journal)
+
+
+def prepare_deploy(host: HostRoot, config: Config, domain_xml: bytes, vm: int,
+                   vm_document: Path | None = None) -> tuple[bytes, bool]:
+    """Admit, configure the VM's network VFs and prepare the devices (:func:`_claim`), then
+    rewrite the domain. Returns the domain to start, and whether this call configured the network
+    (then a failed start must give it back). Any failure undoes what this call made."""
+    from aifactory_core.domain import dump_domain, load_domain
+    from aifactory_core.lifecycle.executor import rollback
+
+    domain = load_domain(domain_xml)
+    plan = plan_deploy(host, config, domain, vm, vm_document)
+    claim = _claim(host, config, plan, vm, vm_document)
+    try:
+        plan.manager.hook.aifactory_domain_xml(inventory=plan.inventory, request=plan.request, domain=domain,
+                                               config=config)
+        return dump_domain(domain), claim.network
+    except BaseException:
+        rollback(host, claim.journal)
+        if claim.network:
+            _undo_network(host, vm)
+        raise
+
+
+def prepare_restore(host: HostRoot, config: Config, checkpoint_file: str, vm: int) -> Claim:
+    """Before ``restore``: admit and claim again what the saved domain takes, as deploy did.
+
+    The saved domain carries deploy's edits already, so no plugin edits anything; and
+    ``restore`` also wakes a domain the guest suspended, whose claim was never given back (then
+    :attr:`Claim.devices` is False and a failed restore must leave it)."""
+    from aifactory_core.domain import load_domain
+
+    deployment = deployment_file_beside(checkpoint_file, vm, host)
+    vm_document = deployment.parent / "vm.xml"
+    domain = load_domain(deployment.read_bytes(), str(deployment))
+    plan = plan_deploy(host, config, domain, vm, vm_document)
+    return _claim(host, config, plan, vm, vm_document)
 
 
 def _undo_network(host: HostRoot, vm: int) -> None:
@@ -139,10 +205,10 @@ def _run_original(wrapper: str, action: str, argv: Sequence[str], stdin: bytes) 
     return completed.returncode
 
 
-def _vm_of(action: str, argv: Sequence[str]) -> int:
-    if len(argv) < 3:
-        raise UsageError(f"{action}: expected '<file or deploy id>' '<host>' <vmid> ..., got {len(argv)} arguments")
-    return check_vm_id(argv[2])
+def _vm_of(action: DriverAction, argv: Sequence[str]) -> int:
+    if len(argv) != len(action.argv):
+        raise UsageError(f"{action.name}: expected {action.usage()}, got {len(argv)} arguments")
+    return check_vm_id(argv[action.position(vmm_actions.VM_ID)])
 
 
 def _read_stdin() -> bytes:
@@ -152,31 +218,46 @@ def _read_stdin() -> bytes:
     return data
 
 
-def run_action(action: str, wrapper: str, argv: Sequence[str]) -> int:
+def run_action(name: str, wrapper: str, argv: Sequence[str]) -> int:
     from aifactory_core.config import load_config
     from aifactory_core.hostroot import HostRoot
 
+    action = vmm_actions.wrapped(name)
+    if action is None:
+        known = ", ".join(sorted(each.name for each in vmm_actions.ACTIONS.values() if each.wrapped))
+        raise UsageError(f"{name[:40]!r} is not a VMM action the suite wraps ({known})")
     vm = _vm_of(action, argv)
     stdin = _read_stdin()
     host = HostRoot.resolve(None)
-    if action == "deploy":
+    if name == "deploy":
         config = load_config(None)
-        domain, network_made = prepare_deploy(host, config, stdin, vm, vm_document_of(argv[0], host))
-        status = _run_original(wrapper, action, argv, domain)
+        deployment_file = argv[action.position(vmm_actions.DEPLOYMENT_FILE)]
+        domain, network_made = prepare_deploy(host, config, stdin, vm, vm_document_of(deployment_file, host))
+        status = _run_original(wrapper, name, argv, domain)
         if status != 0:
             release_vm(host, vm)
             if network_made:
                 _undo_network(host, vm)
         return status
-    status = _run_original(wrapper, action, argv, stdin)
-    if status == 0 and action in RELEASING_ACTIONS:
+    if name == "restore":
+        claim = prepare_restore(host, load_config(None), argv[action.position(vmm_actions.CHECKPOINT_FILE)], vm)
+        status = _run_original(wrapper, name, argv, stdin)
+        if status != 0:
+            if claim.devices:
+                release_vm(host, vm)
+            if claim.network:
+                _undo_network(host, vm)
+        return status
+    status = _run_original(wrapper, name, argv, stdin)
+    if status == 0 and name in vmm_actions.RELEASING:
         release_vm(host, vm)
     return status
 
 
 class _OpenNebulaLogFormat(logging.Formatter):
-    """``WARN: aifactory deploy: ...``: OpenNebula 7 forwards stderr lines that start with
-    ``ERROR:``/``WARN:``/``INFO:``/``DEBUG:`` to the VM's log instead of its error message."""
+    """``WARN: aifactory deploy: ...``, the driver log convention: OpenNebula 7 sends stderr lines
+    that start with ``ERROR:``/``WARN:``/``INFO:``/``DEBUG:`` to the log and leaves them out of a
+    failed action's error message (6.10 does not: see :class:`_HeldLog`)."""
 
     LEVELS = {"WARNING": "WARN", "CRITICAL": "ERROR"}
 
@@ -189,25 +270,40 @@ class _OpenNebulaLogFormat(logging.Formatter):
         return f"{level}: aifactory {self.action}: {' '.join(record.getMessage().split())}"
 
 
-class _StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is when a record is emitted."""
+class _HeldLog(logging.Handler):
+    """Holds the action's log lines until its outcome is known.
+
+    OpenNebula logs a remote action's stderr to the VM's log; when the action fails, 6.10 also makes
+    that whole stderr the VM's error message. So the lines are written only after a success, and
+    after a failure only those at ERROR, which belong to the error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[tuple[int, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
+            self.lines.append((record.levelno, self.format(record)))
         except Exception:  # a log line must never fail the action
             self.handleError(record)
 
+    def write(self, succeeded: bool) -> None:
+        for level, line in self.lines:
+            if succeeded or level >= logging.ERROR:
+                sys.stderr.write(line + "\n")
+        self.lines.clear()
 
-def _log_to_opennebula(action: str) -> None:
+
+def _hold_log_for_opennebula(action: str) -> _HeldLog:
+    held = _HeldLog()
+    held.setFormatter(_OpenNebulaLogFormat(action))
     for name, level in (("aifactory", logging.INFO), ("aifactory_core", logging.WARNING)):
         logger = logging.getLogger(name)
-        for old in [handler for handler in logger.handlers if isinstance(handler, _StderrHandler)]:
+        for old in [handler for handler in logger.handlers if isinstance(handler, _HeldLog)]:
             logger.removeHandler(old)
-        handler = _StderrHandler()
-        handler.setFormatter(_OpenNebulaLogFormat(action))
-        logger.addHandler(handler)
+        logger.addHandler(held)
         logger.setLevel(level)
+    return held
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,17 +312,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("usage: python -m aifactory_core.vmm ACTION WRAPPER_PATH ARGS...\n")
         return 2
     action, wrapper, rest = args[0], args[1], args[2:]
-    _log_to_opennebula(action)
+    held = _hold_log_for_opennebula(action)
     try:
-        return run_action(action, wrapper, rest)
+        status = run_action(action, wrapper, rest)
     except AifactoryError as error:
+        held.write(succeeded=False)
         sys.stderr.write(f"aifactory {action}: {error.message}\n")
         return error.exit_status or 1
     except Exception as error:  # a defect: OpenNebula shows stderr as the VM's error, so one line
+        held.write(succeeded=False)
         if os.environ.get("AIFACTORY_DEBUG") == "1":
             raise
         sys.stderr.write(f"aifactory {action}: internal error: {type(error).__name__}: {error}\n")
         return 1
+    held.write(succeeded=status == 0)
+    return status
 
 
 if __name__ == "__main__":

@@ -81,8 +81,12 @@ def test_vmm_wrappers_keep_opennebulas_contract(staged: Path, h100_root: Path, t
     assert deploy.stdout == "6f1c2c1e-5d0a-4d43-9a53-7d0c6f1b2a42\n"  # the original's deploy id, untouched
     assert (kvm / "deploy.argv").read_text().split() == argv
     assert "<name>one-42</name>" in (kvm / "deploy.stdin").read_text()
-    for action in ("shutdown", "cancel"):
-        argv = ["6f1c2c1e-5d0a-4d43-9a53-7d0c6f1b2a42", "gpu-node-01", "42", "gpu-node-01"]
+    deploy_id = "6f1c2c1e-5d0a-4d43-9a53-7d0c6f1b2a42"
+    for action, argv in (("shutdown", [deploy_id, "gpu-node-01", "42", "gpu-node-01"]),
+                         ("cancel", [deploy_id, "gpu-node-01", "42", "gpu-node-01"]),
+                         ("save", [deploy_id, "/var/lib/one//datastores/0/42/checkpoint", "gpu-node-01", "42",
+                                   "gpu-node-01"]),
+                         ("migrate", [deploy_id, "gpu-node-02", "gpu-node-01", "42", "gpu-node-01"])):
         result = as_opennebula_runs(kvm / action, argv, "<VMM_DRIVER_ACTION_DATA/>", env)
         assert result.returncode == 0, result.stderr
         assert (kvm / f"{action}.argv").read_text().split() == argv

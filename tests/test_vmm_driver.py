@@ -233,3 +233,202 @@ def test_numa_local_setting_is_checked(tmp_path: Path) -> None:
     config.write_text('[plugins]\nenabled = ["sriov"]\n[plugin.sriov]\nnuma_local = "sometimes"\n')
     with pytest.raises(ConfigError, match="numa_local = 'sometimes': expected warn, require or off"):
         build_manager(load_config(str(config)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Every wrapped action: the argv OpenNebula's driver builds (aifactory_core.vmm_actions).
+
+VM_DIR = "/var/lib/one//datastores/0/42"
+CHECKPOINT = f"{VM_DIR}/checkpoint"
+DEPLOY_ARGV = [f"{VM_DIR}/deployment.0", "gpu-node-01", "42", "gpu-node-01"]
+RELEASING_ARGV = {
+    "shutdown": ["uuid-42", "gpu-node-01", "42", "gpu-node-01"],
+    "cancel": ["uuid-42", "gpu-node-01", "42", "gpu-node-01"],
+    "save": ["uuid-42", CHECKPOINT, "gpu-node-01", "42", "gpu-node-01"],
+    "migrate": ["uuid-42", "gpu-node-02", "gpu-node-01", "42", "gpu-node-01"],
+}
+RESTORE_ARGV = [CHECKPOINT, "gpu-node-01", "uuid-42", "42", "gpu-node-01"]
+ACTION_DATA = "<VMM_DRIVER_ACTION_DATA><HOST>gpu-node-01</HOST></VMM_DRIVER_ACTION_DATA>"
+RESTORE_RECORDER = """#!/bin/sh
+printf '%s\\n' "$@" > "$(dirname "$0")/restore.argv"
+basename "$(readlink "$AIFACTORY_HOST_ROOT/sys/bus/pci/devices/{gpu}/driver")" > "$(dirname "$0")/restore.driver"
+echo "restore failed: {status}" >&2
+exit {status}
+"""
+
+
+def _deployed(host: HostRoot, originals: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """VM 42 deployed with the GPU, its deployment file written where OpenNebula's deploy writes it."""
+    _original(originals, "deploy")
+    assert _run("deploy", DEPLOY_ARGV, DOMAIN, monkeypatch) == 0
+    deployment = host.path(DEPLOY_ARGV[0])
+    deployment.parent.mkdir(parents=True, exist_ok=True)
+    deployment.write_bytes((originals / "deploy.stdin").read_bytes())
+    assert ownership.held_devices(host) == {GPU: 42}
+
+
+def _restore_original(originals: Path, status: int = 0) -> None:
+    path = originals / "restore.one"
+    path.write_text(RESTORE_RECORDER.format(gpu=GPU, status=status))
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("action", sorted(RELEASING_ARGV))
+def test_each_releasing_action_reads_the_vm_id_where_opennebula_puts_it(
+        env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        action: str) -> None:
+    """save and migrate get five arguments, the VM id fourth; shutdown and cancel four, the VM id third."""
+    host, originals = env
+    _deployed(host, originals, monkeypatch)
+    _original(originals, action, stdout="")
+    capfd.readouterr()
+    assert _run(action, RELEASING_ARGV[action], ACTION_DATA, monkeypatch) == 0, capfd.readouterr().err
+    assert (originals / f"{action}.argv").read_text().splitlines() == RELEASING_ARGV[action]
+    assert (originals / f"{action}.stdin").read_text() == ACTION_DATA
+    assert HostInventory(host).pci[GPU].driver == "nvidia" and ownership.held_devices(host) == {}
+
+
+@pytest.mark.parametrize("action", sorted(RELEASING_ARGV))
+def test_a_failed_releasing_action_keeps_the_devices(env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch,
+                                                     action: str) -> None:
+    host, originals = env
+    _deployed(host, originals, monkeypatch)
+    _original(originals, action, stdout="", status=1)
+    assert _run(action, RELEASING_ARGV[action], ACTION_DATA, monkeypatch) == 1
+    assert HostInventory(host).pci[GPU].driver == "vfio-pci" and ownership.held_devices(host) == {GPU: 42}
+
+
+@pytest.mark.parametrize(("action", "argv"), [
+    ("save", ["uuid-42", CHECKPOINT, "gpu-node-01", "42"]),  # the old reading: four arguments
+    ("save", ["uuid-42", CHECKPOINT, "gpu-node-01", "not-a-vm", "gpu-node-01"]),
+    ("migrate", ["uuid-42", "gpu-node-02", "gpu-node-01", "42", "gpu-node-01", "extra"]),
+    ("restore", ["uuid-42", "gpu-node-01", "42", "gpu-node-01"]),
+    ("reboot", ["uuid-42", "gpu-node-01", "42", "gpu-node-01"]),  # not an action the suite wraps
+])
+def test_an_argv_of_the_wrong_shape_is_refused_before_the_original_runs(
+        env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        action: str, argv: list[str]) -> None:
+    host, originals = env
+    _deployed(host, originals, monkeypatch)
+    _original(originals, action)
+    capfd.readouterr()
+    assert _run(action, argv, ACTION_DATA, monkeypatch) == 2
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"aifactory {action}: "), err
+    assert not (originals / f"{action}.argv").exists()
+    assert ownership.held_devices(host) == {GPU: 42}
+
+
+def test_restore_claims_and_binds_the_devices_again_before_the_original_runs(
+        env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    host, originals = env
+    _deployed(host, originals, monkeypatch)
+    _original(originals, "save", stdout="")
+    assert _run("save", RELEASING_ARGV["save"], ACTION_DATA, monkeypatch) == 0
+    assert HostInventory(host).pci[GPU].driver == "nvidia" and ownership.held_devices(host) == {}
+
+    _restore_original(originals)
+    assert _run("restore", RESTORE_ARGV, ACTION_DATA, monkeypatch) == 0
+    assert (originals / "restore.argv").read_text().splitlines() == RESTORE_ARGV
+    assert (originals / "restore.driver").read_text() == "vfio-pci\n"  # bound when the original ran
+    assert HostInventory(host).pci[GPU].driver == "vfio-pci" and ownership.held_devices(host) == {GPU: 42}
+
+
+def test_a_failed_restore_gives_back_what_it_claimed(env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
+    host, originals = env
+    _deployed(host, originals, monkeypatch)
+    _original(originals, "save", stdout="")
+    assert _run("save", RELEASING_ARGV["save"], ACTION_DATA, monkeypatch) == 0
+    _restore_original(originals, status=1)
+    capfd.readouterr()
+    assert _run("restore", RESTORE_ARGV, ACTION_DATA, monkeypatch) == 1
+    assert capfd.readouterr().err == "restore failed: 1\n"  # the original's error, alone
+    assert (originals / "restore.driver").read_text() == "vfio-pci\n"
+    assert HostInventory(host).pci[GPU].driver == "nvidia" and ownership.held_devices(host) == {}
+
+
+def test_a_failed_restore_leaves_a_claim_it_found(env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """restore also wakes a domain the guest suspended: never saved, it still holds its devices."""
+    host, originals = env
+    _deployed(host, originals, monkeypatch)
+    _restore_original(originals, status=1)
+    assert _run("restore", RESTORE_ARGV, ACTION_DATA, monkeypatch) == 1
+    assert HostInventory(host).pci[GPU].driver == "vfio-pci" and ownership.held_devices(host) == {GPU: 42}
+
+
+def test_restore_of_a_device_another_vm_holds_is_refused(env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    host, originals = env
+    _deployed(host, originals, monkeypatch)
+    _original(originals, "save", stdout="")
+    assert _run("save", RELEASING_ARGV["save"], ACTION_DATA, monkeypatch) == 0
+    ownership.claim(host, GPU, 41)
+    _restore_original(originals)
+    capfd.readouterr()
+    assert _run("restore", RESTORE_ARGV, ACTION_DATA, monkeypatch) == 1
+    assert capfd.readouterr().err == f"aifactory restore: device {GPU} held by VM 41\n"
+    assert not (originals / "restore.argv").exists()
+    assert ownership.held_devices(host) == {GPU: 41}
+
+
+@pytest.mark.parametrize(("checkpoint", "message"), [
+    (CHECKPOINT, "no deployment file beside"),
+    ("/var/lib/one//datastores/0/41/checkpoint", "is not in VM 42's directory"),
+    ("checkpoint", "is not an absolute path"),
+    ("/var/lib/one/datastores/0/../../../etc/42/checkpoint", "is not an absolute path"),
+])
+def test_restore_without_the_vms_deployment_file_is_refused_in_one_line(
+        env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        checkpoint: str, message: str) -> None:
+    host, originals = env
+    _restore_original(originals)
+    assert _run("restore", [checkpoint, *RESTORE_ARGV[1:]], ACTION_DATA, monkeypatch) != 0
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("aifactory restore: ") and message in err, err
+    assert not (originals / "restore.argv").exists()
+    assert ownership.held_devices(host) == {}
+
+
+def test_the_newest_deployment_file_is_the_one_restore_reads(env: tuple[HostRoot, Path]) -> None:
+    host, _originals = env
+    directory = host.path("/var/lib/one/datastores/0/42")
+    directory.mkdir(parents=True)
+    for name in ("deployment.2", "deployment.10", "deployment.9", "deployment.x", "vm.xml"):
+        (directory / name).write_text("")
+    assert vmm.deployment_file_beside(CHECKPOINT, 42, host) == directory / "deployment.10"
+
+
+# ----------------------------------------------------------------------------------------------
+# Log lines: in the VM's log after a success, never in a failed action's error message.
+
+def test_warnings_stay_out_of_a_failed_actions_error_message(
+        env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    """OpenNebula 6.10 makes a failed action's whole stderr the VM's error: only the error may be there."""
+    host, originals = env
+    config = tmp_path / "aifactory.conf"
+    config.write_text('[plugins]\nenabled = ["vfio", "nvidia_gpu", "sriov"]\n[plugin.sriov]\nnuma_local = "warn"\n')
+    monkeypatch.setenv("AIFACTORY_CONFIG", str(config))
+    original = originals / "deploy.one"
+    original.write_text("#!/bin/sh\ncat >/dev/null\necho 'Could not create domain from deployment.0' >&2\nexit 1\n")
+    original.chmod(0o755)
+    assert _run("deploy", DEPLOY_ARGV, _gpu_and_vf_domain(GPU, "0000:aa:00.2"), monkeypatch) == 1
+    assert capfd.readouterr().err == "Could not create domain from deployment.0\n"
+    assert ownership.held_devices(host) == {}
+
+
+def test_error_records_of_a_failed_action_are_kept(env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch,
+                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    def failing(*_args: object) -> int:
+        logging.getLogger("aifactory_core.lifecycle.executor").warning("VM 42: a warning")
+        logging.getLogger("aifactory_core.lifecycle.executor").error("VM 42: rollback incomplete")
+        raise HostError("release of VM 42 incomplete")
+
+    _original(env[1], "cancel")
+    monkeypatch.setattr(vmm, "release_vm", failing)
+    assert _run("cancel", RELEASING_ARGV["cancel"], ACTION_DATA, monkeypatch) == 1
+    assert capfd.readouterr().err == ("ERROR: aifactory cancel: VM 42: rollback incomplete\n"
+                                      "aifactory cancel: release of VM 42 incomplete\n")
