@@ -36,6 +36,9 @@ class HostConfig:
     reserved_cpus: frozenset[int] = frozenset()
     host_devices: tuple[str, ...] = ()
     state_dir: str | None = None
+    vf_pools: tuple[str, ...] = ()
+    """SR-IOV PFs (PCI addresses) whose VFs tenants may be given: the root helper sets and scrubs
+    VFs of these PFs only."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def _plugins(table: Any) -> PluginsConfig:
 def _host(table: Any) -> HostConfig:
     if not isinstance(table, dict):
         raise ConfigError("config key 'host' must be a table")
-    _check_keys(table, {"reserved_cpus", "host_devices", "state_dir"}, "host")
+    _check_keys(table, {"reserved_cpus", "host_devices", "state_dir", "vf_pools"}, "host")
     reserved = table.get("reserved_cpus", "")
     if not isinstance(reserved, str):
         raise ConfigError("config key 'host.reserved_cpus' must be a CPU list string such as \"0-1,56-57\"")
@@ -85,17 +88,21 @@ def _host(table: Any) -> HostConfig:
         reserved_cpus = parse_cpulist(reserved, "host.reserved_cpus")
     except UsageError as error:
         raise ConfigError(f"config key 'host.reserved_cpus': {error.message}") from None
-    devices = table.get("host_devices", [])
-    if not isinstance(devices, list):
-        raise ConfigError("config key 'host.host_devices' must be a list of PCI addresses")
-    try:
-        host_devices = tuple(pci_address(item) for item in devices)
-    except UsageError as error:
-        raise ConfigError(f"config key 'host.host_devices': {error.message}") from None
+    host_devices = _pci_addresses(table, "host_devices")
     state_dir = table.get("state_dir")
     if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
         raise ConfigError("config key 'host.state_dir' must be an absolute path")
-    return HostConfig(reserved_cpus, host_devices, state_dir)
+    return HostConfig(reserved_cpus, host_devices, state_dir, _pci_addresses(table, "vf_pools"))
+
+
+def _pci_addresses(table: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    addresses = table.get(key, [])
+    if not isinstance(addresses, list):
+        raise ConfigError(f"config key 'host.{key}' must be a list of PCI addresses")
+    try:
+        return tuple(pci_address(item) for item in addresses)
+    except UsageError as error:
+        raise ConfigError(f"config key 'host.{key}': {error.message}") from None
 
 
 def parse_config(data: Mapping[str, Any], path: str | None = None) -> Config:
@@ -113,8 +120,6 @@ def parse_config(data: Mapping[str, Any], path: str | None = None) -> Config:
 
 def load_config(option: str | None = None) -> Config:
     """Load and validate the configuration (see the module docstring for where it comes from)."""
-    import tomllib
-
     explicit = option or os.environ.get(ENV_CONFIG)
     path = Path(explicit or DEFAULT_PATH)
     try:
@@ -126,13 +131,20 @@ def load_config(option: str | None = None) -> Config:
         return Config()
     except OSError as error:
         raise ConfigError(f"config file {str(path)!r} unreadable: {error.strerror}") from None
+    return parse_config_bytes(raw, str(path))
+
+
+def parse_config_bytes(raw: bytes, path: str) -> Config:
+    """The validated configuration in ``raw``, the content of the file ``path``."""
+    import tomllib
+
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
+        raise ConfigError(f"config file {path!r} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"config file {str(path)!r}: {error}") from None
-    return parse_config(data, str(path))
+        raise ConfigError(f"config file {path!r}: {error}") from None
+    return parse_config(data, path)
 
 
 def check_plugin_keys(plugin: str, section: Mapping[str, Any], allowed: set[str] | frozenset[str]) -> None:

@@ -15,6 +15,11 @@ helper accepts exactly::
 — validated PCI addresses, driver names, interface names, VF indices and VF settings, nothing
 else (no paths, no shell, no environment: it always works on the live ``/``). Reading VFs back
 needs no privilege, so the caller verifies. ``drivers/sudoers/aifactory`` allows only it.
+
+The helper judges every request itself before it writes anything (:func:`serve`): it refuses a
+function the host uses or one sharing its IOMMU group, and a VF outside the configured pools, by
+the root-owned configuration (:mod:`aifactory_core.rootconfig`) and the kernel's own state
+(:mod:`aifactory_core.host.hostuse`); a refusal is one line on stderr and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from aifactory_core.errors import AifactoryError, UsageError
 from aifactory_core.validate import driver_name, pci_address
 
 if TYPE_CHECKING:
+    from aifactory_core.config import HostConfig
     from aifactory_core.host.netlink_vf import VfSettings
     from aifactory_core.hostroot import HostRoot
 
@@ -37,6 +43,8 @@ VF_KEYS = ("mac", "vlan", "qos", "spoofchk", "trust", "min_tx_rate", "max_tx_rat
 MAX_VF_INDEX = 4095
 ENV_ROOT_HELPER = "AIFACTORY_ROOT_HELPER"
 DEFAULT_ROOT_HELPER = "/usr/local/lib/aifactory/venv/bin/aifactory-root-helper"
+HOST_ROOT = "/"
+"""The helper always works on the live machine: no host root, path or environment from its caller."""
 
 
 def parse(argv: Sequence[str]) -> tuple[str, str, str]:
@@ -121,27 +129,41 @@ def run_privileged(*argv: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = list(sys.argv[1:] if argv is None else argv)
-        verb, subject, detail = parse(args)
+        parse(args)
         from pathlib import Path
 
         from aifactory_core.hostroot import HostRoot
+        from aifactory_core.rootconfig import load_root_config
 
-        host = HostRoot(Path("/"))
-        if verb == "reset":
-            from aifactory_core.host.sanitize import reset_check_method
-
-            method, problem = reset_check_method(host, subject)
-            sys.stdout.write(f"{method}\n{problem or ''}\n")
-        elif verb in ("vf-set", "vf-scrub"):
-            _vf(host, verb, subject, int(detail), args[3:])
-        else:
-            from aifactory_core.host.pcibind import PciBinder
-
-            PciBinder(host).set_driver(subject, detail)
+        sys.stdout.write(serve(HostRoot(Path(HOST_ROOT)), load_root_config().host, args))
     except AifactoryError as error:
         sys.stderr.write(f"aifactory-root-helper: {error.message}\n")
         return error.exit_status
     return 0
+
+
+def serve(host: HostRoot, config: HostConfig, argv: Sequence[str]) -> str:
+    """Judge the request by the root-owned ``config`` and the kernel's own state, then make it;
+    returns what to print. A function the host uses, or one in its IOMMU group, is refused; so is a
+    VF outside ``[host] vf_pools`` (:mod:`aifactory_core.host.hostuse`). Nothing is written before
+    the request is judged."""
+    from aifactory_core.host.hostuse import check_function, check_vf
+
+    verb, subject, detail = parse(argv)
+    if verb in ("vf-set", "vf-scrub"):
+        check_vf(host, subject, int(detail), config)
+        _vf(host, verb, subject, int(detail), list(argv[3:]))
+        return ""
+    check_function(host, subject, config.host_devices)
+    if verb == "reset":
+        from aifactory_core.host.sanitize import reset_check_method
+
+        method, problem = reset_check_method(host, subject)
+        return f"{method}\n{problem or ''}\n"
+    from aifactory_core.host.pcibind import PciBinder
+
+    PciBinder(host).set_driver(subject, detail)
+    return ""
 
 
 def _vf(host: HostRoot, verb: str, pf: str, vf: int, rest: list[str]) -> None:

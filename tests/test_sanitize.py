@@ -209,14 +209,16 @@ def test_device_without_reset_records_method_none(host: HostRoot) -> None:
     assert [(result, method) for _stamp, result, method, _reason in reset_history(host, GPU)] == [("OK", "none")]
 
 
-def test_root_helper_answers_the_method_then_the_problem(monkeypatch: pytest.MonkeyPatch,
+def test_root_helper_answers_the_method_then_the_problem(host: HostRoot, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """The unprivileged release path records what the helper says it did (a bus-reset fallback
     included), and a garbled method is not written into the record."""
-    from aifactory_core import roothelper
+    from aifactory_core import rootconfig, roothelper
     from aifactory_core.host import sanitize as sanitize_module
     from aifactory_core.host.sanitize import parse_helper_reset
 
+    monkeypatch.setattr(roothelper, "HOST_ROOT", str(host.root))
+    monkeypatch.setattr(rootconfig, "ROOT_CONFIG_PATH", str(host.root / "etc/one/aifactory.conf"))
     monkeypatch.setattr(sanitize_module, "reset_check_method", lambda host, address: ("bus", "link trained at x4"))
     assert roothelper.main(["reset", "0000:1b:00.0"]) == 0
     answer = capsys.readouterr().out

@@ -43,6 +43,19 @@ def test_group_with_a_host_device_is_refused(host: HostRoot) -> None:
         _prepare(host, "0000:01:00.0", config={"host": {"host_devices": ["0000:01:00.1"]}})
 
 
+def test_a_requested_device_the_host_uses_is_refused_by_the_root_helpers_rule(host: HostRoot) -> None:
+    """The plan refuses what the root helper would refuse (aifactory_core.host.hostuse), the
+    requested device itself included, not only its group companions."""
+    with pytest.raises(HostError, match=rf"{GPU} is used by the host \(listed in \[host\] host_devices\)"):
+        _prepare(host, GPU, config={"host": {"host_devices": [GPU]}})
+    uplink = host.root / "proc/net/route"
+    uplink.parent.mkdir(parents=True)
+    uplink.write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+                      "enp1s0f1\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n")
+    with pytest.raises(HostError, match="0000:01:00.1 .* which the host uses .enp1s0f1 carries the default route"):
+        _prepare(host, "0000:01:00.0")
+
+
 def test_fingerprint_drift_is_refused(host: HostRoot) -> None:
     from aifactory_core.host.fingerprint import fingerprint, record
 

@@ -387,18 +387,21 @@ def test_hot_attach_failing_half_way_undoes_only_the_new_nic(world: tuple[HostRo
 def test_unprivileged_vf_changes_go_through_the_root_helper(world: tuple[HostRoot, Config, NetlinkDouble],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """As oneadmin (the live host, not root) the VF settings and the scrub are handed to the root
-    helper's closed grammar; the helper makes them (here on the test's host root and netlink
-    double) and the unprivileged side reads them back."""
+    helper's closed grammar; the helper judges them by its root-owned config (the PF is in
+    ``[host] vf_pools``) and makes them (here on the test's host root and netlink double), and the
+    unprivileged side reads them back."""
     from aifactory_core import roothelper
+    from aifactory_core.config import HostConfig
 
     host, config, peer = world
     handed: list[list[str]] = []
+    root_config = HostConfig(vf_pools=("0000:18:00.0",))
 
     def helper(verb: str, pf: str, vf: int, *rest: str) -> None:
         argv = [verb, pf, str(vf), *rest]
         roothelper.parse(argv)  # what run_privileged checks before sudo
         handed.append(argv)
-        roothelper._vf(host, verb, pf, vf, list(rest))
+        roothelper.serve(host, root_config, argv)
 
     monkeypatch.setattr(vf_actions, "_unprivileged", lambda _host: True)
     monkeypatch.setattr(vf_actions, "_through_root_helper", helper)

@@ -55,13 +55,29 @@ def _set_driver(host: HostRoot, address: str, driver: str, writer: Writer) -> No
     PciBinder(host, writer).set_driver(address, driver)
 
 
+def _judge(host: HostRoot, address: str, writer: Writer) -> None:
+    """A change made here, not through the root helper (as root, or on a test's host root), passes
+    the helper's own judgement: the same rule, the same root-owned configuration. Through the helper,
+    the helper judges."""
+    from aifactory_core.roothelper import needed
+
+    if isinstance(writer, RecordingWriter) or needed(host):
+        return
+    from aifactory_core.host.hostuse import check_function
+    from aifactory_core.rootconfig import load_root_config
+
+    check_function(host, address, load_root_config().host.host_devices)
+
+
 def _pci_driver_do(host: HostRoot, action: Action, writer: Writer) -> None:
+    _judge(host, action.target, writer)
     _set_driver(host, action.target, action.value, writer)
 
 
 def _pci_driver_undo(host: HostRoot, action: Action, writer: Writer) -> None:
     """Give the function back; a function leaving vfio-pci is reset and checked first, and one that
     fails the check stays on vfio-pci, quarantined, so no tenant's state reaches anyone else."""
+    _judge(host, action.target, writer)
     if action.value == "vfio-pci" and action.undo_value != "vfio-pci" and _is_on(host, action.target, "vfio-pci"):
         from aifactory_core.host.sanitize import sanitize
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aifactory_core.config import Config
 from aifactory_core.errors import HostError
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.model import PCI_CLASS_STORAGE, Action, Check, DeployRequest, DiscoveredDevice, PciDevice
+
+if TYPE_CHECKING:
+    from aifactory_core.host.hostuse import HostEvidence
 
 AIFACTORY_API_VERSION = 1
 NAME = "vfio"
@@ -84,16 +87,26 @@ def _host_setup_check(inventory: HostInventory) -> Check:
     return Check("host-setup", "WARN", "; ".join(problems), fix=HOST_SETUP_FIX)
 
 
-def _host_uses(device: PciDevice, host_devices: set[str]) -> bool:
-    """The host itself needs the device: listed in ``host.host_devices``, or storage on a host driver."""
-    return device.address in host_devices or (
-        device.base_class == PCI_CLASS_STORAGE and device.driver not in (None, VFIO_DRIVER))
+def _host_evidence(inventory: HostInventory, config: Config) -> HostEvidence:
+    from aifactory_core.host.hostuse import HostEvidence
+
+    return HostEvidence.read(inventory.host, config.host.host_devices)
+
+
+def _host_use(evidence: HostEvidence, device: PciDevice) -> str | None:
+    """Why the host needs ``device``: the rule the root helper judges by
+    (:mod:`aifactory_core.host.hostuse`), or, as a companion dragged along with a requested device,
+    storage on a host driver (a disk the host may mount at any time)."""
+    why = evidence.uses.get(device.address)
+    if why is None and device.base_class == PCI_CLASS_STORAGE and device.driver not in (None, VFIO_DRIVER):
+        why = f"storage on {device.driver}"
+    return why
 
 
 def _isolation_checks(inventory: HostInventory, devices: Sequence[DiscoveredDevice],
                       config: Config) -> list[Check]:
     checks = []
-    host_devices = set(config.host.host_devices)
+    evidence = _host_evidence(inventory, config)
     for device in devices:
         if device.kind not in PASSTHROUGH_KINDS:
             continue
@@ -113,7 +126,7 @@ def _isolation_checks(inventory: HostInventory, devices: Sequence[DiscoveredDevi
                                 subject=device.address))
             continue
         names = ", ".join(f"{other.address} ({other.driver or 'no driver'})" for other in others)
-        host_used = [other for other in others if _host_uses(other, host_devices)]
+        host_used = [other for other in others if _host_use(evidence, other)]
         checks.append(Check(
             "iommu-group", "FAIL" if host_used else "WARN",
             f"group {pci.iommu_group} also holds {names}; all must go to vfio-pci together",
@@ -133,8 +146,8 @@ def aifactory_doctor_checks(
 def group_closure(inventory: HostInventory, address: str, config: Config) -> list[PciDevice]:
     """Every endpoint that must go to vfio-pci with ``address``: its IOMMU group, bridges excepted.
 
-    Refuses when the function is not on the host, has no IOMMU group, or shares its group with a
-    device the host itself uses (``host.host_devices`` in the config, or storage on a host driver).
+    Refuses when the function is not on the host, has no IOMMU group, is used by the host itself,
+    or shares its group with a device the host uses (:func:`_host_use`).
     """
     device = inventory.pci.get(address)
     if device is None:
@@ -143,11 +156,15 @@ def group_closure(inventory: HostInventory, address: str, config: Config) -> lis
         raise HostError(f"PCI device {address} has no IOMMU group: enable the IOMMU (aifactory doctor)")
     members = [inventory.pci[member] for member in inventory.iommu_groups.get(device.iommu_group, (address,))]
     endpoints = [member for member in members if not member.is_bridge]
-    host_devices = set(config.host.host_devices)
+    evidence = _host_evidence(inventory, config)
+    own = evidence.uses.get(address)
+    if own is not None:
+        raise HostError(f"{address} is used by the host ({own}); refusing")
     for member in endpoints:
-        if member.address != address and _host_uses(member, host_devices):
+        why = _host_use(evidence, member) if member.address != address else None
+        if why is not None:
             raise HostError(f"{address} shares IOMMU group {device.iommu_group} with {member.address} "
-                            f"({member.driver or 'no driver'}), which the host uses; refusing")
+                            f"({member.driver or 'no driver'}), which the host uses ({why}); refusing")
     return endpoints
 
 

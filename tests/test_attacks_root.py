@@ -1,0 +1,387 @@
+"""Attacks on root from ``oneadmin`` and the tenants (issue 16, "The privilege boundary").
+
+Each test is one attack a reviewer reproduced against the code before the fix; each fails on that
+code and passes now. 21 distinct attacks:
+
+* the root helper touching the host's own functions (12): a function listed in ``[host]
+  host_devices``; an NVMe with a mounted partition; one whose partition is active swap; one whose
+  partition is held by device-mapper; a NIC carrying a global IPv6 address; one carrying an IPv4
+  address; one carrying the IPv4 default route; one carrying the IPv6 default route; one enslaved
+  to a bond that carries an address; a function sharing its IOMMU group with a NIC the host uses;
+  ``reset`` of a mounted NVMe; ``set-driver none`` of the NIC carrying the default route;
+* the root helper's VF verbs outside the configured pools (4): ``vf-set`` on a PF outside
+  ``[host] vf_pools``, ``vf-scrub`` on one, a VF index beyond the pool, a VF the host uses itself;
+* the root helper's configuration (5): a config ``oneadmin`` owns, one writable by others, one
+  writable by ``oneadmin``'s group, one in a directory ``oneadmin`` owns, one that is
+  ``oneadmin``'s link to a root-owned file.
+
+The host is the generated DGX tree (``tests/hostroots.py``) with the kernel's evidence of use added
+where the kernel keeps it: ``/sys/class/block`` (partitions, ``dev``, ``holders``),
+``/proc/self/mountinfo``, ``/proc/swaps``, ``/proc/net/if_inet6``, ``/proc/net/route``,
+``/proc/net/ipv6_route`` and the ``upper_*`` links of stacked interfaces. The attacker is a real
+unprivileged user (uid 65534) where it writes something root then reads (``setpriv``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import needs
+import pytest
+from fixtures.nics.netlink_double import NetlinkDouble
+
+from aifactory_core import rootconfig, roothelper
+from aifactory_core.host import netlink_vf, netuse
+from aifactory_core.hostroot import HostRoot
+
+ATTACKER = 65534
+NVME = "0000:08:00.0"
+NIC = "0000:01:00.0"
+NIC_NAME = "enp1s0f0"
+NIC_SIBLING = "0000:01:00.1"
+GPU = "0000:1b:00.0"
+POOL_PF = "0000:aa:00.0"
+POOL_PF_NAME = "enp170s0f0np0"
+POOL_PF_IFINDEX = 11
+POOL_VF0 = "0000:aa:00.2"
+
+
+# ---- the host -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def host(dgx_root: Path, tmp_path: Path) -> HostRoot:
+    """A private copy of the generated DGX host."""
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(dgx_root), str(root)], check=True)  # copytree takes seconds here
+    return HostRoot(root, tmp_path / "state")
+
+
+def _write(root: Path, relative: str, text: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def _link(root: Path, relative: str, target: str) -> None:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target)
+
+
+def add_nvme_namespace(host: HostRoot, address: str = NVME) -> str:
+    """``nvme0n1`` with partitions 1-3 under ``address``, laid out as the kernel does: the device in
+    ``/sys/devices/.../<address>/nvme/nvme0/nvme0n1``, each entry linked from ``/sys/class/block``.
+    Returns the real directory of the disk, relative to the root."""
+    device = os.path.relpath(os.path.realpath(host.pci_devices / address), host.root)
+    disk = f"{device}/nvme/nvme0/nvme0n1"
+    _write(host.root, f"{disk}/dev", "259:0\n")
+    _link(host.root, "sys/class/block/nvme0n1", f"../../../{disk}")
+    for number in (1, 2, 3):
+        part = f"{disk}/nvme0n1p{number}"
+        _write(host.root, f"{part}/dev", f"259:{number}\n")
+        (host.root / part / "holders").mkdir()
+        _link(host.root, f"sys/class/block/nvme0n1p{number}", f"../../../{part}")
+    return disk
+
+
+def mounted(host: HostRoot) -> None:
+    add_nvme_namespace(host)
+    _write(host.root, "proc/self/mountinfo",
+           "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw\n"
+           "29 1 259:2 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p2 rw,errors=remount-ro\n")
+
+
+def swapping(host: HostRoot) -> None:
+    add_nvme_namespace(host)
+    _write(host.root, "proc/swaps", "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
+                                    "/dev/nvme0n1p3                          partition\t8388604\t\t0\t\t-2\n")
+
+
+def held_by_device_mapper(host: HostRoot) -> None:
+    disk = add_nvme_namespace(host)
+    _write(host.root, "sys/devices/virtual/block/dm-0/dev", "253:0\n")
+    _link(host.root, "sys/class/block/dm-0", "../../devices/virtual/block/dm-0")
+    _link(host.root, f"{disk}/nvme0n1p3/holders/dm-0", "../../../../../../../../virtual/block/dm-0")
+
+
+def ipv6_address(host: HostRoot) -> None:
+    _write(host.root, "proc/net/if_inet6",
+           "00000000000000000000000000000001 01 80 10 80       lo\n"
+           f"fe8000000000000002000000000000a1 02 40 20 80 {NIC_NAME}\n"
+           f"20010db8000000000000000000000005 02 40 00 80 {NIC_NAME}\n")
+
+
+def ipv4_address(host: HostRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    """IPv4 addresses come over netlink: its answer for this host."""
+    monkeypatch.setattr(netuse, "_ipv4_addresses", lambda _host: {NIC_NAME: ["192.0.2.5"]})
+
+
+def ipv4_default_route(host: HostRoot) -> None:
+    _write(host.root, "proc/net/route",
+           "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+           f"{NIC_NAME}\t00000000\t010200C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+           f"{NIC_NAME}\t000200C0\t00000000\t0001\t0\t0\t100\t00FFFFFF\t0\t0\t0\n")
+
+
+def ipv6_default_route(host: HostRoot) -> None:
+    _write(host.root, "proc/net/ipv6_route",
+           "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+           f"20010db8000000000000000000000001 00000400 00000001 00000000 00000003 {NIC_NAME}\n"
+           "00000000000000000000000000000000 00 00000000000000000000000000000000 00 "
+           "00000000000000000000000000000000 ffffffff 00000001 00000000 00200200       lo\n")
+
+
+def bonded(host: HostRoot) -> None:
+    _write(host.root, "sys/devices/virtual/net/bond0/ifindex", "40\n")
+    _link(host.root, "sys/class/net/bond0", "../../devices/virtual/net/bond0")
+    nic = os.path.relpath(os.path.realpath(host.path(f"/sys/class/net/{NIC_NAME}")), host.root)
+    _link(host.root, f"{nic}/upper_bond0", "../../../../../virtual/net/bond0")
+    _write(host.root, "proc/net/if_inet6", "20010db8000000000000000000000007 28 40 00 80    bond0\n")
+
+
+WRITABLE = ("driver_override", "reset", "reset_method", "remove", "rescan", "sriov_numvfs",
+            "sriov_drivers_autoprobe")
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every sysfs file a change of driver, a reset or a pool change writes, by content hash."""
+    pci = root / "sys/bus/pci"
+    paths = [pci / "drivers_probe", pci / "rescan"]
+    paths += [pci / "drivers" / driver / name for driver in os.listdir(pci / "drivers")
+              for name in ("bind", "unbind", "new_id", "remove_id")]
+    paths += [pci / "devices" / device / name for device in os.listdir(pci / "devices") for name in WRITABLE]
+    return {str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in paths if path.is_file()}
+
+
+# ---- the helper -----------------------------------------------------------------------------------
+
+
+Helper = Callable[..., int]
+
+
+@pytest.fixture
+def helper(host: HostRoot, open_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Helper:
+    """The root helper's ``main`` on the generated host, its root config at ``open_tmp/etc``."""
+    monkeypatch.setattr(roothelper, "HOST_ROOT", str(host.root))
+    monkeypatch.setattr(rootconfig, "ROOT_CONFIG_PATH", str(open_tmp / "etc" / "aifactory.conf"))
+    return lambda *argv: roothelper.main(list(argv))
+
+
+@pytest.fixture
+def open_tmp() -> Iterator[Path]:
+    """A root-owned 0755 directory under ``/tmp`` the attacker can reach (``tmp_path`` is root's 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="aifactory-attack-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def root_config(where: Path, text: str) -> Path:
+    """The root-owned config the helper reads (root: 0644 in a root-owned 0755 directory)."""
+    needs.root("the helper trusts only a config root owns")
+    directory = where / "etc"
+    directory.mkdir(exist_ok=True)
+    path = directory / "aifactory.conf"
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+HOST_USE = [
+    pytest.param(["set-driver", NVME, "vfio-pci"], mounted, "nvme0n1p2 is mounted on /", id="mounted-partition"),
+    pytest.param(["set-driver", NVME, "vfio-pci"], swapping, "nvme0n1p3 is active swap", id="active-swap"),
+    pytest.param(["set-driver", NVME, "vfio-pci"], held_by_device_mapper, "nvme0n1p3 is held by dm-0",
+                 id="device-mapper-holder"),
+    pytest.param(["set-driver", NIC, "vfio-pci"], ipv6_address, f"{NIC_NAME} carries 2001:db8::5",
+                 id="global-ipv6-address"),
+    pytest.param(["set-driver", NIC, "vfio-pci"], ipv4_default_route, f"{NIC_NAME} carries the default route",
+                 id="ipv4-default-route"),
+    pytest.param(["set-driver", NIC, "vfio-pci"], ipv6_default_route, f"{NIC_NAME} carries the default route",
+                 id="ipv6-default-route"),
+    pytest.param(["set-driver", NIC, "vfio-pci"], bonded, f"{NIC_NAME} carries 2001:db8::7 (through bond0)",
+                 id="bond-member"),
+    pytest.param(["set-driver", NIC_SIBLING, "vfio-pci"], ipv4_default_route,
+                 f"shares IOMMU group 1 with {NIC}, which the host uses", id="iommu-group-of-a-host-nic"),
+    pytest.param(["reset", NVME], mounted, "nvme0n1p2 is mounted on /", id="reset-of-a-mounted-nvme"),
+    pytest.param(["set-driver", NIC, "none"], ipv4_default_route, f"{NIC_NAME} carries the default route",
+                 id="unbind-of-the-uplink"),
+]
+
+
+@pytest.mark.parametrize(("argv", "evidence", "named"), HOST_USE)
+def test_helper_refuses_a_function_the_host_uses(host: HostRoot, helper: Helper,
+                                                  capsys: pytest.CaptureFixture[str], argv: list[str],
+                                                  evidence: Callable[[HostRoot], None], named: str) -> None:
+    evidence(host)
+    before = snapshot(host.root)
+    status = helper(*argv)
+    error = capsys.readouterr().err
+    assert status != 0 and len(error.splitlines()) == 1, error
+    assert error.startswith(f"aifactory-root-helper: refusing {argv[1]}") and named in error, error
+    assert snapshot(host.root) == before
+
+
+def test_helper_refuses_a_nic_carrying_an_ipv4_address(host: HostRoot, helper: Helper,
+                                                      capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ipv4_address(host, monkeypatch)
+    before = snapshot(host.root)
+    status = helper("set-driver", NIC, "vfio-pci")
+    error = capsys.readouterr().err
+    assert status != 0 and f"refusing {NIC}: the host uses it ({NIC_NAME} carries 192.0.2.5)" in error, error
+    assert snapshot(host.root) == before
+
+
+def test_helper_refuses_a_function_listed_in_host_devices(host: HostRoot, helper: Helper,
+                                                         open_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root_config(open_tmp, f'[host]\nhost_devices = ["{GPU}"]\n')
+    before = snapshot(host.root)
+    status = helper("reset", GPU)
+    error = capsys.readouterr().err
+    assert status != 0 and "listed in [host] host_devices" in error, error
+    assert snapshot(host.root) == before
+
+
+def test_the_same_helper_resets_a_function_the_host_does_not_use(host: HostRoot,
+                                                                 helper: Helper,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The control: every refusal above is the judgement, not a helper that cannot act on this host."""
+    mounted(host)
+    ipv4_default_route(host)
+    status = helper("reset", GPU)
+    assert status == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == "flr\n\n"
+    assert (host.pci_devices / GPU / "reset").read_text() == "1"
+
+
+# ---- the helper's VF verbs ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def netlink(monkeypatch: pytest.MonkeyPatch) -> NetlinkDouble:
+    peer = NetlinkDouble({POOL_PF_IFINDEX: 4})
+    monkeypatch.setattr(netlink_vf, "open_netlink", lambda: peer)
+    return peer
+
+
+VF_ATTACKS = [
+    pytest.param("", ["vf-set", POOL_PF_NAME, "0", "vlan=5"], f"{POOL_PF} is not in [host] vf_pools",
+                 id="vf-set-outside-the-pools"),
+    pytest.param("", ["vf-scrub", POOL_PF_NAME, "1", "eth"], f"{POOL_PF} is not in [host] vf_pools",
+                 id="vf-scrub-outside-the-pools"),
+    pytest.param(f'vf_pools = ["{POOL_PF}"]\n', ["vf-set", POOL_PF_NAME, "4", "vlan=5"],
+                 f"the pool of {POOL_PF} has 4 VFs", id="vf-index-beyond-the-pool"),
+    pytest.param(f'vf_pools = ["{POOL_PF}"]\nhost_devices = ["{POOL_VF0}"]\n',
+                 ["vf-set", POOL_PF_NAME, "0", "vlan=5"], f"refusing {POOL_VF0}: the host uses it",
+                 id="vf-the-host-uses"),
+]
+
+
+@pytest.mark.parametrize(("pools", "argv", "named"), VF_ATTACKS)
+def test_helper_refuses_a_vf_outside_the_configured_pools(host: HostRoot, helper: Helper,
+                                                          netlink: NetlinkDouble, open_tmp: Path,
+                                                          capsys: pytest.CaptureFixture[str], pools: str,
+                                                          argv: list[str], named: str) -> None:
+    root_config(open_tmp, f"[host]\n{pools}")
+    status = helper(*argv)
+    error = capsys.readouterr().err
+    assert status != 0 and len(error.splitlines()) == 1 and named in error, error
+    assert netlink.sets() == 0
+
+
+def test_the_same_helper_sets_a_vf_of_a_configured_pool(host: HostRoot, helper: Helper,
+                                                        netlink: NetlinkDouble, open_tmp: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    root_config(open_tmp, f'[host]\nvf_pools = ["{POOL_PF}"]\n')
+    status = helper("vf-set", POOL_PF_NAME, "0", "vlan=5")
+    assert status == 0, capsys.readouterr().err
+    assert netlink_vf.read_vfs(netlink, POOL_PF_IFINDEX)[0].vlan == 5
+
+
+# ---- the helper's configuration -------------------------------------------------------------------
+
+
+def as_attacker(*argv: str) -> None:
+    """Run ``argv`` as the unprivileged attacker (uid/gid 65534, no groups)."""
+    needs.root("switches to an unprivileged user")
+    setpriv = needs.tool("setpriv", hint="util-linux")
+    subprocess.run([setpriv, f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups", *argv],
+                   check=True, capture_output=True, timeout=60)
+
+
+def attacker_writes(path: Path, text: str) -> None:
+    as_attacker(sys.executable, "-c", "import pathlib, sys; pathlib.Path(sys.argv[1]).write_text(sys.argv[2])",
+                str(path), text)
+
+
+def _config_oneadmin_owns(etc: Path, outside: Path) -> None:
+    os.chown(etc, ATTACKER, ATTACKER)
+    attacker_writes(etc / "aifactory.conf", "[host]\n")
+    os.chown(etc, 0, 0)
+
+
+def _config_writable_by_others(etc: Path, outside: Path) -> None:
+    (etc / "aifactory.conf").write_text("[host]\n")
+    (etc / "aifactory.conf").chmod(0o666)
+
+
+def _config_in_a_directory_oneadmin_owns(etc: Path, outside: Path) -> None:
+    (etc / "aifactory.conf").write_text("[host]\n")
+    os.chown(etc, ATTACKER, ATTACKER)
+
+
+def _config_through_oneadmins_link(etc: Path, outside: Path) -> None:
+    (outside / "benign.conf").write_text("[host]\n")
+    os.chown(etc, ATTACKER, ATTACKER)
+    as_attacker("ln", "-s", str(outside / "benign.conf"), str(etc / "aifactory.conf"))
+    os.chown(etc, 0, 0)
+
+
+def _config_group_writable(etc: Path, outside: Path) -> None:
+    (etc / "aifactory.conf").write_text("[host]\n")
+    (etc / "aifactory.conf").chmod(0o664)
+    os.chown(etc / "aifactory.conf", 0, ATTACKER)
+
+
+CONFIG_ATTACKS = [
+    pytest.param(_config_oneadmin_owns, "writable by uid 65534", id="config-owned-by-oneadmin"),
+    pytest.param(_config_writable_by_others, "writable by uid 0 or others (mode 0666)", id="config-world-writable"),
+    pytest.param(_config_in_a_directory_oneadmin_owns, "is writable by uid 65534", id="config-in-oneadmins-directory"),
+    pytest.param(_config_through_oneadmins_link, "aifactory.conf is a link: refusing it",
+                 id="config-through-oneadmins-link"),
+    pytest.param(_config_group_writable, "(mode 0664)", id="config-group-writable-by-oneadmin"),
+]
+
+
+@pytest.mark.parametrize(("plant", "named"), CONFIG_ATTACKS)
+def test_helper_refuses_a_config_oneadmin_can_write(host: HostRoot, helper: Helper,
+                                                    open_tmp: Path, capsys: pytest.CaptureFixture[str],
+                                                    plant: Callable[[Path, Path], None], named: str) -> None:
+    """Without ``host_devices`` the GPU would pass; the helper refuses to decide by such a file at all."""
+    etc = root_config(open_tmp, f'[host]\nhost_devices = ["{GPU}"]\n').parent
+    (etc / "aifactory.conf").unlink()
+    outside = open_tmp / "outside"
+    outside.mkdir()
+    plant(etc, outside)
+    before = snapshot(host.root)
+    status = helper("reset", GPU)
+    error = capsys.readouterr().err
+    assert status != 0 and len(error.splitlines()) == 1 and named in error, error
+    assert snapshot(host.root) == before
+
+
+def test_config_reads_refuse_no_root_owned_path_and_keep_its_settings(open_tmp: Path) -> None:
+    """The control for the config attacks: a root-owned file in root-owned directories is read."""
+    path = root_config(open_tmp, f'[host]\nhost_devices = ["{GPU}"]\nvf_pools = ["{POOL_PF}"]\n')
+    config = rootconfig.load_root_config(str(path))
+    assert config.host.host_devices == (GPU,) and config.host.vf_pools == (POOL_PF,)
+    assert rootconfig.load_root_config(str(open_tmp / "absent.conf")).host.host_devices == ()
