@@ -128,7 +128,12 @@ def open_file(path: str | Path, flags: int, mode: int = 0o600, *, create_parents
     parent_path, name = os.path.split(os.fspath(path))
     parent = open_directory(parent_path or "/", create=create_parents, check=check)
     try:
-        descriptor = os.open(name, flags | FLAGS, mode, dir_fd=parent)
+        try:
+            descriptor = os.open(name, flags | FLAGS, mode, dir_fd=parent)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise HostError(f"{os.fspath(path)} is a link: not following it") from None
+            raise
         try:
             if flags & os.O_CREAT and os.fstat(descriptor).st_uid == 0:
                 give_to_directory_owner(descriptor, parent)

@@ -10,7 +10,6 @@ when root owns it. A missing file means the built-in defaults: no host devices l
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 
@@ -42,10 +41,8 @@ def load_root_config(path: str | None = None) -> Config:
     except FileNotFoundError:
         return Config()
     except HostError as error:
-        raise ConfigError(f"root config {path}: {error.message}") from None
+        raise ConfigError(f"root config: {error.message}") from None
     except OSError as error:
-        if error.errno == errno.ELOOP:
-            raise ConfigError(f"root config {path} is a link: refusing it") from None
         raise ConfigError(f"root config {path} unreadable: {error.strerror}") from None
     try:
         info = os.fstat(descriptor)

@@ -93,7 +93,7 @@ def test_ledger_write_is_atomic_when_the_process_dies_mid_write(tmp_path: Path, 
     ledger.record(vm_usage_from_element(EVENTS[1]))
     before = ledger.path.read_bytes()
 
-    def crash(*args: object) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("killed between write and rename")
 
     monkeypatch.setattr(os, "replace", crash)

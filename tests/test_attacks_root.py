@@ -1,7 +1,7 @@
 """Attacks on root from ``oneadmin`` and the tenants (issue 16, "The privilege boundary").
 
 Each test is one attack a reviewer reproduced against the code before the fix; each fails on that
-code and passes now. 21 distinct attacks:
+code and passes now. 29 distinct attacks:
 
 * the root helper touching the host's own functions (12): a function listed in ``[host]
   host_devices``; an NVMe with a mounted partition; one whose partition is active swap; one whose
@@ -13,7 +13,11 @@ code and passes now. 21 distinct attacks:
   ``[host] vf_pools``, ``vf-scrub`` on one, a VF index beyond the pool, a VF the host uses itself;
 * the root helper's configuration (5): a config ``oneadmin`` owns, one writable by others, one
   writable by ``oneadmin``'s group, one in a directory ``oneadmin`` owns, one that is
-  ``oneadmin``'s link to a root-owned file.
+  ``oneadmin``'s link to a root-owned file;
+* root's files in the state directory (8): a link planted as a device lock, a VF owner token's
+  lock, a VF owner token (over a root file), an OVS bridge lock, and in place of the owners,
+  quarantine and journal directories (root writes, or removes, outside) and of a reset record
+  (root copies a root-only file into oneadmin's directory).
 
 The host is the generated DGX tree (``tests/hostroots.py``) with the kernel's evidence of use added
 where the kernel keeps it: ``/sys/class/block`` (partitions, ``dev``, ``holders``),
@@ -356,7 +360,7 @@ CONFIG_ATTACKS = [
     pytest.param(_config_oneadmin_owns, "writable by uid 65534", id="config-owned-by-oneadmin"),
     pytest.param(_config_writable_by_others, "writable by uid 0 or others (mode 0666)", id="config-world-writable"),
     pytest.param(_config_in_a_directory_oneadmin_owns, "is writable by uid 65534", id="config-in-oneadmins-directory"),
-    pytest.param(_config_through_oneadmins_link, "aifactory.conf is a link: refusing it",
+    pytest.param(_config_through_oneadmins_link, "aifactory.conf is a link: not following it",
                  id="config-through-oneadmins-link"),
     pytest.param(_config_group_writable, "(mode 0664)", id="config-group-writable-by-oneadmin"),
 ]
@@ -385,3 +389,108 @@ def test_config_reads_refuse_no_root_owned_path_and_keep_its_settings(open_tmp: 
     config = rootconfig.load_root_config(str(path))
     assert config.host.host_devices == (GPU,) and config.host.vf_pools == (POOL_PF,)
     assert rootconfig.load_root_config(str(open_tmp / "absent.conf")).host.host_devices == ()
+
+
+# ---- root's files in the state directory ----------------------------------------------------------
+#
+# The state directory is oneadmin's; root's commands (device bind/release/clear, vf-pool) open files
+# in it. The attacker plants a link where root will open, create, read or remove a file.
+
+
+@pytest.fixture
+def state(host: HostRoot, open_tmp: Path) -> HostRoot:
+    """``host`` with its state directory in ``open_tmp``, owned by the attacker."""
+    directory = open_tmp / "state"
+    directory.mkdir()
+    os.chown(directory, ATTACKER, ATTACKER)
+    return HostRoot(host.root, directory)
+
+
+def attacker_links(state_dir: Path, relative: str, target: Path) -> None:
+    """The attacker makes ``state_dir/relative`` (its directories included) a link to ``target``."""
+    link = state_dir / relative
+    as_attacker("mkdir", "-p", str(link.parent))
+    as_attacker("ln", "-s", str(target), str(link))
+
+
+def _claim(host: HostRoot) -> None:
+    from aifactory_core.lifecycle import ownership
+
+    ownership.claim(host, GPU, 5)
+
+
+def _vf_config(host: HostRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aifactory_core.vnm import vf as vf_actions
+
+    monkeypatch.setattr(vf_actions, "_netlink", NetlinkDouble({POOL_PF_IFINDEX: 4}))
+    vf_actions.do(host, vf_actions.action(POOL_PF_NAME, 0, 42, netlink_vf.settings(vlan=5)), None)
+
+
+def _ovs_port(host: HostRoot, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aifactory_plugins.bluefield import ovs
+
+    monkeypatch.setattr(ovs, "_runner", lambda argv, **_: subprocess.CompletedProcess(argv, 2, "", ""))
+    ovs.bridge_lock(host, "br-tenant").__enter__()
+
+
+def _quarantine(host: HostRoot) -> None:
+    from aifactory_core.host.sanitize import quarantine
+
+    quarantine(host, GPU, "reset failed")
+
+
+def _remove_journal(host: HostRoot) -> None:
+    from aifactory_core.lifecycle.journal import Journal
+
+    Journal(host, 7).remove()
+
+
+def _record_reset(host: HostRoot) -> None:
+    from aifactory_core.host.sanitize import record_reset
+
+    record_reset(host, GPU, "flr", None)
+
+
+STATE_ATTACKS = [
+    pytest.param(f"locks/{GPU}.lock", "absent", _claim, id="device-lock-link"),
+    pytest.param(f"vf-owners/{POOL_PF_NAME}.0.lock", "absent", _vf_config, id="vf-token-lock-link"),
+    pytest.param(f"vf-owners/{POOL_PF_NAME}.0", "precious", _vf_config, id="vf-owner-token-link"),
+    pytest.param("ovs/br-tenant.lock", "absent", _ovs_port, id="ovs-bridge-lock-link"),
+    pytest.param("owners", "directory", _claim, id="owners-directory-link"),
+    pytest.param("quarantine", "directory", _quarantine, id="quarantine-directory-link"),
+    pytest.param("vms", "directory-with-7.json", _remove_journal, id="journal-directory-link-unlink"),
+    pytest.param(f"resets/{GPU}", "secret", _record_reset, id="reset-record-link-read"),
+]
+
+
+@pytest.mark.parametrize(("planted", "target_kind", "operation"), STATE_ATTACKS)
+def test_root_never_follows_a_link_planted_in_the_state_dir(state: HostRoot, open_tmp: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, planted: str,
+                                                           target_kind: str,
+                                                           operation: Callable[..., None]) -> None:
+    from aifactory_core.errors import AifactoryError
+
+    outside = open_tmp / "outside"
+    outside.mkdir()
+    target = outside / "target"
+    if target_kind == "precious":
+        target.write_text("precious\n")
+    elif target_kind == "secret":
+        target.write_text("root-only secret line\n")
+        target.chmod(0o600)
+    elif target_kind.startswith("directory"):
+        target.mkdir()
+        if target_kind == "directory-with-7.json":
+            (target / "7.json").write_text("{}\n")
+    before = {str(path): path.read_bytes() for path in outside.rglob("*") if path.is_file()}
+    attacker_links(state.state_dir, planted, target)
+    arguments = (state, monkeypatch) if operation in (_vf_config, _ovs_port) else (state,)
+    try:
+        operation(*arguments)
+    except AifactoryError as error:
+        assert "not following it" in error.message, error.message
+    after = {str(path): path.read_bytes() for path in outside.rglob("*") if path.is_file()}
+    assert after == before
+    leaked = [path for path in state.state_dir.rglob("*")
+              if path.is_file() and not path.is_symlink() and b"secret" in path.read_bytes()]
+    assert leaked == []

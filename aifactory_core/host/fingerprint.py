@@ -10,7 +10,7 @@ import json
 from aifactory_core.errors import HostError
 from aifactory_core.host.sysfs import link_name, read_str
 from aifactory_core.hostroot import HostRoot
-from aifactory_core.lifecycle.atomic import write_atomic
+from aifactory_core.lifecycle.atomic import read_json, remove, write_atomic
 from aifactory_core.validate import pci_address
 
 _DSN_CAP = 0x0003
@@ -50,16 +50,11 @@ def fingerprint(host: HostRoot, address: str) -> dict[str, str | None]:
     }
 
 
-def _path(host: HostRoot, address: str) -> str:
-    return str(host.state_dir / "fingerprints" / f"{pci_address(address)}.json")
-
-
 def check_drift(host: HostRoot, address: str) -> dict[str, str | None]:
     """The current fingerprint; raises HostError naming what changed since it was recorded."""
     current = fingerprint(host, address)
     try:
-        with open(_path(host, address), encoding="utf-8") as handle:
-            recorded = json.load(handle)
+        recorded = read_json(host.state_dir / "fingerprints" / f"{pci_address(address)}.json")
     except FileNotFoundError:
         return current
     except (OSError, ValueError):
@@ -77,8 +72,4 @@ def record(host: HostRoot, address: str, value: dict[str, str | None]) -> None:
 
 
 def forget(host: HostRoot, address: str) -> bool:
-    try:
-        (host.state_dir / "fingerprints" / f"{pci_address(address)}.json").unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    return remove(host.state_dir / "fingerprints" / f"{pci_address(address)}.json")

@@ -16,15 +16,14 @@ rewritten atomically; the probes report the newest line as ``LAST_RESET``.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 from aifactory_core.errors import HostError
 from aifactory_core.host.pcibind import RecordingWriter, SysfsWriter, Writer
-from aifactory_core.host.sysfs import list_dir, read_int, read_str
+from aifactory_core.host.sysfs import read_int, read_str
 from aifactory_core.hostroot import HostRoot
-from aifactory_core.lifecycle.atomic import write_atomic
+from aifactory_core.lifecycle.atomic import names, read_text, remove, write_atomic
 from aifactory_core.validate import pci_address
 
 
@@ -35,9 +34,9 @@ def _quarantine_dir(host: HostRoot) -> str:
 def quarantined(host: HostRoot) -> dict[str, str]:
     """Quarantined devices: PCI address -> reason."""
     result = {}
-    for name in list_dir(host.state_dir / "quarantine"):
-        reason = read_str(host.state_dir / "quarantine" / name)
-        if reason is not None and not name.startswith("."):
+    for name in names(host.state_dir / "quarantine"):
+        reason = None if name.startswith(".") else read_text(host.state_dir / "quarantine" / name)
+        if reason is not None:
             result[name] = reason
     return result
 
@@ -47,11 +46,7 @@ def quarantine(host: HostRoot, address: str, reason: str) -> None:
 
 
 def clear_quarantine(host: HostRoot, address: str) -> bool:
-    try:
-        os.unlink(host.state_dir / "quarantine" / pci_address(address))
-    except FileNotFoundError:
-        return False
-    return True
+    return remove(host.state_dir / "quarantine" / pci_address(address))
 
 
 RESET_HISTORY = 16
@@ -150,7 +145,7 @@ def record_reset(host: HostRoot, address: str, method: str, problem: str | None,
     reason = " ".join((problem or "").split())
     line = "\t".join((stamp, "OK" if problem is None else "FAILED", " ".join(method.split()) or "default", reason))
     path = _history_path(host, address)
-    lines = (read_str(path) or "").splitlines()[-(RESET_HISTORY - 1):]
+    lines = (read_text(path) or "").splitlines()[-(RESET_HISTORY - 1):]
     write_atomic(path, ("\n".join([*lines, line]) + "\n").encode())
 
 
@@ -158,7 +153,7 @@ def reset_history(host: HostRoot, address: str) -> list[tuple[str, str, str, str
     """The recorded outcomes of ``address``, oldest first: (time, OK|FAILED, method, reason)."""
     from aifactory_core.probes.host_side import reset_record  # the probes read the same lines
 
-    lines = (read_str(_history_path(host, address)) or "").splitlines()
+    lines = (read_text(_history_path(host, address)) or "").splitlines()
     return [outcome for outcome in map(reset_record, lines) if outcome is not None]
 
 

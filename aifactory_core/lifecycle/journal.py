@@ -21,7 +21,7 @@ from typing import Any
 
 from aifactory_core.errors import HostError
 from aifactory_core.hostroot import HostRoot
-from aifactory_core.lifecycle.atomic import read_json, write_json
+from aifactory_core.lifecycle.atomic import names, read_json, remove, write_json
 from aifactory_core.model import Action
 from aifactory_core.validate import vm_id as check_vm_id
 
@@ -86,10 +86,7 @@ class Journal:
         self.faults.after_write()
 
     def remove(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        remove(self.path)
 
     @classmethod
     def load(cls, host: HostRoot, vm: int) -> Journal | None:
@@ -106,12 +103,7 @@ class Journal:
 
 
 def all_journals(host: HostRoot) -> Iterator[Journal]:
-    directory = journal_dir(host)
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return
-    for name in names:
+    for name in names(journal_dir(host)):
         stem = name.removesuffix(".json")
         if name.endswith(".json") and stem.isdigit():
             journal = Journal.load(host, int(stem))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aifactory_core.errors import AifactoryError, HostError
 from aifactory_core.hostroot import HostRoot
-from aifactory_core.lifecycle.atomic import write_atomic
+from aifactory_core.lifecycle.atomic import names, open_lock, read_text, remove, write_atomic
 from aifactory_core.validate import pci_address
 
 LOCK_TIMEOUT_S = 30.0
@@ -33,9 +33,7 @@ def _owners(host: HostRoot) -> Path:
 
 @contextmanager
 def device_lock(host: HostRoot, address: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
-    directory = host.state_dir / "locks"
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / f"{pci_address(address)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock(host.state_dir / "locks" / f"{pci_address(address)}.lock")
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -52,11 +50,8 @@ def device_lock(host: HostRoot, address: str, timeout_s: float = LOCK_TIMEOUT_S)
 
 
 def owner_of(host: HostRoot, address: str) -> int | None:
-    try:
-        text = (_owners(host) / pci_address(address)).read_text().strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
+    text = read_text(_owners(host) / pci_address(address))
+    return int(text) if text is not None and text.isdigit() else None
 
 
 def claim(host: HostRoot, address: str, vm: int) -> None:
@@ -78,17 +73,13 @@ def claim(host: HostRoot, address: str, vm: int) -> None:
 def disown(host: HostRoot, address: str, vm: int) -> None:
     with device_lock(host, address):
         if owner_of(host, address) == vm:
-            (_owners(host) / pci_address(address)).unlink()
+            remove(_owners(host) / pci_address(address))
 
 
 def held_devices(host: HostRoot) -> dict[str, int]:
     """Every device some VM holds: PCI address -> VM id."""
-    try:
-        names = os.listdir(_owners(host))
-    except FileNotFoundError:
-        return {}
     held = {}
-    for name in sorted(names):
+    for name in names(_owners(host)):
         if name.startswith("."):
             continue
         try:

@@ -25,6 +25,7 @@ from typing import Any
 from aifactory_core.errors import HostError, UsageError
 from aifactory_core.host import netlink_vf
 from aifactory_core.hostroot import HostRoot
+from aifactory_core.lifecycle.atomic import names, open_lock, read_text, remove, write_atomic
 from aifactory_core.model import Action
 from aifactory_core.validate import ifname, int_in_range, vm_id
 
@@ -88,8 +89,7 @@ def _token_path(host: HostRoot, pf: str, vf: int) -> Path:
 @contextmanager
 def _token_lock(host: HostRoot, pf: str, vf: int) -> Iterator[Path]:
     path = _token_path(host, pf, vf)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(path.suffix + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock(path.with_suffix(path.suffix + ".lock"))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield path
@@ -98,21 +98,19 @@ def _token_lock(host: HostRoot, pf: str, vf: int) -> Iterator[Path]:
 
 
 def owner(host: HostRoot, pf: str, vf: int) -> int | None:
-    try:
-        text = _token_path(host, pf, vf).read_text().strip()
-    except FileNotFoundError:
-        return None
-    return int(text) if text.isdigit() else None
+    text = read_text(_token_path(host, pf, vf))
+    return int(text) if text is not None and text.isdigit() else None
 
 
 def vf_owners(host: HostRoot) -> dict[str, int]:
     """Every VF some VM holds: ``PF/VF`` -> VM id."""
     directory = host.state_dir / "vf-owners"
     held = {}
-    for path in sorted(directory.glob("*")) if directory.exists() else ():
-        if path.suffix != ".lock" and path.read_text().strip().isdigit():
-            pf, _, vf = path.name.rpartition(".")
-            held[f"{pf}/{vf}"] = int(path.read_text())
+    for name in names(directory):
+        text = None if name.endswith(".lock") or name.startswith(".") else read_text(directory / name)
+        if text is not None and text.isdigit():
+            pf, _, vf = name.rpartition(".")
+            held[f"{pf}/{vf}"] = int(text)
     return held
 
 
@@ -151,7 +149,7 @@ def do(host: HostRoot, action_: Action, writer: Any) -> None:
         holder = owner(host, pf, vf)
         if holder is not None and holder != vm:
             raise HostError(f"VF {vf} of {pf} is held by VM {holder}")
-        token.write_text(f"{vm}\n")
+        write_atomic(token, f"{vm}\n".encode())
         with _netlink_lock:
             ipr = _connection()
             if _unprivileged(host):
@@ -196,7 +194,7 @@ def undo(host: HostRoot, action_: Action, writer: Any) -> None:
                     netlink_vf.verify(ipr, index, vf, netlink_vf.CLEAN_IB if infiniband else netlink_vf.CLEAN)
                 else:
                     netlink_vf.scrub(ipr, index, vf, infiniband=infiniband, pool_size=size)
-        token.unlink(missing_ok=True)
+        remove(token)
 
 
 def register() -> None:

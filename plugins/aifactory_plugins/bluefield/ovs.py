@@ -61,9 +61,9 @@ def run_vsctl(argv: list[str]) -> str:
 
 @contextmanager
 def bridge_lock(host: HostRoot, bridge: str) -> Iterator[None]:
-    directory = host.state_dir / "ovs"
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / f"{bridge_name(bridge)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    from aifactory_core.lifecycle.atomic import open_lock
+
+    fd = open_lock(host.state_dir / "ovs" / f"{bridge_name(bridge)}.lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

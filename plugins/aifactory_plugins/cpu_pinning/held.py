@@ -123,29 +123,16 @@ class StateFileHeld:
             "memory_kib": [list(item) for item in holding.memory_kib],
             "pages": [list(item) for item in holding.pages],
         }, sort_keys=True).encode()  # fmt: skip
-        self.directory.mkdir(parents=True, exist_ok=True)
+        from aifactory_core.lifecycle.atomic import write_atomic
+
         target = self.directory / f"{placement.vm_id}.json"
-        temporary = self.directory / f".{placement.vm_id}.json.tmp"
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            os.write(descriptor, data)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, target)
-        directory = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        write_atomic(target, data, mode=0o640)
         return target
 
     def forget(self, vm_id: int) -> bool:
-        try:
-            (self.directory / f"{vm_id}.json").unlink()
-            return True
-        except FileNotFoundError:
-            return False
+        from aifactory_core.lifecycle.atomic import remove
+
+        return remove(self.directory / f"{vm_id}.json")
 
 
 def _read_record(path: Path) -> Holding | None:

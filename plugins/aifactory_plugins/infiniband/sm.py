@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aifactory_core.errors import ConfigError, HostError
-from aifactory_core.lifecycle.atomic import write_atomic
+from aifactory_core.lifecycle.atomic import read_json, write_atomic
 from aifactory_plugins.infiniband.pkey import membership as check_membership
 from aifactory_plugins.infiniband.pkey import pkey as check_pkey
 
@@ -53,7 +53,7 @@ class OpenSM:
 
     def _load(self) -> dict[str, dict[str, str]]:
         try:
-            data = json.loads(self.state_file.read_text())
+            data = read_json(self.state_file)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as error:
