@@ -1,7 +1,7 @@
 """Attacks on root from ``oneadmin`` and the tenants (issue 16, "The privilege boundary").
 
 Each test is one attack a reviewer reproduced against the code before the fix; each fails on that
-code and passes now. 29 distinct attacks:
+code and passes now. 30 distinct attacks:
 
 * the root helper touching the host's own functions (12): a function listed in ``[host]
   host_devices``; an NVMe with a mounted partition; one whose partition is active swap; one whose
@@ -17,7 +17,9 @@ code and passes now. 29 distinct attacks:
 * root's files in the state directory (8): a link planted as a device lock, a VF owner token's
   lock, a VF owner token (over a root file), an OVS bridge lock, and in place of the owners,
   quarantine and journal directories (root writes, or removes, outside) and of a reset record
-  (root copies a root-only file into oneadmin's directory).
+  (root copies a root-only file into oneadmin's directory);
+* the ownership hand-back after a root repair (1): a state subdirectory swapped for a link between
+  the walk and the reopen by name.
 
 The host is the generated DGX tree (``tests/hostroots.py``) with the kernel's evidence of use added
 where the kernel keeps it: ``/sys/class/block`` (partitions, ``dev``, ``holders``),
@@ -494,3 +496,47 @@ def test_root_never_follows_a_link_planted_in_the_state_dir(state: HostRoot, ope
     leaked = [path for path in state.state_dir.rglob("*")
               if path.is_file() and not path.is_symlink() and b"secret" in path.read_bytes()]
     assert leaked == []
+
+
+# ---- the ownership hand-back after a root repair --------------------------------------------------
+
+SWAP_DURING_THE_WALK = """
+import os, sys
+state, outside, root = sys.argv[1:4]
+real_walk = os.walk
+
+
+def walk(top, *args, **kwargs):
+    # oneadmin's move, made deterministic: between the walk listing quarantine/ and the hand-back
+    # opening its entries by name, quarantine/ becomes a link to a directory of root's.
+    for entry in real_walk(top, *args, **kwargs):
+        if entry[0] == os.path.join(state, "quarantine"):
+            os.rename(entry[0], entry[0] + ".away")
+            os.symlink(outside, entry[0])
+            os.lchown(entry[0], 65534, 65534)
+        yield entry
+
+
+os.walk = walk
+from aifactory_core.cli import main
+sys.exit(main(["--host-root", root, "repair", "--boot"]))
+"""
+
+
+def test_a_directory_swapped_for_a_link_during_the_hand_back_gives_nothing_away(state: HostRoot,
+                                                                               open_tmp: Path) -> None:
+    """The hand-back walked the state dir as root and reopened each path by name; a subdirectory
+    swapped for a link between the walk and the open handed a root-only file to oneadmin."""
+    as_attacker("mkdir", str(state.state_dir / "quarantine"))
+    attacker_writes(state.state_dir / "quarantine" / GPU, "reset failed\n")
+    outside = open_tmp / "root-only"
+    outside.mkdir(mode=0o700)
+    (outside / GPU).write_text("root's own file\n")
+    result = subprocess.run([sys.executable, "-c", SWAP_DURING_THE_WALK, str(state.state_dir), str(outside),
+                             str(state.root)], capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "AIFACTORY_STATE_DIR": str(state.state_dir),
+                                 "AIFACTORY_CONFIG": os.devnull})
+    assert result.returncode == 0, result.stderr
+    info = (outside / GPU).stat()
+    assert (info.st_uid, info.st_gid) == (0, 0)
+    assert (outside / GPU).read_text() == "root's own file\n"

@@ -18,7 +18,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, context: Any) -> int:
-    from aifactory_core.lifecycle.repair import RepairReport, repair, restore_state_owner
+    from aifactory_core.lifecycle.repair import RepairReport, repair
     from aifactory_core.vnm.hook import vnm_host
 
     _manager, _loaded = context.plugins  # loading plugins registers their action kinds (VF, pkey, OVS port)
@@ -26,7 +26,6 @@ def run(args: argparse.Namespace, context: Any) -> int:
     report = RepairReport()
     for scope in (context.host, vnm_host(context.host)):  # device journals, then network journals
         report.add(repair(scope, boot=boot))
-    restore_state_owner(context.host)  # run as root (at boot): the state stays its owner's
     out = sys.stdout
     out.write(f"rolled back: {', '.join(map(str, report.rolled_back)) or 'none'}\n")
     out.write(f"released: {', '.join(map(str, report.released)) or 'none'}\n")
