@@ -198,7 +198,8 @@ if [ "$mode" != uninstall ] && [ "$with_venv" = 1 ]; then
     if [ -x "$destdir$frontend_env/bin/python3" ]; then installer=$destdir$frontend_env/bin/python3; fi
     passthrough="$passthrough --environment=$frontend_env --environment=$host_env"
     if [ -n "$built_envs" ]; then passthrough="$passthrough --rebuilt-environment"; fi
-elif [ "$mode" = uninstall ] && [ -x "$destdir$frontend_env/bin/python3" ] && [ "$with_venv" = 1 ]; then
+elif [ -x "$destdir$frontend_env/bin/python3" ]; then
+    # --no-venv or --uninstall: the frontend environment already there has what talks to oned (pyone).
     installer=$destdir$frontend_env/bin/python3
 fi
 

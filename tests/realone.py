@@ -70,6 +70,13 @@ def configure(etc: Path) -> None:
     # The generic GPU quota, as docs/tenant-policy.md tells the operator to configure it.
     _edit(oned, r'^#QUOTA_VM_ATTRIBUTE = "VCPU"', 'QUOTA_VM_ATTRIBUTE = "GPU"')
     _edit(oned, r"^MONITORING_INTERVAL_MARKET\s*=\s*\d+", "MONITORING_INTERVAL_MARKET    = 86400")
+    _edit(oned, r"^MONITORING_INTERVAL_DATASTORE\s*=\s*\d+", "MONITORING_INTERVAL_DATASTORE = 5")
+    # Upstream's self-contained install keeps the hook manager's base path at /var/lib/one: point it
+    # into this installation, as its operator would.
+    _edit(etc / "onehem-server.conf", r"^:hook_base_path: '/var/lib/one/remotes/hooks'",
+          f":hook_base_path: '{etc.parent}/var/remotes/hooks'")
+    # Hold every new VM until the admission hook releases it (docs/tenant-policy.md).
+    _edit(oned, r'^#VM_SUBMIT_ON_HOLD = "NO"', 'VM_SUBMIT_ON_HOLD = "YES"')
     monitord = etc / "monitord.conf"
     _edit(monitord, r"^# (IM_MAD = \[)\n# (    NAME\s*= \"dummy\",)\n((?:# .*\n)+?)# \]",
           lambda match: f"{match[1]}\n{match[2]}\n" + re.sub(r"^# ", "", match[3], flags=re.MULTILINE) + "]")

@@ -263,10 +263,15 @@ def frontend_doctor(root: Path) -> subprocess.CompletedProcess[str]:
 UPSTREAM_CONFIG = REPO / "tests/fixtures/install/release-7.0.2"  # OpenNebula's own, unchanged
 
 
-def with_upstream_config(root: Path, oned_conf: str | None = None) -> None:
+def with_upstream_config(root: Path, oned_conf: str | None = None, submit_on_hold: bool = True) -> None:
+    """OpenNebula's own configuration, with the one change docs/tenant-policy.md asks of the operator."""
     etc = root / "etc/one"
     etc.mkdir(parents=True, exist_ok=True)
-    (etc / "oned.conf").write_text(oned_conf or (UPSTREAM_CONFIG / "oned.conf").read_text())
+    text = oned_conf or (UPSTREAM_CONFIG / "oned.conf").read_text()
+    if submit_on_hold:
+        assert '#VM_SUBMIT_ON_HOLD = "NO"' in text
+        text = text.replace('#VM_SUBMIT_ON_HOLD = "NO"', 'VM_SUBMIT_ON_HOLD = "YES"')
+    (etc / "oned.conf").write_text(text)
     (etc / "monitord.conf").write_text((UPSTREAM_CONFIG / "monitord.conf").read_text())
 
 
@@ -290,6 +295,17 @@ def test_frontend_doctor_passes_on_a_complete_install(tmp_path: Path, auth: Path
     assert result.returncode == 1
     assert f"FAIL  hooks: hook {template_names()[0]} is not registered" in result.stdout
     assert "FAIL  wrapper: vmm/kvm/cancel.one (OpenNebula's original) is missing" in result.stdout
+
+
+def test_frontend_doctor_fails_when_new_vms_are_not_held_for_admission(tmp_path: Path, auth: Path) -> None:
+    """Upstream's default (VM_SUBMIT_ON_HOLD = "NO"): oned schedules a VM before admission decides."""
+    root = clean_frontend(tmp_path / "root")
+    with_upstream_config(root, submit_on_hold=False)
+    assert install(root, auth).returncode == 0
+    result = frontend_doctor(root)
+    assert result.returncode == 1
+    assert "FAIL  oned.conf: VM_SUBMIT_ON_HOLD is not YES" in result.stdout
+    assert 'fix: set VM_SUBMIT_ON_HOLD = "YES" in oned.conf; restart opennebula' in result.stdout
 
 
 def test_frontend_doctor_refuses_wrapped_actions_run_on_the_frontend(tmp_path: Path, auth: Path) -> None:

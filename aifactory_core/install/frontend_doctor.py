@@ -159,11 +159,29 @@ def oned_checks(target: layout.Layout, wrapped: Sequence[str]) -> list[Check]:
     if not hm:
         checks.append(Check("oned.conf", "FAIL", "no HM_MAD in oned.conf: hooks never run",
                             fix='add HM_MAD = [ EXECUTABLE = "one_hm", ARGUMENTS = "-p 2101 -l 2102 -b 127.0.0.1" ]'))
+    checks.append(submit_on_hold_check(target))
     im = _drivers(target.path(target.monitord_conf), "IM_MAD")
     if not im or not any(mad.get("NAME") == "kvm" for mad in im):
         checks.append(Check("monitord.conf", "FAIL", "no IM_MAD named kvm in monitord.conf: probes never run",
                             fix='restore IM_MAD = [ NAME = "kvm", EXECUTABLE = "one_im_ssh", ... ] in monitord.conf'))
     return checks
+
+
+def submit_on_hold_check(target: layout.Layout) -> Check:
+    """Admission releases what it admits, so VMs must be created on hold: oned 7.0 holds a new VM only
+    for ``VM_SUBMIT_ON_HOLD = "YES"`` in oned.conf or a hold asked in the call itself (a template's
+    ``SUBMIT_ON_HOLD`` is copied into the VM, not acted on, at instantiate)."""
+    from aifactory_core.one.template import parse_template
+
+    try:
+        text = target.path(target.oned_conf).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    values = [value for name, value in parse_template(text, target.oned_conf) if name == "VM_SUBMIT_ON_HOLD"]
+    if values and isinstance(values[-1], str) and values[-1].strip().upper() in ("YES", "TRUE"):
+        return Check("oned.conf", "PASS", 'VM_SUBMIT_ON_HOLD = "YES": new VMs wait for admission')
+    return Check("oned.conf", "FAIL", "VM_SUBMIT_ON_HOLD is not YES: a tenant's VM is scheduled before the admission "
+                 "hook has decided on it", fix='set VM_SUBMIT_ON_HOLD = "YES" in oned.conf; restart opennebula')
 
 
 def hook_checks(record: dict[str, Any], source: Path | None, endpoint: str | None) -> list[Check]:

@@ -15,8 +15,11 @@ remotes. The hosts' side (``/var/tmp/one``, ``/etc/sudoers.d``) is the same in b
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+_HOOK_BASE_PATH = re.compile(r"""^:hook_base_path:[ \t]*(['"]?)(/[^'"\s]+)\1[ \t]*$""", re.MULTILINE)
 
 REMOTES = "/var/lib/one/remotes"
 HOST_REMOTES = "/var/tmp/one"
@@ -77,7 +80,18 @@ class Layout:
 
     @property
     def hooks_dir(self) -> str:
-        return f"{self.remotes}/hooks/aifactory"
+        """Where the hook manager finds a hook whose COMMAND is relative: ``:hook_base_path:`` in
+        ``onehem-server.conf`` (a self-contained OpenNebula ships it pointing at ``/var/lib/one``
+        too), else the remotes' ``hooks``."""
+        return f"{self.hook_base_path()}/aifactory"
+
+    def hook_base_path(self) -> str:
+        try:
+            text = self.path(f"{self.etc}/onehem-server.conf").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return f"{self.remotes}/hooks"
+        found = _HOOK_BASE_PATH.search(text)
+        return found.group(2).rstrip("/") if found else f"{self.remotes}/hooks"
 
     @property
     def host_env(self) -> str:

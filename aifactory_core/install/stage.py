@@ -182,6 +182,7 @@ def install_entry(tx: Transaction, target: layout.Layout, entry: Entry, previous
         if current is None:
             tx.step(f"write {path} (default configuration)", lambda: _write(path, entry.content, entry.mode),
                     _restore(path, None, entry.mode))
+            _set_reader_group(tx, path, notes)
             return record
         if previous:  # installed by us earlier: stays ours for uninstall, content stays the admin's
             return {**record, "sha256": previous.get("sha256")}
@@ -212,6 +213,21 @@ def install_entry(tx: Transaction, target: layout.Layout, entry: Entry, previous
     elif mode != entry.mode:
         tx.step(f"chmod {entry.mode:o} {path}", lambda: os.chmod(path, entry.mode), lambda: os.chmod(path, mode))
     return record
+
+
+def _set_reader_group(tx: Transaction, path: Path, notes: list[str]) -> None:
+    """root:oneadmin: the hooks and drivers (oneadmin) read the file, only root changes it."""
+    import grp
+
+    try:
+        gid = grp.getgrnam(layout.OWNER).gr_gid
+    except KeyError:
+        notes.append(f"group {layout.OWNER} does not exist: {path} readable by root only")
+        return
+    if os.getuid() != 0:
+        notes.append(f"not root: chgrp {layout.OWNER} {path} skipped")
+        return
+    tx.step(f"chgrp {layout.OWNER} {path}", lambda: os.chown(path, 0, gid), lambda: None)
 
 
 def _set_owner(tx: Transaction, target: layout.Layout, path: Path, notes: list[str]) -> None:
