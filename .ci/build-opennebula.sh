@@ -41,7 +41,7 @@ if [ "${SKIP_APT:-0}" != 1 ]; then
         ruby ruby-dev ruby-ffi-rzmq ruby-xmlrpc ruby-nokogiri ruby-sqlite3 ruby-sequel ruby-json \
         ruby-ox ruby-highline ruby-augeas ruby-treetop ruby-ipaddress ruby-parse-cron sqlite3 rsync \
         openssh-server openssh-client libvirt-daemon-system libvirt-clients qemu-system-x86 \
-        qemu-utils genisoimage libxml2-utils jq sudo procps >/dev/null \
+        qemu-utils genisoimage libxml2-utils jq sudo procps pciutils >/dev/null \
         || die "apt-get install of the build dependencies failed"
 fi
 
@@ -55,6 +55,8 @@ if ! getent passwd oneadmin >/dev/null; then
         useradd -m -d /var/lib/one -s /bin/bash -u "$ONEADMIN_UID" -g oneadmin oneadmin
     fi
 fi
+# No password, but not locked either: sshd (oned's drivers reach hosts over SSH) refuses a locked one.
+if [ "$(passwd -S oneadmin | cut -d' ' -f2)" = L ]; then usermod -p '*' oneadmin; fi
 for group in libvirt kvm; do
     if getent group "$group" >/dev/null; then usermod -a -G "$group" oneadmin; fi
 done

@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ class RealOne:
         subprocess.run(["chown", "-R", f"{self.user.pw_uid}:{self.user.pw_gid}", str(self.top)], check=True)
         self.auth.chmod(0o600)
         self.started_s = 0.0
+        self.fresh_database = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -138,6 +140,7 @@ class RealOne:
     def start(self) -> None:
         for pid_file in Path("/tmp").glob("one-monitord-*.pid"):
             _stop_pid_file(pid_file)
+        self.fresh_database = not (self.location / "var" / "one.db").exists()
         t0 = time.monotonic()
         result = self.run("one", "start", check=False, timeout=60)
         if result.returncode != 0:
@@ -210,7 +213,70 @@ def real_one() -> Iterator[RealOne]:
         one.remove()
 
 
+PYTHON = "/usr/bin/python3"  # Debian's: oneadmin must be able to run the environments built from it
+
+
+@dataclass
+class Installed:
+    one: RealOne
+    prefix: Path
+    etc_binds: dict[str, Path]
+    first_run: subprocess.CompletedProcess[str]
+    seconds: float
+
+    def install_sh(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_install(self.one, self.prefix, self.etc_binds, *args)
+
+    def hooks(self) -> list[str]:
+        listed = self.one.run("onehook", "list", "--csv", "--list", "NAME")
+        return sorted(line for line in listed.stdout.splitlines()[1:] if line)
+
+
+def run_install(one: RealOne, prefix: Path, binds: dict[str, Path], *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PYTHON": PYTHON, "HOME": "/root"}
+    return in_frontend(one, binds, ["sh", str(REPO / "install.sh"), "--prefix", str(prefix), "--endpoint", one.endpoint,
+                                    *args], env)
+
+
+def in_frontend(one: RealOne, binds: dict[str, Path], argv: list[str],
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``argv`` as root in a private mount namespace with the session's ``/etc`` directories bound."""
+    mounts = " && ".join(f"mount --bind {source} {target}" for target, source in binds.items())
+    environment = {"PATH": f"{one.location}/bin:/usr/sbin:/usr/bin:/sbin:/bin", "ONE_LOCATION": str(one.location),
+                   "ONE_AUTH": str(one.auth), "ONE_XMLRPC": one.endpoint, "LANG": "C.UTF-8", **(env or {})}
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec \"$@\"", "sh", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False)
+
+
+@pytest.fixture(scope="session")
+def suite_installed(real_one: RealOne) -> Iterator[Installed]:
+    """The suite installed by its install.sh, as root, into the session's OpenNebula (ONE_LOCATION):
+    frontend and host environments built from Debian's ``/usr/bin/python3`` (oneadmin runs them),
+    hooks registered with oned. What it writes outside ONE_LOCATION and its prefix
+    (``/etc/sudoers.d``, ``/etc/systemd/system``) lands on directories of the session bind-mounted
+    there in a private mount namespace, so the test machine keeps its own."""
+    needs.root("install.sh installs as root")
+    needs.tool("unshare", hint="util-linux")
+    if not Path(PYTHON).exists():
+        needs.unavailable(f"{PYTHON} missing (apt-get install python3-venv)")
+    prefix = real_one.top / "aifactory"
+    binds = {"/etc/sudoers.d": real_one.top / "sudoers.d", "/etc/systemd/system": real_one.top / "systemd-system"}
+    for source in binds.values():
+        source.mkdir()
+    t0 = time.monotonic()
+    first = run_install(real_one, prefix, binds)
+    assert first.returncode == 0, first.stdout + first.stderr
+    seconds = time.monotonic() - t0
+    _TIMINGS.append(f"suite install.sh (both Python environments, hooks) into the real oned: {seconds:.1f} s")
+    yield Installed(real_one, prefix, binds, first, seconds)
+
+
 _TIMINGS: list[str] = []
+
+
+def note(line: str) -> None:
+    """A timing line for the end of the test session's report."""
+    _TIMINGS.append(line)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -5,7 +5,8 @@ source                                             target
 =================================================  ==============================================
 ``drivers/vmm/kvm/<action>``                       ``/var/lib/one/remotes/vmm/kvm/<action>``; the
                                                    original is kept as ``<action>.one``
-``drivers/im/<probes dir>/...``                    ``/var/lib/one/remotes/im/<probes dir>/...``
+``drivers/im/<probes dir>/...``                    ``/var/lib/one/remotes/im/<probes dir>/...``;
+                                                   ``kvm-probes.d`` also into ``qemu-probes.d``
 ``drivers/vnm/<driver>/<phase>.d/...``             ``/var/lib/one/remotes/vnm/<driver>/<phase>.d/...``
 ``drivers/sudoers/<name>``                         ``/etc/sudoers.d/<name>`` (0440, checked by visudo)
 ``drivers/{sudoers,systemd}/<name>``               ``/var/lib/one/remotes/aifactory/host/...``: synced
@@ -44,6 +45,8 @@ _PYTHON_SHEBANG = re.compile(rb"\A#!(?:/usr/bin/env(?: -S)? )?\S*python3(?P<flag
 _SKIPPED = re.compile(r"(^README|^\.|\.pyc$|~$|\.orig$|\.rej$)")
 _SAFE_NAME = re.compile(r"\A[A-Za-z0-9_.+-]+\Z")
 _FRONTEND_DEFAULT_PYTHON = b"/opt/aifactory/venv/bin/python3"
+KVM_PROBES = "kvm-probes.d/"
+QEMU_PROBES = "qemu-probes.d/"
 
 DEFAULT_CONFIG = """\
 # aifactory configuration (TOML). Every key is optional; unknown keys are errors.
@@ -140,6 +143,11 @@ def discover(source: Path, prefix: str = layout.DEFAULT_PREFIX, target: layout.L
         for path in _files(drivers / area):
             relative = path.relative_to(drivers / area).as_posix()
             entries.append(_entry(FILE, path, source, f"{where.remotes}/{area}/{relative}", host_python))
+            if area == "im" and relative.startswith(KVM_PROBES):
+                # A host created with the qemu IM driver (-i qemu) runs qemu-probes.d, a copy of the
+                # kvm one in OpenNebula's remotes: the suite's probes go into both.
+                twin = QEMU_PROBES + relative.removeprefix(KVM_PROBES)
+                entries.append(_entry(FILE, path, source, f"{where.remotes}/im/{twin}", host_python))
     for path in _files(drivers / "sudoers"):
         entries.append(_entry(SUDOERS, path, source, f"/etc/sudoers.d/{path.name}", mode=0o440))
     for area in ("sudoers", "systemd"):  # for `aifactory host-setup` on each host, after `onehost sync`

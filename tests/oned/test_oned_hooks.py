@@ -1,11 +1,6 @@
 """The suite's install.sh against a real oned, and its hooks fired by oned's real hook manager.
 
-``install.sh`` runs as root, the way an operator runs it, against the session's self-contained
-OpenNebula (``ONE_LOCATION``): it builds the frontend and host Python environments from Debian's
-``/usr/bin/python3``, puts the hooks into ``$ONE_LOCATION/var/remotes/hooks`` and registers their
-templates with oned. What it writes outside ``ONE_LOCATION`` and its prefix (``/etc/sudoers.d``,
-``/etc/systemd/system``) lands on directories of the session bind-mounted there in a private
-mount namespace, so the test machine keeps its own.
+``install.sh`` runs as root, the way an operator runs it (``realone.suite_installed``).
 
 Then a tenant user instantiates GPU templates through the API: oned runs the admission hook with
 its real ``$API`` payload, which releases the VM or keeps it on hold; the scheduler places the
@@ -19,101 +14,50 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import needs
 import pytest
-from realone import REPO, RealOne
+from realone import REPO, Installed, RealOne, in_frontend
 
 pytestmark = pytest.mark.realone
-PYTHON = "/usr/bin/python3"  # Debian's: oneadmin must be able to run the environments built from it
 TENANT_USER = ("gpu-alice", "pw-alice")
-
-
-@dataclass
-class Installed:
-    one: RealOne
-    prefix: Path
-    etc_binds: dict[str, Path]
-    first_run: subprocess.CompletedProcess[str]
-    seconds: float
-
-    def install_sh(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return run_install(self.one, self.prefix, self.etc_binds, *args)
-
-    def hooks(self) -> list[str]:
-        listed = self.one.run("onehook", "list", "--csv", "--list", "NAME")
-        return sorted(line for line in listed.stdout.splitlines()[1:] if line)
-
-
-def run_install(one: RealOne, prefix: Path, binds: dict[str, Path], *args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PYTHON": PYTHON, "HOME": "/root"}
-    return in_frontend(one, binds, ["sh", str(REPO / "install.sh"), "--prefix", str(prefix), "--endpoint", one.endpoint,
-                                    *args], env)
-
-
-def in_frontend(one: RealOne, binds: dict[str, Path], argv: list[str],
-                env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """``argv`` as root in a private mount namespace with the session's ``/etc`` directories bound."""
-    mounts = " && ".join(f"mount --bind {source} {target}" for target, source in binds.items())
-    environment = {"PATH": f"{one.location}/bin:/usr/sbin:/usr/bin:/sbin:/bin", "ONE_LOCATION": str(one.location),
-                   "ONE_AUTH": str(one.auth), "ONE_XMLRPC": one.endpoint, "LANG": "C.UTF-8", **(env or {})}
-    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec \"$@\"", "sh", *argv]
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False)
-
-
-@pytest.fixture(scope="module")
-def installed(real_one: RealOne) -> Iterator[Installed]:
-    needs.root("install.sh installs as root")
-    needs.tool("unshare", hint="util-linux")
-    if not Path(PYTHON).exists():
-        needs.unavailable(f"{PYTHON} missing (apt-get install python3-venv)")
-    prefix = real_one.top / "aifactory"
-    binds = {"/etc/sudoers.d": real_one.top / "sudoers.d", "/etc/systemd/system": real_one.top / "systemd-system"}
-    for source in binds.values():
-        source.mkdir()
-    t0 = time.monotonic()
-    first = run_install(real_one, prefix, binds)
-    assert first.returncode == 0, first.stdout + first.stderr
-    yield Installed(real_one, prefix, binds, first, time.monotonic() - t0)
 
 
 HOOK_NAMES = sorted(path.stem for path in (REPO / "hooks" / "templates").glob("*.tmpl"))
 
 
-def test_install_registers_every_hook_once_and_a_second_run_changes_nothing(installed: Installed) -> None:
-    assert installed.hooks() == HOOK_NAMES
-    again = installed.install_sh()
+def test_install_registers_every_hook_once_and_a_second_run_changes_nothing(suite_installed: Installed) -> None:
+    assert suite_installed.hooks() == HOOK_NAMES
+    again = suite_installed.install_sh()
     assert again.returncode == 0, again.stderr
     assert "nothing to change: the installation is up to date" in again.stdout
-    assert installed.hooks() == HOOK_NAMES
-    hooks_dir = installed.one.location / "var" / "remotes" / "hooks" / "aifactory"
+    assert suite_installed.hooks() == HOOK_NAMES
+    hooks_dir = suite_installed.one.location / "var" / "remotes" / "hooks" / "aifactory"
     assert sorted(path.name for path in hooks_dir.iterdir()) == ["aifactory-accounting", "aifactory-admission"]
 
 
-def test_upgrade_then_uninstall_then_install_leave_no_duplicate_or_orphan(installed: Installed) -> None:
-    client = installed.one.client()
-    upgraded = installed.install_sh("--upgrade", "--no-venv")
+def test_upgrade_then_uninstall_then_install_leave_no_duplicate_or_orphan(suite_installed: Installed) -> None:
+    client = suite_installed.one.client()
+    upgraded = suite_installed.install_sh("--upgrade", "--no-venv")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert installed.hooks() == HOOK_NAMES
-    removed = installed.install_sh("--uninstall", "--no-venv")
+    assert suite_installed.hooks() == HOOK_NAMES
+    removed = suite_installed.install_sh("--uninstall", "--no-venv")
     assert removed.returncode == 0, removed.stderr
     assert [hook.NAME for hook in client.hookpool.info(-2, -1, -1).HOOK if hook.NAME.startswith("aifactory")] == []
-    assert not (installed.one.location / "var" / "remotes" / "hooks" / "aifactory").exists()
-    again = installed.install_sh()
+    assert not (suite_installed.one.location / "var" / "remotes" / "hooks" / "aifactory").exists()
+    again = suite_installed.install_sh()
     assert again.returncode == 0, again.stderr
-    assert installed.hooks() == HOOK_NAMES
+    assert suite_installed.hooks() == HOOK_NAMES
 
 
 def test_frontend_doctor_passes_after_install_and_fails_where_nothing_is_installed(
-        real_one: RealOne, installed: Installed) -> None:
-    doctor = [str(installed.prefix / "venv" / "bin" / "aifactory"), "doctor", "--frontend"]
-    after = in_frontend(real_one, installed.etc_binds, doctor)
+        real_one: RealOne, suite_installed: Installed) -> None:
+    doctor = [str(suite_installed.prefix / "venv" / "bin" / "aifactory"), "doctor", "--frontend"]
+    after = in_frontend(real_one, suite_installed.etc_binds, doctor)
     assert (after.returncode, after.stderr) == (0, ""), after.stdout
     assert "FAIL" not in after.stdout
     assert f"PASS  hooks: {len(HOOK_NAMES)} hooks registered" in after.stdout
-    elsewhere = in_frontend(real_one, installed.etc_binds, doctor, {"ONE_LOCATION": str(real_one.top / "none")})
+    elsewhere = in_frontend(real_one, suite_installed.etc_binds, doctor, {"ONE_LOCATION": str(real_one.top / "none")})
     assert elsewhere.returncode == 1
     assert "the suite is not installed" in elsewhere.stdout
 
@@ -122,8 +66,9 @@ def test_frontend_doctor_passes_after_install_and_fails_where_nothing_is_install
 
 
 @pytest.fixture(scope="module")
-def tenant(real_one: RealOne, installed: Installed) -> dict[str, int]:
-    """A tenant with a 1-GPU cap, its user, a dummy host with a GPU, and a held GPU template."""
+def tenant(real_one: RealOne, suite_installed: Installed) -> Iterator[dict[str, int]]:
+    """A tenant with a 1-GPU cap, its user, a dummy host with a GPU, and a held GPU template. The
+    dummy host goes OFFLINE afterwards: ``onehost sync`` (later tests) fails on a host it cannot reach."""
     client = real_one.client()
     # A cluster of its own: the dummy host and a system datastore whose transfers are dummy too.
     cluster = client.cluster.allocate("dummy-gpus")
@@ -160,7 +105,7 @@ vendor = "10de"
 device = "0863"
 clusters = [{cluster}]
 """)
-    apply = subprocess.run([str(installed.prefix / "venv" / "bin" / "aifactory"), "tenant", "apply", str(policy),
+    apply = subprocess.run([str(suite_installed.prefix / "venv" / "bin" / "aifactory"), "tenant", "apply", str(policy),
                             "--endpoint", real_one.endpoint, "--session", f"oneadmin:{real_one.password}"],
                            capture_output=True, text=True, timeout=120, check=False)
     assert apply.returncode == 0, apply.stderr
@@ -170,7 +115,8 @@ clusters = [{cluster}]
     with config.open("a") as handle:
         handle.write(f'\n[plugin.policy]\nfile = "{policy}"\naccounting_dir = "{ledger}"\n')
     subprocess.run(["chown", "-R", "oneadmin:oneadmin", str(ledger), str(policy)], check=True)
-    return {"host": host, "template": template, "usb": usb, "uid": uid, "gid": gid}
+    yield {"host": host, "template": template, "usb": usb, "uid": uid, "gid": gid}
+    client.host.status(host, 2)  # OFFLINE
 
 
 def _wait(condition: object, what: str, timeout: float, one: RealOne | None = None) -> None:
