@@ -138,6 +138,12 @@ class RealOne:
         return result
 
     def start(self) -> None:
+        import socket
+
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                raise AssertionError(f"something already listens on 127.0.0.1:{self.port}: another oned? "
+                                     "(one real oned per machine at a time: its ports are upstream's defaults)")
         for pid_file in Path("/tmp").glob("one-monitord-*.pid"):
             _stop_pid_file(pid_file)
         self.fresh_database = not (self.location / "var" / "one.db").exists()
