@@ -1,4 +1,12 @@
-"""An OpenNebula XML-RPC endpoint for tests: no ``oned`` can run here, so this stands in for it.
+"""An OpenNebula XML-RPC endpoint for the faults a real oned will not produce on demand.
+
+What oned does is tested against a real oned (``tests/realone.py``, ``tests/oned/``): tenant apply,
+hook registration, hooks fired by the hook manager, the probes through monitoring, the lean
+transport. This stand-in stays for what a real oned cannot be made to do, or not deterministically:
+answers it never gives (ids that are not numbers, refused updates of the showback), calls whose
+parameters must be recorded as delivered, an unreachable or half-dead endpoint, VM pools in states
+that oned's own quotas keep a real tenant from reaching (a GPU cap exceeded, to prove the hook's
+own count), and many concurrent hook events against one group with a precise interleaving.
 
 A real HTTP XML-RPC server (stdlib ``xmlrpc.server`` on 127.0.0.1, a random port) answering the
 calls the suite makes with OpenNebula's answer convention (``[success, value, error code]``).
