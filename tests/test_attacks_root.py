@@ -1,7 +1,7 @@
 """Attacks on root from ``oneadmin`` and the tenants (issue 16, "The privilege boundary").
 
 Each test is one attack a reviewer reproduced against the code before the fix; each fails on that
-code and passes now. 30 distinct attacks:
+code and passes now. 38 distinct attacks:
 
 * the root helper touching the host's own functions (12): a function listed in ``[host]
   host_devices``; an NVMe with a mounted partition; one whose partition is active swap; one whose
@@ -19,7 +19,12 @@ code and passes now. 30 distinct attacks:
   quarantine and journal directories (root writes, or removes, outside) and of a reset record
   (root copies a root-only file into oneadmin's directory);
 * the ownership hand-back after a root repair (1): a state subdirectory swapped for a link between
-  the walk and the reopen by name.
+  the walk and the reopen by name;
+* journals replayed by ``aifactory repair --boot`` (8): an OVS port's and a VXLAN port's
+  ``ovs-vsctl`` argv, the OpenSM reload command and the partitions file path, a UFM URL and token
+  file (root's secret sent out), a device step unbinding the NIC that carries the default route, a
+  step taking an idle GPU for vfio-pci, and one forcing a driver onto a GPU the driver does not
+  match.
 
 The host is the generated DGX tree (``tests/hostroots.py``) with the kernel's evidence of use added
 where the kernel keeps it: ``/sys/class/block`` (partitions, ``dev``, ``holders``),
@@ -43,8 +48,8 @@ import needs
 import pytest
 from fixtures.nics.netlink_double import NetlinkDouble
 
-from aifactory_core import rootconfig, roothelper
-from aifactory_core.host import netlink_vf, netuse
+from aifactory_core import roothelper
+from aifactory_core.host import netlink_vf
 from aifactory_core.hostroot import HostRoot
 
 ATTACKER = 65534
@@ -127,6 +132,8 @@ def ipv6_address(host: HostRoot) -> None:
 
 def ipv4_address(host: HostRoot, monkeypatch: pytest.MonkeyPatch) -> None:
     """IPv4 addresses come over netlink: its answer for this host."""
+    from aifactory_core.host import netuse
+
     monkeypatch.setattr(netuse, "_ipv4_addresses", lambda _host: {NIC_NAME: ["192.0.2.5"]})
 
 
@@ -177,6 +184,8 @@ Helper = Callable[..., int]
 @pytest.fixture
 def helper(host: HostRoot, open_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Helper:
     """The root helper's ``main`` on the generated host, its root config at ``open_tmp/etc``."""
+    from aifactory_core import rootconfig
+
     monkeypatch.setattr(roothelper, "HOST_ROOT", str(host.root))
     monkeypatch.setattr(rootconfig, "ROOT_CONFIG_PATH", str(open_tmp / "etc" / "aifactory.conf"))
     return lambda *argv: roothelper.main(list(argv))
@@ -387,6 +396,8 @@ def test_helper_refuses_a_config_oneadmin_can_write(host: HostRoot, helper: Help
 
 def test_config_reads_refuse_no_root_owned_path_and_keep_its_settings(open_tmp: Path) -> None:
     """The control for the config attacks: a root-owned file in root-owned directories is read."""
+    from aifactory_core import rootconfig
+
     path = root_config(open_tmp, f'[host]\nhost_devices = ["{GPU}"]\nvf_pools = ["{POOL_PF}"]\n')
     config = rootconfig.load_root_config(str(path))
     assert config.host.host_devices == (GPU,) and config.host.vf_pools == (POOL_PF,)
@@ -523,10 +534,11 @@ sys.exit(main(["--host-root", root, "repair", "--boot"]))
 """
 
 
-def test_a_directory_swapped_for_a_link_during_the_hand_back_gives_nothing_away(state: HostRoot,
+def test_a_directory_swapped_for_a_link_during_the_hand_back_gives_nothing_away(boot: HostRoot,
                                                                                open_tmp: Path) -> None:
     """The hand-back walked the state dir as root and reopened each path by name; a subdirectory
     swapped for a link between the walk and the open handed a root-only file to oneadmin."""
+    state = boot
     as_attacker("mkdir", str(state.state_dir / "quarantine"))
     attacker_writes(state.state_dir / "quarantine" / GPU, "reset failed\n")
     outside = open_tmp / "root-only"
@@ -540,3 +552,196 @@ def test_a_directory_swapped_for_a_link_during_the_hand_back_gives_nothing_away(
     info = (outside / GPU).stat()
     assert (info.st_uid, info.st_gid) == (0, 0)
     assert (outside / GPU).read_text() == "root's own file\n"
+
+
+# ---- journals replayed at boot --------------------------------------------------------------------
+#
+# ``aifactory repair --boot`` runs as root (aifactory-repair.service) over journals in oneadmin's
+# state directory. The attacker writes a journal; the unit's command runs as a real process.
+
+PROOF = "root-ran-this"
+RECORDER = "import os, sys; print(os.getuid(), file=open(sys.argv[1], 'a'))"
+
+
+def runs_as_the_attacker() -> None:
+    """A repair started as root runs again as the state dir's owner, in a new process of this
+    interpreter: the owner must be able to run it (a virtual environment on ``/usr/bin/python3``,
+    as on a host, not one on an interpreter under root's home)."""
+    try:
+        subprocess.run([sys.executable, "-c", ""], user=ATTACKER, group=ATTACKER, extra_groups=[], check=True,
+                       timeout=60)
+    except (PermissionError, subprocess.CalledProcessError):
+        needs.unavailable(f"uid {ATTACKER} cannot run {sys.executable}")
+
+
+@pytest.fixture
+def boot(dgx_root: Path, open_tmp: Path) -> HostRoot:
+    """The DGX tree and an attacker-owned state directory, both where the repair's user can reach."""
+    needs.root("the boot repair starts as root")
+    runs_as_the_attacker()
+    root = open_tmp / "root"
+    subprocess.run(["cp", "-a", str(dgx_root), str(root)], check=True)
+    state = open_tmp / "state"
+    state.mkdir()
+    os.chown(state, ATTACKER, ATTACKER)
+    (open_tmp / "log").mkdir(mode=0o777)
+    (open_tmp / "log").chmod(0o777)
+    return HostRoot(root, state)
+
+
+def forge_journal(host: HostRoot, vm: int, steps: list[dict[str, object]], *, network: bool = False) -> None:
+    """The attacker writes ``vms/<vm>.json`` (under ``vnm/`` for a network journal)."""
+    import json
+
+    directory = host.state_dir / ("vnm/vms" if network else "vms")
+    as_attacker("mkdir", "-p", str(directory))
+    document = {"vm_id": vm, "phase": "prepared",
+                "steps": [{"reason": "forged", "status": "done", "undo_value": None, **step} for step in steps]}
+    attacker_writes(directory / f"{vm}.json", json.dumps(document))
+
+
+def repair_at_boot(host: HostRoot, open_tmp: Path, config: str = "") -> subprocess.CompletedProcess[str]:
+    """What aifactory-repair.service runs, as root, with a root-owned config naming the plugins."""
+    path = open_tmp / "aifactory.conf"
+    path.write_text('[plugins]\nenabled = ["vfio", "sriov", "infiniband", "bluefield"]\n' + config)
+    from hostroots import run_cli
+
+    return run_cli("--host-root", str(host.root), "repair", "--boot",
+                   env={"AIFACTORY_STATE_DIR": str(host.state_dir), "AIFACTORY_CONFIG": str(path)})
+
+
+def shell_proof(open_tmp: Path) -> list[str]:
+    return ["/bin/sh", "-c", f"id -u > {open_tmp / 'log' / PROOF}"]
+
+
+def _ovs_port_runs_the_journals_vsctl(host: HostRoot, open_tmp: Path) -> str:
+    import json
+
+    forge_journal(host, 41, [{"kind": "ovs_port", "target": "eth12", "value": json.dumps(
+        {"bridge": "br-tenant", "tag": 100, "vm": 41, "vsctl": shell_proof(open_tmp)})}], network=True)
+    return ""
+
+
+def _ovs_vxlan_port_runs_the_journals_vsctl(host: HostRoot, open_tmp: Path) -> str:
+    import json
+
+    forge_journal(host, 42, [{"kind": "ovs_vxlan_port", "target": "eth12", "value": json.dumps(
+        {"bridge": "br-tenant", "vni": 5001, "remote_ip": "192.0.2.10", "local_ip": None, "local_tags": [4000, 4094],
+         "mtu": None, "vm": 42, "vsctl": shell_proof(open_tmp)})}], network=True)
+    return ""
+
+
+GUID = "0xa1f0000000540300"
+
+
+def _pkey_journal(host: HostRoot, sm: dict[str, object]) -> None:
+    import json
+
+    forge_journal(host, 43, [{"kind": "ib_pkey", "target": GUID, "value": json.dumps(
+        {"pkey": 16, "membership": "full", "vm": 43, "sm": sm})}], network=True)
+    attacker_writes(host.state_dir / "vnm" / "opensm-partitions.json", json.dumps({"0x0010": {GUID: "full"}}))
+
+
+def _ib_pkey_runs_the_journals_reload(host: HostRoot, open_tmp: Path) -> str:
+    _pkey_journal(host, {"opensm_reload": shell_proof(open_tmp), "partitions_file": str(open_tmp / "log" / "p")})
+    return f'[plugin.infiniband]\npartitions_file = "{open_tmp}/log/partitions.conf"\n' \
+           f'opensm_reload = ["{sys.executable}", "-c", "{RECORDER}", "{open_tmp}/log/reload"]\n'
+
+
+def _ib_pkey_writes_where_the_journal_says(host: HostRoot, open_tmp: Path) -> str:
+    _pkey_journal(host, {"opensm_reload": [], "partitions_file": str(open_tmp / "log" / PROOF)})
+    return ""
+
+
+CLI_JOURNAL_ATTACKS = [
+    pytest.param(_ovs_port_runs_the_journals_vsctl, id="ovs-port-vsctl-from-the-journal"),
+    pytest.param(_ovs_vxlan_port_runs_the_journals_vsctl, id="ovs-vxlan-port-vsctl-from-the-journal"),
+    pytest.param(_ib_pkey_runs_the_journals_reload, id="opensm-reload-from-the-journal"),
+    pytest.param(_ib_pkey_writes_where_the_journal_says, id="partitions-file-from-the-journal"),
+]
+
+
+@pytest.mark.parametrize("forge", CLI_JOURNAL_ATTACKS)
+def test_boot_repair_runs_no_command_and_writes_no_path_a_journal_names(
+        boot: HostRoot, open_tmp: Path, forge: Callable[[HostRoot, Path], str]) -> None:
+    config = forge(boot, open_tmp)
+    result = repair_at_boot(boot, open_tmp, config)
+    assert not (open_tmp / "log" / PROOF).exists(), result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("rolled back: none\n"), result.stdout + result.stderr  # the repair ran
+    reload_log = open_tmp / "log" / "reload"
+    if config:  # the configured reload ran, with the state dir owner's rights only
+        assert reload_log.exists(), result.stdout + result.stderr
+        assert reload_log.read_text().split()[0] == str(ATTACKER), result.stderr
+
+
+def _unbind_the_uplink(host: HostRoot) -> None:
+    ipv4_default_route(host)
+    forge_journal(host, 44, [{"kind": "pci_driver", "target": NIC, "value": "vfio-pci", "undo_value": ""}])
+
+
+def _take_an_idle_gpu(host: HostRoot) -> None:
+    forge_journal(host, 45, [{"kind": "pci_driver", "target": GPU, "value": "nvidia", "undo_value": "vfio-pci"}])
+
+
+def _force_a_foreign_driver(host: HostRoot) -> None:
+    """A GPU the administrator keeps on vfio-pci (driverctl), and pci-stub loaded: the journal asks
+    root to force pci-stub onto it."""
+    device = Path(os.path.realpath(host.pci_devices / GPU))
+    (device / "driver").unlink()
+    (host.pci_drivers / "pci-stub").mkdir()
+    (device / "driver").symlink_to(os.path.relpath(host.pci_drivers / "vfio-pci", device))
+    (device / "driver_override").write_text("vfio-pci\n")
+    forge_journal(host, 46, [{"kind": "pci_driver", "target": GPU, "value": "vfio-pci", "undo_value": "pci-stub"}])
+
+
+PCI_JOURNAL_ATTACKS = [
+    pytest.param(_unbind_the_uplink, id="journal-unbinds-the-uplink-nic"),
+    pytest.param(_take_an_idle_gpu, id="journal-takes-an-idle-gpu-for-vfio"),
+    pytest.param(_force_a_foreign_driver, id="journal-forces-a-driver-the-device-does-not-match"),
+]
+
+
+@pytest.mark.parametrize("forge", PCI_JOURNAL_ATTACKS)
+def test_boot_repair_moves_no_device_a_forged_journal_names(boot: HostRoot, open_tmp: Path,
+                                                            forge: Callable[[HostRoot], None]) -> None:
+    forge(boot)
+    before = snapshot(boot.root)
+    result = repair_at_boot(boot, open_tmp)
+    assert snapshot(boot.root) == before, result.stdout + result.stderr
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("rolled back: none\n"), result.stdout + result.stderr
+
+
+def test_boot_repair_sends_no_root_file_to_a_subnet_manager_a_journal_names(boot: HostRoot,
+                                                                           open_tmp: Path) -> None:
+    """The journal's ``sm`` named UFM at an address of the attacker's and a root-only file as the
+    token: root read the file and sent it in the Authorization header."""
+    import http.server
+    import threading
+
+    secret = open_tmp / "root-only-token"
+    secret.write_text("root-secret-token\n")
+    secret.chmod(0o600)
+    seen: list[str] = []
+
+    class Listener(http.server.BaseHTTPRequestHandler):
+        def do_DELETE(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append(f"{self.path} {self.headers.get('Authorization', '')}")
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Listener)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        _pkey_journal(boot, {"subnet_manager": "ufm", "ufm_url": f"http://127.0.0.1:{server.server_port}/ufmRest",
+                             "ufm_token_file": str(secret)})
+        result = repair_at_boot(boot, open_tmp, f'[plugin.infiniband]\npartitions_file = "{open_tmp}/log/p.conf"\n')
+    finally:
+        server.shutdown()
+    assert not any("root-secret-token" in line for line in seen), seen
+    assert "internal error" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout == "rolled back: none\nreleased: 43\n", result.stdout + result.stderr

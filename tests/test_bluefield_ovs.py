@@ -55,8 +55,10 @@ def ovs(tmp_path: Path) -> Iterator[list[str]]:
                    check=True, env=env)
     try:
         run(*vsctl, "add-br", "br-tnt", "--", "set", "bridge", "br-tnt", "datapath_type=netdev")
+        bluefield_ovs.configure_vsctl({"ovs_vsctl": vsctl})  # the actions run the configured command
         yield vsctl
     finally:
+        bluefield_ovs.configure_vsctl({})
         for pid in ("vs.pid", "db.pid"):
             try:
                 os.kill(int((d / pid).read_text()), signal.SIGTERM)
@@ -92,9 +94,9 @@ def test_representors_in_the_tenant_bridge_isolate_tenants(tmp_path: Path, ovs: 
                                                           representors: dict[str, str]) -> None:
     host = HostRoot(tmp_path, tmp_path / "state")
     a1, a2, b1 = representors
-    executor.prepare(host, 1, [bluefield.ovs_action(a1, "br-tnt", 100, 1, ovs),
-                               bluefield.ovs_action(a2, "br-tnt", 100, 1, ovs)])
-    executor.prepare(host, 2, [bluefield.ovs_action(b1, "br-tnt", 200, 2, ovs)])
+    executor.prepare(host, 1, [bluefield.ovs_action(a1, "br-tnt", 100, 1),
+                               bluefield.ovs_action(a2, "br-tnt", 100, 1)])
+    executor.prepare(host, 2, [bluefield.ovs_action(b1, "br-tnt", 200, 2)])
     assert run(*ovs, "get", "Port", a1, "tag").stdout.strip() == "100"
     assert run(*ovs, "get", "Interface", b1, "external_ids:aifactory-vm").stdout.strip() == '"2"'
     assert ping(a1, "10.78.0.2")
@@ -122,9 +124,9 @@ def test_vxlan_segments_share_a_tunnel_per_vni_until_the_last_release(tmp_path: 
     release of one VM of 5001 keeps the tunnel for the other, the last release removes it."""
     host = HostRoot(tmp_path, tmp_path / "state")
     a1, a2, b1 = representors
-    executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", segment(5001), 1, ovs)])
-    executor.prepare(host, 2, [bluefield.vxlan_action(a2, "br-tnt", segment(5001), 2, ovs)])
-    executor.prepare(host, 3, [bluefield.vxlan_action(b1, "br-tnt", segment(5002), 3, ovs)])
+    executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", segment(5001), 1)])
+    executor.prepare(host, 2, [bluefield.vxlan_action(a2, "br-tnt", segment(5001), 2)])
+    executor.prepare(host, 3, [bluefield.vxlan_action(b1, "br-tnt", segment(5002), 3)])
     ports = ports_of(ovs)
     assert set(ports) == {a1, a2, b1, "vxlan5001", "vxlan5002"}
     assert ports[a1].tag == ports[a2].tag == ports["vxlan5001"].tag == 4000
@@ -141,7 +143,7 @@ def test_vxlan_segments_share_a_tunnel_per_vni_until_the_last_release(tmp_path: 
     assert set(ports_of(ovs)) == {a2, b1, "vxlan5001", "vxlan5002"}
     executor.release(host, 2)
     assert set(ports_of(ovs)) == {b1, "vxlan5002"}
-    executor.prepare(host, 4, [bluefield.vxlan_action(a1, "br-tnt", segment(5003), 4, ovs)])
+    executor.prepare(host, 4, [bluefield.vxlan_action(a1, "br-tnt", segment(5003), 4)])
     assert ports_of(ovs)["vxlan5003"].tag == 4000  # the freed tag is reused
     executor.release(host, 3)
     executor.release(host, 4)
@@ -155,15 +157,15 @@ def test_vxlan_failure_undoes_the_tunnel_and_undo_is_idempotent(tmp_path: Path, 
     host = HostRoot(tmp_path, tmp_path / "state")
     a1, a2, b1 = representors
     with pytest.raises(HostError, match="no OVS bridge br-gone"):
-        executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", segment(5001), 1, ovs),
-                                   bluefield.vxlan_action(a2, "br-gone", segment(5001), 1, ovs)])
+        executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", segment(5001), 1),
+                                   bluefield.vxlan_action(a2, "br-gone", segment(5001), 1)])
     assert run(*ovs, "list-ports", "br-tnt").stdout.split() == []
-    action = bluefield.vxlan_action(a1, "br-tnt", segment(5001), 2, ovs)
+    action = bluefield.vxlan_action(a1, "br-tnt", segment(5001), 2)
     executor.prepare(host, 2, [action])
     with pytest.raises(HostError, match="local tag of VXLAN 5001"):
-        executor.prepare(host, 3, [bluefield.ovs_action(b1, "br-tnt", 4000, 3, ovs)])
+        executor.prepare(host, 3, [bluefield.ovs_action(b1, "br-tnt", 4000, 3)])
     assert b1 not in run(*ovs, "list-ports", "br-tnt").stdout.split()
-    other_vm = bluefield.vxlan_action(a1, "br-tnt", segment(5001), 9, ovs)
+    other_vm = bluefield.vxlan_action(a1, "br-tnt", segment(5001), 9)
     executor.EXECUTORS[other_vm.kind].undo(host, other_vm, None)  # not VM 9's port: kept
     assert set(ports_of(ovs)) == {a1, "vxlan5001"}
     for _ in range(2):
@@ -215,8 +217,8 @@ def test_vxlan_on_the_wire_reaches_its_own_vni_only(tmp_path: Path, ovs: list[st
     host = HostRoot(tmp_path, tmp_path / "state")
     a1, _a2, b1 = representors
     remote = VxlanSegment(5001, "192.0.2.10", "192.0.2.1", (4000, 4094))
-    executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", remote, 1, ovs)])
-    executor.prepare(host, 3, [bluefield.vxlan_action(b1, "br-tnt", replace(remote, vni=5002), 3, ovs)])
+    executor.prepare(host, 1, [bluefield.vxlan_action(a1, "br-tnt", remote, 1)])
+    executor.prepare(host, 3, [bluefield.vxlan_action(b1, "br-tnt", replace(remote, vni=5002), 3)])
     assert ping(a1, "10.78.0.9") and ping(b1, "10.78.0.10")
     assert not ping(a1, "10.78.0.10") and not ping(b1, "10.78.0.9")
     executor.release(host, 3)
@@ -251,8 +253,7 @@ def test_tunnel_ports_follow_their_representors(tmp_path: Path, ovs: list[str], 
                 executor.release(host, vm)
                 del plugged[vm]
             else:
-                executor.prepare(host, vm, [bluefield.vxlan_action(spare_ports[vm], "br-tnt", segment(number), vm,
-                                                                   ovs)])
+                executor.prepare(host, vm, [bluefield.vxlan_action(spare_ports[vm], "br-tnt", segment(number), vm)])
                 plugged[vm] = number
             ports = ports_of(ovs)
             assert {name for name in ports if name.startswith("vxlan")} == {f"vxlan{n}" for n in plugged.values()}

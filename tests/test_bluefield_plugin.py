@@ -121,13 +121,15 @@ def test_ib_pkey_action_joins_and_leaves_the_opensm_partition(tmp_path: Path) ->
 
     host = cx7.build(tmp_path, infiniband=True)
     partitions = tmp_path / "partitions.conf"
-    action = infiniband.pkey_action("a1:f0:00:00:00:54:03:00", 0x10, "full", 42, {"partitions_file": str(partitions)})
+    infiniband.configure_subnet_manager({"partitions_file": str(partitions)})  # as the configure hook does
+    action = infiniband.pkey_action("a1:f0:00:00:00:54:03:00", 0x10, "full", 42)
     executor.prepare(host, 42, [action], RecordingWriter())  # dry run: the SM is not touched
     assert not partitions.exists()
     executor.prepare(host, 43, [action])
     assert "0xa1f0000000540300=full" in partitions.read_text()
     executor.release(host, 43)
     assert "0xa1f0000000540300" not in partitions.read_text()
+    infiniband.configure_subnet_manager({})
 
 
 class RecordedDevlink:

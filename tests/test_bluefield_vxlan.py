@@ -143,7 +143,7 @@ def test_tunnel_endpoints_are_plain_unicast_addresses(value: object) -> None:
 
 def test_a_tampered_journal_entry_is_refused_before_any_argv() -> None:
     segment = VxlanSegment(5001, "192.0.2.10", None, (4000, 4094))
-    good = bluefield.vxlan_action("eth12", "br-llm", segment, 42, ["ovs-vsctl"])
+    good = bluefield.vxlan_action("eth12", "br-llm", segment, 42)
     assert _decode(good)[2] == segment
     for key, bad in (("vni", 0), ("vni", MAX_VNI + 1), ("remote_ip", "192.0.2.10 -- del-br br-llm"),
                      ("bridge", "br-llm -- x"), ("local_tags", [0, 5]), ("vm", -1), ("mtu", 10**6)):

@@ -18,11 +18,14 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace, context: Any) -> int:
-    from aifactory_core.lifecycle.repair import RepairReport, repair
+    from aifactory_core.lifecycle.repair import RepairReport, repair, state_owner
     from aifactory_core.vnm.hook import vnm_host
 
-    _manager, _loaded = context.plugins  # loading plugins registers their action kinds (VF, pkey, OVS port)
     boot = bool(getattr(args, "boot", False))
+    owner = state_owner(context.host)
+    if owner is not None:  # root: replay oneadmin's journals with oneadmin's rights, never root's
+        return _run_as(owner, context, boot)
+    _manager, _loaded = context.plugins  # loading plugins registers their action kinds (VF, pkey, OVS port)
     report = RepairReport()
     for scope in (context.host, vnm_host(context.host)):  # device journals, then network journals
         report.add(repair(scope, boot=boot))
@@ -36,3 +39,27 @@ def run(args: argparse.Namespace, context: Any) -> int:
     for problem in report.problems:
         sys.stderr.write(f"aifactory: repair: {problem}\n")
     return EXIT_CHECK_FAILED if report.problems else EXIT_OK
+
+
+def _run_as(owner: tuple[int, int], context: Any, boot: bool) -> int:
+    """Run this repair again as ``owner`` (with its supplementary groups), in a new process: its
+    exit status."""
+    import os
+    import pwd
+    import subprocess
+
+    from aifactory_core.hostroot import ENV_STATE_DIR
+
+    uid, gid = owner
+    try:
+        entry = pwd.getpwuid(uid)
+        gid = entry.pw_gid
+        groups = os.getgrouplist(entry.pw_name, gid)
+    except KeyError:
+        groups = []
+    argv = [sys.executable, "-m", "aifactory_core.cli", "--host-root", str(context.host.root)]
+    argv += ["--config", context.config_option] if context.config_option else []
+    argv += ["--debug"] if context.debug else []
+    argv += ["repair", *(["--boot"] if boot else [])]
+    env = {**os.environ, ENV_STATE_DIR: str(context.host.state_dir)}
+    return subprocess.run(argv, env=env, cwd="/", user=uid, group=gid, extra_groups=groups, check=False).returncode

@@ -93,7 +93,14 @@ def check_vf(host: HostRoot, pf: str, vf: int, config: HostConfig) -> None:
     size = read_int(host.pci_devices / address / "sriov_numvfs")
     if size is None or not 0 <= vf < size:
         raise HostError(f"refusing VF {vf} of {pf}: the pool of {address} has {size or 0} VFs")
-    vf_address = link_name(host.pci_devices / address / f"virtfn{vf}")
-    if vf_address is None:
+    if link_name(host.pci_devices / address / f"virtfn{vf}") is None:
         raise HostError(f"refusing VF {vf} of {pf}: no virtfn{vf} under {address}")
-    check_function(host, vf_address, config.host_devices)
+    check_vf_function(host, pf, vf, config.host_devices)
+
+
+def check_vf_function(host: HostRoot, pf: str, vf: int, host_devices: Iterable[str]) -> None:
+    """Raise HostError when the PCI function of VF ``vf`` of ``pf`` (a VF without one, such as
+    netdevsim's, has nothing to judge) or a function of its IOMMU group is the host's."""
+    address = link_name(host.path(f"/sys/class/net/{ifname(pf)}/device/virtfn{vf}"))
+    if address is not None:
+        check_function(host, address, host_devices)

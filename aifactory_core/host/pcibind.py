@@ -1,7 +1,8 @@
 """The only code that moves a PCI function between drivers (and resets it).
 
-Binding uses ``driver_override`` + ``unbind`` + ``drivers_probe`` (never ``new_id``, which would
-claim every device with the same ids). Every sysfs write has a deadline: an ``unbind`` that blocks
+Binding to vfio-pci uses ``driver_override`` + ``unbind`` + ``drivers_probe`` (never ``new_id``,
+which would claim every device with the same ids); giving a function back to a host driver clears
+the override and lets the kernel's own match bind it. Every sysfs write has a deadline: an ``unbind`` that blocks
 (the NVIDIA driver waits for every ``/dev/nvidiaN`` holder) fails the action instead of hanging the
 deploy. All paths come from the host root; every address and driver name is validated first.
 
@@ -24,6 +25,7 @@ from aifactory_core.hostroot import HostRoot
 from aifactory_core.validate import driver_name, pci_address
 
 NO_DRIVER = ""
+VFIO_DRIVER = "vfio-pci"
 DEFAULT_WRITE_TIMEOUT_S = 20.0
 DEFAULT_SETTLE_TIMEOUT_S = 10.0
 
@@ -117,35 +119,44 @@ class PciBinder:
         return int(group) if group and group.isdigit() else None
 
     def set_driver(self, address: str, driver: str) -> None:
-        """Put ``address`` on ``driver`` (``""``: no driver); idempotent and verified."""
+        """Put ``address`` on ``driver`` (``""``: no driver); idempotent and verified.
+
+        Only vfio-pci is pinned through ``driver_override`` (it claims no device by its own id
+        table). Any other driver gets a function only by the kernel's own match: the pin is cleared
+        and the kernel probes the function, and the driver it chose must be ``driver``. No caller
+        forces a driver onto a function that driver does not claim."""
         address = pci_address(address)
         if driver:
             driver_name(driver)
         directory = self.device_dir(address)
         current = self.driver_of(address)
         override = read_str(directory / "driver_override")
-        if current == driver and (not driver or override in (driver, None, "", "(null)")):
-            if driver == "vfio-pci":
+        pinned = override not in (None, "", "(null)")
+        if current == driver and (driver == VFIO_DRIVER or not pinned or override == driver):
+            if driver == VFIO_DRIVER:
                 self._wait_vfio_node(address)
             return
         if driver and not (self.host.pci_drivers / driver).is_dir() and not self.dry_run:
             raise HostError(f"driver {driver} is not loaded on this host (modprobe {driver})")
-        self.writer.write(directory / "driver_override", f"{driver}\n" if driver else "\n",
-                          f"only {driver or 'no driver'} may claim {address}")
-        if current:
+        if driver == VFIO_DRIVER:
+            self.writer.write(directory / "driver_override", f"{driver}\n", f"only {driver} may claim {address}")
+        else:
+            self.writer.write(directory / "driver_override", "\n", f"no driver pinned on {address}")
+        if current and current != driver:
             self.writer.write(directory / "driver" / "unbind", address, f"detach {address} from {current}")
-        if driver:
-            self.writer.write(self.host.path("/sys/bus/pci/drivers_probe"), address, f"let {driver} probe {address}")
-            if driver != "vfio-pci":
-                # Leave no override behind on host drivers: a later rescan must not be pinned.
-                self.writer.write(directory / "driver_override", "\n", f"clear the override of {address}")
+        if driver and current != driver:
+            why = f"let {driver} probe {address}" if driver == VFIO_DRIVER else \
+                f"let the kernel's own match take {address} (expected: {driver})"
+            self.writer.write(self.host.path("/sys/bus/pci/drivers_probe"), address, why)
         if self.dry_run:
             return
-        if driver and not _wait(lambda: self.driver_of(address) == driver, self.settle_timeout_s):
-            raise HostError(f"{address} did not bind to {driver} (now: {self.driver_of(address) or 'no driver'})")
-        if not driver and self.driver_of(address):
-            raise HostError(f"{address} is still bound to {self.driver_of(address)}")
-        if driver == "vfio-pci":
+        if driver and not _wait(lambda: self.driver_of(address) != NO_DRIVER, self.settle_timeout_s):
+            raise HostError(f"{address} did not bind to {driver} (now: no driver)")
+        if self.driver_of(address) != driver:
+            bound = self.driver_of(address) or "no driver"
+            raise HostError(f"{address} is on {bound}, not {driver}" if not driver or driver == VFIO_DRIVER
+                            else f"the kernel's own match put {address} on {bound}, not {driver}")
+        if driver == VFIO_DRIVER:
             self._wait_vfio_node(address)
 
     def _wait_vfio_node(self, address: str) -> None:

@@ -3,7 +3,9 @@
 Action kinds are pluggable: ``register_executor(kind, do, undo)`` adds one (``do`` and ``undo``
 receive the host root, the action and the sysfs writer; ``undo`` must be idempotent, since a step
 interrupted by a crash is undone without knowing how far it got). Built in: ``pci_driver``
-(target = PCI address, value = driver to put it on, undo_value = the driver it had, ``""`` for none).
+(target = PCI address, value = ``vfio-pci``, the one driver it puts a function on, undo_value = the
+driver it had, ``""`` for none). A journal is data: every undo validates what it reads and acts only
+through fixed code and the configuration.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from aifactory_core.errors import AifactoryError, HostError
-from aifactory_core.host.pcibind import PciBinder, RecordingWriter, SysfsWrite, SysfsWriter, Writer
+from aifactory_core.errors import AifactoryError, HostError, UsageError
+from aifactory_core.host.pcibind import VFIO_DRIVER, PciBinder, RecordingWriter, SysfsWrite, SysfsWriter, Writer
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle import ownership
 from aifactory_core.lifecycle.journal import Journal, Step
 from aifactory_core.model import Action
-from aifactory_core.validate import pci_address
+from aifactory_core.validate import driver_name, pci_address
 
 log = logging.getLogger(__name__)
 
@@ -69,27 +71,51 @@ def _judge(host: HostRoot, address: str, writer: Writer) -> None:
     check_function(host, address, load_root_config().host.host_devices)
 
 
+def _pci_driver_step(action: Action) -> tuple[str, str]:
+    """The function of a ``pci_driver`` step and the driver it had (``""``: none), validated: a step
+    (perhaps read from a journal someone else can write) moves a function onto vfio-pci and nowhere
+    else, and names the driver to give it back to by a driver name only."""
+    address = pci_address(action.target)
+    if action.value != VFIO_DRIVER:
+        raise UsageError(f"pci_driver step for {address}: a step moves a function onto {VFIO_DRIVER} only, "
+                         f"not {action.value[:32]!r}")
+    original = action.undo_value or ""
+    return address, driver_name(original) if original else ""
+
+
 def _pci_driver_do(host: HostRoot, action: Action, writer: Writer) -> None:
-    _judge(host, action.target, writer)
-    _set_driver(host, action.target, action.value, writer)
+    address, _original = _pci_driver_step(action)
+    _judge(host, address, writer)
+    _set_driver(host, address, VFIO_DRIVER, writer)
 
 
 def _pci_driver_undo(host: HostRoot, action: Action, writer: Writer) -> None:
     """Give the function back; a function leaving vfio-pci is reset and checked first, and one that
-    fails the check stays on vfio-pci, quarantined, so no tenant's state reaches anyone else."""
-    _judge(host, action.target, writer)
-    if action.value == "vfio-pci" and action.undo_value != "vfio-pci" and _is_on(host, action.target, "vfio-pci"):
+    fails the check stays on vfio-pci, quarantined, so no tenant's state reaches anyone else.
+
+    Only what the kernel shows of the step is undone: a function on vfio-pci, or left without a
+    driver with vfio-pci pinned (a move cut short), goes back; one on another driver with vfio-pci
+    still pinned only loses the pin; any other function has left vfio-pci since, and is not touched.
+    A driver other than vfio-pci takes the function only by the kernel's own match
+    (:meth:`~aifactory_core.host.pcibind.PciBinder.set_driver`)."""
+    from aifactory_core.host.sysfs import link_name, read_str
+
+    address, original = _pci_driver_step(action)
+    device = host.pci_devices / address
+    current = link_name(device / "driver") or ""
+    pinned = read_str(device / "driver_override") == VFIO_DRIVER
+    if current != VFIO_DRIVER and not pinned:
+        return
+    _judge(host, address, writer)
+    if current and current != VFIO_DRIVER:
+        _set_driver(host, address, current, writer)  # clears the pin, nothing else
+        return
+    if current == VFIO_DRIVER and original != VFIO_DRIVER:
         from aifactory_core.host.sanitize import sanitize
 
-        if sanitize(host, action.target, writer) is not None:
+        if sanitize(host, address, writer) is not None:
             return
-    _set_driver(host, action.target, action.undo_value or "", writer)
-
-
-def _is_on(host: HostRoot, address: str, driver: str) -> bool:
-    from aifactory_core.host.sysfs import link_name
-
-    return link_name(host.pci_devices / address / "driver") == driver
+    _set_driver(host, address, original, writer)
 
 
 register_executor("pci_driver", _pci_driver_do, _pci_driver_undo, claims_target=True, parallel=True)

@@ -14,18 +14,23 @@ without confirmation": undoing it is safe because every action kind's undo is id
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aifactory_core.errors import HostError
+from aifactory_core.errors import HostError, UsageError
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle.atomic import names, read_json, remove, write_json
 from aifactory_core.model import Action
 from aifactory_core.validate import vm_id as check_vm_id
 
 PHASES = ("preparing", "prepared", "releasing")
+STATUSES = ("pending", "done", "undone")
+MAX_VALUE = 4096
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_SCOPE = re.compile(r"^(|[a-z][a-z0-9_-]{0,31})$")
 ENV_FAULT_AT = "AIFACTORY_FAULT_AT"
 
 
@@ -48,10 +53,26 @@ class Step:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Step:
-        action = Action(str(data["kind"]), str(data["target"]), str(data["value"]),
-                        None if data.get("undo_value") is None else str(data["undo_value"]), str(data["reason"]))
-        return cls(action, str(data["status"]), str(data.get("scope", "")))
+    def from_json(cls, data: object) -> Step:
+        """A step as a journal holds it, every field checked (UsageError): the journal is data
+        someone else may have written; what each kind's target and values may be is checked by
+        that kind's undo before it acts."""
+        if not isinstance(data, dict):
+            raise UsageError("a step is not a mapping")
+        kind, status, scope = _text(data, "kind", 32), _text(data, "status", 16), _text(data, "scope", 32, "")
+        if not _KIND.fullmatch(kind) or status not in STATUSES or not _SCOPE.fullmatch(scope):
+            raise UsageError(f"step {kind[:32]!r} {status[:16]!r} {scope[:32]!r}: unknown kind, status or scope")
+        undo = None if data.get("undo_value") is None else _text(data, "undo_value", MAX_VALUE)
+        action = Action(kind, _text(data, "target", 64), _text(data, "value", MAX_VALUE), undo,
+                        _text(data, "reason", MAX_VALUE, ""))
+        return cls(action, status, scope)
+
+
+def _text(data: dict[str, Any], key: str, limit: int, default: str | None = None) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or len(value) > limit:
+        raise UsageError(f"step field {key!r} is not a string of at most {limit} characters")
+    return value
 
 
 class FaultInjector:
@@ -97,9 +118,16 @@ class Journal:
             return None
         except (OSError, ValueError) as error:
             raise HostError(f"journal {path} is unreadable: {error}") from None
-        if data.get("phase") not in PHASES or data.get("vm_id") != vm:
-            raise HostError(f"journal {path} is damaged (phase {data.get('phase')!r})")
-        return cls(host, vm, data["phase"], [Step.from_json(step) for step in data.get("steps", [])])
+        if not isinstance(data, dict) or data.get("phase") not in PHASES or data.get("vm_id") != vm:
+            phase = data.get("phase") if isinstance(data, dict) else None
+            raise HostError(f"journal {path} is damaged (phase {str(phase)[:16]!r})")
+        steps = data.get("steps", [])
+        try:
+            if not isinstance(steps, list):
+                raise UsageError("steps is not a list")
+            return cls(host, vm, data["phase"], [Step.from_json(step) for step in steps])
+        except UsageError as error:
+            raise HostError(f"journal {path} is damaged: {error.message}") from None
 
 
 def all_journals(host: HostRoot) -> Iterator[Journal]:

@@ -48,3 +48,33 @@ def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
             ownership.disown(host, address, owner)
             report.orphans_dropped.append(address)
     return report
+
+
+def state_owner(host: HostRoot) -> tuple[int, int] | None:
+    """The user (uid, gid) a repair started as root must run as: the state directory's owner; None
+    when it may go on as it is (not root, no state directory, or root's own).
+
+    The journals are that user's (``oneadmin``'s) data: replaying them takes that user's rights, and
+    every privileged step then goes through the root helper, which judges it by its own rules, as
+    it does for the drivers (docs/threat-model.md). A root-owned state directory others can write
+    is refused."""
+    import os
+
+    from aifactory_core.errors import HostError
+    from aifactory_core.nofollow import open_directory
+
+    if os.geteuid() != 0:
+        return None
+    try:
+        descriptor = open_directory(host.state_dir)
+    except FileNotFoundError:
+        return None
+    try:
+        info = os.fstat(descriptor)
+    finally:
+        os.close(descriptor)
+    if info.st_uid == 0:
+        if info.st_mode & 0o022:
+            raise HostError(f"state dir {host.state_dir} is root's but writable by others: not repairing from it")
+        return None
+    return info.st_uid, info.st_gid

@@ -129,6 +129,15 @@ def _unprivileged(host: HostRoot) -> bool:
     return needed(host)
 
 
+def _judge(host: HostRoot, pf: str, vf: int) -> None:
+    """A VF change made here, not through the root helper, passes the helper's rule for the VF's
+    own function (the pools bound what oneadmin may ask of root; root's own changes are its own)."""
+    from aifactory_core.host.hostuse import check_vf_function
+    from aifactory_core.rootconfig import load_root_config
+
+    check_vf_function(host, pf, vf, load_root_config().host.host_devices)
+
+
 def _through_root_helper(verb: str, pf: str, vf: int, *rest: str) -> None:
     from aifactory_core.roothelper import run_privileged
 
@@ -157,6 +166,7 @@ def do(host: HostRoot, action_: Action, writer: Any) -> None:
 
                 _through_root_helper("vf-set", pf, vf, *vf_arguments(wanted))
             else:
+                _judge(host, pf, vf)
                 netlink_vf.apply(ipr, index, vf, wanted, pool_size=pool_size(host, pf))
             netlink_vf.verify(ipr, index, vf, wanted)
 
@@ -169,8 +179,14 @@ def _owner_of_action(action_: Action) -> int | None:
         return None
 
 
+SCRUBS = ("clean", "clean-ib")
+
+
 def undo(host: HostRoot, action_: Action, writer: Any) -> None:
     pf, vf = parse_target(action_.target)
+    scrub_kind = action_.undo_value or "clean"
+    if scrub_kind not in SCRUBS:
+        raise UsageError(f"malformed {KIND} action for {action_.target}: undo {scrub_kind[:20]!r}")
     vm = _owner_of_action(action_)
     from aifactory_core.host.pcibind import RecordingWriter, SysfsWrite
 
@@ -186,13 +202,14 @@ def undo(host: HostRoot, action_: Action, writer: Any) -> None:
             with _netlink_lock:
                 ipr = _connection()
                 size = pool_size(host, pf)
-                infiniband = action_.undo_value == "clean-ib"
+                infiniband = scrub_kind == "clean-ib"
                 if size is not None and vf >= size:
                     pass  # the pool shrank past this VF: nothing left to scrub
                 elif _unprivileged(host):
                     _through_root_helper("vf-scrub", pf, vf, "ib" if infiniband else "eth")
                     netlink_vf.verify(ipr, index, vf, netlink_vf.CLEAN_IB if infiniband else netlink_vf.CLEAN)
                 else:
+                    _judge(host, pf, vf)
                     netlink_vf.scrub(ipr, index, vf, infiniband=infiniband, pool_size=size)
         remove(token)
 

@@ -12,7 +12,8 @@ OVS) and one OVS action for the representor:
 Both are undone by removing the port (and, for the last VM of a VNI, its tunnel port).
 
 ``[plugin.bluefield]``: ``bridge`` (default ``br-tenant``), ``ovs_vsctl`` (argv prefix, default
-``["ovs-vsctl", "--timeout=10"]``), ``switchdev`` (devlink handles such as ``pci/0000:03:00.0``
+``["ovs-vsctl", "--timeout=10"]``; taken from the configuration when an action runs, never from a
+journal), ``switchdev`` (devlink handles such as ``pci/0000:03:00.0``
 that must be in switchdev mode; :func:`apply_eswitch_modes`, run by ``aifactory eswitch --apply``,
 switches them), ``vxlan_remote_ip``
 (the unicast VTEP the tunnels lead to), ``vxlan_local_ip`` (the tunnels' source address),
@@ -31,7 +32,7 @@ from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.model import Action, Check, DiscoveredDevice
 
-from .ovs import DEFAULT_BRIDGE, DEFAULT_VSCTL, OVS_KIND, bridge_name, ovs_action, vsctl_argv
+from .ovs import DEFAULT_BRIDGE, OVS_KIND, bridge_name, configure_vsctl, ovs_action
 from .vxlan import VXLAN_KIND, configured_ip, local_tag_range, segment_for, vxlan_action
 
 __all__ = ["OVS_KIND", "VXLAN_KIND", "apply_eswitch_modes", "ovs_action", "switchdev_handles", "vxlan_action"]
@@ -63,7 +64,7 @@ def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -
         return
     check_plugin_keys(NAME, section, SETTINGS)
     bridge_name(section.get("bridge", DEFAULT_BRIDGE))
-    vsctl_argv(section.get("ovs_vsctl", list(DEFAULT_VSCTL)))
+    configure_vsctl(section)
     switchdev_handles(section)
     configured_ip(section, "vxlan_remote_ip")
     configured_ip(section, "vxlan_local_ip")
@@ -109,7 +110,6 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
         return None
     section = config.plugin(NAME)
     bridge = section.get("bridge", DEFAULT_BRIDGE)
-    vsctl = section.get("ovs_vsctl", list(DEFAULT_VSCTL))
     if is_vxlan(nic):
         segment = segment_for(nic, grant, section)
         # The VF itself carries no tag: the segment's isolation is the representor's port in OVS.
@@ -125,8 +125,8 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
     representor = representor_of(inventory.host, where.pf_netdev, where.vf)
     vf_action = vf.action(where.pf_netdev, where.vf, request.vm_id, replace(wanted, vlan=0, qos=0))
     if is_vxlan(nic):
-        return [vf_action, vxlan_action(representor.netdev, bridge, segment, request.vm_id, vsctl)]
-    return [vf_action, ovs_action(representor.netdev, bridge, wanted.vlan, request.vm_id, vsctl)]
+        return [vf_action, vxlan_action(representor.netdev, bridge, segment, request.vm_id)]
+    return [vf_action, ovs_action(representor.netdev, bridge, wanted.vlan, request.vm_id)]
 
 
 @hookimpl

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from aifactory_core.errors import ConfigError, HostError
+from aifactory_core.errors import ConfigError, HostError, UsageError
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.model import Action
 from aifactory_core.validate import ifname, int_in_range, vm_id
@@ -33,6 +33,7 @@ TUNNEL_KEY = "aifactory-vxlan"
 """``Port`` external id of the VXLAN tunnel port a segment's representors share (its VNI)."""
 _BRIDGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _runner: Any = subprocess.run
+_vsctl: tuple[str, ...] = DEFAULT_VSCTL
 
 
 def bridge_name(value: object) -> str:
@@ -47,13 +48,29 @@ def vsctl_argv(value: object) -> tuple[str, ...]:
     return tuple(value)
 
 
+def configure_vsctl(section: Mapping[str, Any]) -> None:
+    """Take ``ovs-vsctl``'s argv from ``[plugin.bluefield] ovs_vsctl`` (the plugin's configure hook).
+
+    The OVS actions run only this command: a journal holds the port, the bridge and the tag, never
+    a command, so undoing a journal (at boot, as its owner) runs nothing the journal names."""
+    global _vsctl
+    _vsctl = vsctl_argv(section.get("ovs_vsctl", list(DEFAULT_VSCTL)))
+
+
+def configured_vsctl() -> tuple[str, ...]:
+    return _vsctl
+
+
 def run_vsctl(argv: list[str]) -> str:
     """Run ovs-vsctl; not as root (OpenNebula's drivers run as oneadmin, and the OVS database
     socket is root's) through ``sudo -n``, which OpenNebula's own sudoers grants oneadmin for
     ``ovs-vsctl`` (its ONE_OVS alias)."""
     if os.geteuid() != 0 and argv[:1] != ["sudo"]:
         argv = ["sudo", "-n", *argv]
-    result = _runner(argv, capture_output=True, text=True, timeout=30, check=False)
+    try:
+        result = _runner(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise HostError(f"{argv[0]} could not run: {error}") from None
     if result.returncode != 0:
         raise HostError(f"{' '.join(argv[:1])} failed: {(result.stderr or result.stdout or '').strip()[:200]}")
     return str(result.stdout or "")
@@ -114,7 +131,10 @@ def parse_ports(text: str) -> dict[str, PortRow]:
 
 def bridge_ports(vsctl: Sequence[str], bridge: str) -> dict[str, PortRow] | None:
     """The ports of ``bridge`` (its own internal port included); None when there is no such bridge."""
-    result = _runner([*vsctl, "br-exists", bridge], capture_output=True, text=True, timeout=30, check=False)
+    try:
+        result = _runner([*vsctl, "br-exists", bridge], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise HostError(f"{vsctl[0]} could not run: {error}") from None
     if result.returncode == 2:
         return None
     if result.returncode != 0:
@@ -127,26 +147,42 @@ def bridge_ports(vsctl: Sequence[str], bridge: str) -> dict[str, PortRow] | None
 
 # ---- a representor as a VLAN access port -----------------------------------------------------
 
-def ovs_action(representor: str, bridge: str, tag: int, vm: int, vsctl: Sequence[str]) -> Action:
+def ovs_action(representor: str, bridge: str, tag: int, vm: int) -> Action:
     value = json.dumps({"bridge": bridge_name(bridge), "tag": int_in_range(tag, 1, 4094, "VLAN tag"),
-                        "vm": vm_id(vm), "vsctl": list(vsctl_argv(vsctl))}, sort_keys=True)
+                        "vm": vm_id(vm)}, sort_keys=True)
     return Action(OVS_KIND, ifname(representor), value, None,
                   f"representor {representor} -> {bridge} tag {tag} for VM {vm}")
 
 
-def _decode(action: Action) -> tuple[str, str, int, int, tuple[str, ...]]:
-    data = json.loads(action.value)
-    return (ifname(action.target), bridge_name(data["bridge"]), int_in_range(data["tag"], 1, 4094, "VLAN tag"),
-            vm_id(data["vm"]), vsctl_argv(data["vsctl"]))
+def journal_data(action: Action) -> dict[str, Any]:
+    """An OVS action's JSON value as a mapping (a journal's ``vsctl``, from before commands left the
+    journals, is never read)."""
+    try:
+        data = json.loads(action.value)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise UsageError(f"malformed {action.kind} action for {action.target[:20]!r}")
+    return data
+
+
+def _decode(action: Action) -> tuple[str, str, int, int]:
+    data = journal_data(action)
+    try:
+        return (ifname(action.target), bridge_name(data["bridge"]),
+                int_in_range(data["tag"], 1, 4094, "VLAN tag"), vm_id(data["vm"]))
+    except KeyError as error:
+        raise UsageError(f"malformed {action.kind} action: no {error}") from None
 
 
 def _ovs_do(host: HostRoot, action: Action, writer: Any) -> None:
     from aifactory_core.host.pcibind import RecordingWriter, SysfsWrite
 
-    port, bridge, tag, vm, vsctl = _decode(action)
+    port, bridge, tag, vm = _decode(action)
     if isinstance(writer, RecordingWriter):
         writer.writes.append(SysfsWrite(f"ovs:{bridge}/{port}", f"tag={tag}", action.reason))
         return
+    vsctl = configured_vsctl()
     with bridge_lock(host, bridge):
         ports = bridge_ports(vsctl, bridge) or {}
         segment = next((row for row in ports.values() if TUNNEL_KEY in row.external_ids and row.tag == tag), None)
@@ -161,8 +197,8 @@ def _ovs_do(host: HostRoot, action: Action, writer: Any) -> None:
 def _ovs_undo(host: HostRoot, action: Action, writer: Any) -> None:
     from aifactory_core.host.pcibind import RecordingWriter
 
-    port, bridge, _tag, _vm, vsctl = _decode(action)
+    port, bridge, _tag, _vm = _decode(action)
     if isinstance(writer, RecordingWriter):
         return
     with bridge_lock(host, bridge):
-        run_vsctl([*vsctl, "--if-exists", "del-port", bridge, port])
+        run_vsctl([*configured_vsctl(), "--if-exists", "del-port", bridge, port])

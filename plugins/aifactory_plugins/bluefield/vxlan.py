@@ -23,7 +23,7 @@ VNI: ``VLAN_ID`` for ``VN_MAD = vxlan`` (OpenNebula's VXLAN driver), ``OUTER_VLA
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +40,9 @@ from .ovs import (
     bridge_lock,
     bridge_name,
     bridge_ports,
+    configured_vsctl,
+    journal_data,
     run_vsctl,
-    vsctl_argv,
 )
 
 VXLAN_KIND = "ovs_vxlan_port"
@@ -124,24 +125,29 @@ def segment_for(nic: Any, grant: Any, section: Mapping[str, Any]) -> VxlanSegmen
     return VxlanSegment(number, remote, local, local_tag_range(section), mtu)
 
 
-def vxlan_action(representor: str, bridge: str, segment: VxlanSegment, vm: int, vsctl: Sequence[str]) -> Action:
+def vxlan_action(representor: str, bridge: str, segment: VxlanSegment, vm: int) -> Action:
     data = {"bridge": bridge_name(bridge), "vni": vni(segment.vni), "remote_ip": ip_address(segment.remote_ip),
             "local_ip": None if segment.local_ip is None else ip_address(segment.local_ip),
-            "local_tags": list(segment.local_tags), "mtu": segment.mtu, "vm": vm_id(vm),
-            "vsctl": list(vsctl_argv(vsctl))}
+            "local_tags": list(segment.local_tags), "mtu": segment.mtu, "vm": vm_id(vm)}
     return Action(VXLAN_KIND, ifname(representor), json.dumps(data, sort_keys=True), None,
                   f"representor {representor} -> {bridge} VXLAN {segment.vni} for VM {vm}")
 
 
-def _decode(action: Action) -> tuple[str, str, VxlanSegment, int, tuple[str, ...]]:
-    data = json.loads(action.value)
-    low, high = (int_in_range(t, 1, 4094, "VLAN tag") for t in data["local_tags"])
-    local = data.get("local_ip")
-    mtu = data.get("mtu")
-    segment = VxlanSegment(vni(data["vni"]), ip_address(data["remote_ip"]),
-                           None if local is None else ip_address(local), (low, high),
-                           None if mtu is None else int_in_range(mtu, *MTU_RANGE, "MTU"))
-    return ifname(action.target), bridge_name(data["bridge"]), segment, vm_id(data["vm"]), vsctl_argv(data["vsctl"])
+def _decode(action: Action) -> tuple[str, str, VxlanSegment, int]:
+    data = journal_data(action)
+    try:
+        tags = data["local_tags"]
+        if not isinstance(tags, list) or len(tags) != 2:
+            raise UsageError("local_tags must be two VLAN tags")
+        low, high = (int_in_range(t, 1, 4094, "VLAN tag") for t in tags)
+        local = data.get("local_ip")
+        mtu = data.get("mtu")
+        segment = VxlanSegment(vni(data["vni"]), ip_address(data["remote_ip"]),
+                               None if local is None else ip_address(local), (low, high),
+                               None if mtu is None else int_in_range(mtu, *MTU_RANGE, "MTU"))
+        return ifname(action.target), bridge_name(data["bridge"]), segment, vm_id(data["vm"])
+    except KeyError as error:
+        raise UsageError(f"malformed {action.kind} action: no {error}") from None
 
 
 def segment_tag(ports: Mapping[str, PortRow], bridge: str, segment: VxlanSegment) -> tuple[int, bool]:
@@ -167,7 +173,8 @@ def segment_tag(ports: Mapping[str, PortRow], bridge: str, segment: VxlanSegment
 def _vxlan_do(host: HostRoot, action: Action, writer: Any) -> None:
     from aifactory_core.host.pcibind import RecordingWriter, SysfsWrite
 
-    port, bridge, segment, vm, vsctl = _decode(action)
+    port, bridge, segment, vm = _decode(action)
+    vsctl = configured_vsctl()
     if isinstance(writer, RecordingWriter):
         endpoints = f"remote_ip={segment.remote_ip}" + (f" local_ip={segment.local_ip}" if segment.local_ip else "")
         writer.writes.append(SysfsWrite(f"ovs:{bridge}/{segment.tunnel}", f"vxlan key={segment.vni} {endpoints}",
@@ -202,9 +209,10 @@ def _vxlan_undo(host: HostRoot, action: Action, writer: Any) -> None:
     VNI is left on the bridge, the tunnel port."""
     from aifactory_core.host.pcibind import RecordingWriter
 
-    port, bridge, segment, vm, vsctl = _decode(action)
+    port, bridge, segment, vm = _decode(action)
     if isinstance(writer, RecordingWriter):
         return
+    vsctl = configured_vsctl()
     with bridge_lock(host, bridge):
         ports = bridge_ports(vsctl, bridge)
         if ports is None:

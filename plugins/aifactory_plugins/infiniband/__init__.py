@@ -31,6 +31,9 @@ SETTINGS = {"guid_prefix", "membership", "subnet_manager", "partitions_file", "o
             "ufm_token_file", "ufm_username"}
 SM_KEYS = SETTINGS - {"guid_prefix", "membership"}
 DEFAULT_PREFIX = 0xA1F0
+_sm_settings: dict[str, Any] = {}
+"""The subnet manager's settings from the configuration: the pkey actions reach the SM only through
+these, never through anything a journal holds."""
 
 
 @hookimpl
@@ -41,19 +44,34 @@ def aifactory_configure(config: Config, name: str, section: Mapping[str, Any]) -
     from aifactory_plugins.infiniband.guid import parse_prefix
 
     parse_prefix(section.get("guid_prefix", DEFAULT_PREFIX))
+    configure_subnet_manager(section)
 
 
-def pkey_action(port_guid: str, pkey: int, membership: str, vm: int, sm_settings: Mapping[str, Any]) -> Action:
-    value = json.dumps({"pkey": pkey, "membership": membership, "vm": vm, "sm": dict(sm_settings)}, sort_keys=True)
+def configure_subnet_manager(section: Mapping[str, Any]) -> None:
+    """Take the subnet manager's settings (back-end, partitions file, reload command, UFM URL and
+    token file) from ``[plugin.infiniband]``; the pkey actions use nothing else."""
+    global _sm_settings
+    _sm_settings = {key: value for key, value in section.items() if key in SM_KEYS}
+
+
+def pkey_action(port_guid: str, pkey: int, membership: str, vm: int) -> Action:
+    value = json.dumps({"pkey": pkey, "membership": membership, "vm": vm}, sort_keys=True)
     return Action(PKEY_KIND, port_guid, value, None, f"port GUID {port_guid} joins pkey {pkey:#06x} ({membership})")
 
 
-def _sm(host: HostRoot, action: Action) -> tuple[Any, int, str]:
+def _sm(host: HostRoot, action: Action) -> tuple[Any, str, int, str]:
+    """The configured subnet manager, and the action's port GUID, pkey and membership, validated (a
+    journal's ``sm``, from before commands and paths left the journals, is never read)."""
+    from aifactory_core.errors import UsageError
     from aifactory_plugins.infiniband.pkey import membership, pkey
-    from aifactory_plugins.infiniband.sm import from_settings
+    from aifactory_plugins.infiniband.sm import from_settings, sm_guid
 
-    data = json.loads(action.value)
-    return from_settings(data["sm"], host.state_dir), pkey(data["pkey"]), membership(data["membership"])
+    try:
+        data = json.loads(action.value)
+        port, key, member = sm_guid(action.target), pkey(data["pkey"]), membership(data["membership"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"malformed {PKEY_KIND} action for {action.target[:24]!r}: {error}") from None
+    return from_settings(_sm_settings, host.state_dir), port, key, member
 
 
 def _pkey_do(host: HostRoot, action: Action, writer: Any) -> None:
@@ -62,8 +80,8 @@ def _pkey_do(host: HostRoot, action: Action, writer: Any) -> None:
     if isinstance(writer, RecordingWriter):
         writer.writes.append(SysfsWrite(f"subnet-manager:{action.target}", action.value, action.reason))
         return
-    manager, key, member = _sm(host, action)
-    manager.add_members(key, [action.target], member)
+    manager, port, key, member = _sm(host, action)
+    manager.add_members(key, [port], member)
 
 
 def _pkey_undo(host: HostRoot, action: Action, writer: Any) -> None:
@@ -71,8 +89,8 @@ def _pkey_undo(host: HostRoot, action: Action, writer: Any) -> None:
 
     if isinstance(writer, RecordingWriter):
         return
-    manager, key, _member = _sm(host, action)
-    manager.remove_members(key, [action.target])
+    manager, port, key, _member = _sm(host, action)
+    manager.remove_members(key, [port])
 
 
 def register() -> None:
@@ -112,6 +130,5 @@ def aifactory_network_setup(inventory: HostInventory, request: Any, nic: Any, co
     key = nic_pkey(nic.attributes)
     member = grant.membership(key)
     wanted = vf_settings(nic, grant, node_guid=node, port_guid=port)
-    sm_settings = {k: v for k, v in settings.items() if k in SM_KEYS}
     return [vf.action(where.pf_netdev, where.vf, request.vm_id, wanted, infiniband=True),
-            pkey_action(port, key, member, request.vm_id, sm_settings)]
+            pkey_action(port, key, member, request.vm_id)]
