@@ -31,11 +31,15 @@ def test_replay_reads_every_recorded_value_and_error() -> None:
     for name, entry in real.items():
         if name == "nvlink":
             continue
-        if "error" in entry:
+        if "error" in entry and entry["error"].startswith("NVMLError_"):
             assert reading["errors"][name] == entry["error"]
-            assert name not in reading["fields"]
+            assert name not in reading["fields"] and name not in reading["unrecorded"]
+        elif "error" in entry:  # the recorder's own exception: NVML was never asked
+            assert reading["unrecorded"][name] == entry["error"]
+            assert name not in reading["fields"] and name not in reading["errors"]
         else:
             assert reading["fields"][name] == entry["value"]
+    assert reading["unrecorded"] == {"GpuFabricInfo": real["GpuFabricInfo"]["error"]}
     assert nvml.ReplayNvml(str(H100_NVML)).driver_version() == ("580.159.04", None)
 
 

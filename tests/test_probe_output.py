@@ -379,12 +379,13 @@ def test_cli_bundled_sample_recording(tmp_path: Path) -> None:
 
 def test_h100_capture_has_no_fabric_reading_and_none_is_invented(h100_root: Path, tmp_path: Path) -> None:
     """The real capture's GpuFabricInfo entry is the recorder's own TypeError (it called the function
-    without its structure argument): no fabric state is known, so none is reported."""
-    assert "TypeError" in recording()["devices"][0]["GpuFabricInfo"]["error"]
+    without its structure argument): NVML was never asked, so the probe says the call was not
+    recorded, invents no fabric state and reports no error of the GPU's."""
+    assert recording()["devices"][0]["GpuFabricInfo"]["error"].startswith("TypeError: ")
     [gpu] = _parse(host_system.probe(Root(str(h100_root), str(tmp_path)), str(H100_NVML)))["AIF_GPU"]
     assert gpu["FABRIC_INFO_STATE"] == "" and gpu["FABRIC_CLIQUE_ID"] == "" and gpu["FABRIC_CLUSTER_UUID"] == ""
-    assert gpu["FABRIC_INFO_STATUS"].startswith("error: TypeError")
-    assert gpu["HEALTH"] == "OK"  # a failed fabric call spoils no other field
+    assert gpu["FABRIC_INFO_STATUS"] == "NOT_RECORDED"
+    assert gpu["HEALTH"] == "OK"  # an unrecorded fabric call spoils no other field
 
 
 def test_dgx_fabric_info_from_a_synthetic_replay(dgx_root: Path, tmp_path: Path) -> None:

@@ -112,8 +112,9 @@ def _return_name(code: int) -> str:
 def fabric_info(reading: dict[str, Any]) -> dict[str, object]:
     """NVSwitch fabric registration from ``nvmlDeviceGetGpuFabricInfo[V]``: ``FABRIC_INFO_STATE``
     (``NOT_SUPPORTED`` on GPUs without an NVSwitch fabric, ``NOT_STARTED``, ``IN_PROGRESS``,
-    ``COMPLETED``), ``FABRIC_INFO_STATUS`` (the registration's NVML result, or the call's error),
-    ``FABRIC_CLIQUE_ID``, ``FABRIC_CLUSTER_UUID``; all empty when the call was not made."""
+    ``COMPLETED``), ``FABRIC_INFO_STATUS`` (the registration's NVML result, the call's error, or
+    ``NOT_RECORDED`` when a replayed recording holds no answer to the call), ``FABRIC_CLIQUE_ID``,
+    ``FABRIC_CLUSTER_UUID``; all empty when the call was not made."""
     info = reading.get("fields", {}).get("GpuFabricInfo")
     result: dict[str, object] = {"FABRIC_INFO_STATE": "", "FABRIC_INFO_STATUS": "", "FABRIC_CLIQUE_ID": "",
                                  "FABRIC_CLUSTER_UUID": ""}
@@ -129,6 +130,8 @@ def fabric_info(reading: dict[str, Any]) -> dict[str, object]:
         # NVML answers NOT_SUPPORTED for the call itself on GPUs that predate fabric info.
         result["FABRIC_INFO_STATE"] = "NOT_SUPPORTED" if "NotSupported" in error else ""
         result["FABRIC_INFO_STATUS"] = f"error: {error}"
+    elif "GpuFabricInfo" in reading.get("unrecorded", {}):
+        result["FABRIC_INFO_STATUS"] = "NOT_RECORDED"  # no fault of the GPU's: nothing is known
     return result
 
 

@@ -1,8 +1,8 @@
 """A small NVML reader: per-GPU readings as plain dicts, from the library or from a recording.
 
 A reading is ``{"address": "0000:17:00.0", "fields": {NAME: value}, "errors": {NAME: text},
-"status": "ok" | "error" | "timeout", "problem": text}``. Field names are those of the recorded
-``nvml.json`` format (``Name``, ``UUID``, ``MemoryInfo``, ``ECC_uncorr_vol``...).
+"unrecorded": {NAME: text}, "status": "ok" | "error" | "timeout", "problem": text}``. Field names
+are those of the recorded ``nvml.json`` format (``Name``, ``UUID``, ``MemoryInfo``, ``ECC_uncorr_vol``...).
 
 Two backends share the same deadline machinery: every GPU is read in its own daemon worker
 thread and the caller waits at most ``budget_s`` in all, so a hung NVML call costs the probe its
@@ -18,7 +18,10 @@ field) is kept as that GPU's (field's) error.
   "cuda", "count", "devices": [{FIELD: {"value": V} | {"error": "E"}, "us": latency}]}``. A
   device entry ``{"error": "E"}`` stands for a GPU whose handle cannot be obtained. With
   ``honour_latency`` the recorded latency (``us``) of each call is slept, so a recording with a
-  very long call stands for a hung one.
+  very long call stands for a hung one. A recorded error that is not NVML's (``NVMLError_*``) is
+  the recording program's own exception (the H100 capture's ``GpuFabricInfo`` is a ``TypeError``:
+  its recorder called the function without the structure argument): the GPU was never asked, so
+  the field goes to ``unrecorded``, not to ``errors``.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ LIBRARY_DIRS = (
 LIBRARY = "libnvidia-ml.so.1"
 DEFAULT_BUDGET_S = 5.0
 ERROR_TEXT_LIMIT = 200  # per GPU and per field: a reading holds many
+NVML_ERROR_PREFIX = "NVMLError"  # pynvml's exception classes (and the ctypes binding's) are NVMLError_<name>
 
 # Recorded field name -> (pynvml function, extra arguments after the handle). The live backend
 # reads exactly these; values are normalised to what the recording holds (lists of strings for
@@ -167,7 +171,7 @@ class _Collector:
         threads = []
         for label, job in jobs:
             reading: Reading = {"address": None, "label": label, "fields": {}, "errors": {},
-                                "status": "ok", "problem": ""}
+                                "unrecorded": {}, "status": "ok", "problem": ""}
             readings.append(reading)
 
             def run(job: Callable[[Reading], None] = job, reading: Reading = reading) -> None:
@@ -188,8 +192,8 @@ class _Collector:
                 reading["status"] = "timeout"
                 reading["problem"] = f"NVML did not answer within {self.budget_s:g} s"
         # A timed-out thread keeps writing into its own dict: hand back copies.
-        return [{**reading, "fields": dict(reading["fields"]), "errors": dict(reading["errors"])}
-                for reading in readings]
+        return [{**reading, "fields": dict(reading["fields"]), "errors": dict(reading["errors"]),
+                 "unrecorded": dict(reading["unrecorded"])} for reading in readings]
 
 
 def load_recording(path: str) -> dict[str, Any]:
@@ -232,7 +236,11 @@ class ReplayNvml:
                 if self.honour_latency:
                     time.sleep(float(entry.get("us", 0)) / 1e6)
                 if "error" in entry:
-                    reading["errors"][name] = str(entry["error"])
+                    text = str(entry["error"])
+                    if text.startswith(NVML_ERROR_PREFIX):
+                        reading["errors"][name] = text
+                    else:  # the recorder's own exception: NVML never answered this call
+                        reading["unrecorded"][name] = text
                 else:
                     reading["fields"][name] = entry.get("value")
             reading["fields"]["nvlink"] = device.get("nvlink") or []
