@@ -31,6 +31,7 @@ SCRIPT = REPO / "install.sh"
 #   src/vmm_mad/remotes/kvm:"$VAR_LOCATION"/remotes/vmm/kvm
 #   src/im_mad/remotes/kvm-probes.d/host/system:"$VAR_LOCATION"/remotes/im/kvm-probes.d/host/system
 #   src/im_mad/remotes/kvm-probes.d/vm/monitor:"$VAR_LOCATION"/remotes/im/kvm-probes.d/vm/monitor
+#   IM_PROBES_QEMU_HOST_SYSTEM_FILES:$VAR_LOCATION/remotes/im/qemu-probes.d/host/system (and vm/monitor)
 #   src/vnm_mad/remotes/<driver>:"$VAR_LOCATION"/remotes/vnm/<driver>:clean.d,post.d,pre.d
 #   share/hooks/ft:"$VAR_LOCATION"/remotes/hooks/ft   (onehem-server.conf :hook_base_path)
 OPENNEBULA_DIRS = (
@@ -38,6 +39,9 @@ OPENNEBULA_DIRS = (
     "var/lib/one/remotes/im/kvm-probes.d/host/system",
     "var/lib/one/remotes/im/kvm-probes.d/host/monitor",
     "var/lib/one/remotes/im/kvm-probes.d/vm/monitor",
+    "var/lib/one/remotes/im/qemu-probes.d/host/system",
+    "var/lib/one/remotes/im/qemu-probes.d/host/monitor",
+    "var/lib/one/remotes/im/qemu-probes.d/vm/monitor",
     "var/lib/one/remotes/hooks",
     *(f"var/lib/one/remotes/vnm/{driver}/{phase}.d/" for driver in ("802.1Q", "bridge", "dummy", "fw", "ovswitch",
                                                                    "ovswitch_vxlan", "vxlan")

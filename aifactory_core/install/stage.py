@@ -215,41 +215,41 @@ def install_entry(tx: Transaction, target: layout.Layout, entry: Entry, previous
     return record
 
 
-def _set_reader_group(tx: Transaction, path: Path, notes: list[str]) -> None:
-    """root:oneadmin: the hooks and drivers (oneadmin) read the file, only root changes it."""
-    import grp
-
-    try:
-        gid = grp.getgrnam(layout.OWNER).gr_gid
-    except KeyError:
-        notes.append(f"group {layout.OWNER} does not exist: {path} readable by root only")
-        return
-    if os.getuid() != 0:
-        notes.append(f"not root: chgrp {layout.OWNER} {path} skipped")
-        return
-    tx.step(f"chgrp {layout.OWNER} {path}", lambda: os.chown(path, 0, gid), lambda: None)
-
-
-def _set_owner(tx: Transaction, target: layout.Layout, path: Path, notes: list[str]) -> None:
+def _oneadmin(path: Path, change: str, notes: list[str]) -> tuple[int, int] | None:
+    """oneadmin's (uid, gid) when root may hand ``path`` to it; else None and a note why not."""
     import pwd
 
     try:
         user = pwd.getpwnam(layout.OWNER)
     except KeyError:
-        notes.append(f"user {layout.OWNER} does not exist: {path} left owned by uid {os.getuid()}")
-        return
+        notes.append(f"user {layout.OWNER} does not exist: {change} {path} skipped")
+        return None
     if os.getuid() != 0:
-        notes.append(f"not root: chown {layout.OWNER} {path} skipped")
+        notes.append(f"not root: {change} {path} skipped")
+        return None
+    return user.pw_uid, user.pw_gid
+
+
+def _set_reader_group(tx: Transaction, path: Path, notes: list[str]) -> None:
+    """root:oneadmin: the hooks and drivers (oneadmin) read the file, only root changes it."""
+    ids = _oneadmin(path, f"chgrp {layout.OWNER}", notes)
+    if ids is not None:
+        tx.step(f"chgrp {layout.OWNER} {path}", lambda: os.chown(path, 0, ids[1]), lambda: None)
+
+
+def _set_owner(tx: Transaction, target: layout.Layout, path: Path, notes: list[str]) -> None:
+    ids = _oneadmin(path, f"chown {layout.OWNER}", notes)
+    if ids is None:
         return
+    uid, gid = ids
     if path.exists():
         info = path.stat()
-        if (info.st_uid, info.st_gid) == (user.pw_uid, user.pw_gid):
+        if (info.st_uid, info.st_gid) == (uid, gid):
             return
         old = (info.st_uid, info.st_gid)
     else:
         old = (0, 0)
-    tx.step(f"chown {layout.OWNER}:{user.pw_gid} {path}", lambda: os.chown(path, user.pw_uid, user.pw_gid),
-            lambda: os.chown(path, *old))
+    tx.step(f"chown {layout.OWNER}:{gid} {path}", lambda: os.chown(path, uid, gid), lambda: os.chown(path, *old))
 
 
 def write_record(tx: Transaction, target: layout.Layout, record: dict[str, Any], previous: dict[str, Any]) -> None:
