@@ -34,7 +34,8 @@ import pytest
 
 CACHE = Path(os.environ.get("AIFACTORY_ONE_CACHE", "/var/cache/aifactory-opennebula"))
 VERSION = "7.0.2"
-READY_TIMEOUT_S = 15.0
+READY_BUDGET_S = 15.0  # what a fresh oned must stay under (tests/oned/test_oned_smoke.py)
+READY_TIMEOUT_S = 60.0  # past this the tier cannot run at all
 SYSTEM_PROBES_PERIOD = 10
 REPO = Path(__file__).resolve().parents[1]
 
