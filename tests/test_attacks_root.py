@@ -394,7 +394,7 @@ def test_helper_refuses_a_config_oneadmin_can_write(host: HostRoot, helper: Help
     assert snapshot(host.root) == before
 
 
-def test_config_reads_refuse_no_root_owned_path_and_keep_its_settings(open_tmp: Path) -> None:
+def test_a_config_only_root_can_write_is_read(open_tmp: Path) -> None:
     """The control for the config attacks: a root-owned file in root-owned directories is read."""
     from aifactory_core import rootconfig
 
