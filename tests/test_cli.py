@@ -22,9 +22,26 @@ def test_inventory_json_lists_the_h100_from_the_real_capture(h100_root: Path) ->
     assert gpu["ids"] == "10de:2330"
     assert gpu["driver"] == "nvidia"
     assert gpu["reset_method"] == ["flr"]
-    assert gpu["numa_node"] == 0 and gpu["numa_node_reported"] is None
+    assert gpu["numa_node"] is None  # sysfs says -1: no node, as the probe's NUMA_NODE="-"
+    assert gpu["placement_node"] == 0  # the host's only node, for the CPU pinning planner
     assert gpu["plugin"] == "nvidia_gpu"
     assert data["numa_nodes"][0]["cpus"] == "0-15"
+
+
+def test_inventory_and_probe_agree_on_the_gpu_numa_node(h100_root: Path, tmp_path: Path) -> None:
+    """sysfs's numa_node -1 is the kernel's NUMA_NO_NODE: both commands say no node ("-")."""
+    from aifactory_core.one.template import parse_template, template_to_dict
+
+    inventory = run_cli("--host-root", str(h100_root), "inventory")
+    assert inventory.returncode == 0, inventory.stderr
+    [row] = [line.split() for line in inventory.stdout.splitlines() if line.startswith("0000:00:06.0 ")]
+    header = next(line.split() for line in inventory.stdout.splitlines() if line.startswith("ADDRESS "))
+    probe = run_cli("--host-root", str(h100_root), "probe", "host-system",
+                    env={"AIFACTORY_STATE_DIR": str(tmp_path)})
+    assert probe.returncode == 0, probe.stderr
+    [gpu] = template_to_dict(parse_template(probe.stdout))["AIF_GPU"]
+    assert gpu["NUMA_NODE"] == "-"
+    assert row[header.index("NODE") - len(header)] == gpu["NUMA_NODE"]
 
 
 def test_bundled_sample_is_the_same_capture(h100_root: Path) -> None:

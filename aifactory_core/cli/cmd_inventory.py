@@ -36,7 +36,6 @@ def collect(context: Any) -> dict[str, Any]:
     device_rows = []
     for device in devices:
         pci = inventory.pci[device.address]
-        node = inventory.device_node(pci)
         device_rows.append({
             "address": device.address,
             "kind": device.kind,
@@ -50,8 +49,11 @@ def collect(context: Any) -> dict[str, Any]:
             "driver_override": pci.driver_override,
             "iommu_group": pci.iommu_group,
             "iommu_group_members": list(inventory.group_of(device.address)),
-            "numa_node": node,
-            "numa_node_reported": pci.numa_node,
+            # The kernel's node, null where sysfs says -1 (no node), as the host/system probe's
+            # NUMA_NODE="-" and OpenNebula's PCI NUMA_NODE; placement_node is what the CPU pinning
+            # planner counts the device local to (on a one-node host, that node).
+            "numa_node": pci.numa_node,
+            "placement_node": inventory.device_node(pci),
             "local_cpus": format_cpulist(pci.local_cpus),
             "reset_method": list(pci.reset_methods),
             "sriov": ({"totalvfs": pci.sriov_totalvfs, "numvfs": pci.sriov_numvfs, "vfs": list(pci.virtfns)}
