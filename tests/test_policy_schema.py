@@ -40,6 +40,17 @@ def test_example_policy_loads() -> None:
     assert policy.tenant_for(101, None) is policy.tenants["vision"]
 
 
+def test_pkeys_are_shown_in_hex_as_written(tmp_path: Path) -> None:
+    """The membership bit is dropped for matching, kept for showing; VLANs stay decimal."""
+    path = tmp_path / "policy.toml"
+    path.write_text(BASE.replace('vlans = ["200-299"]',
+                                    'vlans = ["200-299"]\nib_pkeys = ["0x8010-0x801f", "0x0005", 32800]'))
+    tenant = load_policy(str(path)).tenants["b"]
+    assert tenant.ib_pkeys.ranges == ((0x5, 0x5), (0x10, 0x1F), (0x20, 0x20))
+    assert str(tenant.ib_pkeys) == "0x0005,0x8010-0x801f,0x8020"
+    assert str(tenant.vlans) == "200-299"
+
+
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [

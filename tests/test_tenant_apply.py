@@ -60,6 +60,8 @@ def test_cli_check_exit_codes_and_show(tmp_path: Path) -> None:
     assert refused.stderr.startswith(f"aifactory: {bad}:35: tenant.llm-lab.devices[0].vendor: must be a hex id")
     show = run("show", str(EXAMPLE))
     assert "#9 VM/@100 USE+MANAGE #0" in show.stdout
+    assert "; VLANs 200-209; VNIs none; IB pkeys 0x8010-0x801f\n" in show.stdout  # pkeys in hex, as written
+    assert "; VNIs 30000-30099; IB pkeys none\n" in show.stdout
 
 
 @pytest.mark.parametrize("endpoint", ["bogus", "localhost:2633", "ftp://one/RPC2"])

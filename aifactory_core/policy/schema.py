@@ -59,11 +59,15 @@ class IdRanges:
     """Inclusive integer ranges (VLAN ids, VNIs, pkeys)."""
 
     ranges: tuple[tuple[int, int], ...] = ()
+    written: tuple[tuple[int, int], ...] = field(default=(), compare=False, repr=False)
+    """pkeys only: each range as the policy wrote it (membership bit kept), shown in hex."""
 
     def __contains__(self, value: object) -> bool:
         return isinstance(value, int) and any(low <= value <= high for low, high in self.ranges)
 
     def __str__(self) -> str:
+        if self.written:
+            return ",".join(f"{low:#06x}" if low == high else f"{low:#06x}-{high:#06x}" for low, high in self.written)
         return ",".join(str(low) if low == high else f"{low}-{high}" for low, high in self.ranges) or "none"
 
 
@@ -285,8 +289,9 @@ def _pkeys(reader: _Reader, value: Any, path: list[str | int]) -> IdRanges:
     for index, (low, high) in enumerate(ranges.ranges):
         if (low & 0x8000) != (high & 0x8000):
             raise reader.fail([*path, index], "a pkey range may not cross the membership bit 0x8000")
-        result.append((low & 0x7FFF, high & 0x7FFF))
-    return IdRanges(tuple(sorted(result)))
+        result.append(((low & 0x7FFF, high & 0x7FFF), (low, high)))
+    result.sort()
+    return IdRanges(tuple(masked for masked, _ in result), written=tuple(written for _, written in result))
 
 
 def _tenant(reader: _Reader, key: str, value: Any) -> Tenant:
