@@ -130,6 +130,23 @@ def test_a_vxlan_network_on_a_legacy_vf_is_refused(tmp_path: Path, vn_mad: str) 
                                              TenantNetworkGrant("llm", vnis=((5000, 5099),)))
 
 
+@pytest.mark.parametrize(("written", "word"), [("1", "on"), ("0", "off"), (None, "unknown")])
+def test_doctor_says_autoprobe_in_words(tmp_path: Path, written: str | None, word: str) -> None:
+    """``aifactory doctor``'s sriov-pool line, as a real process: on/off, never Python's True/False."""
+    from hostroots import run_cli
+
+    make_pf(tmp_path)
+    autoprobe = tmp_path / "sys/bus/pci/devices" / PF / "sriov_drivers_autoprobe"
+    if written is None:
+        autoprobe.unlink()
+    else:
+        autoprobe.write_text(f"{written}\n")
+    result = run_cli("--host-root", str(tmp_path), "doctor", env={"AIFACTORY_STATE_DIR": str(tmp_path / "state")})
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("PASS  sriov-pool")]
+    assert line.endswith(f": {PF} (ens1f0np0, mlx5_core): 4/8 VFs, autoprobe {word}"), result.stdout + result.stderr
+    assert "True" not in result.stdout and "False" not in result.stdout and "None" not in result.stdout
+
+
 def test_vf_pool_command_shows_resizes_and_refuses_while_a_vm_holds_a_vf(tmp_path: Path) -> None:
     """``aifactory vf-pool`` as a real process on a generated PF: dry run prints the writes, a resize
     makes them, and a VF a VM's network hooks configured (an owner token) blocks a resize."""

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, context: Any) -> int:
     out = sys.stdout
     if args.count is None:
         out.write(f"{pf.address} ({pf.netdev or 'no netdev'}, {pf.driver or 'no driver'}): {pf.num_vfs}/{pf.total_vfs}"
-                  f" VFs, autoprobe {'on' if pf.autoprobe else 'off'}, in use: "
+                  f" VFs, autoprobe {pf.autoprobe_word}, in use: "
                   f"{','.join(map(str, sorted(in_use))) or 'none'}\n")
         return EXIT_OK
     autoprobe = None if args.autoprobe is None else args.autoprobe == "on"

@@ -34,6 +34,11 @@ class PhysicalFunction:
     operstate: str | None
     autoprobe: bool | None
 
+    @property
+    def autoprobe_word(self) -> str:
+        """``sriov_drivers_autoprobe`` as operators read it: ``on``, ``off``, or ``unknown`` (unreadable)."""
+        return "unknown" if self.autoprobe is None else "on" if self.autoprobe else "off"
+
     def vf_address(self, vf: int) -> str | None:
         """The PCI address of VF ``vf`` (from ``virtfnN``), ``None`` for non-PCI VFs."""
         name = link_name(self.device_dir / f"virtfn{vf}")

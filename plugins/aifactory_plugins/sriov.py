@@ -114,7 +114,7 @@ def aifactory_doctor_checks(inventory: HostInventory, devices: Sequence[Discover
         fix = f"create VFs: aifactory vf-pool {pf.address} N [--autoprobe off]"
         checks.append(Check("sriov-pool", "PASS" if pf.num_vfs else "WARN",
                             f"{pf.address} ({pf.netdev or 'no netdev'}, {pf.driver or 'no driver'}): "
-                            f"{pf.num_vfs}/{pf.total_vfs} VFs, autoprobe {pf.autoprobe}",
+                            f"{pf.num_vfs}/{pf.total_vfs} VFs, autoprobe {pf.autoprobe_word}",
                             fix=None if pf.num_vfs else fix,
                             subject=pf.address))
     return checks
