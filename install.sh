@@ -31,11 +31,11 @@ enable_hook_server=0
 endpoint=""
 passthrough=""
 
-usage() {
-    echo "usage: $0 [--prefix DIR] [--destdir DIR] [--dry-run] [--upgrade | --uninstall] [--no-hooks]" >&2
-    echo "          [--endpoint URL] [--no-venv] [--sync] [--enable-hook-server] [--with-example-plugin]" >&2
-    exit 2
+usage_text() {
+    echo "usage: $0 [--prefix DIR] [--destdir DIR] [--dry-run] [--upgrade | --uninstall] [--no-hooks]"
+    echo "          [--endpoint URL] [--no-venv] [--sync] [--enable-hook-server] [--with-example-plugin]"
 }
+usage() { usage_text >&2; exit 2; }   # bad usage: on stderr, exit 2
 die() { echo "install.sh: $*" >&2; exit 1; }
 
 while [ $# -gt 0 ]; do
@@ -54,7 +54,7 @@ while [ $# -gt 0 ]; do
         --sync) sync=1; shift ;;
         --enable-hook-server) enable_hook_server=1; passthrough="$passthrough --enable-hook-server"; shift ;;
         --with-example-plugin) example=1; shift ;;
-        -h|--help) usage ;;
+        -h|--help) usage_text; echo "See docs/install.md."; exit 0 ;;
         *) echo "install.sh: unknown option $1" >&2; usage ;;
     esac
 done

@@ -48,6 +48,16 @@ def test_bad_arguments(args: tuple[str, ...]) -> None:
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_is_usage_on_stdout_and_exit_0(flag: str) -> None:
+    result = _run(flag)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    assert result.stdout.startswith(f"usage: {SCRIPT} [--prefix DIR]") and "--with-example-plugin" in result.stdout
+    bad = _run("--bogus")
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr.startswith("install.sh: unknown option --bogus\nusage: ")
+
+
 def _sync_like_onehost(remotes: Path, host_tmp_one: Path) -> None:
     """What ``onehost sync`` does (``rsync -LRaz --delete . host:/var/tmp/one/``), to a local directory."""
     if shutil.which("rsync"):
