@@ -45,6 +45,12 @@ def test_inventory_and_probe_agree_on_the_gpu_numa_node(h100_root: Path, tmp_pat
 
 
 def test_bundled_sample_is_the_same_capture(h100_root: Path) -> None:
+    """The packaged sample (tests/fixtures/hosts/README.md) is byte for byte the fixture capture."""
+    from hostroots import H100_CAPTURE, REPO
+
+    samples = REPO / "aifactory_core" / "samples"
+    assert (samples / "h100-pcie-vm.tar.gz").read_bytes() == (H100_CAPTURE / "sysfs.tar.gz").read_bytes()
+    assert (samples / "h100-pcie-vm.nvml.json").read_bytes() == (H100_CAPTURE / "nvml.json").read_bytes()
     sample = json.loads(run_cli("--host-root", "sample:h100-pcie-vm", "inventory", "--json").stdout)
     direct = json.loads(run_cli("--host-root", str(h100_root), "inventory", "--json").stdout)
     assert sample["devices"] == direct["devices"]

@@ -58,3 +58,17 @@ def test_interfaces_and_modules(h100_root: Path) -> None:
     assert by_name["lo"].pci_address is None
     assert "nvidia" in inventory.loaded_modules
     assert inventory.iommu.groups == 0 and inventory.iommu.firmware_table is None
+
+
+def test_capture_readme_cites_files_that_exist() -> None:
+    """Every repository path tests/fixtures/hosts/README.md names, and every test it names, exists."""
+    import re
+
+    from hostroots import REPO
+
+    readme = (REPO / "tests" / "fixtures" / "hosts" / "README.md").read_text()
+    paths = re.findall(r"`((?:tests|aifactory_core)/[\w./-]+)`", readme)
+    assert "tests/test_cli.py" in paths
+    assert [path for path in paths if not (REPO / path).exists()] == []
+    for path, test in re.findall(r"`(tests/[\w/]+\.py)`\s*\(`(test_\w+)`\)", readme):
+        assert f"\ndef {test}(" in (REPO / path).read_text(), (path, test)
