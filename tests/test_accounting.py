@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,7 +133,7 @@ def test_history_with_end_before_start_is_refused() -> None:
 
 
 def run_hook(tmp_path: Path, stdin: bytes) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "AIFACTORY_PYTHON": str(ROOT / ".venv" / "bin" / "python"),
+    env = {**os.environ, "AIFACTORY_PYTHON": sys.executable,
            "AIFACTORY_ACCOUNTING_DIR": str(tmp_path / "acct"), "AIFACTORY_CONFIG": str(tmp_path / "none.conf")}
     return subprocess.run([str(ROOT / "hooks" / "aifactory-accounting")], input=stdin, capture_output=True,
                           env=env, timeout=60, check=False)  # fmt: skip
@@ -149,7 +150,7 @@ def test_hook_records_the_state_hook_sample_and_usage_reports_it(tmp_path: Path)
     policy = tmp_path / "policy.toml"
     policy.write_text('[tenant.a]\ngroup = "tenant-a"\nmax_gpus = 1\nprice_per_gpu_hour = 1.0\n')
     usage = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "aifactory"), "usage", "--from", "1764852961", "--to", str(1764852961 + 7200),
+        [sys.executable, "-m", "aifactory_core.cli", "usage", "--from", "1764852961", "--to", str(1764852961 + 7200),
          "--csv", "--ledger", str(tmp_path / "acct"), "--policy", str(policy)],
         capture_output=True, text=True, timeout=60, check=False,
         env={key: value for key, value in os.environ.items() if key != "AIFACTORY_CONFIG"},

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from lxml import etree
@@ -28,7 +29,7 @@ def run_hook(tmp_path: Path, endpoint: str, document: etree._Element, policy: bo
     auth = tmp_path / "one_auth"
     auth.write_text("oneadmin:secret\n")
     (tmp_path / "policy.toml").write_text(POLICY)
-    env = {**os.environ, "AIFACTORY_PYTHON": str(ROOT / ".venv" / "bin" / "python"),
+    env = {**os.environ, "AIFACTORY_PYTHON": sys.executable,
            "AIFACTORY_ACCOUNTING_DIR": str(tmp_path / "acct"), "AIFACTORY_CONFIG": str(tmp_path / "none.conf"),
            "AIFACTORY_POLICY": str(tmp_path / ("policy.toml" if policy else "absent.toml")),
            "ONE_XMLRPC": endpoint, "ONE_AUTH": str(auth)}  # fmt: skip
@@ -43,7 +44,7 @@ def attributes(server, vm_id: int = 42) -> dict[str, str | None]:
 
 def usage_csv(tmp_path: Path) -> list[str]:
     result = subprocess.run(
-        [str(ROOT / ".venv" / "bin" / "aifactory"), "usage", "--from", "0", "--to", "4102444800", "--csv",
+        [sys.executable, "-m", "aifactory_core.cli", "usage", "--from", "0", "--to", "4102444800", "--csv",
          "--ledger", str(tmp_path / "acct"), "--policy", str(tmp_path / "policy.toml")],
         capture_output=True, text=True, timeout=60, check=False,
         env={key: value for key, value in os.environ.items() if key != "AIFACTORY_CONFIG"},

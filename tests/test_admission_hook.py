@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from aifactory_core.one.xmlsafe import parse_xml
 ROOT = Path(__file__).parent.parent
 SAMPLES = ROOT / "tests" / "fixtures" / "opennebula" / "samples" / "synthesized"
 HOOK = ROOT / "hooks" / "aifactory-admission"
-PYTHON = ROOT / ".venv" / "bin" / "python"
+PYTHON = sys.executable  # the hook runs on the environment running the tests
 
 POLICY = """
 [opennebula]

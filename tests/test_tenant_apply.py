@@ -6,6 +6,7 @@ What ``tenant apply`` does to OpenNebula is tested against a real oned in
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pyone
@@ -16,6 +17,7 @@ from aifactory_core.policy.acl import parse_rule, tenant_rules
 from aifactory_core.policy.schema import load_policy
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "policy.toml"
+CLI = [sys.executable, "-m", "aifactory_core.cli"]  # the environment running the tests
 
 
 def test_acl_strings_parse_with_pyone_helper_identically() -> None:
@@ -45,11 +47,10 @@ def test_cli_check_exit_codes_and_show(tmp_path: Path) -> None:
     import os
     import subprocess
 
-    cli = str(Path(__file__).parent.parent / ".venv" / "bin" / "aifactory")
     env = {key: value for key, value in os.environ.items() if key != "AIFACTORY_CONFIG"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([cli, "tenant", *args], capture_output=True, text=True, env=env, timeout=60, check=False)
+        return subprocess.run([*CLI, "tenant", *args], capture_output=True, text=True, env=env, timeout=60, check=False)
 
     ok = run("check", str(EXAMPLE))
     assert ok.returncode == 0 and "valid, 2 tenants" in ok.stdout
@@ -69,9 +70,8 @@ def test_apply_to_a_malformed_endpoint_is_refused_in_one_line(tmp_path: Path, en
     import os
     import subprocess
 
-    cli = str(Path(__file__).parent.parent / ".venv" / "bin" / "aifactory")
     env = {key: value for key, value in os.environ.items() if key != "AIFACTORY_CONFIG"}
-    result = subprocess.run([cli, "tenant", "apply", str(EXAMPLE), "--dry-run", "--endpoint", endpoint,
+    result = subprocess.run([*CLI, "tenant", "apply", str(EXAMPLE), "--dry-run", "--endpoint", endpoint,
                              "--session", "oneadmin:secret"], capture_output=True, text=True, env=env, timeout=60,
                             check=False)  # fmt: skip
     assert result.returncode == 1 and result.stdout == ""
@@ -84,9 +84,8 @@ def test_apply_with_a_malformed_session_is_refused_in_one_line(session: str) -> 
     import os
     import subprocess
 
-    cli = str(Path(__file__).parent.parent / ".venv" / "bin" / "aifactory")
     env = {key: value for key, value in os.environ.items() if key != "AIFACTORY_CONFIG"}
-    result = subprocess.run([cli, "tenant", "apply", str(EXAMPLE), "--dry-run", "--endpoint", "http://127.0.0.1:9/RPC2",
+    result = subprocess.run([*CLI, "tenant", "apply", str(EXAMPLE), "--dry-run", "--endpoint", "http://127.0.0.1:9/RPC2",
                              "--session", session], capture_output=True, text=True, env=env, timeout=60,
                             check=False)  # fmt: skip
     assert (result.returncode, result.stdout) == (2, "")
