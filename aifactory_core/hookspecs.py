@@ -10,6 +10,12 @@ Each plugin module declares the API version it targets as ``AIFACTORY_API_VERSIO
 plugin manager refuses plugins built for a newer API than this core provides. Implementations may
 accept a subset of a spec's arguments (pluggy passes only those they name).
 
+A plugin that implements none of the deploy hooks (``aifactory_admit``, ``aifactory_prepare``,
+``aifactory_domain_xml``) may say so with an entry point of the same name and value in the group
+``aifactory.no_deploy_hooks``; the VMM wrapper then deploys a VM without devices without loading
+any plugin (:mod:`aifactory_core.vmm_fast`). While any other plugin is installed every deploy
+loads them all. The plugin manager refuses a plugin that declares this and implements one.
+
 Call order: pluggy calls implementations last-registered-first; the plugin manager registers in
 reverse of the configured order so that ``[plugins] order = ["a", "b"]`` calls ``a`` before ``b``.
 Hooks marked *firstresult* stop at the first implementation that returns something other than

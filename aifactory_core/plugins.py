@@ -103,6 +103,20 @@ def build_manager(config: Config) -> tuple[pluggy.PluginManager, list[LoadedPlug
         hooks = tuple(sorted(impl.name for impl in manager.get_hookcallers(manager.get_plugin(plugin.name)) or ()))
         result.append(LoadedPlugin(plugin.name, plugin.module, plugin.distribution, plugin.version,
                                    plugin.api_version, hooks))
+    _check_declarations(result)
     for name, _module in modules:
         manager.hook.aifactory_configure(config=config, name=name, section=config.plugin(name))
     return manager, result
+
+
+def _check_declarations(plugins: list[LoadedPlugin]) -> None:
+    """Refuse a plugin that declares no deploy hooks (so the VMM wrapper's fast path skips it for a
+    VM without devices: :mod:`aifactory_core.vmm_fast`) yet implements one."""
+    from aifactory_core.vmm_fast import DEPLOY_HOOKS, NO_DEPLOY_HOOKS_GROUP
+
+    declared = {(entry.name, entry.value) for entry in entry_points(group=NO_DEPLOY_HOOKS_GROUP)}
+    for plugin in plugins:
+        implemented = sorted(set(plugin.hooks) & set(DEPLOY_HOOKS))
+        if (plugin.name, plugin.module) in declared and implemented:
+            raise PluginError(f"plugin {plugin.name!r} declares no deploy hooks ({NO_DEPLOY_HOOKS_GROUP}) but "
+                              f"implements {', '.join(implemented)}")

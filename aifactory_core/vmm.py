@@ -1,7 +1,9 @@
 """The KVM VMM driver extension: what the wrapped actions do around OpenNebula's originals.
 
 OpenNebula calls ``<remotes>/vmm/kvm/<action>`` on the host; the suite's wrapper there runs
-``python -m aifactory_core.vmm <action> <wrapper path> <argv...>``, and this module keeps the
+:func:`aifactory_core.vmm_fast.main` with ``<action> <wrapper path> <argv...>``, which runs the
+original alone for a VM the suite has nothing to do for and otherwise calls :func:`main` here
+(``python -m aifactory_core.vmm`` with the same arguments skips that check). This module keeps the
 original contract (same argv; stdout = the original's stdout; non-zero exit + one stderr line on
 refusal) around the original script, kept beside the wrapper as ``<action>.one``. Where each
 argument sits in an action's argv is :mod:`aifactory_core.vmm_actions`' table:
@@ -211,14 +213,16 @@ def _vm_of(action: DriverAction, argv: Sequence[str]) -> int:
     return check_vm_id(argv[action.position(vmm_actions.VM_ID)])
 
 
-def _read_stdin() -> bytes:
-    data = sys.stdin.buffer.read(MAX_STDIN + 1)
+def _read_stdin(data: bytes | None = None) -> bytes:
+    """stdin, or ``data`` when the caller read it already."""
+    if data is None:
+        data = sys.stdin.buffer.read(MAX_STDIN + 1)
     if len(data) > MAX_STDIN:
         raise DocumentError(f"driver input is larger than {MAX_STDIN} bytes")
     return data
 
 
-def run_action(name: str, wrapper: str, argv: Sequence[str]) -> int:
+def run_action(name: str, wrapper: str, argv: Sequence[str], stdin_data: bytes | None = None) -> int:
     from aifactory_core.config import load_config
     from aifactory_core.hostroot import HostRoot
 
@@ -227,7 +231,7 @@ def run_action(name: str, wrapper: str, argv: Sequence[str]) -> int:
         known = ", ".join(sorted(each.name for each in vmm_actions.ACTIONS.values() if each.wrapped))
         raise UsageError(f"{name[:40]!r} is not a VMM action the suite wraps ({known})")
     vm = _vm_of(action, argv)
-    stdin = _read_stdin()
+    stdin = _read_stdin(stdin_data)
     host = HostRoot.resolve(None)
     if name == "deploy":
         config = load_config(None)
@@ -306,7 +310,8 @@ def _hold_log_for_opennebula(action: str) -> _HeldLog:
     return held
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, stdin: bytes | None = None) -> int:
+    """The wrapped action; ``stdin``: what :mod:`aifactory_core.vmm_fast` read of stdin already."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2:
         sys.stderr.write("usage: python -m aifactory_core.vmm ACTION WRAPPER_PATH ARGS...\n")
@@ -314,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     action, wrapper, rest = args[0], args[1], args[2:]
     held = _hold_log_for_opennebula(action)
     try:
-        status = run_action(action, wrapper, rest)
+        status = run_action(action, wrapper, rest, stdin)
     except AifactoryError as error:
         held.write(succeeded=False)
         sys.stderr.write(f"aifactory {action}: {error.message}\n")
