@@ -398,3 +398,35 @@ def test_devices_held_by_a_vm_without_tenancy_record_count_through_its_vm_xml(dg
     refused = run_deploy(dgx_host, 61, "vision", ("0000:61:00.0", "0000:9d:00.0"))
     assert "tenant vision holds 1 GPUs; 2 more exceed its cap of 2" in refused.stderr.decode()
     assert run_deploy(dgx_host, 62, "vision", ("0000:61:00.0",)).returncode == 0
+
+
+@pytest.mark.parametrize("pci_type", ["NIC", "nic", "GPU"])
+def test_a_gpu_counts_and_needs_its_grant_whatever_its_type(pci_type: str) -> None:
+    """``PCI = [TYPE = "NIC", VENDOR = "10de", DEVICE = "2330"]``: oned matches the device by
+    vendor/device/class whatever the TYPE, so the GPU it gets is counted and must be granted, on the
+    frontend (the template's selectors) and on the host (the allocated device in vm.xml)."""
+    typed = f"<NETWORK_ID>7</NETWORK_ID><TYPE><![CDATA[{pci_type}]]></TYPE><VENDOR><![CDATA[10de]]></VENDOR>"
+    before = sample_vm(**{"<VENDOR><![CDATA[10de]]></VENDOR>": typed})
+    request = replace(before, pci=(replace(before.pci[0], address=None, short_address=None, device_class=None),
+                                   *before.pci[1:]))  # on hold: only the template's VENDOR/DEVICE
+    for vm in (request, before):
+        assert [r.rule for r in decide(policy(cap=0), vm).refusals] == ["tenant.a.max_gpus"]
+        assert [r.rule for r in decide(policy(device="2335"), vm).refusals] == ["tenant.a.devices"]
+    assert host_refusals(policy(cap=0), deploy(), before) == [
+        "policy rule tenant.a.max_gpus: tenant a holds 0 GPUs; 1 more exceed its cap of 0"]
+
+
+def test_a_request_naming_only_a_short_address_is_the_device_there() -> None:
+    """``PCI = [SHORT_ADDRESS = "17:00.0"]`` gets the device at that address: counted and granted as
+    what the host (or a device list) says sits there; not identified, it matches no grant."""
+    from aifactory_core.policy.decide import resolve_addresses
+
+    vm = sample_vm()
+    gpu = replace(vm.pci[0], address=None, vendor=None, device=None, device_class=None, type="NIC", network_id=7)
+    held = replace(vm, pci=(gpu, *vm.pci[1:]))
+    (refusal,) = decide(policy(), held).refusals
+    assert str(refusal) == ("policy rule tenant.a.devices: device at SHORT_ADDRESS 17:00.0 (not identified) is not "
+                            "granted to tenant a")
+    resolved = resolve_addresses(held, {"17:00.0": (0x10DE, 0x2330, 0x0302)}.get)
+    assert decide(policy(), resolved).admitted
+    assert [r.rule for r in decide(policy(cap=0), resolved).refusals] == ["tenant.a.max_gpus"]

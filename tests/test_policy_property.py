@@ -1,6 +1,14 @@
 """Property: the decision never admits a VM outside its tenant's grant, and every refusal is
 justified and names its rule. Random policies (written as TOML and parsed) and random requests;
-an independent oracle written from the rules' definitions checks each verdict."""
+an independent oracle written from the rules' definitions checks each verdict.
+
+The PCI requests take every form oned accepts: selectors (VENDOR/DEVICE/CLASS, any of them
+missing), SHORT_ADDRESS alone (resolved against a device list), and TYPE as ``NIC``, ``nic``,
+``GPU`` or absent -- oned matches the device whatever the TYPE and treats a request as a NIC only
+when TYPE is exactly ``NIC``. The host gate is checked on a random host (device table, devices held
+by other VMs, vm.xml that may lie about devices, hostdevs vm.xml does not list), and across a
+sequence of deploys onto one host: no tenant ever holds more GPUs than its cap, no device is given
+that its tenant was not granted."""
 
 from __future__ import annotations
 
@@ -9,13 +17,18 @@ from types import MappingProxyType
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from aifactory_core.model import DeployRequest
 from aifactory_core.one.vm import NicRequest, PciRequest, VmRequest
-from aifactory_core.policy.decide import Usage, decide, parse_pkey
-from aifactory_core.policy.schema import Policy, parse_policy
+from aifactory_core.policy.decide import Usage, decide, parse_pkey, resolve_addresses
+from aifactory_core.policy.hostgate import decide_on_host, is_gpu_identity
+from aifactory_core.policy.hostusage import usage_of
+from aifactory_core.policy.schema import Policy, Tenant, parse_policy
 
 VENDORS = [0x10DE, 0x1002, 0x15B3]
 DEVICES = [0x2330, 0x2335, 0x20B5, 0x101E]
-CLASSES = [0x0302, 0x0300, 0x0200]
+CLASSES = [0x0302, 0x0300, 0x0200, 0x0207]
+TYPES = [None, "NIC", "nic", "Nic", "GPU"]
+SHORT_ADDRESSES = ["17:00.0", "18:00.2", "3b:00.0", "5e:00.1"]
 CLUSTERS = [100, 101, 102]
 NETWORKS = list(range(8))
 
@@ -54,11 +67,12 @@ def nic_attributes(pkey: str | None, outer: str | None) -> MappingProxyType[str,
     return MappingProxyType({name: value for name, value in values.items() if value is not None})
 
 
-def pci(vendor: int, device: int, device_class: int, nic: bool, network: int | None, vlan: int | None,
-        vn_mad: str | None, pkey: str | None, outer: str | None = None) -> PciRequest:  # fmt: skip
+def pci(vendor: int | None, device: int | None, device_class: int | None, pci_type: str | None,
+        network: int | None, vlan: int | None, vn_mad: str | None, pkey: str | None, outer: str | None = None,
+        short_address: str | None = None, address: str | None = None) -> PciRequest:  # fmt: skip
     attributes = nic_attributes(pkey, outer)
     return PciRequest(
-        pci_id=0, type="NIC" if nic else None, address=None, short_address=None, vendor=vendor, device=device,
+        pci_id=0, type=pci_type, address=address, short_address=short_address, vendor=vendor, device=device,
         device_class=device_class, numa_node=None, nic_id=None, network=None, network_id=network, vlan_id=vlan,
         mac=None, phydev=None, vn_mad=vn_mad, vm_address=None, vm_bus=None, vm_bus_index=None, uuid=None,
         profile=None, mdev_mode=None, attributes=attributes,
@@ -78,8 +92,15 @@ pkeys = st.one_of(st.none(), st.sampled_from(["0x8100", "0x0140", "0x81ff", "0x7
 networks = st.one_of(st.none(), st.sampled_from(NETWORKS))
 vn_mads = st.sampled_from([None, "bridge", "802.1Q", "vxlan", "ovswitch", "ovswitch_vxlan"])
 outers = st.one_of(st.none(), st.integers(0, 14000).map(str), st.sampled_from(["", "x12", "123456789"]))
-pcis = st.builds(pci, st.sampled_from(VENDORS), st.sampled_from(DEVICES), st.sampled_from(CLASSES), st.booleans(),
-                 networks, vlans, vn_mads, pkeys, outers)  # fmt: skip
+types = st.sampled_from(TYPES)
+by_selectors = st.builds(pci, st.one_of(st.none(), st.sampled_from(VENDORS)),
+                         st.one_of(st.none(), st.sampled_from(DEVICES)), st.one_of(st.none(), st.sampled_from(CLASSES)),
+                         types, networks, vlans, vn_mads, pkeys, outers)  # fmt: skip
+by_address = st.builds(pci, st.none(), st.none(), st.none(), types, networks, vlans, vn_mads, pkeys, outers,
+                       st.sampled_from(SHORT_ADDRESSES))  # fmt: skip
+pcis = st.one_of(by_selectors, by_address)
+identities = st.tuples(st.sampled_from(VENDORS), st.sampled_from(DEVICES), st.sampled_from(CLASSES))
+device_lists = st.dictionaries(st.sampled_from(SHORT_ADDRESSES), identities)  # what sits at each short address
 nics = st.builds(nic, networks, vlans, vn_mads, pkeys, outers)
 
 
@@ -99,26 +120,24 @@ usages = st.lists(st.tuples(st.integers(0, 30), st.sampled_from(["t0", "t1", "t2
                   max_size=12)  # fmt: skip
 
 
-def violations(policy: Policy, request: VmRequest, usage: Usage) -> set[str]:
-    """The oracle: every rule the request breaks, from the rules' definitions."""
-    tenant = policy.by_gid.get(request.gid) if request.gid is not None else None
-    if tenant is None:
-        return set() if request.gid == 0 or not request.pci else {"tenant"}
+def oned_nic(item: PciRequest) -> bool:
+    """oned gives a PCI request a network only when its TYPE is exactly "NIC" (VirtualMachine.cc)."""
+    return item.type == "NIC"
+
+
+def network_class(device_class: int | None) -> bool:
+    return device_class is not None and 0x0200 <= device_class <= 0x02FF
+
+
+def covering(tenant: Tenant, vendor: int | None, device: int | None, device_class: int | None) -> list:
+    return [g for g in tenant.devices if g.vendor == vendor and g.device in (None, device)
+            and g.device_class in (None, device_class)]  # fmt: skip
+
+
+def network_violations(tenant: Tenant, interfaces: list) -> set[str]:
     broken = set()
     prefix = f"tenant.{tenant.key}."
-    for item in request.pci:
-        if item.is_nic:
-            continue
-        grants = [g for g in tenant.devices if g.vendor == item.vendor and g.device in (None, item.device)
-                  and g.device_class in (None, item.device_class)]  # fmt: skip
-        if not grants or (request.cluster_id is not None
-                          and all(g.clusters is not None and request.cluster_id not in g.clusters for g in grants)):
-            broken.add(prefix + "devices")
-    gpus = sum(1 for item in request.pci if not item.is_nic)
-    others = sum(n for vm, (t, n) in usage.by_vm.items() if t == tenant.key and vm != request.vm_id)
-    if gpus and others + gpus > tenant.max_gpus:
-        broken.add(prefix + "max_gpus")
-    for item in [*request.nics, *(p for p in request.pci if p.is_nic)]:
+    for item in interfaces:
         if item.network_id not in tenant.networks:
             broken.add(prefix + "networks")
         if item.vn_mad == "ovswitch_vxlan":  # the VNI is OUTER_VLAN_ID; VLAN_ID tags inside the segment
@@ -139,14 +158,178 @@ def violations(policy: Policy, request: VmRequest, usage: Usage) -> set[str]:
     return broken
 
 
+def violations(policy: Policy, request: VmRequest, usage: Usage, devices: dict | None = None) -> set[str]:
+    """The oracle: every rule the request breaks, from the rules' definitions. ``devices``: what
+    sits at each SHORT_ADDRESS (a request naming only one is that device; unknown: none)."""
+    tenant = policy.by_gid.get(request.gid) if request.gid is not None else None
+    if tenant is None:
+        return set() if request.gid == 0 or not request.pci else {"tenant"}
+    broken = set()
+    prefix = f"tenant.{tenant.key}."
+    gpus = 0
+    for item in request.pci:
+        vendor, device, device_class = item.vendor, item.device, item.device_class
+        if item.short_address and vendor is None and device is None and device_class is None:
+            vendor, device, device_class = (devices or {}).get(item.short_address, (None, None, None))
+        if not network_class(device_class):
+            gpus += 1  # may be given something else than a network function
+        if oned_nic(item) and network_class(device_class):
+            continue  # a NIC that can only be a network function: the network rules decide it
+        grants = covering(tenant, vendor, device, device_class)
+        if not grants or (request.cluster_id is not None
+                          and all(g.clusters is not None and request.cluster_id not in g.clusters for g in grants)):
+            broken.add(prefix + "devices")
+    others = sum(n for vm, (t, n) in usage.by_vm.items() if t == tenant.key and vm != request.vm_id)
+    if gpus and others + gpus > tenant.max_gpus:
+        broken.add(prefix + "max_gpus")
+    return broken | network_violations(tenant, [*request.nics, *(p for p in request.pci if oned_nic(p))])
+
+
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(policies(), requests(), usages)
-def test_no_admission_outside_the_grant_and_every_refusal_names_its_rule(text, request, entries) -> None:
+@given(policies(), requests(), usages, device_lists)
+def test_no_admission_outside_the_grant_and_every_refusal_names_its_rule(text, request, entries, devices) -> None:
     policy = parse_policy(text, "random.toml")
     usage = Usage.of(entries)
-    decision = decide(policy, request, usage)
-    expected = violations(policy, request, usage)
+    decision = decide(policy, resolve_addresses(request, devices.get), usage)
+    expected = violations(policy, request, usage, devices)
     assert {refusal.rule for refusal in decision.refusals} == expected
     assert decision.admitted == (not expected)
     for refusal in decision.refusals:
         assert refusal.message and refusal.rule in str(refusal)
+
+
+# ---- the host gate -------------------------------------------------------------------------------
+
+GIDS = [0, 100, 101, 102, 103, 500]
+
+
+def host_address(index: int) -> str:
+    return f"0000:{0x10 + index:02x}:00.0"
+
+
+def granted_identity(policy: Policy, data: st.DataObject) -> tuple[int, int, int]:
+    """Mostly what some tenant's grant names (so admissions happen and can be checked), else any."""
+    grants = [grant for tenant in policy.tenants.values() for grant in tenant.devices]
+    if not grants or not data.draw(st.integers(0, 3)):
+        return data.draw(identities)
+    grant = data.draw(st.sampled_from(grants))
+    return (grant.vendor, grant.device if grant.device is not None else data.draw(st.sampled_from(DEVICES)),
+            grant.device_class if grant.device_class is not None else data.draw(st.sampled_from(CLASSES)))
+
+
+def host_table(policy: Policy, data: st.DataObject) -> dict[str, tuple[int, int, int]]:
+    """A host's PCI functions: address -> the identity its sysfs reports."""
+    count = data.draw(st.integers(1, 10))
+    return {host_address(index): granted_identity(policy, data) for index in range(count)}
+
+
+def tenant_networks(tenant: Tenant | None, data: st.DataObject) -> tuple[int | None, int | None, str | None]:
+    """NETWORK_ID, VLAN_ID, VN_MAD: mostly within ``tenant``'s grant, else anything."""
+    draw = data.draw
+    if tenant is None or not tenant.networks or not draw(st.integers(0, 3)):
+        return draw(networks), draw(vlans), draw(vn_mads)
+    vlan = None if not tenant.vlans.ranges or draw(st.booleans()) else tenant.vlans.ranges[0][0]
+    return draw(st.sampled_from(sorted(tenant.networks))), vlan, draw(st.sampled_from([None, "802.1Q", "bridge"]))
+
+
+def allocated(address: str, claimed: tuple[int, int, int], pci_type: str | None,
+              interface: tuple[int | None, int | None, str | None]) -> PciRequest:
+    """A PCI element as vm.xml carries it once oned allocated ``address``: VENDOR/DEVICE/CLASS as
+    the document claims (the truth, or not), TYPE as the template wrote it, a network if TYPE asked."""
+    return pci(*claimed, pci_type, *interface, None, None, address[5:], address)
+
+
+def vm_document(vm_id: int, gid: int, cluster: int | None, items: list[PciRequest], nic_list: list) -> VmRequest:
+    return VmRequest(
+        vm_id=vm_id, name=None, uid=5, gid=gid, uname=None, gname=None, state=3, lcm_state=3, deploy_id=None,
+        host=None, host_id=None, cluster_id=cluster, pci=tuple(items), nics=tuple(nic_list), topology=None,
+        numa_nodes=(), vcpu=None, cpu=None, memory_mib=None, hugepage_size=None, template_id=None,
+    )  # fmt: skip
+
+
+def leaks(policy: Policy, table: dict, held: dict[str, int], owners: dict[int, int], deploy: DeployRequest,
+          document: VmRequest) -> list[str]:
+    """What an admission of ``deploy`` would give that its tenant may not have (empty: nothing)."""
+    given = list(dict.fromkeys([*deploy.pci_addresses, *(item.address for item in document.pci)]))
+    if deploy.gid is not None and deploy.gid != document.gid:
+        return ["two documents name two owners"]
+    if any(address not in table for address in given):
+        return ["a device that is not on the host"]
+    tenant = policy.by_gid.get(document.gid)
+    if tenant is None:
+        return [] if document.gid == 0 or not given else ["devices to a group that is no tenant"]
+    found = []
+    typed = {item.address: item for item in document.pci}
+    for address in given:
+        vendor, device, device_class = table[address]
+        if address in typed and oned_nic(typed[address]) and network_class(device_class):
+            continue
+        grants = covering(tenant, vendor, device, device_class)
+        if document.cluster_id is not None:
+            grants = [g for g in grants if g.clusters is None or document.cluster_id in g.clusters]
+        if not grants:
+            found.append(f"{address} ({vendor:04x}:{device:04x}:{device_class:04x}) not granted")
+    holds = sum(1 for address, vm in held.items() if owners.get(vm) is not None
+                and policy.by_gid.get(owners[vm]) is tenant and not network_class(table[address][2]))  # fmt: skip
+    mine = sum(1 for address in given if not network_class(table[address][2]))
+    if mine and holds + mine > tenant.max_gpus:
+        found.append(f"{holds} held + {mine} > max_gpus {tenant.max_gpus}")
+    nic_list = [*document.nics, *(item for item in document.pci if oned_nic(item))]
+    return found + sorted(network_violations(tenant, nic_list))
+
+
+def deploy_onto(policy: Policy, data: st.DataObject, table: dict, held: dict[str, int],
+                vm: int) -> tuple[DeployRequest, VmRequest]:
+    """One deploy onto the host: oned allocated free functions to ``vm`` (vm.xml may claim other
+    VENDOR/DEVICE/CLASS than the host's, TYPE takes every form), the deployment file may add a
+    hostdev vm.xml does not list (or one the host does not have) and name another owner."""
+    draw = data.draw
+    tenant_gids = sorted(policy.by_gid)
+    gid = draw(st.sampled_from(tenant_gids)) if tenant_gids and draw(st.integers(0, 3)) else draw(st.sampled_from(GIDS))
+    tenant = policy.by_gid.get(gid)
+    free = [address for address in table if address not in held]
+    chosen = draw(st.lists(st.sampled_from(free), unique=True, max_size=4)) if free else []
+    items = [allocated(address, table[address] if draw(st.integers(0, 3)) else draw(identities), draw(types),
+                       tenant_networks(tenant, data)) for address in chosen]  # fmt: skip
+    nic_list = [nic(*tenant_networks(tenant, data), None)] if draw(st.booleans()) else []
+    document = vm_document(vm, gid, draw(st.one_of(st.none(), st.sampled_from(CLUSTERS))), items, nic_list)
+    extra = []
+    if free and draw(st.integers(0, 4)) == 0:
+        extra = [draw(st.sampled_from([*free, "0000:ee:00.0"]))]
+    meta_gid = gid if draw(st.integers(0, 5)) else draw(st.sampled_from([None, *GIDS]))
+    hostdevs = tuple(dict.fromkeys([*(item.address for item in items), *extra]))
+    return DeployRequest(vm_id=vm, pci_addresses=hostdevs, gid=meta_gid), document
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                      HealthCheck.data_too_large])
+@given(policies(), st.data())
+def test_host_gate_gives_no_device_outside_the_grant_and_no_tenant_more_gpus_than_its_cap(text, data) -> None:
+    """VMs deployed one after another onto a random host through the host gate's decision: each
+    admitted VM holds its devices (the ownership records) under its group (the tenancy records);
+    some devices were held before by VMs the gate never saw (owner known or not). Every admission
+    gives nothing the tenant was not granted and keeps every tenant within its cap on the host,
+    whatever vm.xml claims and whatever TYPE the PCI requests carry; on a truthful vm.xml whose
+    hostdevs are its PCI list the host decides exactly as the frontend does."""
+    policy = parse_policy(text, "random.toml")
+    table = host_table(policy, data)
+    held = {address: vm for address in table if (vm := data.draw(st.integers(0, 12))) >= 10}
+    owners = {vm: gid for vm in set(held.values()) if (gid := data.draw(st.sampled_from([None, *GIDS]))) is not None}
+    for vm in range(1, data.draw(st.integers(1, 5)) + 1):
+        deploy, document = deploy_onto(policy, data, table, held, vm)
+        usage = usage_of(held, lambda holder: (owners[holder], None) if holder in owners else None, policy,
+                         lambda address: is_gpu_identity(table.get(address)))
+        decision = decide_on_host(policy, deploy, document, table.get, None, usage)
+        if decision.admitted:
+            assert leaks(policy, table, held, owners, deploy, document) == []
+            held.update({address: vm for address in deploy.pci_addresses})
+            owners[vm] = document.gid
+        truthful = all((item.vendor, item.device, item.device_class) == table[item.address]
+                       for item in document.pci)  # fmt: skip
+        if truthful and deploy.gid in (None, document.gid) and deploy.pci_addresses == tuple(
+                item.address for item in document.pci):
+            assert decision == decide(policy, document, usage)
+    for tenant in policy.tenants.values():
+        gpus = sum(1 for address, vm in held.items() if vm < 10 and policy.by_gid.get(owners[vm]) is tenant
+                   and not network_class(table[address][2]))  # fmt: skip
+        assert gpus <= tenant.max_gpus, (tenant.key, gpus)

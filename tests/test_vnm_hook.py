@@ -314,10 +314,12 @@ def test_domain_hostdev_interface_follows_the_journal(world: tuple[HostRoot, Con
     assert interface.find("mac").get("address") == "02:00:c0:a8:c9:0a"  # type: ignore[union-attr]
 
 
-SECOND_PCI_NIC = ("<PCI><ADDRESS><![CDATA[0000:18:00:3]]></ADDRESS><MAC><![CDATA[02:00:c0:a8:c9:0b]]></MAC>"
+SECOND_PCI_NIC = ("<PCI><ADDRESS><![CDATA[0000:18:00:3]]></ADDRESS><CLASS><![CDATA[0200]]></CLASS>"
+                  "<DEVICE><![CDATA[101e]]></DEVICE><MAC><![CDATA[02:00:c0:a8:c9:0b]]></MAC>"
                   "<NETWORK_ID><![CDATA[7]]></NETWORK_ID><NIC_ID><![CDATA[2]]></NIC_ID><PCI_ID><![CDATA[2]]></PCI_ID>"
                   "<PHYDEV><![CDATA[ens1f0np0]]></PHYDEV><SHORT_ADDRESS><![CDATA[18:00.3]]></SHORT_ADDRESS>"
-                  "<TYPE><![CDATA[NIC]]></TYPE><VLAN_ID><![CDATA[1002]]></VLAN_ID><VN_MAD><![CDATA[802.1Q]]></VN_MAD>"
+                  "<TYPE><![CDATA[NIC]]></TYPE><VENDOR><![CDATA[15b3]]></VENDOR><VLAN_ID><![CDATA[1002]]></VLAN_ID>"
+                  "<VN_MAD><![CDATA[802.1Q]]></VN_MAD>"
                   "{attach}</PCI>")
 
 

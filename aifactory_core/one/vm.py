@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from aifactory_core import validate
 from aifactory_core.errors import DocumentError, UsageError
+from aifactory_core.model import PCI_CLASS_NETWORK
 
 if TYPE_CHECKING:
     from lxml import etree
@@ -199,10 +200,13 @@ class _Record:
 
 @dataclass(frozen=True)
 class PciRequest(_Record):
-    """One ``TEMPLATE/PCI``: a passthrough device, or with ``TYPE=NIC`` an SR-IOV/PCI NIC.
+    """One ``TEMPLATE/PCI``: a passthrough device, or with ``TYPE = "NIC"`` an SR-IOV/PCI NIC.
 
     Before dispatch only the user's selectors (vendor/device/class or short_address) are set;
-    after allocation oned adds the host ``address``, ``numa_node`` and the guest ``vm_*`` fields.
+    after allocation oned adds the host ``address``, ``numa_node`` and the guest ``vm_*`` fields
+    and copies the host device's VENDOR/DEVICE/CLASS over the selectors (HostSharePCI::pci_attribute).
+    oned picks the device by those selectors (or by SHORT_ADDRESS alone) whatever the TYPE: what a
+    request gets is told by :attr:`network_function`, never by :attr:`is_nic`.
     """
 
     pci_id: int | None
@@ -230,7 +234,24 @@ class PciRequest(_Record):
 
     @property
     def is_nic(self) -> bool:
-        return (self.type or "").upper() == "NIC"
+        """oned's own test (``vector_value("TYPE") == "NIC"``, case and all): the request gets a
+        network (NETWORK, VLAN, VN_MAD) and the VNM drivers configure it; any other TYPE is a plain
+        passthrough device to oned."""
+        return self.type == "NIC"
+
+    @property
+    def network_function(self) -> bool:
+        """True when every device oned may give for this request is a network function (PCI base
+        class 0x02): its CLASS says so (oned matches CLASS exactly, and copies the host device's
+        class in once allocated). Without a CLASS the request may get any device of its vendor."""
+        return self.device_class is not None and self.device_class >> 8 == PCI_CLASS_NETWORK
+
+    @property
+    def selects_by_address(self) -> bool:
+        """oned allocates this request by SHORT_ADDRESS alone (HostSharePCI::test: no VENDOR,
+        DEVICE or CLASS named) and it has no host address yet: what it gets is the device there."""
+        return (self.address is None and self.short_address is not None
+                and self.vendor is None and self.device is None and self.device_class is None)
 
     @property
     def allocated(self) -> bool:
@@ -324,8 +345,9 @@ class VmRequest(_Record):
 
     @property
     def gpus(self) -> tuple[PciRequest, ...]:
-        """PCI requests that are not NICs (GPUs and other passthrough devices)."""
-        return tuple(item for item in self.pci if not item.is_nic)
+        """PCI requests that may get a device other than a network function (GPUs and other
+        passthrough devices), whatever their TYPE."""
+        return tuple(item for item in self.pci if not item.network_function)
 
     @property
     def pci_nics(self) -> tuple[PciRequest, ...]:
@@ -381,11 +403,9 @@ def _pci(node: _Node) -> PciRequest:
     short_full = node.pci("SHORT_ADDRESS")
     _check_pair(node, address, short_full)
     vm_address = node.pci("VM_ADDRESS")
-    pci_type = node.text("TYPE")
-    if pci_type is not None:
-        pci_type = pci_type.strip().upper()
-        if not _ATTR_NAME.match(pci_type):
-            raise DocumentError(f"{node.path}/TYPE {_show(pci_type)}: unexpected characters")
+    pci_type = node.text("TYPE")  # kept as written: oned compares it to "NIC" exactly
+    if pci_type is not None and not _ATTR_NAME.match(pci_type):
+        raise DocumentError(f"{node.path}/TYPE {_show(pci_type)}: unexpected characters")
     return PciRequest(
         pci_id=node.integer("PCI_ID"),
         type=pci_type,

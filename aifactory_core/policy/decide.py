@@ -11,6 +11,13 @@ Rules (the ``rule`` of a :class:`Refusal`):
 * ``tenant.<key>.devices``        a passthrough device matches none of the tenant's grants
                                   (vendor/device/class, and cluster where the grant names one)
 * ``tenant.<key>.max_gpus``       the tenant would hold more GPUs than its cap
+
+What a PCI request is, is what oned can give for it, never its TYPE alone (oned matches
+VENDOR/DEVICE/CLASS, or SHORT_ADDRESS alone, whatever the TYPE): a request counts as a GPU unless
+its class pins it to network functions (:attr:`~aifactory_core.one.vm.PciRequest.network_function`),
+and it needs a device grant unless it is both a network interface to oned (``TYPE = "NIC"``) and
+pinned to network functions. A request the decision cannot identify (SHORT_ADDRESS alone, not
+resolved against a device list) matches no grant.
 * ``tenant.<key>.networks``       a NIC or PCI NIC on a network not granted
 * ``tenant.<key>.vlans``          an 802.1Q VLAN id outside the tenant's range
 * ``tenant.<key>.vnis``           a VXLAN VNI outside the tenant's range
@@ -19,7 +26,7 @@ Rules (the ``rule`` of a :class:`Refusal`):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -106,13 +113,20 @@ def _fmt_id(value: int | None) -> str:
     return "?" if value is None else f"{value:04x}"
 
 
+def needs_device_grant(item: PciRequest) -> bool:
+    """Every PCI request but a network interface that can only get a network function."""
+    return not (item.is_nic and item.network_function)
+
+
 def _device_refusals(tenant: Tenant, request: RequestLike) -> list[Refusal]:
     refusals = []
     for item in request.pci:
-        if item.is_nic:
+        if not needs_device_grant(item):
             continue
         grants = [grant for grant in tenant.devices if grant.matches(item.vendor, item.device, item.device_class)]
         what = f"{_fmt_id(item.vendor)}:{_fmt_id(item.device)} class {_fmt_id(item.device_class)}"
+        if item.selects_by_address:
+            what = f"at SHORT_ADDRESS {item.short_address} (not identified)"
         if not grants:
             refusals.append(
                 Refusal(f"tenant.{tenant.key}.devices", f"device {what} is not granted to tenant {tenant.key}")
@@ -163,8 +177,25 @@ def _network_refusals(tenant: Tenant, request: RequestLike) -> list[Refusal]:
     return refusals
 
 
+def resolve_addresses(request: RequestLike, lookup: Callable[[str], tuple[int, int, int] | None]) -> RequestLike:
+    """``request`` with each PCI request oned allocates by SHORT_ADDRESS alone identified as the
+    device ``lookup`` (a host's sysfs, a device list) says sits at that address (vendor, device,
+    class); one it cannot name stays unidentified."""
+    from dataclasses import replace
+
+    resolved = []
+    for item in request.pci:
+        identity = lookup(item.short_address) if item.selects_by_address and item.short_address else None
+        if identity is not None:
+            vendor, device, device_class = identity
+            item = replace(item, vendor=vendor, device=device, device_class=device_class)
+        resolved.append(item)
+    return replace(request, pci=tuple(resolved))
+
+
 def gpu_count(request: RequestLike) -> int:
-    return sum(1 for item in request.pci if not item.is_nic)
+    """PCI requests that may get something other than a network function, whatever their TYPE."""
+    return sum(1 for item in request.pci if not item.network_function)
 
 
 def decide(policy: Policy, request: RequestLike, usage: Usage | None = None) -> Decision:

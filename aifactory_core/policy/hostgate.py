@@ -47,10 +47,16 @@ class GateMismatch(Exception):
 
 
 def sysfs_identity(inventory: HostInventory) -> Identify:
-    """The host's own word on a PCI address: its sysfs vendor, device and class, or None."""
+    """The host's own word on a PCI address: its sysfs vendor, device and class, or None. A short
+    address (``17:00.0``, as SHORT_ADDRESS names a device) is looked up among all PCI domains and
+    identified only when one function answers to it."""
 
     def identify(address: str) -> Identity | None:
-        function = inventory.pci.get(address)
+        if len(address) == 7:
+            found = [function for full, function in inventory.pci.items() if full[5:] == address]
+            function = found[0] if len(found) == 1 else None
+        else:
+            function = inventory.pci.get(address)
         return None if function is None else (function.vendor_id, function.device_id, function.class_code >> 8)
 
     return identify
@@ -115,6 +121,7 @@ def host_request(deploy: DeployRequest, vm_document: VmRequest | None, identify:
     ``cluster_id`` (this host's cluster from the configuration) stands in when ``vm.xml`` names
     none. Raises :class:`GateMismatch` when the documents or the host contradict each other."""
     from aifactory_core.one.vm import VmRequest
+    from aifactory_core.policy.decide import resolve_addresses
 
     if vm_document is None:
         if deploy.uid is None and deploy.gid is None and deploy.gname is None and deploy.pci_addresses:
@@ -130,9 +137,9 @@ def host_request(deploy: DeployRequest, vm_document: VmRequest | None, identify:
         )  # fmt: skip
     _check_owner(deploy, vm_document)
     listed: list[PciRequest] = []
-    for item in vm_document.pci:
+    for item in resolve_addresses(vm_document, identify).pci:
         if item.address is None:
-            listed.append(item)  # not allocated: decided by what it selects
+            listed.append(item)  # not allocated: decided by what it selects (or the device at SHORT_ADDRESS)
             continue
         vendor, device, device_class = _identified(item.address, identify)
         listed.append(replace(item, vendor=vendor, device=device, device_class=device_class))

@@ -14,7 +14,7 @@ A held device counts as a GPU unless the host's sysfs says it is a network funct
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,22 +67,29 @@ def _documented_owner(documents: Path | None, vm: int) -> Owner | None:
     return (document.gid, document.gname) if document.vm_id == vm else None
 
 
-def held_usage(host: HostRoot, policy: Policy, is_gpu: Callable[[str], bool],
-               documents: Path | None = None) -> Usage:
-    """The GPUs each tenant's VMs hold on this host now (vm id -> tenant, count)."""
+def usage_of(held: Mapping[str, int], owner_of: Callable[[int], Owner | None], policy: Policy,
+             is_gpu: Callable[[str], bool]) -> Usage:
+    """The GPUs each tenant's VMs hold: ``held`` (PCI address -> VM), each VM's owner, the policy."""
     from aifactory_core.policy.decide import Usage
 
     counts: dict[int, int] = {}
-    for address, vm in ownership.held_devices(host).items():
+    for address, vm in held.items():
         if is_gpu(address):
             counts[vm] = counts.get(vm, 0) + 1
     usage = Usage()
     for vm, gpus in counts.items():
-        owner = _recorded_owner(host, vm) or _documented_owner(documents, vm)
+        owner = owner_of(vm)
         tenant = None if owner is None else policy.tenant_for(*owner)
         if tenant is not None:
             usage.set(vm, tenant.key, gpus)
     return usage
+
+
+def held_usage(host: HostRoot, policy: Policy, is_gpu: Callable[[str], bool],
+               documents: Path | None = None) -> Usage:
+    """The GPUs each tenant's VMs hold on this host now (vm id -> tenant, count)."""
+    return usage_of(ownership.held_devices(host), lambda vm: _recorded_owner(host, vm) or _documented_owner(
+        documents, vm), policy, is_gpu)
 
 
 def forget_released(host: HostRoot, keep: int) -> None:
