@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from aifactory_plugins import infiniband, sriov
-from aifactory_plugins.infiniband.sm import sm_guid
+from aifactory_plugins.infiniband.partitions import port_guid
 from fixtures.nics import recorded_trees as rec
 from fixtures.nics.netlink_double import NetlinkDouble
 
@@ -104,8 +104,8 @@ def test_probe_reports_the_recorded_cx7_node_guid_verbatim(tmp_path: Path) -> No
     (row,) = collect(Root(str(tmp_path), str(tmp_path / "state")), nvml_mode="off")["ib"]
     assert (row["NODE_GUID"], row["STATE"], row["LID"], row["BUS_ID"]) == ("58a2:e103:002a:09b8", "DOWN", "0xffff", PF)
     # the subnet-manager form of a recorded GUID is the 0x form ibstat prints (ibstat-cx7-ndr-active.txt)
-    assert sm_guid(device["node_guid"]) == "0x58a2e103002a09b8"
-    assert "Port GUID: " + sm_guid("9c63:c003:0055:48ae") in "\n".join(rec.lines("ibstat-cx7-ndr-active.txt"))
+    assert port_guid(device["node_guid"]) == "0x58a2e103002a09b8"
+    assert "Port GUID: " + port_guid("9c63:c003:0055:48ae") in "\n".join(rec.lines("ibstat-cx7-ndr-active.txt"))
 
 
 def test_cx7_fixture_names_its_ipoib_pf_as_a_dgx_h100_does(tmp_path: Path) -> None:

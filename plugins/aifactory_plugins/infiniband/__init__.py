@@ -7,8 +7,11 @@ pkey, full or limited member as the grant says; undone by leaving it). The pkey 
 NIC's ``IB_PKEY`` (or ``PKEY``) attribute and must be in the tenant's grant.
 
 ``[plugin.infiniband]``: ``guid_prefix`` (4 hex digits, unique per cluster on a shared fabric),
-``membership`` (``full``/``limited``), ``subnet_manager`` (``opensm``/``ufm``), ``partitions_file``,
-``opensm_reload`` (argv), ``ufm_url``, ``ufm_token_file``, ``ufm_username``.
+``membership`` (``full``/``limited``), ``subnet_manager`` (``opensm``/``ufm``),
+``partition_authority`` (argv reaching the fabric's partition authority on the SM's host; empty:
+this host is it), and on the SM's host ``partitions_file``, ``opensm_reload`` (argv) and
+``management_guids`` (ports kept full members of the default partition); ``ufm_url``,
+``ufm_token_file``, ``ufm_username``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ AIFACTORY_API_VERSION = 1
 NAME = "infiniband"
 PKEY_KIND = "ib_pkey"
 SETTINGS = {"guid_prefix", "membership", "subnet_manager", "partitions_file", "opensm_reload", "ufm_url",
-            "ufm_token_file", "ufm_username"}
+            "ufm_token_file", "ufm_username", "partition_authority", "management_guids"}
 SM_KEYS = SETTINGS - {"guid_prefix", "membership"}
 DEFAULT_PREFIX = 0xA1F0
 _sm_settings: dict[str, Any] = {}
@@ -63,12 +66,13 @@ def _sm(host: HostRoot, action: Action) -> tuple[Any, str, int, str]:
     """The configured subnet manager, and the action's port GUID, pkey and membership, validated (a
     journal's ``sm``, from before commands and paths left the journals, is never read)."""
     from aifactory_core.errors import UsageError
+    from aifactory_plugins.infiniband.partitions import port_guid
     from aifactory_plugins.infiniband.pkey import membership, pkey
-    from aifactory_plugins.infiniband.sm import from_settings, sm_guid
+    from aifactory_plugins.infiniband.sm import from_settings
 
     try:
         data = json.loads(action.value)
-        port, key, member = sm_guid(action.target), pkey(data["pkey"]), membership(data["membership"])
+        port, key, member = port_guid(action.target), pkey(data["pkey"]), membership(data["membership"])
     except (ValueError, KeyError, TypeError) as error:
         raise UsageError(f"malformed {PKEY_KIND} action for {action.target[:24]!r}: {error}") from None
     return from_settings(_sm_settings, host.state_dir), port, key, member

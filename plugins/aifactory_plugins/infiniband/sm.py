@@ -2,12 +2,16 @@
 
 A VF's port GUID joins the tenant's pkey at prepare and leaves it at release. Two back-ends:
 
-* :class:`OpenSM` keeps the memberships in a JSON state file, regenerates ``partitions.conf``
-  (atomically) from it, and runs the configured reload command (argv, no shell), e.g.
-  ``["systemctl", "reload", "opensm"]`` (OpenSM re-reads partitions on SIGHUP).
+* :class:`OpenSM` hands each change to the fabric's one partition authority
+  (:mod:`aifactory_plugins.infiniband.authority`), which keeps every host's memberships on the SM's
+  host, regenerates ``partitions.conf`` from all of them and reloads OpenSM. It is reached through
+  one place, ``[plugin.infiniband] partition_authority`` (an argv, e.g. ``ssh`` to the SM's host;
+  the change travels as JSON on stdin, nothing of it in argv); without that setting this host is
+  the SM's host and the change is made in this process.
 * :class:`Ufm` calls UFM Enterprise's REST API: ``POST /ufmRest/resources/pkeys`` with
   ``{"pkey", "guids", "membership", "index0", "ip_over_ib"}`` to add GUIDs, and
-  ``DELETE /ufmRest/resources/pkeys/<pkey>/guids/<guid,...>`` to remove them.
+  ``DELETE /ufmRest/resources/pkeys/<pkey>/guids/<guid,...>`` to remove them (UFM is the fabric's
+  authority itself).
 
 Both are idempotent (adding a present member or removing an absent one succeeds), as the
 lifecycle's undo requires.
@@ -16,6 +20,7 @@ lifecycle's undo requires.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,37 +28,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aifactory_core.errors import ConfigError, HostError
-from aifactory_core.lifecycle.atomic import read_json, write_atomic
+from aifactory_plugins.infiniband.authority import MAX_GUIDS, Change, PartitionAuthority
+from aifactory_plugins.infiniband.partitions import FabricPartitions, host_name, port_guid
 from aifactory_plugins.infiniband.pkey import membership as check_membership
 from aifactory_plugins.infiniband.pkey import pkey as check_pkey
 
-DEFAULT_PARTITION = "Default=0x7fff, ipoib : ALL=full ;"
-
-
-def _memberships(data: object, where: Path) -> dict[str, dict[str, str]]:
-    """The membership state, every pkey, GUID and membership checked: it becomes partitions.conf."""
-    from aifactory_core.errors import UsageError
-
-    if not isinstance(data, dict):
-        raise HostError(f"OpenSM membership state {where} is not a mapping")
-    members: dict[str, dict[str, str]] = {}
-    try:
-        for key, guids in data.items():
-            if not isinstance(guids, dict):
-                raise HostError(f"OpenSM membership state {where}: pkey {str(key)[:10]!r} holds no GUIDs")
-            members[f"{check_pkey(int(str(key), 16)):#06x}"] = {
-                sm_guid(str(guid)): check_membership(member) for guid, member in guids.items()}
-    except (ValueError, UsageError) as error:
-        raise HostError(f"OpenSM membership state {where} is damaged: {error}") from None
-    return members
-
-
-def sm_guid(value: str) -> str:
-    """``aa:bb:..`` or ``0xaabb..`` -> ``0xaabbccddeeff0011`` (the form SMs and UFM use)."""
-    digits = value.lower().replace(":", "").removeprefix("0x")
-    if len(digits) != 16 or any(c not in "0123456789abcdef" for c in digits):
-        raise HostError(f"invalid GUID {value!r}")
-    return "0x" + digits
+AUTHORITY_TIMEOUT_S = 120.0
+LEGACY_STATE = "opensm-partitions.json"
 
 
 class SubnetManager(Protocol):
@@ -64,65 +45,67 @@ class SubnetManager(Protocol):
 
 @dataclass
 class OpenSM:
-    partitions_file: Path
-    state_file: Path
-    reload: Sequence[str] = ()
+    """OpenSM through the fabric's partition authority, for the VMs of KVM host ``host``.
+
+    ``legacy_state``: the memberships this host kept itself before the authority existed
+    (``<state dir>/opensm-partitions.json``, pkey -> GUID -> membership); they are handed to the
+    authority before this host's first change, so the VMs running across the upgrade keep their
+    partitions, and the file is renamed ``*.migrated``."""
+
+    host: str
+    authority: Sequence[str] = ()
+    local: PartitionAuthority | None = None
     runner: Any = field(default=subprocess.run, repr=False)
+    legacy_state: Path | None = None
 
-    def _load(self) -> dict[str, dict[str, str]]:
+    def _send(self, change: Change) -> None:
+        self._hand_over_legacy_state()
+        self._deliver(change)
+
+    def _hand_over_legacy_state(self) -> None:
+        from aifactory_core.errors import UsageError
+        from aifactory_core.lifecycle.atomic import read_json
+
+        path = self.legacy_state
+        if path is None:
+            return
         try:
-            data = read_json(self.state_file)
+            table = FabricPartitions.from_json({self.host: read_json(path)})
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as error:
-            raise HostError(f"unreadable OpenSM membership state {self.state_file}: {error}") from None
-        return _memberships(data, self.state_file)
-
-    def render(self, members: Mapping[str, Mapping[str, str]]) -> str:
-        lines = ["# generated by aifactory: do not edit (tenant partitions from VM NIC port GUIDs)",
-                 DEFAULT_PARTITION]
-        for key in sorted(members, key=lambda k: int(k, 16)):
-            guids = members[key]
-            if not guids:
-                continue
-            listed = ", ".join(f"{guid}={guids[guid]}" for guid in sorted(guids))
-            lines.append(f"tenant_{key}={key}, ipoib, defmember=limited : {listed} ;")
-        return "\n".join(lines) + "\n"
-
-    def _commit(self, members: dict[str, dict[str, str]]) -> None:
-        members = {key: guids for key, guids in members.items() if guids}
+            return
+        except (OSError, ValueError, UsageError) as error:
+            raise HostError(f"earlier OpenSM membership state {path}: {error}") from None
+        for key, members in table.hosts.get(self.host, {}).items():
+            for member in ("full", "limited"):
+                guids = sorted(guid for guid, kind in members.items() if kind == member)
+                for start in range(0, len(guids), MAX_GUIDS):
+                    self._deliver(Change("add", self.host, key, tuple(guids[start:start + MAX_GUIDS]), member))
         try:
-            write_atomic(self.state_file, json.dumps(members, sort_keys=True).encode())
-            write_atomic(self.partitions_file, self.render(members).encode())
+            path.rename(path.with_name(path.name + ".migrated"))
         except OSError as error:
-            raise HostError(f"OpenSM partitions not written: {error.filename or ''} {error.strerror}") from None
-        if self.reload:
-            try:
-                result = self.runner(list(self.reload), capture_output=True, text=True, timeout=30, check=False)
-            except (OSError, subprocess.SubprocessError) as error:
-                raise HostError(f"OpenSM reload {' '.join(self.reload)} could not run: {error}") from None
-            if result.returncode != 0:
-                raise HostError(f"OpenSM reload {' '.join(self.reload)} failed: {(result.stderr or '').strip()[:200]}")
+            raise HostError(f"earlier OpenSM membership state {path} not retired: {error.strerror}") from None
+
+    def _deliver(self, change: Change) -> None:
+        if not self.authority:
+            if self.local is None:
+                raise ConfigError("[plugin.infiniband] partition_authority is empty and no local authority is set up")
+            self.local.apply(change)
+            return
+        try:
+            result = self.runner(list(self.authority), input=change.to_json(), capture_output=True, text=True,
+                                 timeout=AUTHORITY_TIMEOUT_S, check=False)  # fmt: skip
+        except (OSError, subprocess.SubprocessError) as error:
+            raise HostError(f"partition authority {self.authority[0]} could not run: {error}") from None
+        if result.returncode != 0:
+            lines = (result.stderr or "").strip().splitlines() or [f"exit status {result.returncode}"]
+            raise HostError(f"partition authority ({' '.join(self.authority)[:120]}): {lines[-1][:300]}")
 
     def add_members(self, pkey: int, guids: Sequence[str], membership: str) -> None:
-        key, member = f"{check_pkey(pkey):#06x}", check_membership(membership)
-        members = self._load()
-        entry = members.setdefault(key, {})
-        if all(entry.get(sm_guid(g)) == member for g in guids):
-            return
-        entry.update({sm_guid(g): member for g in guids})
-        self._commit(members)
+        self._send(Change("add", self.host, check_pkey(pkey), tuple(port_guid(g) for g in guids),
+                          check_membership(membership)))  # fmt: skip
 
     def remove_members(self, pkey: int, guids: Sequence[str]) -> None:
-        key = f"{check_pkey(pkey):#06x}"
-        members = self._load()
-        entry = members.get(key, {})
-        gone = [sm_guid(g) for g in guids if sm_guid(g) in entry]
-        if not gone:
-            return
-        for guid in gone:
-            del entry[guid]
-        self._commit(members)
+        self._send(Change("remove", self.host, check_pkey(pkey), tuple(port_guid(g) for g in guids)))
 
 
 @dataclass
@@ -160,12 +143,12 @@ class Ufm:
             raise HostError(f"UFM {method} {path}: {error}") from None
 
     def add_members(self, pkey: int, guids: Sequence[str], membership: str) -> None:
-        body = {"pkey": f"{check_pkey(pkey):#06x}", "guids": [sm_guid(g)[2:] for g in guids],
+        body = {"pkey": f"{check_pkey(pkey):#06x}", "guids": [port_guid(g)[2:] for g in guids],
                 "membership": check_membership(membership), "index0": False, "ip_over_ib": True}
         self._call("POST", "/resources/pkeys", body)
 
     def remove_members(self, pkey: int, guids: Sequence[str]) -> None:
-        listed = ",".join(sm_guid(g)[2:] for g in guids)
+        listed = ",".join(port_guid(g)[2:] for g in guids)
         self._call("DELETE", f"/resources/pkeys/{check_pkey(pkey):#06x}/guids/{listed}")
 
 
@@ -173,11 +156,11 @@ def from_settings(settings: Mapping[str, Any], state_dir: Path) -> SubnetManager
     """The back-end named by ``[plugin.infiniband] subnet_manager`` (``opensm`` or ``ufm``)."""
     kind = settings.get("subnet_manager", "opensm")
     if kind == "opensm":
-        reload = settings.get("opensm_reload", [])
-        if not isinstance(reload, list) or not all(isinstance(a, str) for a in reload):
-            raise ConfigError("[plugin.infiniband] opensm_reload must be a list of strings (argv)")
-        return OpenSM(Path(str(settings.get("partitions_file", "/etc/opensm/partitions.conf"))),
-                      state_dir / "opensm-partitions.json", tuple(reload))
+        authority = settings.get("partition_authority", [])
+        if not isinstance(authority, list) or not all(isinstance(arg, str) and arg for arg in authority):
+            raise ConfigError("[plugin.infiniband] partition_authority must be a list of strings (argv)")
+        local = None if authority else PartitionAuthority.from_settings(settings, state_dir)
+        return OpenSM(host_name(os.uname().nodename), tuple(authority), local, legacy_state=state_dir / LEGACY_STATE)
     if kind == "ufm":
         url = settings.get("ufm_url")
         if not isinstance(url, str) or not url.startswith(("https://", "http://")):
