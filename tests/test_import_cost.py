@@ -29,7 +29,7 @@ def _imported(statement: str) -> set[str]:
     "statement",
     ["import aifactory_core", "import aifactory_core.hostroot, aifactory_core.validate, aifactory_core.errors",
      "import aifactory_core.host.inventory", "import aifactory_core.one",
-     "import aifactory_core.vmm"],  # the VMM wrapper, started per VM action
+     "import aifactory_core.vmm"],  # the VMM wrapper's full path, started per VM action with a device
 )
 def test_core_imports_no_heavy_dependency(statement: str) -> None:
     loaded = _imported(statement)
