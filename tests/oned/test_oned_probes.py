@@ -15,7 +15,6 @@ import os
 import pwd
 import shutil
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import needs
 import pytest
 from realone import REPO, SYSTEM_PROBES_PERIOD, Installed, RealOne, note
+
+from aifactory_core.samples import extract_sample
 
 pytestmark = pytest.mark.realone
 NODE = "aifactory-node"
@@ -45,10 +46,8 @@ def node(real_one: RealOne, suite_installed: Installed) -> Iterator[Path]:
     needs.tool("ssh-keygen", hint="openssh-client")
     top = real_one.top / "node"
     top.mkdir()
-    host_root = top / "host-root"
-    host_root.mkdir()
-    with tarfile.open(SAMPLES / "h100-pcie-vm.tar.gz") as archive:
-        archive.extractall(host_root, filter="data")
+    host_root = top / "host-root"  # a copy oneadmin can read (the suite's sample cache is root's)
+    shutil.copytree(extract_sample("h100-pcie-vm"), host_root, symlinks=True)
     replay = top / "nvml.json"
     shutil.copy(SAMPLES / "h100-pcie-vm.nvml.json", replay)
     key = top / "id_ed25519"
