@@ -106,6 +106,8 @@ else
         "$SHA" "${FLAGS[*]}" "$((t1 - t0))" "$(( $(date +%s) - t1 ))" > "$DEST/complete"
     log "built in $((t1 - t0)) s, installed in $(( $(date +%s) - t1 )) s"
 fi
+# The cache is root's: tests run its programs as root, and copy etc/ and var/ for oneadmin per session.
+chown -R root:root "$DEST"
 # Where the tests find it (tests/realone.py reads this file).
 printf '%s\n' "$DEST/one" > "$CACHE/release-$VERSION.location"
 echo "$DEST/one"

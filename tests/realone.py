@@ -75,8 +75,9 @@ def configure(etc: Path) -> None:
     _edit(oned, r"^MONITORING_INTERVAL_DATASTORE\s*=\s*\d+", "MONITORING_INTERVAL_DATASTORE = 5")
     # Upstream's self-contained install keeps the hook manager's base path at /var/lib/one: point it
     # into this installation, as its operator would.
+    # (a directory other than the installer's fallback, so a misread setting shows in the tests).
     _edit(etc / "onehem-server.conf", r"^:hook_base_path: '/var/lib/one/remotes/hooks'",
-          f":hook_base_path: '{etc.parent}/var/remotes/hooks'")
+          f":hook_base_path: '{etc.parent}/var/remotes/hooks-site'  # this installation's hooks")
     # Hold every new VM until the admission hook releases it (docs/tenant-policy.md).
     _edit(oned, r'^#VM_SUBMIT_ON_HOLD = "NO"', 'VM_SUBMIT_ON_HOLD = "YES"')
     monitord = etc / "monitord.conf"
@@ -116,10 +117,13 @@ class RealOne:
         self.auth.write_text(f"oneadmin:{self.password}\n")
         self.port = 2633
         self.endpoint = f"http://127.0.0.1:{self.port}/RPC2"
-        subprocess.run(["chown", "-R", f"{self.user.pw_uid}:{self.user.pw_gid}", str(self.top)], check=True)
+        (self.location / "var" / "remotes" / "hooks-site").mkdir()
+        # oneadmin owns the installation (as upstream's install.sh -d makes it), not ``top``: root
+        # runs the suite's environments under ``top`` in these tests.
+        for path in (self.location, self.auth):
+            subprocess.run(["chown", "-R", f"{self.user.pw_uid}:{self.user.pw_gid}", str(path)], check=True)
         self.auth.chmod(0o600)
         self.started_s = 0.0
-        self.fresh_database = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -147,7 +151,8 @@ class RealOne:
                                      "(one real oned per machine at a time: its ports are upstream's defaults)")
         for pid_file in Path("/tmp").glob("one-monitord-*.pid"):
             _stop_pid_file(pid_file)
-        self.fresh_database = not (self.location / "var" / "one.db").exists()
+        if (self.location / "var" / "one.db").exists():
+            raise AssertionError(f"{self.built}/var holds a database: the cached build is not pristine; rebuild it")
         t0 = time.monotonic()
         result = self.run("one", "start", check=False, timeout=60)
         if result.returncode != 0:
@@ -197,13 +202,19 @@ class RealOne:
 
 
 def _stop_pid_file(pid_file: Path) -> None:
-    """End the monitoring agent a pid file names (upstream's ``one stop`` leaves them running)."""
+    """End the monitoring agent a pid file names (upstream's ``one stop`` leaves them running):
+    only a oneadmin-owned file naming a oneadmin ``monitord-client`` process."""
+    oneadmin = _oneadmin().pw_uid
     try:
+        if pid_file.is_symlink() or pid_file.stat().st_uid != oneadmin:
+            return
         pid = int(pid_file.read_text().strip())
-        os.kill(pid, signal.SIGTERM)
+        proc = Path(f"/proc/{pid}")
+        if proc.stat().st_uid == oneadmin and b"monitord-client" in (proc / "cmdline").read_bytes():
+            os.kill(pid, signal.SIGTERM)
+        pid_file.unlink(missing_ok=True)
     except (OSError, ValueError):
-        pass
-    pid_file.unlink(missing_ok=True)
+        return
 
 
 @pytest.fixture(scope="session")
@@ -249,7 +260,7 @@ def in_frontend(one: RealOne, binds: dict[str, Path], argv: list[str],
                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``argv`` as root in a private mount namespace with the session's ``/etc`` directories bound."""
     mounts = " && ".join(f"mount --bind {source} {target}" for target, source in binds.items())
-    environment = {"PATH": f"{one.location}/bin:/usr/sbin:/usr/bin:/sbin:/bin", "ONE_LOCATION": str(one.location),
+    environment = {"PATH": f"/usr/sbin:/usr/bin:/sbin:/bin:{one.location}/bin", "ONE_LOCATION": str(one.location),
                    "ONE_AUTH": str(one.auth), "ONE_XMLRPC": one.endpoint, "LANG": "C.UTF-8", **(env or {})}
     command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec \"$@\"", "sh", *argv]
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, check=False)

@@ -8,12 +8,12 @@ import os
 import re
 import struct
 import sys
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hostroots import extract_archive
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOPOLOGIES = FIXTURES / "topologies"
@@ -57,9 +57,7 @@ def capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if archive is None:
         pytest.skip("the real H100 capture (h100-pcie-vm/sysfs.tar.gz) is not available")
     dest = tmp_path_factory.mktemp("capture")
-    with tarfile.open(archive, "r:gz") as handle:
-        handle.extractall(dest, filter="data")
-    return dest
+    return extract_archive(archive, dest)
 
 
 @pytest.fixture(params=["dgx", "nps4", "small"])

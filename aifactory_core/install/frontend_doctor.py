@@ -178,7 +178,7 @@ def submit_on_hold_check(target: layout.Layout) -> Check:
     except OSError:
         text = ""
     values = [value for name, value in parse_template(text, target.oned_conf) if name == "VM_SUBMIT_ON_HOLD"]
-    if values and isinstance(values[-1], str) and values[-1].strip().upper() in ("YES", "TRUE"):
+    if values and isinstance(values[0], str) and values[0].strip().upper() == "YES":  # oned: the first, YES only
         return Check("oned.conf", "PASS", 'VM_SUBMIT_ON_HOLD = "YES": new VMs wait for admission')
     return Check("oned.conf", "FAIL", "VM_SUBMIT_ON_HOLD is not YES: a tenant's VM is scheduled before the admission "
                  "hook has decided on it", fix='set VM_SUBMIT_ON_HOLD = "YES" in oned.conf; restart opennebula')

@@ -15,11 +15,12 @@ remotes. The hosts' side (``/var/tmp/one``, ``/etc/sudoers.d``) is the same in b
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-_HOOK_BASE_PATH = re.compile(r"""^:hook_base_path:[ \t]*(['"]?)(/[^'"\s]+)\1[ \t]*$""", re.MULTILINE)
+_HOOK_BASE_PATH = re.compile(r"""^:hook_base_path:[ \t]*(['"]?)(/[^'"\s#]+)\1[ \t]*(?:#.*)?$""", re.MULTILINE)
 
 REMOTES = "/var/lib/one/remotes"
 HOST_REMOTES = "/var/tmp/one"
@@ -91,7 +92,18 @@ class Layout:
         except OSError:
             return f"{self.remotes}/hooks"
         found = _HOOK_BASE_PATH.search(text)
-        return found.group(2).rstrip("/") if found else f"{self.remotes}/hooks"
+        if not found:
+            return f"{self.remotes}/hooks"
+        path = found.group(2).rstrip("/")
+        # onehem-server.conf may be oneadmin's (a self-contained install): root writes hooks only
+        # under OpenNebula's remotes, whatever it names.
+        allowed = (f"{self.remotes}/", "/var/lib/one/remotes/")
+        if os.path.normpath(path) != path or not any(path.startswith(prefix) for prefix in allowed):
+            from aifactory_core.errors import UsageError
+
+            raise UsageError(f"onehem-server.conf: :hook_base_path: {path} is not under {self.remotes} "
+                             "or /var/lib/one/remotes: refusing to install hooks there")
+        return path
 
     @property
     def host_env(self) -> str:

@@ -185,6 +185,7 @@ def install_entry(tx: Transaction, target: layout.Layout, entry: Entry, previous
             _set_reader_group(tx, path, notes)
             return record
         if previous:  # installed by us earlier: stays ours for uninstall, content stays the admin's
+            _set_reader_group(tx, path, notes)  # installs before 0.1.0's real-oned tests left it root:root
             return {**record, "sha256": previous.get("sha256")}
         notes.append(f"kept the existing {entry.destination}")
         return None
@@ -233,8 +234,10 @@ def _oneadmin(path: Path, change: str, notes: list[str]) -> tuple[int, int] | No
 def _set_reader_group(tx: Transaction, path: Path, notes: list[str]) -> None:
     """root:oneadmin: the hooks and drivers (oneadmin) read the file, only root changes it."""
     ids = _oneadmin(path, f"chgrp {layout.OWNER}", notes)
-    if ids is not None:
-        tx.step(f"chgrp {layout.OWNER} {path}", lambda: os.chown(path, 0, ids[1]), lambda: None)
+    if ids is None or (path.exists() and not path.is_symlink() and path.stat().st_gid == ids[1]):
+        return
+    # lchown: a link swapped in after the write changes nothing it points to
+    tx.step(f"chgrp {layout.OWNER} {path}", lambda: os.chown(path, 0, ids[1], follow_symlinks=False), lambda: None)
 
 
 def _set_owner(tx: Transaction, target: layout.Layout, path: Path, notes: list[str]) -> None:

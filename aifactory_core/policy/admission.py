@@ -1,7 +1,8 @@
 """Frontend admission: what the API hook does after oned ran a VM-shaping call.
 
-OpenNebula hooks run after the call and cannot veto it, so GPU templates are created on hold
-(``SUBMIT_ON_HOLD = "YES"``, or ``hold = true`` in the call) and this step *releases* the VMs
+OpenNebula hooks run after the call and cannot veto it, so VMs are created on hold
+(``VM_SUBMIT_ON_HOLD = "YES"`` in oned.conf, or ``hold = true`` in the call: oned 7.0 does not act
+on a template's ``SUBMIT_ON_HOLD`` at instantiate) and this step *releases* the VMs
 that pass — once: a VM already marked ``AIFACTORY_ADMISSION`` or carrying
 ``AIFACTORY_KEEP_HOLD = "YES"`` stays as it is — and keeps on hold (or,
 with ``on_refusal = "terminate"``, terminates) the ones that do not, writing the reason into the

@@ -32,7 +32,7 @@ def test_install_registers_every_hook_once_and_a_second_run_changes_nothing(suit
     assert again.returncode == 0, again.stderr
     assert "nothing to change: the installation is up to date" in again.stdout
     assert suite_installed.hooks() == HOOK_NAMES
-    hooks_dir = suite_installed.one.location / "var" / "remotes" / "hooks" / "aifactory"
+    hooks_dir = suite_installed.one.location / "var" / "remotes" / "hooks-site" / "aifactory"  # :hook_base_path:
     assert sorted(path.name for path in hooks_dir.iterdir()) == ["aifactory-accounting", "aifactory-admission"]
 
 
@@ -44,7 +44,7 @@ def test_upgrade_then_uninstall_then_install_leave_no_duplicate_or_orphan(suite_
     removed = suite_installed.install_sh("--uninstall", "--no-venv")
     assert removed.returncode == 0, removed.stderr
     assert [hook.NAME for hook in client.hookpool.info(-2, -1, -1).HOOK if hook.NAME.startswith("aifactory")] == []
-    assert not (suite_installed.one.location / "var" / "remotes" / "hooks" / "aifactory").exists()
+    assert not (suite_installed.one.location / "var" / "remotes" / "hooks-site" / "aifactory").exists()
     again = suite_installed.install_sh()
     assert again.returncode == 0, again.stderr
     assert suite_installed.hooks() == HOOK_NAMES

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.realone
 
 @pytest.fixture(scope="module")
 def vm(real_one: RealOne) -> int:
-    """A VM on hold (no host needed) owned by oneadmin."""
-    return int(real_one.client().vm.allocate('NAME="transport" CPU="1" MEMORY="64"', True))
+    """A VM on hold (no host needed) owned by oneadmin, which the admission hook leaves alone."""
+    return int(real_one.client().vm.allocate('NAME="transport" CPU="1" MEMORY="64" AIFACTORY_KEEP_HOLD="YES"', True))
 
 
 def _both(one: RealOne) -> tuple[Oned, Oned]:

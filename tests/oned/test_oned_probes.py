@@ -44,6 +44,7 @@ def node(real_one: RealOne, suite_installed: Installed) -> Iterator[Path]:
     """A private sshd for oneadmin on 127.0.0.1, named ``aifactory-node`` in oneadmin's ssh config."""
     sshd = needs.tool("/usr/sbin/sshd", hint="openssh-server")
     needs.tool("ssh-keygen", hint="openssh-client")
+    remotes_before = Path("/var/tmp/one").exists()
     top = real_one.top / "node"
     top.mkdir()
     host_root = top / "host-root"  # a copy oneadmin can read (the suite's sample cache is root's)
@@ -76,7 +77,8 @@ Subsystem sftp internal-sftp
     subprocess.run(["chown", "-R", f"{user.pw_uid}:{user.pw_gid}", str(top)], check=True)
     for private in (key, host_key):
         private.chmod(0o600)
-    os.chown(host_key, 0, 0)
+    for root_only in (host_key, config):  # what root's sshd reads stays root's
+        os.chown(root_only, 0, 0)
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     server = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
     ssh_dir = Path(user.pw_dir) / ".ssh"
@@ -103,8 +105,9 @@ Subsystem sftp internal-sftp
         server.terminate()
         server.wait(timeout=10)
         _stop(daemons)
-        subprocess.run(["pkill", "-u", "oneadmin", "-f", "/var/tmp/one/im/"], check=False)
-        shutil.rmtree("/var/tmp/one", ignore_errors=True)
+        if not remotes_before:  # this machine's own remotes, if it had any, stay
+            subprocess.run(["pkill", "-u", "oneadmin", "-f", "/var/tmp/one/im/"], check=False)
+            shutil.rmtree("/var/tmp/one", ignore_errors=True)
 
 
 def _libvirt_for_oneadmin(one: RealOne, top: Path) -> list[Path]:
