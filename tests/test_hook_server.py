@@ -13,6 +13,7 @@ import os
 import socket
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def hook_server(one_server, tmp_path: Path):  # noqa: ANN201
     directory.mkdir(mode=0o700)
     path = directory / "hooks.sock"
     env = environment(one_server, tmp_path, CAP)
-    process = subprocess.Popen([str(PYTHON.parent / "aifactory"), "hook-server", "--socket", str(path)],
+    process = subprocess.Popen([sys.executable, "-m", "aifactory_core.cli", "hook-server", "--socket", str(path)],
                                env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while not path.is_socket():
@@ -126,7 +127,7 @@ def test_concurrent_events_through_the_server_keep_the_gpu_cap(one_server, hook_
 
 
 def test_a_second_server_on_a_live_socket_is_refused(hook_server: Path, tmp_path: Path) -> None:
-    result = subprocess.run([str(PYTHON.parent / "aifactory"), "hook-server", "--socket", str(hook_server)],
+    result = subprocess.run([sys.executable, "-m", "aifactory_core.cli", "hook-server", "--socket", str(hook_server)],
                             capture_output=True, timeout=60, check=False, env=dict(os.environ))
     assert result.returncode == 2 and b"another server is listening" in result.stderr
 
@@ -148,7 +149,7 @@ def test_a_socket_path_that_cannot_be_bound_is_refused_in_one_line(tmp_path: Pat
     directory = tmp_path / "run"
     directory.mkdir(mode=0o700)
     path = directory / ("a" * 120 + ".sock")  # longer than AF_UNIX allows
-    result = subprocess.run([str(PYTHON.parent / "aifactory"), "hook-server", "--socket", str(path)],
+    result = subprocess.run([sys.executable, "-m", "aifactory_core.cli", "hook-server", "--socket", str(path)],
                             capture_output=True, text=True, timeout=60, check=False, env=dict(os.environ))
     assert result.returncode == 2
     assert result.stderr == f"aifactory: hook server: cannot listen on {path}: AF_UNIX path too long\n"
