@@ -8,9 +8,7 @@ belongs to the VM until ``release`` gives it back.
 
 from __future__ import annotations
 
-import fcntl
 import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,17 +31,12 @@ def _owners(host: HostRoot) -> Path:
 
 @contextmanager
 def device_lock(host: HostRoot, address: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    from aifactory_core.flocks import flock_within
+
     fd = open_lock(host.state_dir / "locks" / f"{pci_address(address)}.lock")
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise HostError(f"device {address} is locked by another operation") from None
-                time.sleep(0.01)
+        if not flock_within(fd, timeout_s):
+            raise HostError(f"device {address} is locked by another operation")
         yield
     finally:
         os.close(fd)

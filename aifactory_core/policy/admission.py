@@ -69,8 +69,7 @@ class AdmissionLockTimeout(AifactoryError):
 def group_lock(directory: Path, gid: int, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[Path]:
     """Hold ``directory/admission-<gid>.lock`` exclusively (created 0600), waiting at most ``timeout``
     seconds; the lock goes with the process, so a killed hook never leaves it taken."""
-    import fcntl
-    import time
+    from aifactory_core.flocks import flock_within
 
     path = directory / f"admission-{int(gid)}.lock"
     try:
@@ -79,19 +78,9 @@ def group_lock(directory: Path, gid: int, timeout: float = DEFAULT_LOCK_TIMEOUT)
     except OSError as error:
         raise AifactoryError(f"admission lock {path}: {error.strerror or error}", code="lock") from None
     try:
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise AdmissionLockTimeout(
-                        f"admission lock {path} still held by another admission after {timeout:g}s; "
-                        "VM left as it is") from None  # fmt: skip
-                time.sleep(delay)
-                delay = min(delay * 2, 0.1)
+        if not flock_within(descriptor, timeout):
+            raise AdmissionLockTimeout(f"admission lock {path} still held by another admission after {timeout:g}s; "
+                                       "VM left as it is")
         yield path
     finally:
         os.close(descriptor)  # closing the last descriptor drops the flock

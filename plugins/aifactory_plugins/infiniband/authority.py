@@ -150,26 +150,20 @@ class PartitionAuthority:
 def state_lock(state_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Exclusive hold of ``<state dir>/ib-partitions.lock`` for one read-change-write (bounded wait;
     the lock goes with the descriptor, so a killed authority never leaves it taken)."""
-    import fcntl
     import os
-    import time
 
-    path = state_dir / LOCK_FILE
+    from aifactory_core.flocks import flock_within
+    from aifactory_core.lifecycle.atomic import open_lock
+
+    path = state_dir / LOCK_FILE  # root's on the SM host: opened without following any link
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as error:
         raise HostError(f"partition lock {path}: {error.strerror or error}") from None
+    descriptor = open_lock(path)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise HostError(f"partition lock {path} still held after {timeout_s:g}s") from None
-                time.sleep(0.01)
+        if not flock_within(descriptor, timeout_s):
+            raise HostError(f"partition lock {path} still held after {timeout_s:g}s")
         yield
     finally:
         os.close(descriptor)
