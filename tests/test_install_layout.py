@@ -42,3 +42,25 @@ def test_a_hook_base_path_outside_the_remotes_is_refused(tmp_path: Path, path: s
     layout = _with_hem_conf(tmp_path, f":hook_base_path: '{path}'")
     with pytest.raises(UsageError, match="is not under"):
         layout.hooks_dir  # noqa: B018
+
+
+def test_install_refuses_a_link_planted_at_the_state_directory(tmp_path: Path) -> None:
+    """The state directory sits in oneadmin's directory: a link there must not make root chmod and
+    chown its target (here a directory standing for /etc)."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "root"
+    victim = tmp_path / "etc-standing-in"
+    victim.mkdir(mode=0o755)
+    (root / "var/lib/one").mkdir(parents=True)
+    (root / "var/lib/one/aifactory").symlink_to(victim)
+    result = subprocess.run(["sh", str(repo / "install.sh"), "--no-venv", "--no-hooks", "--destdir", str(root)],
+                            capture_output=True, text=True, timeout=120, check=False,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "is not a directory (a link or a file stands there)" in result.stderr
+    assert (victim.stat().st_mode & 0o7777, victim.stat().st_uid) == (0o755, os.getuid())
+    assert list(victim.iterdir()) == []

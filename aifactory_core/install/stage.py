@@ -167,6 +167,10 @@ def install_entry(tx: Transaction, target: layout.Layout, entry: Entry, previous
     record: dict[str, Any] = {"path": entry.destination, "kind": entry.kind, "sha256": entry.digest,
                               "mode": entry.mode, "source": entry.source}
     if entry.kind == DIRECTORY:
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            # the state directory's parent is oneadmin's: root chmods and chowns only a real directory
+            raise InstallError(f"{path} is not a directory (a link or a file stands there): refusing to "
+                               "chmod or chown it; remove it and run install.sh again")
         if not path.exists():
             created.append(entry.destination)
             tx.step(f"create directory {path} (mode {entry.mode:o})", lambda: path.mkdir(mode=entry.mode),
