@@ -66,7 +66,7 @@ def synced_host(root: Path) -> Path:
     (env / "lib" / "marker.txt").chmod(0o666)
     for entry in manifest.discover(REPO):
         if entry.kind == manifest.HOST_DATA:
-            target = root / entry.destination.replace(layout.REMOTES, layout.HOST_REMOTES, 1).lstrip("/")
+            target = root / entry.destination.replace(layout.Layout().remotes, layout.HOST_REMOTES, 1).lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(entry.content)
     if os.geteuid() == 0:
@@ -87,8 +87,8 @@ def root(tmp_path: Path) -> Path:
 
 def test_manifest_ships_the_host_files_to_the_remotes() -> None:
     shipped = {entry.destination: entry for entry in manifest.discover(REPO) if entry.kind == manifest.HOST_DATA}
-    assert set(shipped) == {f"{layout.HOST_FILES}/sudoers/aifactory",
-                            f"{layout.HOST_FILES}/systemd/aifactory-repair.service"}
+    assert set(shipped) == {f"{layout.Layout().host_files}/sudoers/aifactory",
+                            f"{layout.Layout().host_files}/systemd/aifactory-repair.service"}
     assert all(entry.mode == 0o644 for entry in shipped.values())
 
 
@@ -344,7 +344,7 @@ def test_end_to_end_from_install_sh_through_onehost_sync(tmp_path: Path) -> None
     host = tmp_path / "host"
     synced = host / layout.HOST_REMOTES.lstrip("/")
     synced.mkdir(parents=True)
-    remotes = frontend / layout.REMOTES.lstrip("/")
+    remotes = frontend / layout.Layout().remotes.lstrip("/")
     if shutil.which("rsync"):
         subprocess.run(["rsync", "-La", "--delete", f"{remotes}/", f"{synced}/"], check=True)
     else:

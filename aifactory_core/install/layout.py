@@ -22,21 +22,12 @@ from pathlib import Path
 
 _HOOK_BASE_PATH = re.compile(r"""^:hook_base_path:[ \t]*(['"]?)(/[^'"\s#]+)\1[ \t]*(?:#.*)?$""", re.MULTILINE)
 
-REMOTES = "/var/lib/one/remotes"
-HOST_REMOTES = "/var/tmp/one"
-HOOKS_DIR = f"{REMOTES}/hooks/aifactory"
-HOST_ENV = f"{REMOTES}/aifactory/venv"
+HOST_REMOTES = "/var/tmp/one"  # where `onehost sync` puts the remotes on every host
 HOST_ENV_ON_HOSTS = f"{HOST_REMOTES}/aifactory/venv"
-HOST_FILES = f"{REMOTES}/aifactory/host"
 HOST_FILES_ON_HOSTS = f"{HOST_REMOTES}/aifactory/host"
-CONFIG = "/etc/one/aifactory.conf"
-SUDOERS = "/etc/sudoers.d/aifactory"
-STATE_DIR = "/var/lib/one/aifactory"
-MANIFEST = f"{STATE_DIR}/install-manifest.json"
-ONED_CONF = "/etc/one/oned.conf"
-MONITORD_CONF = "/etc/one/monitord.conf"
 DEFAULT_PREFIX = "/opt/aifactory"
 OWNER = "oneadmin"
+# The frontend's paths (remotes, config, state, manifest, oned.conf) are Layout's properties.
 
 
 @dataclass(frozen=True)
