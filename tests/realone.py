@@ -24,6 +24,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import fcntl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,18 +218,33 @@ def _stop_pid_file(pid_file: Path) -> None:
         return
 
 
+# oned, the hook manager and monitord listen on fixed ports (2633, 2101/2102, 4124): two test
+# sessions on one machine take turns instead of colliding.
+PORTS_LOCK = Path("/var/tmp/aifactory-realone.lock")
+
+
 @pytest.fixture(scope="session")
 def real_one() -> Iterator[RealOne]:
     needs.root("starts oned as the oneadmin user")
     needs.tool("runuser", hint="util-linux")
-    one = RealOne(built_location())
+    location = built_location()
+    lock_fd = os.open(PORTS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    waited = time.monotonic()
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
+    waited = time.monotonic() - waited
+    if waited > 1:
+        _TIMINGS.append(f"waited {waited:.0f} s for another session's oned to stop")
+    one = RealOne(location)
     try:
         one.start()
         _TIMINGS.append(f"real oned {VERSION}: API ready {one.started_s:.1f} s after 'one start' ({one.location})")
         yield one
     finally:
-        one.stop()
-        one.remove()
+        try:
+            one.stop()
+            one.remove()
+        finally:
+            os.close(lock_fd)
 
 
 PYTHON = "/usr/bin/python3"  # Debian's: oneadmin must be able to run the environments built from it
