@@ -70,7 +70,7 @@ def scratch_host(top: Path) -> dict[str, str]:
     from aifactory_core.samples import extract_sample
 
     root = top / "root"
-    shutil.copytree(extract_sample("h100-pcie-vm"), root, symlinks=True)
+    shutil.copytree(extract_sample("h100-sxm5-vm"), root, symlinks=True)
     vm_dir = root / VM_DIR.lstrip("/").replace("//", "/")
     vm_dir.mkdir(parents=True)
     (vm_dir / "vm.xml").write_bytes(deviceless_vm())

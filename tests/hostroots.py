@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-H100_CAPTURE = FIXTURES / "hosts" / "h100-pcie-vm"
+H100_CAPTURE = FIXTURES / "hosts" / "h100-sxm5-vm"
 REPO = Path(__file__).resolve().parent.parent
 
 

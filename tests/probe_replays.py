@@ -1,6 +1,6 @@
 """NVML recordings for the probe tests, all derived from the real H100 capture.
 
-``tests/fixtures/hosts/h100-pcie-vm/nvml.json`` is one H100 PCIe's NVML answers recorded on a real
+``tests/fixtures/hosts/h100-sxm5-vm/nvml.json`` is one H100 SXM5's NVML answers recorded on a real
 host (value or error and latency of each call). The multi-GPU recordings below are *derived* from
 it: the real device entry copied once per GPU of the DGX-shaped synthetic host, with that GPU's
 PCI bus id and a distinct UUID/serial, and the fault under test written into one copy in the
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-H100_NVML = Path(__file__).resolve().parent / "fixtures" / "hosts" / "h100-pcie-vm" / "nvml.json"
+H100_NVML = Path(__file__).resolve().parent / "fixtures" / "hosts" / "h100-sxm5-vm" / "nvml.json"
 DGX_GPUS = ["0000:1b:00.0", "0000:43:00.0", "0000:52:00.0", "0000:61:00.0",
             "0000:9d:00.0", "0000:c3:00.0", "0000:d1:00.0", "0000:df:00.0"]
 
@@ -51,11 +51,12 @@ def write(data: dict[str, Any], path: Path) -> Path:
 
 # NVSwitch fabric registration as nvmlDeviceGetGpuFabricInfoV reports it on an HGX/DGX H100 whose
 # fabric manager has registered every GPU. SYNTHETIC: no such recording exists in the project (the
-# real H100 capture is a PCIe card without NVSwitch, and its recorder called this function wrongly,
-# so it holds a TypeError, not an answer). Field names and meanings are nvml.h's nvmlGpuFabricInfo_v2_t.
+# real H100 capture is an SXM5 GPU passed alone into a VM, with no NVSwitch in sight, and its
+# recorder called this function wrongly, so it holds a TypeError, not an answer).
+# Field names and meanings are nvml.h's nvmlGpuFabricInfo_v2_t.
 SYNTHETIC_CLUSTER_UUID = "5c0a7e3b-2f1d-4e6a-9b8c-1d2e3f405162"
 SYNTHETIC_NOTE = ("SYNTHETIC: GpuFabricInfo entries are made up in nvml.h's nvmlGpuFabricInfo_v2_t layout; "
-                  "every other entry is the real H100 PCIe capture, copied per GPU")
+                  "every other entry is the real H100 SXM5 capture, copied per GPU")
 
 
 def with_fabric_info(data: dict[str, Any], state: int = 3, status: int = 0, clique: int = 7) -> dict[str, Any]:

@@ -49,9 +49,9 @@ def test_bundled_sample_is_the_same_capture(h100_root: Path) -> None:
     from hostroots import H100_CAPTURE, REPO
 
     samples = REPO / "aifactory_core" / "samples"
-    assert (samples / "h100-pcie-vm.tar.gz").read_bytes() == (H100_CAPTURE / "sysfs.tar.gz").read_bytes()
-    assert (samples / "h100-pcie-vm.nvml.json").read_bytes() == (H100_CAPTURE / "nvml.json").read_bytes()
-    sample = json.loads(run_cli("--host-root", "sample:h100-pcie-vm", "inventory", "--json").stdout)
+    assert (samples / "h100-sxm5-vm.tar.gz").read_bytes() == (H100_CAPTURE / "sysfs.tar.gz").read_bytes()
+    assert (samples / "h100-sxm5-vm.nvml.json").read_bytes() == (H100_CAPTURE / "nvml.json").read_bytes()
+    sample = json.loads(run_cli("--host-root", "sample:h100-sxm5-vm", "inventory", "--json").stdout)
     direct = json.loads(run_cli("--host-root", str(h100_root), "inventory", "--json").stdout)
     assert sample["devices"] == direct["devices"]
 

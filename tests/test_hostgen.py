@@ -17,7 +17,7 @@ from hostroots import extract_archive
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOPOLOGIES = FIXTURES / "topologies"
-CAPTURE_CANDIDATES = (FIXTURES / "hosts" / "h100-pcie-vm" / "sysfs.tar.gz",)
+CAPTURE_CANDIDATES = (FIXTURES / "hosts" / "h100-sxm5-vm" / "sysfs.tar.gz",)
 
 sys.path.insert(0, str(FIXTURES))
 try:
@@ -55,7 +55,7 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     archive = next((path for path in CAPTURE_CANDIDATES if path.exists()), None)
     if archive is None:
-        pytest.skip("the real H100 capture (h100-pcie-vm/sysfs.tar.gz) is not available")
+        pytest.skip("the real H100 capture (h100-sxm5-vm/sysfs.tar.gz) is not available")
     dest = tmp_path_factory.mktemp("capture")
     return extract_archive(archive, dest)
 

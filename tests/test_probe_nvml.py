@@ -4,7 +4,7 @@ same recording, and the faults (no library, one GPU raising,
 a hung call) — the other GPUs are always still reported.
 
 No GPU is available to the tests: every NVML answer here is one recorded on a real H100
-(``tests/fixtures/hosts/h100-pcie-vm/nvml.json``) or derived from it (``probe_replays.py`` says how).
+(``tests/fixtures/hosts/h100-sxm5-vm/nvml.json``) or derived from it (``probe_replays.py`` says how).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 template reader and compared field by field with the NVML recording and with ``nvidia-smi -q``
 from the same host; the installed executables as OpenNebula runs them; the CLI; Prometheus format.
 
-NVML answers come from the real H100 recording (``tests/fixtures/hosts/h100-pcie-vm/nvml.json``)
+NVML answers come from the real H100 recording (``tests/fixtures/hosts/h100-sxm5-vm/nvml.json``)
 or multi-GPU recordings derived from it (``probe_replays.py``); no GPU is used.
 """
 
@@ -367,10 +367,10 @@ def test_holders_agree_with_the_lifecycle_engine(tmp_path: Path) -> None:
 
 
 def test_cli_bundled_sample_recording(tmp_path: Path) -> None:
-    """``sample:h100-pcie-vm`` names the packaged copy of the real H100 recording."""
+    """``sample:h100-sxm5-vm`` names the packaged copy of the real H100 recording."""
     env = {"AIFACTORY_STATE_DIR": str(tmp_path)}
-    result = run_cli("--host-root", "sample:h100-pcie-vm", "probe", "host-system", "--nvml-replay",
-                     "sample:h100-pcie-vm", env=env)
+    result = run_cli("--host-root", "sample:h100-sxm5-vm", "probe", "host-system", "--nvml-replay",
+                     "sample:h100-sxm5-vm", env=env)
     assert result.returncode == 0, result.stderr
     assert _parse(result.stdout)["AIF_GPU"][0]["UUID"] == recording()["devices"][0]["UUID"]["value"]
     bad = run_cli("probe", "host-system", "--nvml-replay", "sample:../../etc/passwd", env=env)

@@ -97,7 +97,7 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--host-root",
         metavar="DIR",
-        help="directory standing for / (sysfs at DIR/sys); 'sample:h100-pcie-vm' for the bundled "
+        help="directory standing for / (sysfs at DIR/sys); 'sample:h100-sxm5-vm' for the bundled "
         "H100 capture; default $AIFACTORY_HOST_ROOT or /",
     )
     parser.add_argument("--config", metavar="FILE", help="config file (default /etc/one/aifactory.conf)")

@@ -13,7 +13,7 @@ def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser("probe", help="print an OpenNebula IM probe's output")
     parser.add_argument("kind", choices=["host-system", "vm-monitor"])
     parser.add_argument("--nvml-replay", metavar="FILE",
-                        help="read a recorded nvml.json instead of NVML ('sample:h100-pcie-vm' for the bundled one)")
+                        help="read a recorded nvml.json instead of NVML ('sample:h100-sxm5-vm' for the bundled one)")
     parser.add_argument("--budget", type=float, default=5.0, metavar="SECONDS",
                         help="deadline for all NVML reads (default 5)")
 

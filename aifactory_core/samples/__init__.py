@@ -1,6 +1,6 @@
 """Bundled host captures, so the suite shows what it does on a machine without a GPU.
 
-``--host-root sample:h100-pcie-vm`` extracts the real H100 host capture shipped with the package
+``--host-root sample:h100-sxm5-vm`` extracts the real H100 host capture shipped with the package
 (sysfs/procfs of a KVM guest with an H100 80GB HBM3 passed through, captured 2026-11-26) into a
 per-user cache directory and uses it as the host root.
 """

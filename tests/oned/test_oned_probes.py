@@ -48,9 +48,9 @@ def node(real_one: RealOne, suite_installed: Installed) -> Iterator[Path]:
     top = real_one.top / "node"
     top.mkdir()
     host_root = top / "host-root"  # a copy oneadmin can read (the suite's sample cache is root's)
-    shutil.copytree(extract_sample("h100-pcie-vm"), host_root, symlinks=True)
+    shutil.copytree(extract_sample("h100-sxm5-vm"), host_root, symlinks=True)
     replay = top / "nvml.json"
-    shutil.copy(SAMPLES / "h100-pcie-vm.nvml.json", replay)
+    shutil.copy(SAMPLES / "h100-sxm5-vm.nvml.json", replay)
     key = top / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     (top / "authorized_keys").write_text((top / "id_ed25519.pub").read_text())
