@@ -4,12 +4,14 @@ Location: ``--config FILE``, else ``$AIFACTORY_CONFIG``, else ``/etc/one/aifacto
 default file means built-in defaults; a missing file that was asked for is an error.
 
 Sections: ``[plugins]`` (which plugins run, in which order), ``[host]`` (host-wide facts the
-kernel cannot tell), and ``[plugin.NAME]`` tables handed to the plugin called NAME.
+kernel cannot tell), ``[frontend]`` (what install.sh sets up in OpenNebula), and
+``[plugin.NAME]`` tables handed to the plugin called NAME.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,10 +37,16 @@ class PluginsConfig:
 class HostConfig:
     reserved_cpus: frozenset[int] = frozenset()
     host_devices: tuple[str, ...] = ()
-    state_dir: str | None = None
     vf_pools: tuple[str, ...] = ()
     """SR-IOV PFs (PCI addresses) whose VFs tenants may be given: the root helper sets and scrubs
     VFs of these PFs only."""
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    pci_filter: tuple[str, ...] = ()
+    """``vendor:device[:class]`` filters (lspci ``-d`` syntax) install.sh adds to OpenNebula's
+    ``pci.conf`` for kvm and qemu hosts, so the hosts report those devices in their PCI list."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class Config:
     path: str | None = None
     plugins: PluginsConfig = field(default_factory=PluginsConfig)
     host: HostConfig = field(default_factory=HostConfig)
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
     plugin_sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def plugin(self, name: str) -> Mapping[str, Any]:
@@ -80,7 +89,11 @@ def _plugins(table: Any) -> PluginsConfig:
 def _host(table: Any) -> HostConfig:
     if not isinstance(table, dict):
         raise ConfigError("config key 'host' must be a table")
-    _check_keys(table, {"reserved_cpus", "host_devices", "state_dir", "vf_pools"}, "host")
+    if "state_dir" in table:
+        raise ConfigError("config key 'host.state_dir' is not supported: every process of the suite (the "
+                          "wrappers' fast path, the probes, the boot repair, the installer) uses "
+                          "/var/lib/one/aifactory; remove the key")
+    _check_keys(table, {"reserved_cpus", "host_devices", "vf_pools"}, "host")
     reserved = table.get("reserved_cpus", "")
     if not isinstance(reserved, str):
         raise ConfigError("config key 'host.reserved_cpus' must be a CPU list string such as \"0-1,56-57\"")
@@ -89,10 +102,24 @@ def _host(table: Any) -> HostConfig:
     except UsageError as error:
         raise ConfigError(f"config key 'host.reserved_cpus': {error.message}") from None
     host_devices = _pci_addresses(table, "host_devices")
-    state_dir = table.get("state_dir")
-    if state_dir is not None and (not isinstance(state_dir, str) or not state_dir.startswith("/")):
-        raise ConfigError("config key 'host.state_dir' must be an absolute path")
-    return HostConfig(reserved_cpus, host_devices, state_dir, _pci_addresses(table, "vf_pools"))
+    return HostConfig(reserved_cpus, host_devices, _pci_addresses(table, "vf_pools"))
+
+
+_PCI_FILTER = re.compile(r"^(?:[0-9a-f]{4}|\*)?:(?:[0-9a-f]{4}|\*)?(?::[0-9a-f]{4})?$")
+
+
+def _frontend(table: Any) -> FrontendConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("config key 'frontend' must be a table")
+    _check_keys(table, {"pci_filter"}, "frontend")
+    filters = table.get("pci_filter", [])
+    if not isinstance(filters, list) or not all(isinstance(item, str) for item in filters):
+        raise ConfigError("config key 'frontend.pci_filter' must be a list of \"vendor:device[:class]\" strings")
+    for item in filters:
+        if not _PCI_FILTER.match(item) or item.strip(":*") == "":
+            raise ConfigError(f"config key 'frontend.pci_filter': {item[:40]!r} is not vendor:device[:class] "
+                              "(lower-case hex, 4 digits each, vendor or device may be *)")
+    return FrontendConfig(tuple(dict.fromkeys(filters)))
 
 
 def _pci_addresses(table: Mapping[str, Any], key: str) -> tuple[str, ...]:
@@ -106,7 +133,7 @@ def _pci_addresses(table: Mapping[str, Any], key: str) -> tuple[str, ...]:
 
 
 def parse_config(data: Mapping[str, Any], path: str | None = None) -> Config:
-    _check_keys(data, {"plugins", "host", "plugin"}, "")
+    _check_keys(data, {"plugins", "host", "frontend", "plugin"}, "")
     sections = data.get("plugin", {})
     if not isinstance(sections, dict) or not all(isinstance(value, dict) for value in sections.values()):
         raise ConfigError("config key 'plugin' must hold tables such as [plugin.vfio]")
@@ -114,6 +141,7 @@ def parse_config(data: Mapping[str, Any], path: str | None = None) -> Config:
         path=path,
         plugins=_plugins(data.get("plugins", {})),
         host=_host(data.get("host", {})),
+        frontend=_frontend(data.get("frontend", {})),
         plugin_sections=sections,
     )
 

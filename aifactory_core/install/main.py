@@ -48,8 +48,20 @@ def _oned(endpoint: str | None) -> Any:
         raise InstallError(f"cannot talk to oned from {sys.executable}: {error} (pyone; or --no-hooks)") from None
 
 
+def _frontend_config(target: layout.Layout) -> Any:
+    """The ``[frontend]`` table of the frontend's aifactory.conf (defaults when there is none yet)."""
+    from aifactory_core.config import FrontendConfig, parse_config_bytes
+
+    path = target.path(target.config)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return FrontendConfig()
+    return parse_config_bytes(raw, str(path)).frontend
+
+
 def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
-    from aifactory_core.install import hook_server, hookreg, manifest, stage
+    from aifactory_core.install import hook_server, hookreg, manifest, pcifilter, stage
 
     previous = stage.load_record(target)
     if args.mode == "upgrade" and not previous:
@@ -94,6 +106,10 @@ def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) ->
     environments = sorted(set(previous.get("environments", [])) | set(args.environment))
     record: dict[str, Any] = {"format": 1, "prefix": args.prefix, "files": files, "directories": created,
                               "hooks": hooks, "environments": environments}
+    pci_filters = pcifilter.apply(tx, target, _frontend_config(target).pci_filter,
+                                  previous.get(pcifilter.RECORD_KEY, {}), notes)
+    if pci_filters:
+        record[pcifilter.RECORD_KEY] = pci_filters
     if server_enabled:
         record[hook_server.RECORD_KEY] = True
     stage.write_record(tx, target, record, previous)
@@ -101,7 +117,7 @@ def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) ->
 
 
 def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
-    from aifactory_core.install import hook_server, hookreg, stage
+    from aifactory_core.install import hook_server, hookreg, pcifilter, stage
 
     record = stage.load_record(target)
     if not record:
@@ -112,6 +128,7 @@ def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) 
         oned = _oned(args.endpoint)  # connected, and pyone loaded, before the environments go
         hookreg.registered_hooks(oned)
     hook_server.stop_for_uninstall(tx, target, record, notes)
+    pcifilter.remove(tx, target, record.get(pcifilter.RECORD_KEY, {}), notes)
     stage.uninstall_files(tx, target, record, notes)
     if oned is not None:
         hookreg.unregister(oned, sorted(record["hooks"]), args.dry_run, tx.tell)
