@@ -123,6 +123,11 @@ def test_staged_install_matches_opennebulas_layout_and_registers_hooks(tmp_path:
     for action in wrapped_actions():
         assert (kvm / action).read_bytes() == (REPO / "drivers/vmm/kvm" / action).read_bytes()
         assert (kvm / f"{action}.one").read_text() == ORIGINAL.format(action=action)
+    for phase in ("pre", "post", "clean"):  # the VXLAN drivers run their hooks as 802.1Q does
+        hooks = {driver: root / f"var/lib/one/remotes/vnm/{driver}/{phase}.d/aifactory-network"
+                 for driver in ("802.1Q", "vxlan", "ovswitch_vxlan")}
+        assert len({hook.read_bytes() for hook in hooks.values()}) == 1, phase
+        assert all(os.access(hook, os.X_OK) for hook in hooks.values()), phase
     probe = root / "var/lib/one/remotes/im/kvm-probes.d/host/system/aifactory-gpu"
     assert probe.read_text().splitlines()[0] == "#!/var/tmp/one/aifactory/venv/bin/python3"
     sudoers = root / "etc/sudoers.d/aifactory"
