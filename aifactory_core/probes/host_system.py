@@ -11,6 +11,8 @@ Output (OpenNebula template syntax; every attribute always present, zero/empty w
 * ``AIF_SRIOV = [ ... ]`` per PF, ``AIF_IB_PORT = [ ... ]`` per port, ``AIF_HUGEPAGE = [ NODE_ID,
   SIZE, PAGES, FREE ]`` per node and size, ``AIF_CHECK = [ NAME, STATUS, DETAIL ]`` per readiness
   check and ``AIF_READY = YES|NO``.
+* ``PCI = [ ... ]`` per passthrough device oned may give to a VM, healthy ones only, and
+  ``AIF_PCI_OFFERED`` / ``AIF_PCI_WITHHELD`` (what was left out, and why): :mod:`.pci_offer`.
 
 A later run that finds nothing for a list emits a single placeholder vector (``AIF_GPU = [ ]``) so
 that oned's merge replaces the stale entries (an omitted attribute would stay in the template).
@@ -54,13 +56,32 @@ def attributes(snapshot: dict[str, Any]) -> list[tuple[str, object]]:
         out += [(key, row) for row in rows] or [(key, {})]
     ready = bool(snapshot["checks"]) and all(check["STATUS"] != "FAIL" for check in snapshot["checks"])
     out.append(("AIF_READY", "YES" if ready else "NO"))
+    offered, withheld = snapshot.get("pci", ([], []))
+    out += [("PCI", vector) for vector in offered]  # none at all: oned drops every free device
+    out += [("AIF_PCI_OFFERED", ",".join(f"{vector['DOMAIN']}:{vector['SHORT_ADDRESS']}" for vector in offered)),
+            ("AIF_PCI_WITHHELD", "; ".join(f"{address} {why}" for address, why in withheld))]
     return out
+
+
+def pci_list(root: Root, snapshot: dict[str, Any]) -> None:
+    """Decide the host's PCI list into ``snapshot["pci"]`` (a failure: no device offered, a problem)."""
+    from aifactory_core.probes import host_side, hostconf, pci_offer
+
+    try:
+        settings = hostconf.host_settings(root, snapshot["problems"])
+        quarantined = host_side.quarantine_reasons(root) if settings["vf_pools"] else {}
+        snapshot["pci"] = pci_offer.offer(root, snapshot, settings, quarantined)
+    except Exception as error:
+        snapshot["problems"].append(render.error_text(error, prefix="pci: "))
+        snapshot["pci"] = ([], [])
 
 
 def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
     """The probe's whole output; never raises (a failure becomes ``AIF_PROBE/PROBLEMS``)."""
     try:
-        return render.template(attributes(collect(root, replay, budget_s)))
+        snapshot = collect(root, replay, budget_s)
+        pci_list(root, snapshot)
+        return render.template(attributes(snapshot))
     except Exception as error:
         return render.template([("AIF_PROBE", {"VERSION": __version__, "STATUS": "FAILED",
                                                "PROBLEMS": render.error_text(error)}),
