@@ -30,6 +30,14 @@ def _owner_label(vm: int) -> str:
     return "admin" if vm == ADMIN_VM else f"VM {vm}"
 
 
+def _admin_reason(reason: str) -> str:
+    """A plugin's reason as the administrator reads it (the plugins speak of the owner as a VM)."""
+    prefix = f"VM {ADMIN_VM}: "
+    if not reason.startswith(prefix):
+        return reason
+    return "admin: " + reason[len(prefix):].replace("requested by the VM", "requested by the administrator")
+
+
 def _bind(args: argparse.Namespace, context: Any) -> int:
     from aifactory_core.host.inventory import HostInventory
     from aifactory_core.lifecycle.executor import plan_writes, prepare
@@ -55,8 +63,9 @@ def _bind(args: argparse.Namespace, context: Any) -> int:
     if args.dry_run:
         for action in actions:
             if action.kind == "pci_driver":
+                reason = _admin_reason(action.reason) if vm == ADMIN_VM else action.reason
                 sys.stdout.write(f"# {action.target}: {action.undo_value or 'no driver'} -> {action.value} "
-                                 f"({action.reason})\n")
+                                 f"({reason})\n")
         for write in plan_writes(host, actions):
             sys.stdout.write(f"echo {write.value.strip() or chr(39) * 2} > {write.path}    # {write.why}\n")
         return EXIT_OK

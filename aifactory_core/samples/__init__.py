@@ -1,8 +1,15 @@
-"""Bundled host captures, so the suite shows what it does on a machine without a GPU.
+"""Bundled host samples, so the suite shows what it does on a machine without a GPU.
 
-``--host-root sample:h100-sxm5-vm`` extracts the real H100 host capture shipped with the package
-(sysfs/procfs of a KVM guest with an H100 80GB HBM3 passed through, captured 2026-11-26) into a
-per-user cache directory and uses it as the host root.
+``--host-root sample:NAME`` extracts ``NAME.tar.gz`` into a per-user cache directory and uses it
+as the host root; ``--nvml-replay sample:NAME`` replays ``NAME.nvml.json``; ``plan --vm
+sample:NAME`` reads the VM document ``NAME.vm.xml``.
+
+* ``h100-sxm5-vm``: a real capture (2026-11-26): sysfs/procfs of a KVM guest with one H100 80GB
+  HBM3 SXM5 passed through (no IOMMU inside that guest), and its NVML recording.
+* ``dgx-h100``: SYNTHETIC, written by ``tests/fixtures/make_dgx_sample.py`` from the test suite's
+  host generator: a DGX-H100-shaped host (2 sockets, 8 H100 SXM5, 4 NVSwitches, 8 ConnectX-7,
+  IOMMU groups, vfio-pci loaded), the real NVML recording copied per GPU with a synthetic
+  NVSwitch fabric registration, and a VM document with one GPU and one NIC for ``plan``.
 """
 
 from __future__ import annotations
@@ -69,6 +76,15 @@ def extract_sample(name: str) -> Path:
 
         shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def vm_document(name: str) -> Path:
+    """The VM document bundled with sample ``name`` (``NAME.vm.xml``)."""
+    path = _HERE / f"{name}.vm.xml"
+    if name not in available() or not path.is_file():
+        with_vm = [sample for sample in available() if (_HERE / f"{sample}.vm.xml").is_file()]
+        raise UsageError(f"no VM document in sample {name!r}; available: {', '.join(with_vm)}")
+    return path
 
 
 def resolve_host_root_option(option: str | None) -> str | None:

@@ -14,6 +14,10 @@ from aifactory_core.errors import EXIT_OK, UsageError
 def _read(path: str, what: str) -> bytes:
     from aifactory_core.cli.cmd_vm import read_input
 
+    if path.startswith("sample:"):  # a VM document bundled with a host sample (aifactory_core.samples)
+        from aifactory_core.samples import vm_document
+
+        path = str(vm_document(path[len("sample:"):]))
     try:
         return read_input(path, 4 * 1024 * 1024)
     except UsageError as error:
@@ -36,6 +40,17 @@ def _render(placement: Any) -> str:
         lines.append(f"  GPU {gpu} paired with NIC {nic} (same PCIe switch)")
     lines.extend(f"  note: {note}" for note in placement.notes)
     return "\n".join(lines) + "\n"
+
+
+def _pretty(domain: Any) -> str:
+    """The domain indented for a reader (a copy: the domain itself is left as it was)."""
+    from copy import deepcopy
+
+    from lxml import etree
+
+    shown = deepcopy(domain)
+    etree.indent(shown, space="  ")
+    return etree.tostring(shown, encoding="unicode") + "\n"
 
 
 def _spec(request: Any, inventory: Any, policies: Any, domain: Any = None) -> Any:
@@ -101,14 +116,14 @@ def run_plan(args: argparse.Namespace, context: Any) -> int:
         notes: list[str] = []
     else:
         notes = rewrite_domain(domain, result)
-    xml = dump_domain(domain).decode()
     if args.json:
+        xml = dump_domain(domain).decode()
         document = {"placement": result.to_dict(), "domain_notes": notes, "domain_xml": xml}
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
     sys.stderr.write(_render(result) + "".join(f"  note: {note}\n" for note in notes))
-    sys.stdout.write(xml)
+    sys.stdout.write(_pretty(domain))
     return EXIT_OK
 
 
