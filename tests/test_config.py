@@ -23,7 +23,6 @@ def test_full_config(tmp_path: Path) -> None:
     path.write_text(
         '[plugins]\nenabled = ["vfio", "numa"]\norder = ["numa"]\n'
         '[host]\nreserved_cpus = "0-1,112-113"\nhost_devices = ["0000:c1:00.0", "17:00.0"]\n'
-        'state_dir = "/var/lib/one/aifactory"\n'
         '[plugin.vfio]\nbind_timeout_s = 10\n'
     )
     config = load_config(str(path))
@@ -44,6 +43,7 @@ def test_full_config(tmp_path: Path) -> None:
         ({"host": {"reserved_cpus": 3}}, "host.reserved_cpus"),
         ({"host": {"host_devices": ["../00:1f.0"]}}, "host.host_devices"),
         ({"host": {"state_dir": "relative"}}, "host.state_dir"),
+        ({"host": {"state_dir": "/var/lib/one/aifactory"}}, "host.state_dir' is not supported"),
         ({"plugin": {"vfio": 3}}, "plugin"),
     ],
 )

@@ -11,7 +11,9 @@ an administrator clears it (``aifactory device clear ADDR``).
 
 Every outcome, good or bad, is appended to ``<state dir>/resets/<address>`` (one line per reset:
 ``TIME<TAB>OK|FAILED<TAB>METHOD<TAB>REASON``, the newest last, at most :data:`RESET_HISTORY` lines),
-rewritten atomically; the probes report the newest line as ``LAST_RESET``.
+rewritten atomically; the probes report the newest line as ``LAST_RESET``. A history that cannot
+be written (no space left) does not keep a healthy device from its driver; a quarantine that cannot
+be written keeps the device on vfio-pci (HostError), so nothing unchecked goes back.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str 
         try:
             output = run_privileged("reset", address)
         except HostError as error:
-            record_reset(host, address, method, f"reset failed: {error.message}")
+            _record_if_possible(host, address, method, f"reset failed: {error.message}")
             raise
         method, problem = parse_helper_reset(output, method)
     else:
@@ -191,6 +193,20 @@ def sanitize(host: HostRoot, address: str, writer: Writer | None = None) -> str 
     if isinstance(writer, RecordingWriter):
         return problem  # a dry run changes nothing, so records nothing
     if problem is not None:
-        quarantine(host, address, problem)
-    record_reset(host, address, method, problem)
+        try:
+            quarantine(host, address, problem)
+        except OSError as error:
+            raise HostError(f"{address} failed its check ({problem}) and could not be quarantined "
+                            f"({error.strerror or error}): it stays on vfio-pci") from None
+    _record_if_possible(host, address, method, problem)
     return problem
+
+
+def _record_if_possible(host: HostRoot, address: str, method: str, problem: str | None) -> None:
+    """:func:`record_reset`, logged instead when the history cannot be written (a full disk)."""
+    import logging
+
+    try:
+        record_reset(host, address, method, problem)
+    except OSError as error:
+        logging.getLogger(__name__).warning("%s: reset history not written (%s)", address, error.strerror or error)

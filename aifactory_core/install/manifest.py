@@ -59,7 +59,6 @@ disabled = []
 [host]
 # reserved_cpus = "0-1"             # CPUs kept for the host, never given to VMs
 # host_devices = ["0000:c1:00.0"]   # functions the host itself uses (boot NIC, storage)
-# state_dir = "/var/lib/one/aifactory"
 """
 
 

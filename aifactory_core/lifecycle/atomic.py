@@ -56,6 +56,16 @@ def read_json(path: Path) -> Any:
     return json.loads(nofollow.read_bytes(path).decode("utf-8"))
 
 
+def read_bytes_at_most(path: Path, limit: int) -> bytes:
+    """A state file's bytes; HostError when it holds more than ``limit`` (never cut short)."""
+    from aifactory_core.errors import HostError
+
+    data = nofollow.read_bytes(path, limit + 1)
+    if len(data) > limit:
+        raise HostError(f"{path} is larger than {limit} bytes")
+    return data
+
+
 def read_text(path: Path) -> str | None:
     """A small state file's text, stripped; None when it is not there."""
     try:

@@ -165,9 +165,22 @@ def undo_steps(host: HostRoot, journal: Journal, writer: Writer, scope: str | No
         except AifactoryError as error:
             errors.append(error.message)
             continue
+        except OSError as error:  # a state file the undo records (a full disk): the step stays to redo
+            errors.append(f"{step.action.kind} {step.action.target}: {error.strerror or error}")
+            continue
         step.status = "undone"
-        journal.save()
+        _save_progress(journal)
     return errors
+
+
+def _save_progress(journal: Journal) -> None:
+    """Record a step as undone. A journal that cannot be written (no space left) does not stop the
+    undo: every undo is idempotent, so a crash before the journal is removed only undoes the step
+    again."""
+    try:
+        journal.save()
+    except OSError as error:
+        log.warning("VM %s: journal not updated (%s); going on with the undo", journal.vm_id, error.strerror)
 
 
 def _disown_all(host: HostRoot, vm: int) -> None:
@@ -236,22 +249,45 @@ def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer |
         raise ValueError("scopes must name one scope per action")
     writer = writer if writer is not None else SysfsWriter()
     existing = Journal.load(host, vm)
-    if existing is not None and existing.phase == "prepared":
-        return existing  # deploy retried after success: nothing to do
-    if existing is not None:
-        rollback(host, existing, writer)
+    if existing is not None and existing.phase == "prepared" and same_actions(existing, actions):
+        _claim_again(host, existing)  # deploy retried after success: the claims still hold, or it fails
+        return existing
+    if existing is not None:  # unfinished, or made for another request: give it all back first
+        problems = rollback(host, existing, writer)
+        if problems:
+            raise HostError(f"VM {vm}: an earlier transaction could not be undone: {'; '.join(problems)}")
     journal = Journal(host, vm)
-    journal.save()
     try:
+        journal.save()
         make_steps(host, journal, actions, writer, scopes=scopes)
+        journal.phase = "prepared"
+        journal.save()
     except BaseException as error:
         problems = rollback(host, journal, writer)
-        if problems and isinstance(error, AifactoryError):
-            raise HostError(f"{error.message}; rollback also failed: {'; '.join(problems)}") from None
-        raise
-    journal.phase = "prepared"
-    journal.save()
+        message = error.message if isinstance(error, AifactoryError) else (
+            f"VM {vm}: {error.strerror or error}" if isinstance(error, OSError) else None)
+        if message is None:
+            raise
+        if problems:
+            message = f"{message}; rollback also failed: {'; '.join(problems)}"
+        if isinstance(error, AifactoryError) and not problems:
+            raise
+        raise HostError(message) from None
     return journal
+
+
+def same_actions(journal: Journal, actions: Sequence[Action]) -> bool:
+    """Whether ``journal`` made exactly ``actions`` (kind, target and value, in order): only then
+    is a ``prepared`` journal the same deploy's, retried."""
+    made = [(step.action.kind, step.action.target, step.action.value) for step in journal.steps]
+    return made == [(action.kind, action.target, action.value) for action in actions]
+
+
+def _claim_again(host: HostRoot, journal: Journal) -> None:
+    """Every device the journal claimed is still this VM's and not quarantined (claim, again)."""
+    for step in journal.steps:
+        if executor_for(step.action.kind).claims_target:
+            ownership.claim(host, step.action.target, journal.vm_id)
 
 
 def rollback(host: HostRoot, journal: Journal, writer: Writer | None = None) -> list[str]:

@@ -9,6 +9,12 @@ One JSON file per VM under ``<state dir>/vms/<vmid>.json``::
 
 A VM whose transaction finished releasing has no file. ``pending`` means "about to be made or made
 without confirmation": undoing it is safe because every action kind's undo is idempotent.
+
+A journal that cannot be read as one (truncated, not a mapping, a step without a kind, larger than
+:data:`MAX_JOURNAL_BYTES`, a link or not a regular file) is :class:`DamagedJournal`; the repair sets
+it aside (:func:`set_aside`, renamed in its directory to ``<vmid>.json.damaged-<time>``, never
+following a link) and goes on with the others. A set-aside journal keeps its VM's devices held
+until an administrator removes it.
 """
 
 from __future__ import annotations
@@ -22,13 +28,15 @@ from typing import Any
 
 from aifactory_core.errors import HostError, UsageError
 from aifactory_core.hostroot import HostRoot
-from aifactory_core.lifecycle.atomic import names, read_json, remove, write_json
+from aifactory_core.lifecycle.atomic import names, read_bytes_at_most, remove, write_json
 from aifactory_core.model import Action
 from aifactory_core.validate import vm_id as check_vm_id
 
 PHASES = ("preparing", "prepared", "releasing")
 STATUSES = ("pending", "done", "undone")
 MAX_VALUE = 4096
+MAX_JOURNAL_BYTES = 1 << 20
+SET_ASIDE = ".damaged-"
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 _SCOPE = re.compile(r"^(|[a-z][a-z0-9_-]{0,31})$")
 ENV_FAULT_AT = "AIFACTORY_FAULT_AT"
@@ -36,6 +44,16 @@ ENV_FAULT_AT = "AIFACTORY_FAULT_AT"
 
 def journal_dir(host: HostRoot) -> Path:
     return host.state_dir / "vms"
+
+
+class DamagedJournal(HostError):
+    """A journal file that is not one; ``vm_id`` names its VM."""
+
+    code = "journal-damaged"
+
+    def __init__(self, vm_id: int, message: str) -> None:
+        super().__init__(message)
+        self.vm_id = vm_id
 
 
 @dataclass
@@ -111,29 +129,93 @@ class Journal:
 
     @classmethod
     def load(cls, host: HostRoot, vm: int) -> Journal | None:
+        """The VM's journal; None when it has none; :class:`DamagedJournal` when its file is not one."""
+        import json
+
         path = journal_dir(host) / f"{check_vm_id(vm)}.json"
         try:
-            data = read_json(path)
+            raw = read_bytes_at_most(path, MAX_JOURNAL_BYTES)
+            data = json.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             return None
+        except HostError as error:  # a link, a FIFO, a directory, larger than the limit
+            raise DamagedJournal(vm, f"journal {path} is damaged: {error.message}") from None
         except (OSError, ValueError) as error:
-            raise HostError(f"journal {path} is unreadable: {error}") from None
-        if not isinstance(data, dict) or data.get("phase") not in PHASES or data.get("vm_id") != vm:
-            phase = data.get("phase") if isinstance(data, dict) else None
-            raise HostError(f"journal {path} is damaged (phase {str(phase)[:16]!r})")
+            raise DamagedJournal(vm, f"journal {path} is damaged: {str(error)[:200]}") from None
+        if not isinstance(data, dict):
+            raise DamagedJournal(vm, f"journal {path} is damaged: not a JSON object")
+        if data.get("phase") not in PHASES or data.get("vm_id") != vm:
+            raise DamagedJournal(vm, f"journal {path} is damaged (phase {str(data.get('phase'))[:16]!r}, "
+                                     f"vm_id {str(data.get('vm_id'))[:16]!r})")
         steps = data.get("steps", [])
         try:
             if not isinstance(steps, list):
                 raise UsageError("steps is not a list")
             return cls(host, vm, data["phase"], [Step.from_json(step) for step in steps])
         except UsageError as error:
-            raise HostError(f"journal {path} is damaged: {error.message}") from None
+            raise DamagedJournal(vm, f"journal {path} is damaged: {error.message}") from None
+
+
+def journal_ids(host: HostRoot) -> list[int]:
+    """The VMs with a journal file (damaged or not), in name order."""
+    found = []
+    for name in names(journal_dir(host)):
+        stem = name.removesuffix(".json")
+        if name.endswith(".json") and stem.isdigit() and len(stem) <= 10:
+            found.append(int(stem))
+    return found
 
 
 def all_journals(host: HostRoot) -> Iterator[Journal]:
+    """Every journal; a damaged one raises :class:`DamagedJournal` (see :func:`scan`)."""
+    for vm in journal_ids(host):
+        journal = Journal.load(host, vm)
+        if journal is not None:
+            yield journal
+
+
+def scan(host: HostRoot) -> tuple[list[Journal], list[DamagedJournal]]:
+    """Every journal that reads as one, and what is wrong with each that does not."""
+    journals, damaged = [], []
+    for vm in journal_ids(host):
+        try:
+            journal = Journal.load(host, vm)
+        except DamagedJournal as error:
+            damaged.append(error)
+            continue
+        if journal is not None:
+            journals.append(journal)
+    return journals, damaged
+
+
+def set_aside(host: HostRoot, vm: int) -> str:
+    """Rename the VM's damaged journal to ``<vmid>.json.damaged-<UTC time>`` in its directory (the
+    entry itself, even a link, through the directory's descriptor); returns the new name."""
+    import time
+
+    from aifactory_core import nofollow
+
+    name = f"{check_vm_id(vm)}.json"
+    aside = f"{name}{SET_ASIDE}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    directory = nofollow.open_directory(journal_dir(host))
+    try:
+        for attempt in range(100):
+            candidate = aside if attempt == 0 else f"{aside}.{attempt}"
+            try:
+                os.stat(candidate, dir_fd=directory, follow_symlinks=False)
+            except FileNotFoundError:
+                os.rename(name, candidate, src_dir_fd=directory, dst_dir_fd=directory)
+                return candidate
+        raise HostError(f"journal {name}: too many set-aside copies in {journal_dir(host)}")
+    finally:
+        os.close(directory)
+
+
+def set_aside_ids(host: HostRoot) -> dict[int, list[str]]:
+    """VM id -> the names of its set-aside journals."""
+    found: dict[int, list[str]] = {}
     for name in names(journal_dir(host)):
-        stem = name.removesuffix(".json")
-        if name.endswith(".json") and stem.isdigit():
-            journal = Journal.load(host, int(stem))
-            if journal is not None:
-                yield journal
+        stem, marker, _stamp = name.partition(f".json{SET_ASIDE}")
+        if marker and stem.isdigit() and len(stem) <= 10:
+            found.setdefault(int(stem), []).append(name)
+    return found

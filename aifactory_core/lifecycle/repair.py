@@ -2,16 +2,22 @@
 and drop device ownership no journal explains.
 
 At host boot (``boot=True``) no VM runs yet — OpenNebula's libvirt domains are transient — so a
-VM whose prepare had finished is gone too: its devices are given back like any other."""
+VM whose prepare had finished is gone too: its devices are given back like any other.
+
+A damaged journal stops nothing: it is set aside (:func:`~aifactory_core.lifecycle.journal.set_aside`),
+named in one problem line, and every other journal is repaired. What the damaged one held stays
+held — no one can tell from it what to give back — until an administrator removes the set-aside
+file (``aifactory device release`` gives a device back by hand)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from aifactory_core.errors import AifactoryError
 from aifactory_core.hostroot import HostRoot
 from aifactory_core.lifecycle import ownership
 from aifactory_core.lifecycle.executor import rollback
-from aifactory_core.lifecycle.journal import Journal, all_journals
+from aifactory_core.lifecycle.journal import scan, set_aside, set_aside_ids
 
 
 @dataclass
@@ -30,7 +36,13 @@ class RepairReport:
 def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
     """Roll back or finish every unfinished transaction; ``boot``: every journal is stale."""
     report = RepairReport()
-    journals: list[Journal] = list(all_journals(host))
+    journals, damaged = scan(host)
+    for error in damaged:
+        try:
+            where = f"set aside as {set_aside(host, error.vm_id)}"
+        except (OSError, AifactoryError) as failure:
+            where = f"could not be set aside ({failure})"
+        report.problems.append(f"VM {error.vm_id}: {error.message}; {where}; its devices stay held")
     for journal in journals:
         if journal.phase == "prepared" and not boot:
             report.kept.append(journal.vm_id)
@@ -42,7 +54,9 @@ def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
             report.rolled_back.append(journal.vm_id)
         else:
             report.released.append(journal.vm_id)
-    live = {journal.vm_id for journal in all_journals(host)}
+    remaining, still_damaged = scan(host)
+    live = {journal.vm_id for journal in remaining} | {error.vm_id for error in still_damaged}
+    live |= set(set_aside_ids(host))
     for address, owner in ownership.held_devices(host).items():
         if owner not in live:
             ownership.disown(host, address, owner)

@@ -312,6 +312,8 @@ def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_m
     functions = pci_functions(root)
     try:
         snapshot["held"] = host_side.holders(root)
+        snapshot["problems"] += [f"journal {name} was damaged and set aside by the repair: its VM's devices stay "
+                                 "held until it is removed" for name in host_side.set_aside_journals(root)]
     except Exception as error:
         _problem(snapshot, "holders", error)
     sections: tuple[tuple[str, Callable[[], None]], ...] = (

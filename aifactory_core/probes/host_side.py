@@ -152,3 +152,20 @@ def attributes(root: Root, address: str, quarantined: Mapping[str, str]) -> dict
         "HEALTH_REASON": why,
         "HEALTH_SOURCE": "HOST_SIDE",
     }
+
+
+SET_ASIDE_MARKER = ".json.damaged-"
+"""How the repair renames a damaged journal (:func:`aifactory_core.lifecycle.journal.set_aside`)."""
+
+
+def set_aside_journals(root: Root) -> list[str]:
+    """The damaged journals the repair set aside (``vms/`` and ``vnm/vms/`` of the state directory),
+    as paths relative to it: each VM's devices stay held until an administrator removes its file."""
+    found = []
+    for directory in ("vms", os.path.join("vnm", "vms")):
+        try:
+            entries = sorted(os.listdir(os.path.join(root.state_dir, directory)))
+        except OSError:
+            continue
+        found += [os.path.join(directory, name) for name in entries if SET_ASIDE_MARKER in name]
+    return found
