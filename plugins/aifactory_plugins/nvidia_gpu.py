@@ -18,6 +18,7 @@ NAME = "nvidia_gpu"
 NVIDIA = 0x10DE
 _BRIDGE_OTHER = 0x0680  # NVSwitch functions report "bridge: other"
 _HOLDER_NAMES = ("nvidia-persistenced", "nv-hostengine", "nv-fabricmanager", "dcgm")
+_PERSISTENCED = "nvidia-persiste"  # nvidia-persistenced's comm (cut at 15 characters)
 
 
 def _is_gpu(device: PciDevice) -> bool:
@@ -102,7 +103,9 @@ def aifactory_doctor_checks(
         checks.append(Check(
             "nvidia-holders", "WARN",
             f"processes that keep GPUs open (an unbind for passthrough waits for them): {' '.join(holders)}",
-            fix="let aifactory stop them per GPU, or run them only on GPUs kept for the host pool"))
+            fix="run them only on host-pool GPUs ([host] host_devices); for nvidia-persistenced: "
+                "nvidia-smi -i <VM-pool GPU> -pm 0 per GPU"))
+    checks.extend(persistence_checks(inventory, on_nvidia, config))
     for gpu in gpus:
         device = inventory.pci[gpu.address]
         if device.link.degraded:
@@ -120,11 +123,45 @@ def aifactory_doctor_checks(
         checks.append(Check("nvswitch-fabric", "PASS" if fabric else "WARN",
                             f"{len(nvswitches)} NVSwitches; Fabric Manager {'running' if fabric else 'not running'}",
                             fix=None if fabric else "start nvidia-fabricmanager (shared NVSwitch mode for VMs)"))
-    if on_nvidia:
-        persistence = any(name.startswith("nvidia-persiste") for name in holders)
-        checks.append(Check("nvidia-persistence", "PASS" if persistence else "WARN",
-                            f"persistence daemon {'running' if persistence else 'not running'}",
-                            fix=None if persistence else "enable nvidia-persistenced for GPUs of the host pool"))
+    return checks
+
+
+def persistence_fix(address: str) -> str:
+    """The one way out for a VM-pool GPU that persists: persistence off for that GPU alone
+    (nvidia-persistenced closes it and keeps the host pool's)."""
+    return f"nvidia-smi -i {address} -pm 0 (VM-pool GPUs never persist; host-pool GPUs may)"
+
+
+def persistence_checks(inventory: HostInventory, on_nvidia: Sequence[str], config: Config) -> list[Check]:
+    """Persistence per GPU: a host-pool GPU (``[host] host_devices``) may persist; a VM-pool GPU must
+    not — nvidia-persistenced holding it open makes its deploy refuse (:func:`aifactory_prepare`),
+    and persistence mode keeps the driver's state on a GPU about to leave it."""
+    from aifactory_core.errors import AifactoryError
+    from aifactory_plugins.nvidia_state import gpu_state
+
+    checks: list[Check] = []
+    host_pool = [address for address in on_nvidia if address in config.host.host_devices]
+    for address in on_nvidia:
+        if address in host_pool:
+            continue
+        daemon = [holder for holder in device_holders(inventory, address) if holder.startswith(_PERSISTENCED)]
+        try:
+            state = gpu_state(inventory.host, address)
+        except AifactoryError:
+            state = None
+        if daemon:
+            checks.append(Check("gpu-persistence", "WARN", f"VM-pool GPU held open by {' '.join(daemon)}: its "
+                                "deploys are refused until it lets go", fix=persistence_fix(address), subject=address))
+        elif state is not None and state.persistence:
+            checks.append(Check("gpu-persistence", "WARN", "VM-pool GPU in persistence mode",
+                                fix=persistence_fix(address), subject=address))
+    if host_pool:
+        persisting = any(name.startswith(_PERSISTENCED) for name in _running_holders(inventory))
+        vm_pool = [persistence_fix(address) for address in on_nvidia if address not in host_pool]
+        checks.append(Check("nvidia-persistence", "PASS" if persisting else "WARN",
+                            f"host-pool GPUs {', '.join(host_pool)}: persistence daemon "
+                            f"{'running' if persisting else 'not running'}",
+                            fix=None if persisting else "; then ".join(["start nvidia-persistenced", *vm_pool])))
     return checks
 
 
@@ -169,6 +206,9 @@ def aifactory_prepare(inventory: HostInventory, request: Any, config: Config) ->
         if device is None or not _is_gpu(device) or device.driver != "nvidia":
             continue
         holders = device_holders(inventory, address)
+        if holders and all(holder.startswith(_PERSISTENCED) for holder in holders):
+            raise HostError(f"GPU {address} is held open by {' '.join(holders)} (persistence): "
+                            + persistence_fix(address))
         if holders:
             raise HostError(f"GPU {address} is held open by {' '.join(holders)}; stop them or keep this GPU "
                             "in the host pool")
