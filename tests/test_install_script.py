@@ -106,7 +106,22 @@ def test_complete_staged_install_gives_working_environments(tmp_path: Path, h100
 
 # --- live installs (no DESTDIR) in an isolated mount namespace -------------------------------------
 
-ONEADMIN_UID = 9869  # the uid/gid OpenNebula's packages give oneadmin
+DEFAULT_ONEADMIN_ID = 9869  # the uid/gid OpenNebula's packages give oneadmin
+
+
+def oneadmin_ids() -> tuple[int, int]:
+    """This machine's oneadmin (uid, gid), where one exists (OpenNebula installed, or the real-oned
+    tier's build made one: its uid need not be the packages' 9869); else the packages' ids, which
+    the overlaid frontend then creates."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam("oneadmin")
+    except KeyError:
+        return DEFAULT_ONEADMIN_ID, DEFAULT_ONEADMIN_ID
+    return entry.pw_uid, entry.pw_gid
+
+
 STANDIN_DIR = "/opt/aifactory-test-standins"
 ONEHOST_STANDIN = f"""#!/bin/sh
 # Stand-in for OpenNebula's onehost: records the call only (oned cannot run here). Its exit status is
@@ -148,7 +163,8 @@ class LiveFrontend:
     """A throw-away frontend: ``/etc /var /opt /run`` overlaid (in a private mount namespace) on
     directories under ``top``, so install.sh can run without DESTDIR and change nothing real.
 
-    The overlays start with a ``oneadmin`` user (uid 9869), OpenNebula's KVM VMM actions that the
+    The overlays start with a ``oneadmin`` user (the machine's own where it has one, else uid 9869 as
+    OpenNebula's packages make it: :func:`oneadmin_ids`), OpenNebula's KVM VMM actions that the
     suite wraps, and the recording stand-ins for ``onehost`` and ``systemctl`` on ``PATH``; with
     ``systemd=True`` also ``/run/systemd/system``, which says systemd manages the machine.
     """
@@ -164,8 +180,13 @@ class LiveFrontend:
         etc.mkdir(parents=True, exist_ok=True)
         passwd = Path("/etc/passwd").read_text()
         group = Path("/etc/group").read_text()
-        (etc / "passwd").write_text(passwd + f"oneadmin:x:{ONEADMIN_UID}:{ONEADMIN_UID}::/var/lib/one:/bin/sh\n")
-        (etc / "group").write_text(group + f"oneadmin:x:{ONEADMIN_UID}:\n")
+        uid, gid = oneadmin_ids()
+        if not any(line.startswith("oneadmin:") for line in passwd.splitlines()):
+            passwd += f"oneadmin:x:{uid}:{gid}::/var/lib/one:/bin/sh\n"
+        if not any(line.startswith("oneadmin:") for line in group.splitlines()):
+            group += f"oneadmin:x:{gid}:\n"
+        (etc / "passwd").write_text(passwd)
+        (etc / "group").write_text(group)
         for directory in OPENNEBULA_DIRS:
             self.upper("/" + directory).mkdir(parents=True, exist_ok=True)
         for action in wrapped_actions():
@@ -225,12 +246,13 @@ def test_sync_runs_onehost_once_as_oneadmin_after_everything_is_installed(tmp_pa
     PATH is a stand-in that records the call only (argv, uid, gid, HOME, cwd, ONE_XMLRPC, and whether
     the install manifest existed at that moment): oned cannot run here."""
     frontend = _live_frontend(tmp_path)
+    uid, gid = oneadmin_ids()
     endpoint = "http://127.0.0.1:2633/RPC2"
     result = frontend.run("--no-venv", "--no-hooks", "--sync", "--endpoint", endpoint)
     assert result.returncode == 0, result.stdout + result.stderr
     assert frontend.calls("onehost") == [
         "call sync --force",
-        f"uid={ONEADMIN_UID} gid={ONEADMIN_UID} home=/var/lib/one cwd=/ xmlrpc={endpoint}",
+        f"uid={uid} gid={gid} home=/var/lib/one cwd=/ xmlrpc={endpoint}",
         "manifest=present",
     ]
     assert frontend.upper("/var/lib/one/remotes/vmm/kvm/deploy.one").exists()
@@ -240,7 +262,7 @@ def test_sync_runs_onehost_once_as_oneadmin_after_everything_is_installed(tmp_pa
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert frontend.calls("onehost")[3:] == [
         "call sync --force",
-        f"uid={ONEADMIN_UID} gid={ONEADMIN_UID} home=/var/lib/one cwd=/ xmlrpc=",
+        f"uid={uid} gid={gid} home=/var/lib/one cwd=/ xmlrpc=",
         "manifest=absent",
     ]
 
