@@ -380,6 +380,19 @@ class OneTestServer:
         vm.find("LCM_STATE").text = "0"
         return vm_id
 
+    def m_vm_detachpci(self, vm_id: int, pci_id: int) -> int:
+        """As oned's DispatchManager::detach_pci: POWEROFF or UNDEPLOYED (LCM_INIT) only, not a NIC."""
+        vm = self.vms[vm_id]
+        if vm.findtext("STATE") not in ("8", "9") or vm.findtext("LCM_STATE") != "0":
+            raise LookupError("VM in wrong state, it has to be in poweroff")
+        for pci in vm.findall("TEMPLATE/PCI"):
+            if pci.findtext("PCI_ID") == str(pci_id):
+                if pci.findtext("TYPE") == "NIC":
+                    raise LookupError("Use one.vm.detachnic to detach this PCI device")
+                vm.find("TEMPLATE").remove(pci)
+                return vm_id
+        raise LookupError("PCI device not found")
+
     # ---------------------------------------------------------------- hooks
     def _hook_xml(self, hid: int) -> etree._Element:
         name, kind, attributes = self.hooks[hid]

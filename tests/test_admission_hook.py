@@ -98,9 +98,13 @@ def test_allocate_sample_by_oneadmin_is_admitted_without_change(one_server, tmp_
     assert b"VM 43: admitted" in result.stdout and one_server.writes() == []
 
 
-def test_attachpci_of_an_ungranted_device_powers_the_vm_off(one_server, tmp_path: Path) -> None:
-    one_server.add_vm(42, state=3, lcm_state=3, nics=[],
-                      pci=[{"CLASS": "0302", "DEVICE": "20b5", "PCI_ID": "0", "VENDOR": "10de"}])  # fmt: skip
+def test_attachpci_of_an_ungranted_device_on_a_powered_off_vm_detaches_it_again(one_server, tmp_path: Path) -> None:
+    """oned attaches PCI only in POWEROFF/UNDEPLOYED: the refusal detaches the device the call gave
+    (PCI_ID 1, not granted) and keeps the granted H100 (PCI_ID 0). The same on a real oned:
+    tests/oned/test_oned_isolation.py."""
+    one_server.add_vm(42, state=8, lcm_state=0, nics=[],
+                      pci=[{"CLASS": "0302", "DEVICE": "2330", "PCI_ID": "0", "VENDOR": "10de"},
+                           {"CLASS": "0302", "DEVICE": "20b5", "PCI_ID": "1", "VENDOR": "10de"}])  # fmt: skip
     payload = (b"<CALL_INFO><RESULT>1</RESULT><PARAMETERS>"
                b"<PARAMETER><POSITION>1</POSITION><TYPE>IN</TYPE><VALUE>****</VALUE></PARAMETER>"
                b"<PARAMETER><POSITION>2</POSITION><TYPE>IN</TYPE><VALUE>42</VALUE></PARAMETER>"
@@ -109,7 +113,9 @@ def test_attachpci_of_an_ungranted_device_powers_the_vm_off(one_server, tmp_path
                b"</PARAMETERS><EXTRA></EXTRA></CALL_INFO>")  # fmt: skip
     result = run_hook(one_server, tmp_path, base64.b64encode(payload) + b" one.vm.attachpci")
     assert result.returncode == 0, result.stderr
-    assert one_server.writes()[-1][1] == ("poweroff-hard", 42)
+    assert [call for call in one_server.writes() if call[0] != "one.vm.update"] == [("one.vm.detachpci", (42, 1))]
+    assert [pci.findtext("DEVICE") for pci in one_server.vms[42].findall("TEMPLATE/PCI")] == ["2330"]
+    assert one_server.vms[42].findtext("STATE") == "8"
     assert "tenant.tenant-a.devices" in one_server.vms[42].findtext("USER_TEMPLATE/AIFACTORY_POLICY_ERROR")
 
 

@@ -5,7 +5,8 @@ with its mode), the VMM wrappers (still the wrapper, original kept as ``<action>
 upgrade of OpenNebula overwrites the remotes), the state directory, the sudoers snippet (``visudo
 -cf``), the Python environments, the drivers in ``oned.conf``/``monitord.conf`` (``VM_MAD`` kvm
 running the wrapped actions on the hosts, ``IM_MAD`` kvm, ``HM_MAD`` for the hooks) and the hooks
-registered with oned; where ``--enable-hook-server`` enabled the hook server, whether it runs.
+registered with oned; ``release`` in ``VM_ADMIN_OPERATIONS`` (oned.conf, and the running oned through
+``one.system.config``); where ``--enable-hook-server`` enabled the hook server, whether it runs.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def oned_checks(target: layout.Layout, wrapped: Sequence[str]) -> list[Check]:
         checks.append(Check("oned.conf", "FAIL", "no HM_MAD in oned.conf: hooks never run",
                             fix='add HM_MAD = [ EXECUTABLE = "one_hm", ARGUMENTS = "-p 2101 -l 2102 -b 127.0.0.1" ]'))
     checks.append(submit_on_hold_check(target))
+    checks.append(release_check(target))
     im = _drivers(target.path(target.monitord_conf), "IM_MAD")
     if not im or not any(mad.get("NAME") == "kvm" for mad in im):
         checks.append(Check("monitord.conf", "FAIL", "no IM_MAD named kvm in monitord.conf: probes never run",
@@ -184,6 +186,42 @@ def submit_on_hold_check(target: layout.Layout) -> Check:
                  "hook has decided on it", fix='set VM_SUBMIT_ON_HOLD = "YES" in oned.conf; restart opennebula')
 
 
+def release_check(target: layout.Layout) -> Check:
+    """Admission holds what it refuses; ``release`` must then be an ADMIN VM operation in oned.conf
+    (OpenNebula ships it among VM_MANAGE_OPERATIONS, which every VM owner has)."""
+    from aifactory_core.install import vmops
+
+    try:
+        text = target.path(target.oned_conf).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    if vmops.configured_admin(text):
+        return Check("oned.conf", "PASS", "release is in VM_ADMIN_OPERATIONS: a tenant cannot release a VM "
+                     "admission holds")
+    return Check("oned.conf", "FAIL", "release is not in VM_ADMIN_OPERATIONS: a tenant releases the VMs admission "
+                 "holds (onevm release)", fix="run install.sh (it moves release into VM_ADMIN_OPERATIONS), then "
+                 "restart oned")
+
+
+def running_release_check(oned: Any) -> Check | None:
+    """What the running oned read at its start (``one.system.config``): a changed oned.conf acts only
+    after a restart. None when oned does not answer (not oneadmin's credentials)."""
+    from aifactory_core.install import vmops
+
+    try:
+        config = oned.document("one.system.config")
+    except AifactoryError:
+        return None
+    value = config.findtext("VM_ADMIN_OPERATIONS")
+    if value is None:
+        return None
+    if vmops.OPERATION in vmops.operations(value):
+        return Check("oned", "PASS", "the running oned has release in VM_ADMIN_OPERATIONS")
+    return Check("oned", "FAIL", "the running oned still has release outside VM_ADMIN_OPERATIONS (oned.conf "
+                 "changed since it started)", fix="restart oned: systemctl restart opennebula (or 'one restart' "
+                 "as oneadmin)")
+
+
 def hook_checks(record: dict[str, Any], source: Path | None, endpoint: str | None) -> list[Check]:
     from aifactory_core.install import hookreg, manifest
 
@@ -193,12 +231,16 @@ def hook_checks(record: dict[str, Any], source: Path | None, endpoint: str | Non
     try:
         from aifactory_core.policy.oned import Oned
 
-        registered = hookreg.registered_hooks(Oned(endpoint, timeout=10.0, transport="pyone"))
+        oned = Oned(endpoint, timeout=10.0, transport="pyone")
+        registered = hookreg.registered_hooks(oned)
     except (AifactoryError, ImportError) as error:
         return [Check("hooks", "WARN", f"could not ask oned for its hooks: {error}",
                       fix="run as oneadmin (ONE_AUTH), or pass --endpoint")]
     templates = {t.name: t for t in manifest.hook_templates(source)} if source else {}
     checks = []
+    running = running_release_check(oned)
+    if running is not None:
+        checks.append(running)
     for name in names:
         if name not in registered:
             checks.append(Check("hooks", "FAIL", f"hook {name} is not registered", fix="run install.sh",
@@ -207,7 +249,7 @@ def hook_checks(record: dict[str, Any], source: Path | None, endpoint: str | Non
                                                    registered[name].template):
             checks.append(Check("hooks", "WARN", f"hook {name} differs from its template", fix="run install.sh",
                                 subject=name))
-    if not checks:
+    if not any(check.name == "hooks" for check in checks):
         checks.append(Check("hooks", "PASS", f"{len(names)} hooks registered"))
     return checks
 

@@ -61,7 +61,7 @@ def _frontend_config(target: layout.Layout) -> Any:
 
 
 def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
-    from aifactory_core.install import hook_server, hookreg, manifest, pcifilter, stage
+    from aifactory_core.install import hook_server, hookreg, manifest, pcifilter, stage, vmops
 
     previous = stage.load_record(target)
     if args.mode == "upgrade" and not previous:
@@ -110,6 +110,9 @@ def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) ->
                                   previous.get(pcifilter.RECORD_KEY, {}), notes)
     if pci_filters:
         record[pcifilter.RECORD_KEY] = pci_filters
+    vm_operations = vmops.apply(tx, target, previous.get(vmops.RECORD_KEY, {}), notes)
+    if vm_operations:
+        record[vmops.RECORD_KEY] = vm_operations
     if server_enabled:
         record[hook_server.RECORD_KEY] = True
     stage.write_record(tx, target, record, previous)
@@ -117,7 +120,7 @@ def install(args: argparse.Namespace, target: layout.Layout, tx: Transaction) ->
 
 
 def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) -> list[str]:
-    from aifactory_core.install import hook_server, hookreg, pcifilter, stage
+    from aifactory_core.install import hook_server, hookreg, pcifilter, stage, vmops
 
     record = stage.load_record(target)
     if not record:
@@ -129,6 +132,7 @@ def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) 
         hookreg.registered_hooks(oned)
     hook_server.stop_for_uninstall(tx, target, record, notes)
     pcifilter.remove(tx, target, record.get(pcifilter.RECORD_KEY, {}), notes)
+    vmops.remove(tx, target, record.get(vmops.RECORD_KEY, {}), notes)
     stage.uninstall_files(tx, target, record, notes)
     if oned is not None:
         hookreg.unregister(oned, sorted(record["hooks"]), args.dry_run, tx.tell)

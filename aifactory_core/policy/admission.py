@@ -36,7 +36,7 @@ from aifactory_core.errors import AifactoryError, DocumentError
 
 if TYPE_CHECKING:
     from aifactory_core.one.payload import CallInfo
-    from aifactory_core.one.vm import VmRequest
+    from aifactory_core.one.vm import NicRequest, PciRequest, VmRequest
     from aifactory_core.policy.decide import Decision, Usage
     from aifactory_core.policy.oned import Oned
     from aifactory_core.policy.schema import Policy
@@ -49,10 +49,14 @@ CREATING_CALLS = frozenset({"one.template.instantiate", "one.vm.allocate"})
 ERROR_ATTRIBUTE = "AIFACTORY_POLICY_ERROR"
 STATUS_ATTRIBUTE = "AIFACTORY_ADMISSION"
 KEEP_HOLD_ATTRIBUTE = "AIFACTORY_KEEP_HOLD"  # the owner wants the VM held: admit, do not release
-# States whose VMs hold their devices: PENDING, ACTIVE, SUSPENDED, POWEROFF (oned keeps the PCI
-# allocation through poweroff/suspend; HOLD VMs are not admitted yet, STOPPED/UNDEPLOYED freed them).
-HOLDING_STATES = frozenset({1, 3, 5, 8})
+# States whose VMs count toward the tenant's cap: those holding devices (PENDING, ACTIVE, SUSPENDED,
+# POWEROFF: oned keeps the PCI allocation through poweroff/suspend) and those a tenant may bring back
+# without any API call the hooks see (STOPPED, UNDEPLOYED: ``resume`` sends them to PENDING and the
+# scheduler deploys them). HOLD VMs wait for admission: only an ADMIN operation releases them (install
+# puts ``release`` into oned.conf's VM_ADMIN_OPERATIONS), so they are not counted until released.
+HOLDING_STATES = frozenset({1, 3, 4, 5, 8, 9})
 STATE_HOLD, STATE_PENDING = 2, 1
+ATTACH_CALLS = frozenset({"one.vm.attachpci", "one.vm.attachnic"})
 
 DEFAULT_LOCK_TIMEOUT = 60.0  # seconds; the admission hook templates allow 120
 
@@ -150,8 +154,24 @@ def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")[:1000]
 
 
-def plan(event: Event, vm: VmRequest, decision: Decision, on_refusal: OnRefusal = "hold") -> list[Step]:
-    """The calls that carry out ``decision`` for ``vm`` (empty: nothing to change)."""
+def plan(event: Event, vm: VmRequest, decision: Decision, on_refusal: OnRefusal = "hold",
+         detach: Iterable[Step] = ()) -> list[Step]:
+    """The calls that carry out ``decision`` for ``vm`` (empty: nothing to change).
+
+    A refusal is carried out by a call oned accepts in the state the VM is in after ``event``:
+
+    * PENDING (any call): ``hold`` -- it is not placed; only an ADMIN releases it again;
+    * HOLD: nothing -- it stays held;
+    * after ``one.vm.attachpci`` (oned attaches PCI only in POWEROFF or UNDEPLOYED) or
+      ``one.vm.attachnic`` (RUNNING or POWEROFF): ``detach``, the ``one.vm.detachpci`` /
+      ``one.vm.detachnic`` calls :func:`detach_steps` names for the refused devices and NICs;
+    * after ``one.vm.updateconf`` or ``one.vm.resize``: nothing to restore -- those calls change
+      nothing the policy judges (OS, FEATURES, GRAPHICS, CONTEXT... and CPU, VCPU, MEMORY; PCI and
+      NICs are not theirs, and RAW/DATA, which could add a hostdev, is one of oned's restricted
+      attributes), so the refusal is about what the VM already had: it is recorded, and the host
+      gate refuses the VM at its next deploy;
+    * ``on_refusal = "terminate"``: ``terminate-hard`` in any state.
+    """
     steps: list[Step] = []
     held_for_admission = (
         vm.state == STATE_HOLD
@@ -171,9 +191,48 @@ def plan(event: Event, vm: VmRequest, decision: Decision, on_refusal: OnRefusal 
         steps.append(Step("one.vm.action", ("terminate-hard", vm.vm_id)))
     elif vm.state == STATE_PENDING:
         steps.append(Step("one.vm.action", ("hold", vm.vm_id)))
-    elif vm.state != STATE_HOLD:
-        steps.append(Step("one.vm.action", ("poweroff-hard", vm.vm_id)))  # devices freed, VM kept
+    elif event.method in ATTACH_CALLS and vm.state != STATE_HOLD:
+        steps.extend(detach)
     return steps
+
+
+def detach_steps(policy: Policy, event: Event, vm: VmRequest, usage: Usage | None) -> list[Step]:
+    """The detach calls that take back what an attach call gave against the policy: every PCI
+    device (``one.vm.attachpci``) or NIC/PCI NIC (``one.vm.attachnic``) refused on its own, then,
+    while the tenant is still over its GPU cap, the newest devices that count as GPUs. oned detaches
+    a ``TYPE = "NIC"`` PCI device only through ``one.vm.detachnic`` (by its NIC_ID)."""
+    from dataclasses import replace
+
+    from aifactory_core.policy.decide import decide
+
+    candidates: list[tuple[int, Step, PciRequest | None, NicRequest | None]] = []
+    if event.method == "one.vm.attachpci":
+        candidates = [(item.pci_id, Step("one.vm.detachpci", (vm.vm_id, item.pci_id)), item, None)
+                      for item in vm.pci if not item.is_nic and item.pci_id is not None]
+    elif event.method == "one.vm.attachnic":
+        candidates = [(item.nic_id, Step("one.vm.detachnic", (vm.vm_id, item.nic_id)), item, None)
+                      for item in vm.pci if item.is_nic and item.nic_id is not None]
+        candidates += [(nic.nic_id, Step("one.vm.detachnic", (vm.vm_id, nic.nic_id)), None, nic)
+                       for nic in vm.nics if nic.nic_id is not None]
+    candidates.sort(key=lambda entry: entry[0], reverse=True)  # newest first: oned numbers upwards
+    chosen: list[tuple[int, Step, PciRequest | None, NicRequest | None]] = []
+    for entry in candidates:
+        alone = replace(vm, pci=() if entry[2] is None else (entry[2],), nics=() if entry[3] is None else (entry[3],))
+        if any(not refusal.rule.endswith(".max_gpus") for refusal in decide(policy, alone).refusals):
+            chosen.append(entry)
+
+    def remaining() -> VmRequest:
+        kept_pci = tuple(item for item in vm.pci if not any(item is entry[2] for entry in chosen))
+        kept_nics = tuple(nic for nic in vm.nics if not any(nic is entry[3] for entry in chosen))
+        return replace(vm, pci=kept_pci, nics=kept_nics)
+
+    for entry in candidates:
+        if entry in chosen or entry[2] is None or entry[2].network_function:
+            continue
+        if not any(refusal.rule.endswith(".max_gpus") for refusal in decide(policy, remaining(), usage).refusals):
+            break
+        chosen.append(entry)
+    return [entry[1] for entry in chosen]
 
 
 def fetch_vm(oned: Oned, vm_id: int) -> VmRequest:
@@ -251,8 +310,27 @@ def _carry_out(
 ) -> Outcome:
     from aifactory_core.policy.decide import decide
 
+    if event.method in ATTACH_CALLS:
+        vm = _settled(oned, vm)
     decision = decide(policy, vm, usage)
-    steps = plan(event, vm, decision, on_refusal)
+    detach = detach_steps(policy, event, vm, usage) if not decision.admitted and event.method in ATTACH_CALLS else []
+    steps = plan(event, vm, decision, on_refusal, detach)
     for step in steps:
         oned.call(step.method, *step.params)
     return Outcome(vm.vm_id, decision, tuple(steps), f"{event.method} on VM in state {vm.state_name}")
+
+
+SETTLE_SECONDS = 30.0
+HOTPLUG_NIC_STATES = frozenset({25, 65})  # HOTPLUG_NIC, HOTPLUG_NIC_POWEROFF: detachnic waits for them
+
+
+def _settled(oned: Oned, vm: VmRequest) -> VmRequest:
+    """``vm`` once oned has finished hot-plugging the NIC the call attached (a detach is refused
+    until then), re-read for at most :data:`SETTLE_SECONDS`."""
+    import time
+
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while vm.state == 3 and vm.lcm_state in HOTPLUG_NIC_STATES and time.monotonic() < deadline:
+        time.sleep(0.5)
+        vm = fetch_vm(oned, vm.vm_id)
+    return vm
