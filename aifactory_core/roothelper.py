@@ -11,6 +11,9 @@ helper accepts exactly::
                                                     spoofchk, trust, min_tx_rate, max_tx_rate,
                                                     link_state, node_guid, port_guid)
     aifactory-root-helper vf-scrub <PF ifname> <VF index> eth|ib
+    aifactory-root-helper xid-log <sequence>       (the NVIDIA XID codes of the kernel log newer than
+                                                    the sequence: ``NEWEST <n>`` then ``XID <bus>
+                                                    <code>`` lines, no other kernel message)
 
 — validated PCI addresses, driver names, interface names, VF indices and VF settings, nothing
 else (no paths, no shell, no environment: it always works on the live ``/``). Reading VFs back
@@ -37,7 +40,7 @@ if TYPE_CHECKING:
     from aifactory_core.hostroot import HostRoot
 
 USAGE = ("usage: aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none> | reset <dddd:bb:ss.f> | "
-         "vf-set <ifname> <vf> key=value... | vf-scrub <ifname> <vf> eth|ib")
+         "vf-set <ifname> <vf> key=value... | vf-scrub <ifname> <vf> eth|ib | xid-log <sequence>")
 VF_KEYS = ("mac", "vlan", "qos", "spoofchk", "trust", "min_tx_rate", "max_tx_rate", "link_state", "node_guid",
            "port_guid")
 MAX_VF_INDEX = 4095
@@ -55,6 +58,10 @@ def parse(argv: Sequence[str]) -> tuple[str, str, str]:
         return "set-driver", pci_address(argv[1]), driver
     if len(argv) == 2 and argv[0] == "reset":
         return "reset", pci_address(argv[1]), ""
+    if len(argv) == 2 and argv[0] == "xid-log":
+        if not (argv[1] == "-1" or (argv[1].isdigit() and len(argv[1]) <= 19)):
+            raise UsageError(f"invalid kernel log sequence {argv[1][:20]!r}")
+        return "xid-log", str(int(argv[1])), ""
     if len(argv) >= 3 and argv[0] in ("vf-set", "vf-scrub"):
         from aifactory_core.validate import ifname, int_in_range
 
@@ -150,6 +157,14 @@ def serve(host: HostRoot, config: HostConfig, argv: Sequence[str]) -> str:
     from aifactory_core.host.hostuse import check_function, check_vf
 
     verb, subject, detail = parse(argv)
+    if verb == "xid-log":  # reads the live kernel log alone; changes nothing
+        from aifactory_core.errors import HostError
+        from aifactory_core.probes.xid import helper_report
+
+        try:
+            return helper_report(int(subject))
+        except OSError as error:
+            raise HostError(f"/dev/kmsg: {error.strerror or error}") from None
     if verb in ("vf-set", "vf-scrub"):
         check_vf(host, subject, int(detail), config)
         _vf(host, verb, subject, int(detail), list(argv[3:]))
