@@ -80,3 +80,25 @@ def test_persistence_mode_from_the_recording_is_flagged_not_refused(
     inventory = _host(h100_root, tmp_path, daemon=False)
     assert _checks(inventory, {})["gpu-persistence"] == ("WARN", "VM-pool GPU in persistence mode", FIX)
     nvidia_gpu.aifactory_prepare(inventory, DeployRequest(1, (GPU,)), parse_config({}))  # unbind not blocked
+
+
+@pytest.mark.parametrize(("restrict", "granted", "status"), [("0", False, "PASS"), ("1", False, "FAIL"),
+                                                             ("1", True, "PASS")])
+def test_doctor_says_whether_the_probes_can_read_xids(h100_root: Path, tmp_path: Path, restrict: str,  # noqa: F811
+                                                      granted: bool, status: str) -> None:
+    inventory = _host(h100_root, tmp_path, daemon=False)
+    root = inventory.host.root
+    (root / "proc/sys/kernel").mkdir(parents=True, exist_ok=True)
+    (root / "proc/sys/kernel/dmesg_restrict").write_text(restrict + "\n")
+    if granted:  # what host-setup installs: the shipped snippet and the root helper
+        (root / "etc/sudoers.d").mkdir(parents=True)
+        shutil.copy(Path(__file__).resolve().parents[1] / "drivers/sudoers/aifactory", root / "etc/sudoers.d")
+        helper = root / nvidia_gpu.ROOT_HELPER.lstrip("/")
+        helper.parent.mkdir(parents=True)
+        helper.write_text("#!/bin/sh\n")
+    check = _checks(inventory, {})["xid-source"]
+    assert check[0] == status
+    if status == "FAIL":
+        assert check[2] == "as root: aifactory host-setup (installs the root helper and its sudoers snippet)"
+    elif granted:
+        assert "through the root helper's xid-log" in check[1]

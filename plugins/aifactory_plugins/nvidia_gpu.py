@@ -106,6 +106,8 @@ def aifactory_doctor_checks(
             fix="run them only on host-pool GPUs ([host] host_devices); for nvidia-persistenced: "
                 "nvidia-smi -i <VM-pool GPU> -pm 0 per GPU"))
     checks.extend(persistence_checks(inventory, on_nvidia, config))
+    if on_nvidia:
+        checks.append(xid_check(inventory))
     for gpu in gpus:
         device = inventory.pci[gpu.address]
         if device.link.degraded:
@@ -124,6 +126,33 @@ def aifactory_doctor_checks(
                             f"{len(nvswitches)} NVSwitches; Fabric Manager {'running' if fabric else 'not running'}",
                             fix=None if fabric else "start nvidia-fabricmanager (shared NVSwitch mode for VMs)"))
     return checks
+
+
+SUDOERS_SNIPPET = "/etc/sudoers.d/aifactory"
+ROOT_HELPER = "/usr/local/lib/aifactory/venv/bin/aifactory-root-helper"
+
+
+def xid_check(inventory: HostInventory) -> Check:
+    """Can the probes (oneadmin) read XIDs? Either the kernel log is open to every user
+    (``kernel.dmesg_restrict=0``) or ``host-setup``'s sudoers snippet grants the root helper's
+    ``xid-log``, which returns XID codes only."""
+    restrict = read_str(inventory.host.path("/proc/sys/kernel/dmesg_restrict")) or "unknown"
+    if restrict == "0":
+        return Check("xid-source", "PASS", "kernel.dmesg_restrict=0: the probes read XIDs from /dev/kmsg")
+    snippet = inventory.host.path(SUDOERS_SNIPPET)
+    try:
+        granted = f"{ROOT_HELPER} xid-log" in snippet.read_text(encoding="utf-8", errors="replace")
+    except PermissionError:
+        return Check("xid-source", "WARN", f"kernel.dmesg_restrict={restrict}: {SUDOERS_SNIPPET} not readable by "
+                     "this user, so the XID grant was not checked", fix="run aifactory doctor as root")
+    except OSError:
+        granted = False
+    if granted and inventory.host.path(ROOT_HELPER).exists():
+        return Check("xid-source", "PASS", f"kernel.dmesg_restrict={restrict}: the probes read XIDs through the root "
+                     "helper's xid-log (XID codes only)")
+    return Check("xid-source", "FAIL", f"kernel.dmesg_restrict={restrict} and no xid-log grant: the probes cannot "
+                 "read XID errors (AIF_XID_SOURCE unavailable), so a GPU that fell off the bus is not seen",
+                 fix="as root: aifactory host-setup (installs the root helper and its sudoers snippet)")
 
 
 def persistence_fix(address: str) -> str:
