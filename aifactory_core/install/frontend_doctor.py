@@ -6,7 +6,9 @@ upgrade of OpenNebula overwrites the remotes), the state directory, the sudoers 
 -cf``), the Python environments, the drivers in ``oned.conf``/``monitord.conf`` (``VM_MAD`` kvm
 running the wrapped actions on the hosts, ``IM_MAD`` kvm, ``HM_MAD`` for the hooks) and the hooks
 registered with oned; ``release`` in ``VM_ADMIN_OPERATIONS`` (oned.conf, and the running oned through
-``one.system.config``); where ``--enable-hook-server`` enabled the hook server, whether it runs.
+``one.system.config``); where ``--enable-hook-server`` enabled the hook server, whether it runs;
+the hosts' PCI lists (:mod:`aifactory_core.install.pci_doctor`: ``pci.conf`` leaves the GPUs to the
+suite's probe, every device a host offered is in oned's share, ``PCI_FILTER`` named when it is not).
 """
 
 from __future__ import annotations
@@ -272,8 +274,12 @@ def run_checks(target: layout.Layout, endpoint: str | None = None, source: Path 
     server = hook_server.doctor_check(target, record)
     if server is not None:
         checks.append(server)
+    from aifactory_core.install import pci_doctor
+
+    checks.extend(pci_doctor.pci_conf_checks(target))
     if hooks:
         checks.extend(hook_checks(record, source, endpoint))
+        checks.extend(pci_doctor.oned_checks(endpoint))  # each host's offered devices in oned's PCI share
     return checks
 
 
