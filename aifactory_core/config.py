@@ -33,6 +33,9 @@ class PluginsConfig:
     order: tuple[str, ...] = ()
 
 
+DEFAULT_RESERVED_MEMORY_MIB = 512
+
+
 @dataclass(frozen=True)
 class HostConfig:
     reserved_cpus: frozenset[int] = frozenset()
@@ -40,6 +43,8 @@ class HostConfig:
     vf_pools: tuple[str, ...] = ()
     """SR-IOV PFs (PCI addresses) whose VFs tenants may be given: the root helper sets and scrubs
     VFs of these PFs only."""
+    reserved_memory_mib: int = DEFAULT_RESERVED_MEMORY_MIB
+    """Memory of each NUMA node kept for the host (kernel, QEMU's own overhead), never planned for VMs."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ def _host(table: Any) -> HostConfig:
         raise ConfigError("config key 'host.state_dir' is not supported: every process of the suite (the "
                           "wrappers' fast path, the probes, the boot repair, the installer) uses "
                           "/var/lib/one/aifactory; remove the key")
-    _check_keys(table, {"reserved_cpus", "host_devices", "vf_pools"}, "host")
+    _check_keys(table, {"reserved_cpus", "host_devices", "vf_pools", "reserved_memory_mib"}, "host")
     reserved = table.get("reserved_cpus", "")
     if not isinstance(reserved, str):
         raise ConfigError("config key 'host.reserved_cpus' must be a CPU list string such as \"0-1,56-57\"")
@@ -102,7 +107,10 @@ def _host(table: Any) -> HostConfig:
     except UsageError as error:
         raise ConfigError(f"config key 'host.reserved_cpus': {error.message}") from None
     host_devices = _pci_addresses(table, "host_devices")
-    return HostConfig(reserved_cpus, host_devices, _pci_addresses(table, "vf_pools"))
+    reserved_memory = table.get("reserved_memory_mib", DEFAULT_RESERVED_MEMORY_MIB)
+    if isinstance(reserved_memory, bool) or not isinstance(reserved_memory, int) or not 0 <= reserved_memory < 1 << 30:
+        raise ConfigError("config key 'host.reserved_memory_mib' must be a whole number of MiB (0 or more)")
+    return HostConfig(reserved_cpus, host_devices, _pci_addresses(table, "vf_pools"), reserved_memory)
 
 
 _PCI_FILTER = re.compile(r"^(?:[0-9a-f]{4}|\*)?:(?:[0-9a-f]{4}|\*)?(?::[0-9a-f]{4})?$")

@@ -58,6 +58,7 @@ disabled = []
 
 [host]
 # reserved_cpus = "0-1"             # CPUs kept for the host, never given to VMs
+# reserved_memory_mib = 512         # memory of each NUMA node kept for the host
 # host_devices = ["0000:c1:00.0"]   # functions the host itself uses (boot NIC, storage)
 """
 

@@ -89,7 +89,8 @@ def _host_model(context: Any) -> tuple[Any, Any, Any]:
     from aifactory_plugins.cpu_pinning.topology import HostTopology
 
     inventory = HostInventory(context.host)
-    topology = HostTopology.from_inventory(inventory, context.config.host.reserved_cpus)
+    host = context.config.host
+    topology = HostTopology.from_inventory(inventory, host.reserved_cpus, host.reserved_memory_mib * 1024)
     return policies_from(context.config.plugin(NAME)), inventory, topology
 
 

@@ -6,8 +6,12 @@
   (``<state_dir>/pinning/<vmid>.json``, atomic: temp file, fsync, rename). Where the host has
   libvirt's live-domain directory (``/run/libvirt/qemu``), records of VMs that no longer run there
   are ignored, so a VM that vanished without a release does not hold CPUs for ever.
-- :class:`DomainXmlHeld` reads pins from libvirt domain XML files in a directory (the live
-  ``/run/libvirt/qemu/*.xml``, or ``virsh dumpxml`` output saved by an operator).
+- :class:`DomainXmlHeld` reads what the VMs in a directory of XML files were given: libvirt
+  domains (the live ``/run/libvirt/qemu/*.xml``, or ``virsh dumpxml`` output saved by an operator)
+  or OpenNebula VM documents (``onevm show -x``). Pins and memory: a domain's memory belongs to the
+  host node its ``<numatune>`` binds each guest cell to; a VM document's to its ``NUMA_NODE``'s
+  ``MEMORY_NODE_ID`` (oned's NUMA allocation); memory bound to no node counts against the host as a
+  whole.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from aifactory_core.errors import UsageError
 from aifactory_plugins.cpu_pinning.planner import HostUsage, Placement
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from aifactory_core.hostroot import HostRoot
 
 STATE_SUBDIR = "pinning"
@@ -42,6 +48,7 @@ class Holding:
     cpus: frozenset[int]
     memory_kib: tuple[tuple[int, int], ...] = ()  # (node, KiB) without hugepages
     pages: tuple[tuple[int, int, int], ...] = ()  # (node, page KiB, pages)
+    unbound_kib: int = 0  # memory without hugepages bound to no node
 
 
 class HeldCpus(Protocol):
@@ -56,6 +63,7 @@ def usage_of(provider: HeldCpus, exclude_vm: int | None = None, *, exclude_vms: 
     cpus: set[int] = set()
     memory: dict[int, int] = {}
     pages: dict[tuple[int, int], int] = {}
+    unbound = 0
     for holding in provider.holdings():
         if holding.vm_id in excluded:
             continue
@@ -64,7 +72,8 @@ def usage_of(provider: HeldCpus, exclude_vm: int | None = None, *, exclude_vms: 
             memory[node] = memory.get(node, 0) + kib
         for node, size, count in holding.pages:
             pages[(node, size)] = pages.get((node, size), 0) + count
-    return HostUsage(frozenset(cpus), memory, pages)
+        unbound += holding.unbound_kib
+    return HostUsage(frozenset(cpus), memory, pages, unbound)
 
 
 def holding_of(placement: Placement) -> Holding:
@@ -153,7 +162,8 @@ def _read_record(path: Path) -> Holding | None:
 
 @dataclass(frozen=True)
 class DomainXmlHeld:
-    """Pins of the libvirt domains whose XML files lie in ``directory`` (``*.xml``)."""
+    """What the VMs whose XML files lie in ``directory`` (``*.xml``) hold: libvirt domains
+    (``<domain>``, ``<domstatus>``) or OpenNebula VM documents (``<VM>``)."""
 
     directory: Path
 
@@ -168,20 +178,87 @@ class DomainXmlHeld:
             if not name.endswith(".xml"):
                 continue
             try:
-                domain = parse_xml((self.directory / name).read_bytes(), name)
-            except (OSError, AifactoryError):
+                data = (self.directory / name).read_bytes()
+                document = parse_xml(data, name)
+                if document.tag == "VM":
+                    holding = _vm_document_holding(data, name)
+                else:
+                    root = document.find("domain") if document.tag == "domstatus" else document
+                    match = _ONE_DOMAIN.match(name)
+                    vm_id = int(match.group(1)) if match else None
+                    holding = _domain_holding(root, vm_id) if root is not None else None
+            except (OSError, AifactoryError, ValueError):
                 continue
-            root = domain.find("domain") if domain.tag == "domstatus" else domain
-            if root is None:
-                continue
-            cpus: set[int] = set()
-            for tag in ("cputune/vcpupin", "cputune/emulatorpin"):
-                for pin in root.findall(tag):
-                    try:
-                        cpus |= parse_cpulist(pin.get("cpuset"), "cpuset")
-                    except UsageError:
-                        continue
-            if cpus:
-                match = _ONE_DOMAIN.match(name)
-                result.append(Holding(int(match.group(1)) if match else None, frozenset(cpus)))
+            if holding is not None and (holding.cpus or holding.memory_kib or holding.pages or holding.unbound_kib):
+                result.append(holding)
         return result
+
+
+def _single_node(nodeset: str | None) -> int | None:
+    try:
+        nodes = parse_cpulist(nodeset, "nodeset") if nodeset else frozenset()
+    except UsageError:
+        return None
+    return min(nodes) if len(nodes) == 1 else None
+
+
+def _domain_holding(root: etree._Element, vm_id: int | None) -> Holding:
+    """Pins, and memory per host node from ``<numatune>`` (a guest cell's ``memnode``, else the
+    ``<memory nodeset>`` when it names one node); hugepage memory as pages of that node."""
+    from aifactory_plugins.cpu_pinning.spec import cell_memory_kib, domain_hugepage_kib, domain_memory_kib
+
+    cpus: set[int] = set()
+    for tag in ("cputune/vcpupin", "cputune/emulatorpin"):
+        for pin in root.findall(tag):
+            try:
+                cpus |= parse_cpulist(pin.get("cpuset"), "cpuset")
+            except UsageError:
+                continue
+    total = domain_memory_kib(root) if root.find("memory") is not None else 0
+    page = domain_hugepage_kib(root)
+    memnodes = {
+        memnode.get("cellid"): _single_node(memnode.get("nodeset")) for memnode in root.findall("numatune/memnode")
+    }
+    default = root.find("numatune/memory")
+    default_node = _single_node(default.get("nodeset")) if default is not None else None
+    parts: list[tuple[int | None, int]] = []
+    cells = root.findall("cpu/numa/cell")
+    for cell in cells:
+        kib = cell_memory_kib(cell) or 0
+        parts.append((memnodes.get(cell.get("id")) if cell.get("id") in memnodes else default_node, kib))
+    if not cells:
+        parts.append((default_node, total))
+    return _holding(vm_id, frozenset(cpus), parts, page)
+
+
+def _holding(vm_id: int | None, cpus: frozenset[int], parts: list[tuple[int | None, int]], page: int | None) -> Holding:
+    memory: dict[int, int] = {}
+    pages: dict[tuple[int, int], int] = {}
+    unbound = 0
+    for node, kib in parts:
+        if page and node is not None:
+            pages[(node, page)] = pages.get((node, page), 0) + kib // page
+        elif node is not None:
+            memory[node] = memory.get(node, 0) + kib
+        elif not page:  # hugepages bound to no node come out of some pool: not attributable
+            unbound += kib
+    return Holding(vm_id, cpus, tuple(sorted(memory.items())),
+                   tuple((node, size, count) for (node, size), count in sorted(pages.items())), unbound)
+
+
+def _vm_document_holding(data: bytes, name: str) -> Holding:
+    """oned's NUMA allocation: each ``NUMA_NODE``'s CPUS and MEMORY (KiB) on MEMORY_NODE_ID; a VM
+    without one holds its MEMORY (MiB) on no particular node."""
+    from aifactory_core.one.vm import parse_vm
+
+    request = parse_vm(data, name)
+    page = request.hugepage_size * 1024 if request.hugepage_size else None
+    cpus: set[int] = set()
+    parts: list[tuple[int | None, int]] = []
+    for node in request.numa_nodes:
+        cpus |= set(node.cpus)
+        parts.append((node.memory_node_id, node.memory_kib or 0))
+    if not parts and request.memory_mib:
+        parts.append((None, request.memory_mib * 1024))
+    return _holding(request.vm_id, frozenset(cpus), parts, page)
+

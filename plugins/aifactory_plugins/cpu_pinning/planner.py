@@ -145,11 +145,13 @@ class Unplaced:
 
 @dataclass(frozen=True)
 class HostUsage:
-    """What pinned VMs already hold: CPUs, memory (KiB) and hugepages per node."""
+    """What the other VMs already hold: CPUs, memory (KiB) and hugepages per node, and the memory
+    of VMs bound to no node (counted against the host as a whole)."""
 
     cpus: frozenset[int] = frozenset()
     memory_kib: Mapping[int, int] = field(default_factory=dict)
     pages: Mapping[tuple[int, int], int] = field(default_factory=dict)  # (node, size KiB) -> pages
+    unbound_kib: int = 0
 
     def with_placement(self, placement: Placement) -> HostUsage:
         memory = dict(self.memory_kib)
@@ -160,7 +162,7 @@ class HostUsage:
                 pages[key] = pages.get(key, 0) + cell.memory_kib // placement.hugepage_kib
             else:
                 memory[cell.host_node] = memory.get(cell.host_node, 0) + cell.memory_kib
-        return HostUsage(self.cpus | placement.held_cpus, memory, pages)
+        return HostUsage(self.cpus | placement.held_cpus, memory, pages, self.unbound_kib)
 
 
 class PlanInputError(ValueError):
@@ -270,11 +272,19 @@ def _split_memory(total_kib: int, counts: list[int], page_kib: int | None) -> li
 def _memory_fits(topology: HostTopology, usage: HostUsage, node_id: int, kib: int, page_kib: int | None) -> bool:
     node = topology.node(node_id)
     if page_kib:
-        free = node.hugepages_free.get(page_kib, 0) - usage.pages.get((node_id, page_kib), 0)
+        free = node.hugepages.get(page_kib, 0) - usage.pages.get((node_id, page_kib), 0)
         return free * page_kib >= kib
-    if node.memory_free_kib <= 0:  # unknown free memory: do not refuse on it
+    if node.memory_kib is None:  # unknown memory: do not refuse on it
         return True
-    return node.memory_free_kib - usage.memory_kib.get(node_id, 0) >= kib
+    return node.memory_kib - usage.memory_kib.get(node_id, 0) >= kib
+
+
+def _host_memory_fits(topology: HostTopology, usage: HostUsage, kib: int) -> bool:
+    """The host as a whole: memory of VMs bound to no node (``unbound_kib``) is somewhere."""
+    if not usage.unbound_kib or any(node.memory_kib is None for node in topology.nodes):
+        return True
+    total = sum(node.memory_kib or 0 for node in topology.nodes)
+    return total - sum(usage.memory_kib.values()) - usage.unbound_kib >= kib
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,7 +475,7 @@ def _within_oned(topology: HostTopology, usage: HostUsage, spec: VmSpec, conflic
         allowed = cell.cpus
         packed = None
         host_node = (
-            node if node is not None else HostNode(cell.memory_node, tuple((cpu,) for cpu in sorted(allowed)), 0, {})
+            node if node is not None else HostNode(cell.memory_node, tuple((cpu,) for cpu in sorted(allowed)), None, {})
         )
         policies: list[ThreadPolicy] = [spec.thread_policy, "prefer"]
         for policy in policies:
@@ -496,6 +506,9 @@ def plan(topology: HostTopology, usage: HostUsage, spec: VmSpec, conflict_policy
     _check_request(topology, spec)
     if spec.oned_cells:
         return _within_oned(topology, usage, spec, conflict_policy)
+    if not spec.hugepage_kib and not _host_memory_fits(topology, usage, spec.memory_kib):
+        return Unplaced(spec.vm_id, f"VM {spec.vm_id}: the host lacks {spec.memory_kib} KiB of memory for VMs "
+                                    f"({usage.unbound_kib} KiB are given to VMs bound to no node)")
     wanted = {node for node in _device_nodes(topology, spec).values() if node is not None}
     single_order = _candidate_single_nodes(topology, usage, wanted, spec.thread_policy)
     first_remote: Placement | None = None

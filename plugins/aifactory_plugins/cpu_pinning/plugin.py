@@ -91,7 +91,9 @@ def aifactory_domain_xml(inventory: HostInventory, request: Any, domain: Any, co
 
     section = config.plugin(NAME)
     policies = policies_from(section)
-    topology = HostTopology.from_inventory(inventory, config.host.reserved_cpus)
+    topology = HostTopology.from_inventory(
+        inventory, config.host.reserved_cpus, config.host.reserved_memory_mib * 1024
+    )
     addresses = [ref.address for _, ref in pci_hostdevs(domain)]
     classes = {address: device.class_code for address, device in inventory.pci.items()}
     spec = spec_from_domain(domain, request.vm_id, addresses, classes, policies)

@@ -183,24 +183,39 @@ def _kib_attr(cell: etree._Element) -> int | None:
     return int(int(memory) * _UNITS.get(unit, 1))
 
 
+def domain_memory_kib(domain: etree._Element) -> int:
+    """The domain's ``<memory>`` in KiB."""
+    memory_element = domain.find("memory")
+    if memory_element is None:
+        raise DocumentError("domain has no <memory>")
+    return _kib(memory_element, "<memory>")
+
+
+def domain_hugepage_kib(domain: etree._Element) -> int | None:
+    """The hugepage size the domain's memory is backed by (KiB; 2 MiB when no size is given)."""
+    page = domain.find("memoryBacking/hugepages/page")
+    if page is not None:
+        size = page.get("size", "")
+        if not size.isdigit():
+            raise DocumentError(f"domain hugepage size {size!r} is not a number")
+        return int(int(size) * _UNITS.get(page.get("unit", "KiB").lower(), 1))
+    if domain.find("memoryBacking/hugepages") is not None:
+        return 2048
+    return None
+
+
+def cell_memory_kib(cell: etree._Element) -> int | None:
+    """A ``<cpu><numa><cell>``'s memory in KiB."""
+    return _kib_attr(cell)
+
+
 def spec_from_domain(
     domain: etree._Element, vm_id: int, addresses: list[str], classes: Mapping[str, int], policies: Policies
 ) -> VmSpec:
     """From the deployment file oned generated (the truth at deploy time on the host)."""
     vcpus = _domain_int(domain, "vcpu")
-    memory_element = domain.find("memory")
-    if memory_element is None:
-        raise DocumentError("domain has no <memory>")
-    memory = _kib(memory_element, "<memory>")
-    page = domain.find("memoryBacking/hugepages/page")
-    page_kib = None
-    if page is not None:
-        size = page.get("size", "")
-        if not size.isdigit():
-            raise DocumentError(f"domain hugepage size {size!r} is not a number")
-        page_kib = int(int(size) * _UNITS.get(page.get("unit", "KiB").lower(), 1))
-    elif domain.find("memoryBacking/hugepages") is not None:
-        page_kib = 2048
+    memory = domain_memory_kib(domain)
+    page_kib = domain_hugepage_kib(domain)
     cells, shared = oned_cells_from_domain(domain, vcpus)
     gpus, nics = _split_devices(addresses, classes)
     thread: ThreadPolicy = policies.thread

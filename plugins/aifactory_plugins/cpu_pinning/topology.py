@@ -1,5 +1,13 @@
-"""The host as the pinning planner sees it: nodes, cores with their threads, distances, free
-memory and hugepages per node, the CPUs kept for the host, and the NUMA node of each PCI function.
+"""The host as the pinning planner sees it: nodes, cores with their threads, distances, the
+memory and hugepages VMs may be given per node, the CPUs kept for the host, and the NUMA node of
+each PCI function.
+
+A node's memory for VMs is its total (``MemTotal``) less its hugepage pools (memory VMs with
+hugepages take from the pools, the others cannot) and less the memory reserved for the host
+(config ``host.reserved_memory_mib``), as oned and Nova count it: never ``MemFree``, which already
+lacks what running VMs use and the page cache the kernel gives back on demand. Hugepages likewise:
+the pool (``nr_hugepages``), never ``free_hugepages``. What other VMs were given is the caller's
+:class:`~aifactory_plugins.cpu_pinning.planner.HostUsage`.
 
 Built once from :class:`~aifactory_core.host.inventory.HostInventory`; immutable afterwards.
 """
@@ -23,8 +31,10 @@ class HostNode:
 
     node_id: int
     cores: tuple[tuple[int, ...], ...]
-    memory_free_kib: int
-    hugepages_free: Mapping[int, int]  # page size KiB -> free pages
+    memory_kib: int | None
+    """Memory VMs without hugepages may be given here (``None``: unknown, not checked)."""
+    hugepages: Mapping[int, int]
+    """Page size (KiB) -> pages in the node's pool (``nr_hugepages``): VMs' pages come out of it."""
 
     @property
     def cpus(self) -> frozenset[int]:
@@ -65,8 +75,11 @@ class HostTopology:
         return sum(len(node.cpus) for node in self.nodes)
 
     @classmethod
-    def from_inventory(cls, inventory: HostInventory, reserved_cpus: frozenset[int] = frozenset()) -> HostTopology:
-        """Read the topology; ``reserved_cpus`` (config ``host.reserved_cpus``) are never used.
+    def from_inventory(
+        cls, inventory: HostInventory, reserved_cpus: frozenset[int] = frozenset(), reserved_memory_kib: int = 0
+    ) -> HostTopology:
+        """Read the topology; ``reserved_cpus`` (config ``host.reserved_cpus``) are never used, nor
+        ``reserved_memory_kib`` of each node (config ``host.reserved_memory_mib``).
 
         Without configured reserved CPUs and with a kernel ``isolcpus=`` list, every online CPU
         outside that list is the host's own (the isolated ones are kept for VMs).
@@ -97,11 +110,13 @@ class HostTopology:
                     threads = (cpu_id, *threads)
                 seen.update(threads)
                 cores.append(threads)
-            free_pages = MappingProxyType({page.size_kib: page.free for page in node.hugepages})
-            nodes.append(HostNode(node.node_id, tuple(cores), node.memory_free_kib, free_pages))
+            pool = MappingProxyType({page.size_kib: page.total for page in node.hugepages})
+            pools = sum(page.size_kib * page.total for page in node.hugepages)
+            memory = max(node.memory_total_kib - pools - reserved_memory_kib, 0) if node.memory_total_kib else None
+            nodes.append(HostNode(node.node_id, tuple(cores), memory, pool))
         if not nodes:  # a host without NUMA in sysfs: one node holding every CPU
             usable = sorted(item for item in online if item not in reserved)
-            nodes.append(HostNode(0, tuple((item,) for item in usable), 0, MappingProxyType({})))
+            nodes.append(HostNode(0, tuple((item,) for item in usable), None, MappingProxyType({})))
         device_nodes = {address: inventory.device_node(device) for address, device in inventory.pci.items()}
         parents = {address: device.parent for address, device in inventory.pci.items()}
         return cls(
