@@ -60,6 +60,7 @@ ACTIONS: dict[str, DriverAction] = {action.name: action for action in (
     DriverAction("reset", (DEPLOY_ID, HOST), DRIVER_ACTION_DATA, False),
     DriverAction("attach_nic", (DEPLOY_ID, "mac", "bridge", "model", "vn_mad", "target"), DRIVER_ACTION_DATA, False),
     DriverAction("detach_nic", (DEPLOY_ID, "mac"), DRIVER_ACTION_DATA, False),
+    DriverAction("resize", (DEPLOY_ID,), DRIVER_ACTION_DATA, False),
 )}
 RELEASING = frozenset({"shutdown", "cancel", "save", "migrate"})
 """Wrapped actions after whose success the domain is gone from the host they ran on."""
@@ -154,6 +155,12 @@ EVENTS: tuple[LifecycleEvent, ...] = (
                    "VNM pre/post configure a PCI NIC's VF as a part of the VM of its own"),
     LifecycleEvent("NIC detach (running)", "RUNNING → HOTPLUG_NIC → RUNNING", (Step("detach_nic"), _CLEAN),
                    "VNM clean scrubs the PCI NIC's VF and gives back that part alone"),
+    LifecycleEvent("resize (live: VCPU, MEMORY)", "RUNNING → HOTPLUG_RESIZE → RUNNING", (Step("resize"),),
+                   "nothing at resize: the cpu_pinning plugin pinned every vCPU the domain can have (`<vcpu>`'s "
+                   "maximum, VCPU_MAX, not `current`) at deploy, so a vCPU `virsh setvcpus --live` plugs in runs "
+                   "on the CPUs planned for it (a VM oned pins has no VCPU_MAX: oned refuses it with TOPOLOGY); "
+                   "memory hot-plugged as a DIMM (MEMORY_RESIZE_MODE = HOTPLUG) lands in guest cell 0, bound by "
+                   "its strict memnode, and is not in the pinning record until the next deploy"),
     LifecycleEvent("NIC or PCI attach/detach in POWEROFF or UNDEPLOYED", "POWEROFF or UNDEPLOYED", (),
                    "no host action (KVM has no cold NIC attach; pci-attach/-detach change the template only): "
                    "the next deploy claims what the new domain takes"),

@@ -160,6 +160,31 @@ def vmm_steps(source: str) -> list[VmmStep]:
     return steps
 
 
+_DO_ACTION = re.compile(r"\bdo_action\(\s*(?P<params>\"[^\"]*\"|[a-z_]\w*(?:\.to_s)?)\s*,\s*id\s*,\s*host\s*,"
+                        r"\s*ACTION\[:(?P<action>\w+)\](?P<options>[^)]*)\)")
+
+
+def direct_steps(source: str) -> list[VmmStep]:
+    """Actions a method runs with ``do_action(params, id, host, ACTION[:name], ...)`` itself (no
+    step hash): ``resize``, ``snapshot_create``. ``params`` is one variable or a string of
+    ``#{variable}`` words; ``:script_name`` names the script when given."""
+    steps: list[VmmStep] = []
+    for method in ruby_methods(source).values():
+        for call in _DO_ACTION.finditer(method.body):
+            params = call["params"]
+            if params.startswith('"'):
+                words = params[1:-1].split()
+                assert all(re.fullmatch(r"#\{\w+\}", word) for word in words), f"{method.name}: {SHAPE_CHANGED}"
+                names = tuple(word[2:-1] for word in words)
+            else:
+                names = (params.removesuffix(".to_s"),)
+            script = re.search(_key("script_name") + r"'(\w+)'", call["options"])
+            steps.append(VmmStep(method.name, script[1] if script else call["action"], names,
+                                 extra_params=not re.search(_key("no_extra_params") + "true", call["options"]),
+                                 destination=False))
+    return steps
+
+
 def table_names(step: VmmStep) -> tuple[str, ...]:
     """A step's arguments in the table's names. A step run on the migration's other host
     (``:destination``) passes that host as ``:dest_host``: there it is the host the script runs on."""
@@ -191,7 +216,8 @@ def test_opennebula_appends_the_vm_id_and_host_to_every_vmm_step(version: str) -
 @pytest.mark.parametrize("version", CHECKED_VERSIONS)
 @pytest.mark.parametrize("action", sorted(ACTIONS))
 def test_every_action_gets_the_argv_the_table_says(version: str, action: str) -> None:
-    steps = [step for step in vmm_steps(upstream_sources(version)[DRIVER]) if step.action == action]
+    source = upstream_sources(version)[DRIVER]
+    steps = [step for step in vmm_steps(source) + direct_steps(source) if step.action == action]
     assert steps, f"{version}: no :vmm step runs {action!r} in {DRIVER}: {SHAPE_CHANGED}"
     expected = ACTIONS[action]
     for step in steps:
@@ -206,13 +232,17 @@ def test_every_action_gets_the_argv_the_table_says(version: str, action: str) ->
 def test_the_reader_finds_each_action_where_its_method_builds_it(version: str) -> None:
     """The reader itself: each action is built by the driver method of its name (shutdown and
     cancel through destroy, reboot and reset through restart), and cancel also by the rollbacks."""
-    steps = vmm_steps(upstream_sources(version)[DRIVER])
+    source = upstream_sources(version)[DRIVER]
+    steps = vmm_steps(source) + direct_steps(source)
     built_by = {(step.action, step.method) for step in steps}
     for action in ACTIONS:
         delegate = {"shutdown": "destroy", "cancel": "destroy", "reboot": "restart", "reset": "restart"}
         assert (action, delegate.get(action, action)) in built_by, f"{version}: {action}"
     assert {method for action, method in built_by if action == "cancel"} >= {"deploy", "restore", "cleanup"}
     assert not [step for step in steps if step.action in ("mkdir", "cat")]
+    direct = {(step.action, step.parameters) for step in direct_steps(source)}
+    assert {("resize", ("deploy_id",)), ("snapshot_create", ("deploy_id", "snap_id")),
+            ("poll", ("deploy_id", "host"))} <= direct
 
 
 def test_every_wrapper_script_is_a_wrapped_action_of_the_table() -> None:
