@@ -4,6 +4,7 @@ answers from the real recording (a fault written into one GPU's copy in the reco
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -124,3 +125,30 @@ def test_a_host_without_passthrough_devices_reports_no_pci(tmp_path: Path, h100_
     parsed = _probe(root, tmp_path / "state", None, None, monkeypatch)
     assert "PCI" not in parsed  # no vector at all: oned drops every free device of the host
     assert parsed["AIF_PCI_OFFERED"] == [""]
+
+
+def test_a_vf_the_host_uses_is_withheld_by_the_root_helpers_rule(dgx_root: Path, tmp_path: Path,  # noqa: F811
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """With VF pools offered, the probe judges as the root helper does (hostuse): a VF whose netdev
+    carries an IPv6 address is the host's. The address is written where the kernel shows it."""
+    from aifactory_core.host import hostuse
+    from aifactory_core.probes import pci_offer
+
+    assert pci_offer.LISTED == hostuse.LISTED
+    root = tmp_path / "root"
+    shutil.copytree(dgx_root, root, symlinks=True)
+    host = Root(str(root))
+    vf = host.link_name("/sys/bus/pci/devices/0000:aa:00.0/virtfn0") or ""
+    ifname = "enp170s0f0v0"  # the VF's netdev, as mlx5 names it, laid out as the kernel does
+    netdev = (root / "sys/bus/pci/devices" / vf).resolve() / "net" / ifname
+    netdev.mkdir(parents=True)
+    (netdev / "device").symlink_to("../..")
+    (netdev / "ifindex").write_text("99\n")
+    (root / "sys/class/net" / ifname).symlink_to(os.path.relpath(netdev, root / "sys/class/net"))
+    (root / "proc/net").mkdir(parents=True, exist_ok=True)
+    (root / "proc/net/if_inet6").write_text(f"20010db8000000000000000000000001 05 40 00 80 {ifname}\n")
+    config = tmp_path / "aifactory.conf"
+    config.write_text('[host]\nvf_pools = ["0000:aa:00.0"]\n')
+    parsed = _probe(root, tmp_path / "state", None, config, monkeypatch)
+    assert vf not in _offered(parsed)
+    assert parsed["AIF_PCI_WITHHELD"][0].startswith(f"{vf} ") and ifname in parsed["AIF_PCI_WITHHELD"][0]

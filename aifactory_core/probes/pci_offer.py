@@ -14,7 +14,8 @@ So the suite reports the devices itself, from the same pass over the host that j
   quarantined, and
 * every VF of a ``[host] vf_pools`` PF that is not quarantined,
 
-leaving out a function ``[host] host_devices`` lists or one that shares its IOMMU group with one.
+leaving out a function the host keeps (``[host] host_devices``; where VF pools are offered also what
+the root helper's rule finds in use, :func:`host_uses`) or one that shares its IOMMU group with one.
 A GPU that turns ``FAILED`` (or is quarantined) is absent from the next report: free, it stops being
 assignable within one monitoring cycle; held, its VM keeps it undisturbed. A GPU that is healthy
 again is reported again and becomes assignable. ``AIF_PCI_OFFERED`` and ``AIF_PCI_WITHHELD`` (with
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 VENDOR_NAMES = {0x10DE: "NVIDIA Corporation", 0x15B3: "Mellanox Technologies", 0x8086: "Intel Corporation"}
+LISTED = "listed in [host] host_devices"  # hostuse.LISTED's words, without importing it (a test keeps them equal)
 CLASS_NAMES = {0x0300: "VGA compatible controller", 0x0302: "3D controller", 0x0200: "Ethernet controller",
                0x0207: "Infiniband controller", 0x0108: "Non-Volatile memory controller"}
 
@@ -61,12 +63,31 @@ def _group(root: Root, address: str) -> list[str]:
     return root.listdir(f"/sys/bus/pci/devices/{address}/iommu_group/devices") or [address]
 
 
-def _host_use(root: Root, address: str, host_devices: frozenset[str]) -> str:
+def _host_use(root: Root, address: str, uses: dict[str, str]) -> str:
+    """Why the host keeps ``address`` (it, or a function of its IOMMU group, is the host's), or ''."""
     for member in _group(root, address):
-        if member in host_devices:
-            return "listed in [host] host_devices" if member == address else \
-                f"shares its IOMMU group with {member} (listed in [host] host_devices)"
+        if member in uses:
+            return uses[member] if member == address else f"shares its IOMMU group with {member} ({uses[member]})"
     return ""
+
+
+def host_uses(root: Root, host_devices: tuple[str, ...], judge: bool) -> dict[str, str]:
+    """The functions the host keeps: ``[host] host_devices``, and with ``judge`` also what
+    :mod:`aifactory_core.host.hostuse` finds in use (mounted or held block devices, interfaces with
+    an address or the default route) — the root helper's own rule. That judgement costs ~20 ms of
+    imports and reads, so it runs only where VF pools are offered (a VF may be the host's own
+    interface); a GPU serves no block device or address, and the helper refuses at bind time
+    whatever was reported."""
+    uses = dict.fromkeys(host_devices, LISTED)
+    if judge:
+        from pathlib import Path
+
+        from aifactory_core.host.hostuse import HostEvidence
+        from aifactory_core.hostroot import HostRoot
+
+        for address, why in HostEvidence.read(HostRoot(Path(root.prefix)), host_devices).uses.items():
+            uses.setdefault(address, why)
+    return uses
 
 
 def pool_vfs(root: Root, pools: tuple[str, ...]) -> list[str]:
@@ -85,12 +106,13 @@ def pool_vfs(root: Root, pools: tuple[str, ...]) -> list[str]:
 def offer(root: Root, snapshot: dict[str, Any], settings: dict[str, tuple[str, ...]],
           quarantined: dict[str, str]) -> tuple[list[dict[str, object]], list[tuple[str, str]]]:
     """(PCI vectors to report, [(address, why withheld)])."""
-    host_devices = frozenset(settings.get("host_devices", ()))
+    pools = settings.get("vf_pools", ())
+    uses = host_uses(root, settings.get("host_devices", ()), judge=bool(pools))
     offered: list[dict[str, object]] = []
     withheld: list[tuple[str, str]] = []
     for row in snapshot["gpus"]:
         address = str(row["BUS_ID"])
-        why = _host_use(root, address, host_devices)
+        why = _host_use(root, address, uses)
         if not why and row["HEALTH"] == "FAILED":
             why = f"FAILED: {row['HEALTH_REASON']}"
         elif not why and row["QUARANTINED"] == "YES":
@@ -99,8 +121,8 @@ def offer(root: Root, snapshot: dict[str, Any], settings: dict[str, tuple[str, .
             withheld.append((address, why))
         else:
             offered.append(pci_vector(root, address, str(row["MODEL"] or "")))
-    for address in pool_vfs(root, settings.get("vf_pools", ())):
-        why = _host_use(root, address, host_devices)
+    for address in pool_vfs(root, pools):
+        why = _host_use(root, address, uses)
         if not why and address in quarantined:
             why = f"quarantined: {quarantined[address]}"
         if why:
