@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 
 USAGE = ("usage: aifactory-root-helper set-driver <dddd:bb:ss.f> <driver|none> | reset <dddd:bb:ss.f> | "
          "vf-set <ifname> <vf> key=value... | vf-scrub <ifname> <vf> eth|ib | xid-log <sequence>")
+VERBS = ("set-driver", "reset", "vf-set", "vf-scrub", "xid-log")
+"""The helper's whole command table: ``drivers/sudoers/aifactory`` allows exactly these, and the
+docs list them (``tests/test_sudoers_doc.py`` checks all three agree)."""
 VF_KEYS = ("mac", "vlan", "qos", "spoofchk", "trust", "min_tx_rate", "max_tx_rate", "link_state", "node_guid",
            "port_guid")
 MAX_VF_INDEX = 4095
@@ -53,6 +56,8 @@ HOST_ROOT = "/"
 def parse(argv: Sequence[str]) -> tuple[str, str, str]:
     """``(verb, address, driver)`` for the PCI verbs, ``(verb, ifname, VF index)`` for the VF
     verbs (their settings: :func:`vf_settings_of`); anything outside the grammar is a UsageError."""
+    if not argv or argv[0] not in VERBS:
+        raise UsageError(USAGE)
     if len(argv) == 3 and argv[0] == "set-driver":
         driver = "" if argv[2] == "none" else driver_name(argv[2])
         return "set-driver", pci_address(argv[1]), driver
