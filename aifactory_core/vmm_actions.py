@@ -61,6 +61,8 @@ ACTIONS: dict[str, DriverAction] = {action.name: action for action in (
     DriverAction("attach_nic", (DEPLOY_ID, "mac", "bridge", "model", "vn_mad", "target"), DRIVER_ACTION_DATA, False),
     DriverAction("detach_nic", (DEPLOY_ID, "mac"), DRIVER_ACTION_DATA, False),
     DriverAction("resize", (DEPLOY_ID,), DRIVER_ACTION_DATA, False),
+    DriverAction("prereconfigure", (DEPLOY_ID, "target_device"), DRIVER_ACTION_DATA, False),
+    DriverAction("reconfigure", (DEPLOY_ID, "target_device", "target_path"), DRIVER_ACTION_DATA, False),
 )}
 RELEASING = frozenset({"shutdown", "cancel", "save", "migrate"})
 """Wrapped actions after whose success the domain is gone from the host they ran on."""
@@ -94,6 +96,10 @@ class LifecycleEvent:
 _PRE, _POST, _CLEAN = Step("vnm pre"), Step("vnm post"), Step("vnm clean")
 _DEPLOY = (_PRE, Step("deploy"), _POST)
 _RESTORE = (_PRE, Step("restore"), _POST)
+_CONTEXT = (Step("prereconfigure"), Step("reconfigure"))
+_CONTEXT_NOTE = ("; prereconfigure and reconfigure (which OpenNebula runs after every NIC hot-plug, with the "
+                 "transfer driver's context step between them when the VM has a context disk) only renew the "
+                 "context CD-ROM")
 _GIVES_BACK = "the wrapper gives the devices back once the action succeeded; VNM clean scrubs the VFs"
 
 EVENTS: tuple[LifecycleEvent, ...] = (
@@ -151,10 +157,10 @@ EVENTS: tuple[LifecycleEvent, ...] = (
     LifecycleEvent("resched", "RUNNING (RESCHED=1)", (),
                    "the scheduler migrates the VM (live or cold per LIVE_RESCHEDS): see the migrate rows"),
     LifecycleEvent("NIC attach (running)", "RUNNING → HOTPLUG_NIC → RUNNING",
-                   (_PRE, Step("attach_nic"), _POST),
-                   "VNM pre/post configure a PCI NIC's VF as a part of the VM of its own"),
-    LifecycleEvent("NIC detach (running)", "RUNNING → HOTPLUG_NIC → RUNNING", (Step("detach_nic"), _CLEAN),
-                   "VNM clean scrubs the PCI NIC's VF and gives back that part alone"),
+                   (_PRE, Step("attach_nic"), _POST, *_CONTEXT),
+                   "VNM pre/post configure a PCI NIC's VF as a part of the VM of its own" + _CONTEXT_NOTE),
+    LifecycleEvent("NIC detach (running)", "RUNNING → HOTPLUG_NIC → RUNNING", (Step("detach_nic"), _CLEAN, *_CONTEXT),
+                   "VNM clean scrubs the PCI NIC's VF and gives back that part alone" + _CONTEXT_NOTE),
     LifecycleEvent("resize (live: VCPU, MEMORY)", "RUNNING → HOTPLUG_RESIZE → RUNNING", (Step("resize"),),
                    "nothing at resize: the cpu_pinning plugin pinned every vCPU the domain can have (`<vcpu>`'s "
                    "maximum, VCPU_MAX, not `current`) at deploy, so a vCPU `virsh setvcpus --live` plugs in runs "

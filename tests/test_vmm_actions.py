@@ -236,7 +236,8 @@ def test_the_reader_finds_each_action_where_its_method_builds_it(version: str) -
     steps = vmm_steps(source) + direct_steps(source)
     built_by = {(step.action, step.method) for step in steps}
     for action in ACTIONS:
-        delegate = {"shutdown": "destroy", "cancel": "destroy", "reboot": "restart", "reset": "restart"}
+        delegate = {"shutdown": "destroy", "cancel": "destroy", "reboot": "restart", "reset": "restart",
+                    "prereconfigure": "attach_nic", "reconfigure": "attach_nic"}
         assert (action, delegate.get(action, action)) in built_by, f"{version}: {action}"
     assert {method for action, method in built_by if action == "cancel"} >= {"deploy", "restore", "cleanup"}
     assert not [step for step in steps if step.action in ("mkdir", "cat")]
