@@ -69,8 +69,36 @@ def aifactory_device_health(
 ) -> Iterable[ProbeAttribute] | None:
     """Device health: readings and a verdict for one device this plugin owns (else ``None``).
 
-    Shown by ``aifactory inventory`` for each device. (The IM probes read NVIDIA GPUs and NICs
-    themselves, without loading plugins, to stay within their start-up budget.)"""
+    Shown by ``aifactory inventory`` for each device (the built-in ``nvidia_gpu`` plugin answers for
+    NVIDIA GPUs and NVSwitches from the host side). The IM probes do not load the plugin manager;
+    they reach vendor devices through :func:`aifactory_probe_devices`."""
+
+
+@hookspec
+def aifactory_probe_devices(root: Any) -> Iterable[Any] | None:
+    """The IM probes' and ``aifactory metrics``' view of a vendor's devices: each device's health
+    verdict, extra host-template attributes and Prometheus metrics.
+
+    Lean by contract, because the probes run every monitoring cycle on every host under a start-up
+    budget: it is *not* called through pluggy. The probes find the module through the entry-point
+    group ``aifactory.probes`` (a cached scan, not ``importlib.metadata``:
+    :mod:`aifactory_core.probes.plugins`), check its ``AIFACTORY_PROBE_API = 1`` and call the
+    module-level function directly. The module may import only the standard library modules
+    ``python3 -S`` has loaded and :mod:`aifactory_core.probes.api` / :mod:`aifactory_core.probes.sysfs`
+    (no pluggy, no host model, no config); it must return quickly and never block.
+
+    ``root`` is an :class:`aifactory_core.probes.sysfs.Root` (``text``, ``number``, ``listdir``,
+    ``link_name`` under the host root; ``pci_functions``, ``pci_ids``, ``pci_driver`` read it).
+    Return :class:`aifactory_core.probes.api.ProbeDevice` objects (address, kind, model, health
+    ``OK``/``DEGRADED``/``FAILED`` and reason, attributes, :class:`~aifactory_core.probes.api.Metric`
+    samples in base units); the probe adds ids, NUMA node, IOMMU group, driver, holder VM and
+    quarantine. Raise nothing: an exception is reported as a problem of the probe, the rest stays.
+
+    Registration::
+
+        [project.entry-points."aifactory.probes"]
+        acme_gpu = "acme_aifactory.probe"
+    """
 
 
 @hookspec

@@ -7,7 +7,19 @@ Runs each command ``--runs`` times, interleaved (so load on the machine hits all
 and prints the medians and the median ratio probe / baseline. The probes run as OpenNebula runs
 them (``<probe> kvm 0 <hostname>``, stdin from /dev/null), started with ``-S`` as their first line
 says. Bytecode is compiled first, as a package install does (``pip install`` writes ``.pyc``).
-Target on a machine without GPU: ratio <= 1.3.
+Target on a machine without GPU: ratio <= 1.3, with the example vendor plugin installed
+(``pip install --no-deps ./plugins/examples/aifactory-example-accel``): the probes then find and
+run its ``aifactory.probes`` module every run. The probe plugins found are printed first.
+
+``--installed`` also times each probe as ``install.sh`` installs it: its first line is the suite
+environment's interpreter *without* ``-S`` (Python 3.11 applies a virtual environment in ``site``,
+so ``-S`` would not see the environment's packages, the vendor plugins among them), the checkout
+first on ``PYTHONPATH``. Only this form sees plugins installed into this environment.
+
+``--discovery`` also times, in one process of this interpreter (site on, as installed), the three
+ways of finding the probe plugins (``aifactory_core.probes.plugins``):
+``importlib.metadata`` (import and ``entry_points(group=...)``), the probe's own scan of the
+``*.dist-info`` directories, and its cached answer (one ``stat`` per ``sys.path`` directory).
 
 ``--compare CHECKOUT`` also times the probes of another source tree (e.g. ``git archive REV
 aifactory_core drivers | tar -x -C DIR``), interleaved in the same run, so a change is judged
@@ -33,6 +45,41 @@ PROBES = {
 }
 
 
+_PATH = """
+import sys
+sys.path.insert(0, {repo!r})
+from aifactory_core.probes.sysfs import Root
+from aifactory_core.probes import plugins
+root = Root.from_environment()
+"""
+DISCOVER = _PATH + """
+print(",".join(f"{{name}}={{module}}" for name, module in plugins.discover(root)))
+"""
+TIME_DISCOVERY = _PATH + """
+import time
+def best(function, rounds=50):
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - start)
+    return min(samples) * 1000, sorted(samples)[len(samples) // 2] * 1000
+directories = plugins._path_dirs()
+plugins.discover(root)  # the cache is written
+for label, function in (("cached discover", lambda: plugins.discover(root)),
+                        ("scan of dist-info", lambda: plugins.scan(directories))):
+    low, median = best(function)
+    print(f"{{label:24s}} median {{median:7.3f}} ms  min {{low:7.3f}} ms")
+start = time.perf_counter()
+import importlib.metadata
+imported = time.perf_counter()
+points = [point.value for point in importlib.metadata.entry_points(group=plugins.GROUP)]
+done = time.perf_counter()
+print(f"{{'importlib.metadata':24s}} import {{(imported - start) * 1000:7.3f}} ms + entry_points "
+      f"{{(done - imported) * 1000:7.3f}} ms (first call, as in a probe run): {{points}}")
+"""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -40,7 +87,14 @@ def main() -> int:
     parser.add_argument("--nvml-replay", help="AIFACTORY_NVML_REPLAY for the probes")
     parser.add_argument("--state-dir", help="AIFACTORY_STATE_DIR for the probes (default: a scratch dir)")
     parser.add_argument("--compare", type=Path, help="another checkout whose probes are timed alongside")
+    parser.add_argument("--discovery", action="store_true", help="also time the ways of finding probe plugins")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter for every command (default: this one), e.g. an environment made "
+                             "as install.sh makes it, with the suite and the example plugin pip-installed")
+    parser.add_argument("--installed", action="store_true",
+                        help="also time the probes as install.sh runs them: this environment's python without -S")
     args = parser.parse_args()
+    python = args.python
     checkouts = {"": REPO} | ({f" @{args.compare.name}": args.compare} if args.compare else {})
     for checkout in checkouts.values():
         compileall.compile_dir(str(checkout / "aifactory_core"), quiet=1)
@@ -50,24 +104,36 @@ def main() -> int:
     if args.nvml_replay:
         env["AIFACTORY_NVML_REPLAY"] = args.nvml_replay
     env["AIFACTORY_STATE_DIR"] = args.state_dir or env.get("AIFACTORY_STATE_DIR", "/tmp/aifactory-bench-state")
-    commands = {"python -c pass": [sys.executable, "-c", "pass"]}
+    commands = {"python -c pass": [python, "-c", "pass"]}
+    envs: dict[str, dict[str, str]] = {}
     for suffix, checkout in checkouts.items():
         for name, path in PROBES.items():
             probe = checkout / path.relative_to(REPO)
-            commands[name + suffix] = [sys.executable, "-S", str(probe), "kvm", "0", "bench"]
+            commands[name + suffix] = [python, "-S", str(probe), "kvm", "0", "bench"]
+            if args.installed:  # install.sh's first line: the environment's python, site on (no -S)
+                commands[f"{name} installed{suffix}"] = [python, str(probe), "kvm", "0", "bench"]
+                envs[f"{name} installed{suffix}"] = env | {"PYTHONPATH": str(checkout)}
+    found = subprocess.run([python, "-c", DISCOVER.format(repo=str(REPO))], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    print(f"probe plugins found: {found or 'none'}")
+    if args.discovery:
+        print(subprocess.run([python, "-c", TIME_DISCOVERY.format(repo=str(REPO))], env=env,
+                             capture_output=True, text=True, check=True).stdout, end="")
     times: dict[str, list[float]] = {name: [] for name in commands}
     for name, command in commands.items():  # warm-up and exit-status check
-        result = subprocess.run(command, env=env, stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        result = subprocess.run(command, env=envs.get(name, env), stdin=subprocess.DEVNULL, capture_output=True,
+                                check=False)
         if result.returncode != 0 or result.stderr:
             print(f"{name}: exit {result.returncode}, stderr {result.stderr[:200]!r}")
             return 1
     for _ in range(args.runs):
         for name, command in commands.items():
             start = time.perf_counter()
-            subprocess.run(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=True)
+            subprocess.run(command, env=envs.get(name, env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           check=True)
             times[name].append(time.perf_counter() - start)
     baseline = statistics.median(times["python -c pass"])
-    print(f"interpreter: {sys.executable} ({sys.version.split()[0]}), runs: {args.runs}")
+    print(f"interpreter: {python}, runs: {args.runs}")
     for name, samples in times.items():
         median = statistics.median(samples)
         print(f"{name:24s} median {median * 1000:7.2f} ms  min {min(samples) * 1000:7.2f} ms  "

@@ -156,4 +156,7 @@ def test_vendor_plugin_claims_its_device_and_reports_its_health(h100_root: Path,
     assert accelerator["health"] == [{"name": "EXAMPLE_ACCEL", "value": {
         "ADDRESS": "0000:00:07.0", "LINK_WIDTH": "8", "HEALTH": "DEGRADED"}}]
     gpu = next(device for device in data["devices"] if device["address"] == "0000:00:06.0")
-    assert gpu["health"] == []
+    [reading] = gpu["health"]  # the built-in nvidia_gpu plugin's host-side verdict
+    assert reading["name"] == "NVIDIA_GPU"
+    assert (reading["value"]["HEALTH"], reading["value"]["HEALTH_SOURCE"]) == ("OK", "HOST_SIDE")
+    assert (reading["value"]["LINK_WIDTH"], reading["value"]["CONFIG_SPACE"]) == ("16", "READABLE")

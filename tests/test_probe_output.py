@@ -278,7 +278,7 @@ def test_cli_probe_and_metrics(h100_root: Path, tmp_path: Path) -> None:
     metrics = run_cli("--host-root", str(h100_root), "metrics", "--nvml-replay", str(H100_NVML),
                       "--textfile", str(textfile), env=env)
     assert metrics.returncode == 0, metrics.stderr
-    assert 'aifactory_gpu_power_milliwatts{bus_id="0000:00:06.0"' in textfile.read_text()
+    assert 'aifactory_gpu_power_watts{bus_id="0000:00:06.0"' in textfile.read_text()
     for budget in ("inf", "nan", "0", "-1"):
         for command in (("probe", "host-system"), ("metrics",)):
             bad = run_cli("--host-root", str(h100_root), *command, "--nvml-replay", str(H100_NVML),
@@ -317,10 +317,16 @@ def test_prometheus_exposition_is_well_formed(h100_root: Path, tmp_path: Path) -
             assert SAMPLE.fullmatch(line), line
             assert line.split("{")[0].split(" ")[0] in families
     real = recording()["devices"][0]
-    assert "aifactory_gpu_power_milliwatts{bus_id=\"0000:00:06.0\"" in text
-    assert re.search(rf"aifactory_gpu_power_milliwatts\{{[^}}]*\}} {real['PowerUsage']['value']}\n", text)
+    assert "aifactory_gpu_power_watts{bus_id=\"0000:00:06.0\"" in text
+    assert re.search(rf"aifactory_gpu_power_watts\{{[^}}]*\}} {real['PowerUsage']['value'] / 1000!r}\n", text)
     assert re.search(rf"aifactory_gpu_temperature_celsius\{{[^}}]*\}} {real['Temperature']['value']}\n", text)
-    assert families["aifactory_gpu_energy_millijoules_total"] == "counter"
+    assert re.search(rf"aifactory_gpu_memory_total_bytes\{{[^}}]*\}} {real['MemoryInfo']['value']['total']}\n", text)
+    assert re.search(rf"aifactory_gpu_sm_clock_hertz\{{[^}}]*\}} {real['Clock_SM']['value'] * 1_000_000}\n", text)
+    assert families["aifactory_gpu_energy_joules_total"] == "counter"
+    # Prometheus naming: base units, counters end in _total and only they, no unit prefixes
+    assert all(name.endswith("_total") == (kind == "counter") for name, kind in families.items())
+    assert not [name for name in families if re.search(r"milli|mega|mebi|kib|_mib|percent", name)]
+    assert "state=" not in "".join(line for line in text.splitlines() if "_health_state{" not in line)
 
 
 def test_textfile_written_atomically(tmp_path: Path) -> None:

@@ -34,7 +34,11 @@ def run(args: argparse.Namespace, context: Any) -> int:
         directory = os.path.dirname(os.path.abspath(args.textfile))
         if not os.path.isdir(directory):  # a typo must not create a directory node_exporter never reads
             raise UsageError(f"textfile {args.textfile!r}: directory {directory!r} does not exist")
-    text = exposition(collect(probe_root(context), replay, budget, nvml_mode="metrics"))
+    from aifactory_core.probes.owners import tenants
+
+    root = probe_root(context)
+    snapshot = collect(root, replay, budget, nvml_mode="metrics")
+    text = exposition(snapshot, tenants(root, snapshot["held"].values()))
     if args.textfile:
         try:
             write_textfile(args.textfile, text)

@@ -1,4 +1,5 @@
-"""One pass over the host: GPUs (NVML or host side), SR-IOV PFs, IB ports, hugepages, readiness.
+"""One pass over the host: GPUs (NVML or host side), SR-IOV PFs, IB ports, hugepages, readiness,
+and the devices probe plugins report.
 
 :func:`collect` returns a plain snapshot that the host/system, vm/monitor and Prometheus writers
 all render, so the three outputs always agree. Each section is isolated: an exception in one is
@@ -278,6 +279,38 @@ def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None
     snapshot["sriov"] = rows
 
 
+def _collect_plugin_devices(root: Root, snapshot: Snapshot) -> None:
+    """The devices probe plugins report (:mod:`aifactory_core.probes.plugins`), with what sysfs and
+    the lifecycle engine say of them: one ``AIF_DEVICE`` row each."""
+    from aifactory_core.probes import plugins
+
+    found, snapshot["probe_plugins"] = plugins.run(root, snapshot["problems"])
+    held = snapshot["held"]
+    quarantined = host_side.quarantine_reasons(root) if found else {}
+    rows: list[dict[str, object]] = []
+    for name, device in found:
+        address = device.address
+        vendor, ident, klass = pci_ids(root, address)
+        numa = root.number(f"/sys/bus/pci/devices/{address}/numa_node")
+        driver = pci_driver(root, address)
+        row: dict[str, object] = {
+            "PLUGIN": name, "KIND": device.kind, "ADDRESS": one_address(address), "SHORT_ADDRESS": address[5:],
+            "BUS_ID": address, "VENDOR": f"{vendor:04x}" if vendor >= 0 else "",
+            "DEVICE": f"{ident:04x}" if ident >= 0 else "", "CLASS": f"{klass >> 8:04x}" if klass >= 0 else "",
+            "NUMA_NODE": "-" if numa is None or numa < 0 else numa,
+            "IOMMU_GROUP": root.link_name(f"/sys/bus/pci/devices/{address}/iommu_group") or "",
+            "DRIVER": driver, "STATE": "ASSIGNED" if address in held or driver == "vfio-pci" else "HOST",
+            "VM_ID": held.get(address, ""), "MODEL": device.model,
+            "HEALTH": device.health, "HEALTH_REASON": device.health_reason,
+        }
+        if address in quarantined and device.health != "FAILED":
+            row["HEALTH"], row["HEALTH_REASON"] = "FAILED", f"quarantined: {quarantined[address]}"
+        row.update(device.attributes)
+        row["_metrics"] = device.metrics
+        rows.append(row)
+    snapshot["devices"] = rows
+
+
 def _collect_ib(root: Root, snapshot: Snapshot) -> None:
     rows = []
     for device in root.listdir("/sys/class/infiniband"):
@@ -298,8 +331,11 @@ def _collect_ib(root: Root, snapshot: Snapshot) -> None:
     snapshot["ib"] = rows
 
 
-def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_mode: str = "health") -> Snapshot:
+def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_mode: str = "health",
+            plugins: bool = True) -> Snapshot:
     """Read everything the probes report; never raises.
+
+    ``plugins``: also run the probe plugins (``snapshot["devices"]``, ``snapshot["probe_plugins"]``).
 
     ``nvml_mode``: ``health`` (inventory and health calls), ``metrics`` (also utilisation, power,
     clocks, energy), ``off`` (host-side readings only: the vm/monitor probe, every 30 s, needs no
@@ -308,7 +344,7 @@ def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_m
 
     snapshot: Snapshot = {"problems": [], "gpus": [], "sriov": [], "ib": [], "hugepages": [], "checks": [],
                           "nvml": {"STATUS": "", "DRIVER_VERSION": ""}, "held": {},
-                          "xid_source": "unused"}
+                          "xid_source": "unused", "devices": [], "probe_plugins": []}
     functions = pci_functions(root)
     try:
         snapshot["held"] = host_side.holders(root)
@@ -320,10 +356,13 @@ def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_m
         ("gpu", lambda: _collect_gpus(root, snapshot, functions, replay, budget_s, nvml_mode)),
         ("sriov", lambda: _collect_sriov(root, snapshot, functions)),
         ("infiniband", lambda: _collect_ib(root, snapshot)),
+        ("plugins", lambda: _collect_plugin_devices(root, snapshot)),
         ("hugepages", lambda: snapshot.__setitem__("hugepages", readiness.hugepages(root))),
         ("readiness", lambda: snapshot.__setitem__("checks", readiness.checks(root, functions))),
     )
     for name, section in sections:
+        if name == "plugins" and not plugins:
+            continue
         try:
             section()
         except Exception as error:  # one section's failure never hides the others

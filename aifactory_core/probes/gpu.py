@@ -193,7 +193,7 @@ def nvml_attributes(reading: dict[str, Any], xids: list[int]) -> dict[str, objec
 
 
 def metrics(reading: dict[str, Any]) -> dict[str, int]:
-    """The per-GPU metrics (utilisation %, memory MiB, °C, mW, MHz, mJ) NVML answered."""
+    """The per-GPU metrics (utilisation %, memory bytes, °C, mW, MHz, mJ) NVML answered."""
     fields: dict[str, Any] = reading.get("fields", {})
     result: dict[str, int] = {}
     utilisation = fields.get("UtilizationRates")
@@ -202,8 +202,8 @@ def metrics(reading: dict[str, Any]) -> dict[str, int]:
         result["GPU_MEMORY_UTILIZATION"] = as_int(utilisation.get("memory"))
     memory = fields.get("MemoryInfo")
     if isinstance(memory, dict):
-        result["GPU_MEMORY_USED_MIB"] = as_int(memory.get("used")) // (1024 * 1024)
-        result["GPU_MEMORY_TOTAL_MIB"] = as_int(memory.get("total")) // (1024 * 1024)
+        result["GPU_MEMORY_USED_BYTES"] = as_int(memory.get("used"))
+        result["GPU_MEMORY_TOTAL_BYTES"] = as_int(memory.get("total"))
     for name, key in (("Temperature", "GPU_TEMPERATURE_C"), ("PowerUsage", "GPU_POWER_MW"),
                       ("Clock_SM", "GPU_SM_CLOCK_MHZ"), ("Clock_MEM", "GPU_MEM_CLOCK_MHZ"),
                       ("TotalEnergyConsumption", "GPU_ENERGY_MJ")):

@@ -8,6 +8,9 @@ Output (OpenNebula template syntax; every attribute always present, zero/empty w
   ``SHORT_ADDRESS``, ``VENDOR``, ``DEVICE``, ``CLASS``, ``NUMA_NODE`` spelt as in OpenNebula's
   ``PCI`` attribute) and flat summaries the scheduler can match on: ``AIF_GPU_COUNT``,
   ``AIF_GPU_FREE``, ``AIF_GPU_HEALTHY_FREE``, ``AIF_GPU_MODELS``, ``AIF_GPU_HEALTH`` (the worst).
+* one ``AIF_DEVICE = [ PLUGIN, KIND, ADDRESS, ..., HEALTH, HEALTH_REASON, <the plugin's own keys> ]``
+  per device a probe plugin reports (:mod:`aifactory_core.probes.plugins`), ``AIF_DEVICE_COUNT``
+  and ``AIF_PROBE_PLUGINS`` (the plugins that answered, comma-separated).
 * ``AIF_SRIOV = [ ... ]`` per PF, ``AIF_IB_PORT = [ ... ]`` per port, ``AIF_HUGEPAGE = [ NODE_ID,
   SIZE, PAGES, FREE ]`` per node and size, ``AIF_CHECK = [ NAME, STATUS, DETAIL ]`` per readiness
   check and ``AIF_READY = YES|NO``.
@@ -51,6 +54,11 @@ def attributes(snapshot: dict[str, Any]) -> list[tuple[str, object]]:
         ("AIF_GPU_MODELS", ",".join(sorted({str(row["MODEL"]) for row in gpus if row["MODEL"]}))),
         ("AIF_GPU_HEALTH", worst([str(row["HEALTH"]) for row in gpus])),
     ]
+    devices = snapshot.get("devices", [])
+    out += [("AIF_DEVICE", {key: value for key, value in row.items() if not key.startswith("_")})
+            for row in devices] or [("AIF_DEVICE", {})]
+    out += [("AIF_DEVICE_COUNT", len(devices)),
+            ("AIF_PROBE_PLUGINS", ",".join(snapshot.get("probe_plugins", [])))]
     for key, rows in (("AIF_SRIOV", snapshot["sriov"]), ("AIF_IB_PORT", snapshot["ib"]),
                       ("AIF_HUGEPAGE", snapshot["hugepages"]), ("AIF_CHECK", snapshot["checks"])):
         out += [(key, row) for row in rows] or [(key, {})]

@@ -10,7 +10,7 @@ from aifactory_core.errors import HostError
 from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.host.sysfs import list_dir, read_str
-from aifactory_core.model import PCI_CLASS_DISPLAY, Check, DeployRequest, DiscoveredDevice, PciDevice
+from aifactory_core.model import PCI_CLASS_DISPLAY, Check, DeployRequest, DiscoveredDevice, PciDevice, ProbeAttribute
 from aifactory_plugins.pci_names import model_name
 
 AIFACTORY_API_VERSION = 1
@@ -65,6 +65,25 @@ def aifactory_discover_devices(inventory: HostInventory) -> Iterable[DiscoveredD
             )
         )
     return devices
+
+
+HEALTH_KEYS = ("HEALTH", "HEALTH_REASON", "HEALTH_SOURCE", "LINK_SPEED", "LINK_SPEED_MAX", "LINK_WIDTH",
+               "LINK_WIDTH_MAX", "AER_CORRECTABLE", "AER_NONFATAL", "AER_FATAL", "CONFIG_SPACE", "QUARANTINED")
+
+
+@hookimpl
+def aifactory_device_health(inventory: HostInventory, device: DiscoveredDevice) -> list[ProbeAttribute] | None:
+    """An NVIDIA GPU's or NVSwitch's health from the host side, judged as the probes judge a GPU on
+    vfio-pci (:func:`aifactory_core.probes.host_side.attributes`: config space, quarantine, PCIe
+    AER, link width); NVML's view is the probes' (``aifactory probe host-system``)."""
+    if device.plugin != NAME:
+        return None
+    from aifactory_core.probes import host_side
+    from aifactory_core.probes.sysfs import Root
+
+    root = Root(str(inventory.host.root), str(inventory.host.state_dir))
+    side = host_side.attributes(root, device.address, host_side.quarantine_reasons(root))
+    return [ProbeAttribute("NVIDIA_" + device.kind.upper(), tuple((key, str(side[key])) for key in HEALTH_KEYS))]
 
 
 def _running_holders(inventory: HostInventory) -> list[str]:

@@ -11,12 +11,12 @@ from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.model import Check, DiscoveredDevice, PciDevice, ProbeAttribute
 from aifactory_core.validate import hex_id
+from aifactory_example_accel.health import DEFAULT_LINK_WIDTH, DEFAULT_VENDORS, PCI_CLASS_ACCELERATOR, link_verdict
 
 AIFACTORY_API_VERSION = 1
 NAME = "example_accel"
-PCI_CLASS_ACCELERATOR = 0x12
 
-_settings: dict[str, Any] = {"vendors": {0x1DA3}, "expected_link_width": 16}
+_settings: dict[str, Any] = {"vendors": set(DEFAULT_VENDORS), "expected_link_width": DEFAULT_LINK_WIDTH}
 
 
 @hookimpl
@@ -66,7 +66,7 @@ def aifactory_device_health(
         return None
     pci = inventory.pci[device.address]
     width = pci.link.current_width or 0
-    verdict = "OK" if width >= _settings["expected_link_width"] else "DEGRADED"
+    verdict, _reason = link_verdict(width, _settings["expected_link_width"])
     return [ProbeAttribute("EXAMPLE_ACCEL", (("ADDRESS", device.address), ("LINK_WIDTH", str(width)),
                                              ("HEALTH", verdict)))]
 
