@@ -112,7 +112,10 @@ def main() -> int:
             commands[name + suffix] = [python, "-S", str(probe), "kvm", "0", "bench"]
             if args.installed:  # install.sh's first line: the environment's python, site on (no -S)
                 commands[f"{name} installed{suffix}"] = [python, str(probe), "kvm", "0", "bench"]
-                envs[f"{name} installed{suffix}"] = env | {"PYTHONPATH": str(checkout)}
+                # its own state directory: its sys.path differs from the -S form's, and so does the
+                # key of the probe-plugin cache, which the two forms would otherwise replace in turn
+                envs[f"{name} installed{suffix}"] = env | {"PYTHONPATH": str(checkout),
+                                                           "AIFACTORY_STATE_DIR": env["AIFACTORY_STATE_DIR"] + "-site"}
     found = subprocess.run([python, "-c", DISCOVER.format(repo=str(REPO))], env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     print(f"probe plugins found: {found or 'none'}")

@@ -55,7 +55,12 @@ def valid_name(name: str) -> bool:
 
 
 def _path_dirs() -> list[str]:
-    return [entry for entry in dict.fromkeys(sys.path) if entry and os.path.isdir(entry)]
+    """The ``sys.path`` directories, without the running script's own (each probe executable has
+    its own directory there, which holds no distribution: with it the two probes' keys would differ
+    and each would replace the other's cache every run)."""
+    script = os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else None
+    return [entry for entry in dict.fromkeys(sys.path)
+            if entry and entry != script and os.path.isdir(entry)]
 
 
 def cache_key(directories: list[str]) -> list[str]:
