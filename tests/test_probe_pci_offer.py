@@ -152,3 +152,28 @@ def test_a_vf_the_host_uses_is_withheld_by_the_root_helpers_rule(dgx_root: Path,
     parsed = _probe(root, tmp_path / "state", None, config, monkeypatch)
     assert vf not in _offered(parsed)
     assert parsed["AIF_PCI_WITHHELD"][0].startswith(f"{vf} ") and ifname in parsed["AIF_PCI_WITHHELD"][0]
+
+
+def test_a_vendor_plugins_accelerator_is_offered_while_not_failed(h100_root: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Rows of probe plugins' devices (``snapshot["devices"]``, the AIF_DEVICE rows) are judged as
+    the GPUs: an accelerator is offered, a FAILED one withheld, other kinds never offered."""
+    from aifactory_core.probes import pci_offer
+
+    root = tmp_path / "root"
+    shutil.copytree(h100_root, root, symlinks=True)
+    accel = root / "sys/bus/pci/devices/0000:00:07.0"  # a Habana-style accelerator, as sysfs shows one
+    accel.mkdir()
+    (accel / "uevent").write_text("PCI_CLASS=120000\nPCI_ID=1DA3:1020\nPCI_SLOT_NAME=0000:00:07.0\n")
+    (accel / "numa_node").write_text("-1\n")
+    host = Root(str(root), str(tmp_path / "state"))
+    row = {"PLUGIN": "example_accel", "KIND": "accelerator", "BUS_ID": "0000:00:07.0", "MODEL": "Gaudi2",
+           "HEALTH": "OK", "HEALTH_REASON": ""}
+    switch = {**row, "KIND": "nvswitch", "BUS_ID": "0000:00:06.0"}
+    snapshot: dict[str, Any] = {"gpus": [], "devices": [row, switch]}
+    offered, withheld = pci_offer.offer(host, snapshot, {"host_devices": (), "vf_pools": ()}, {})
+    assert [(v["SHORT_ADDRESS"], v["TYPE"], v["DEVICE_NAME"]) for v in offered] == [("00:07.0", "1da3:1020:1200",
+                                                                                    "Gaudi2")]
+    assert withheld == []
+    row.update(HEALTH="FAILED", HEALTH_REASON="quarantined: reset failed")
+    assert pci_offer.offer(host, snapshot, {"host_devices": (), "vf_pools": ()}, {}) == (
+        [], [("0000:00:07.0", "FAILED: quarantined: reset failed")])

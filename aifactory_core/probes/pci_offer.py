@@ -11,7 +11,9 @@ So the suite reports the devices itself, from the same pass over the host that j
 (:func:`aifactory_core.probes.collect.collect`), reading sysfs under the host root:
 
 * every NVIDIA GPU (display class, not a VF) whose verdict is not ``FAILED`` and that is not
-  quarantined, and
+  quarantined,
+* every GPU or accelerator a vendor plugin's probe reports (``AIF_DEVICE``) that is not ``FAILED``
+  (a quarantined one is ``FAILED``), and
 * every VF of a ``[host] vf_pools`` PF that is not quarantined,
 
 leaving out a function the host keeps (``[host] host_devices``; where VF pools are offered also what
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 VENDOR_NAMES = {0x10DE: "NVIDIA Corporation", 0x15B3: "Mellanox Technologies", 0x8086: "Intel Corporation"}
 LISTED = "listed in [host] host_devices"  # hostuse.LISTED's words, without importing it (a test keeps them equal)
+PASSTHROUGH_KINDS = ("gpu", "accelerator")  # the kinds of a vendor plugin's device oned may give a VM
 CLASS_NAMES = {0x0300: "VGA compatible controller", 0x0302: "3D controller", 0x0200: "Ethernet controller",
                0x0207: "Infiniband controller", 0x0108: "Non-Volatile memory controller"}
 
@@ -121,6 +124,19 @@ def offer(root: Root, snapshot: dict[str, Any], settings: dict[str, tuple[str, .
             withheld.append((address, why))
         else:
             offered.append(pci_vector(root, address, str(row["MODEL"] or "")))
+    seen = {str(row["BUS_ID"]) for row in snapshot["gpus"]}
+    for row in snapshot.get("devices", []):  # vendor plugins' devices (probe plugins), judged as the GPUs
+        address = str(row.get("BUS_ID", ""))
+        if row.get("KIND") not in PASSTHROUGH_KINDS or address in seen:
+            continue
+        seen.add(address)
+        why = _host_use(root, address, uses)
+        if not why and row.get("HEALTH") == "FAILED":
+            why = f"FAILED: {row.get('HEALTH_REASON', '')}"
+        if why:
+            withheld.append((address, why))
+        else:
+            offered.append(pci_vector(root, address, str(row.get("MODEL") or "")))
     for address in pool_vfs(root, pools):
         why = _host_use(root, address, uses)
         if not why and address in quarantined:
