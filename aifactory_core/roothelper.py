@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING
 from aifactory_core.errors import AifactoryError, UsageError
 from aifactory_core.validate import driver_name, pci_address
 
+VFIO_DRIVER = "vfio-pci"
+
 if TYPE_CHECKING:
     from aifactory_core.config import HostConfig
     from aifactory_core.host.netlink_vf import VfSettings
@@ -157,8 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(host: HostRoot, config: HostConfig, argv: Sequence[str]) -> str:
     """Judge the request by the root-owned ``config`` and the kernel's own state, then make it;
     returns what to print. A function the host uses, or one in its IOMMU group, is refused; so is a
-    VF outside ``[host] vf_pools`` (:mod:`aifactory_core.host.hostuse`). Nothing is written before
-    the request is judged."""
+    VF outside ``[host] vf_pools`` (:mod:`aifactory_core.host.hostuse`); and so is a reset, or a move
+    off vfio-pci, of a function a process (a running guest's QEMU) still uses through VFIO
+    (:mod:`aifactory_core.host.vfio_users`): no record in the caller's state directory can make root
+    pull a device from under a running VM. Nothing is written before the request is judged."""
     from aifactory_core.host.hostuse import check_function, check_vf
 
     verb, subject, detail = parse(argv)
@@ -175,6 +179,10 @@ def serve(host: HostRoot, config: HostConfig, argv: Sequence[str]) -> str:
         _vf(host, verb, subject, int(detail), list(argv[3:]))
         return ""
     check_function(host, subject, config.host_devices)
+    if verb == "reset" or detail != VFIO_DRIVER:
+        from aifactory_core.host.vfio_users import check_unused
+
+        check_unused(host, subject, "reset it" if verb == "reset" else f"move it to {detail or 'no driver'}")
     if verb == "reset":
         from aifactory_core.host.sanitize import reset_check_method
 

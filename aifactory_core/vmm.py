@@ -152,10 +152,15 @@ def prepare_deploy(host: HostRoot, config: Config, domain_xml: bytes, vm: int,
     (then a failed start must give it back). Any failure undoes what this call made."""
     from aifactory_core.domain import dump_domain, load_domain
     from aifactory_core.lifecycle.executor import rollback
+    from aifactory_core.lifecycle.reconcile import retrying_held
 
     domain = load_domain(domain_xml)
-    plan = plan_deploy(host, config, domain, vm, vm_document)
-    claim = _claim(host, config, plan, vm, vm_document)
+
+    def plan_and_claim() -> tuple[DeployPlan, Claim]:
+        plan = plan_deploy(host, config, domain, vm, vm_document)
+        return plan, _claim(host, config, plan, vm, vm_document)
+
+    plan, claim = retrying_held(host, plan_and_claim)
     try:
         plan.manager.hook.aifactory_domain_xml(inventory=plan.inventory, request=plan.request, domain=domain,
                                                config=config)
@@ -174,12 +179,13 @@ def prepare_restore(host: HostRoot, config: Config, checkpoint_file: str, vm: in
     ``restore`` also wakes a domain the guest suspended, whose claim was never given back (then
     :attr:`Claim.devices` is False and a failed restore must leave it)."""
     from aifactory_core.domain import load_domain
+    from aifactory_core.lifecycle.reconcile import retrying_held
 
     deployment = deployment_file_beside(checkpoint_file, vm, host)
     vm_document = deployment.parent / "vm.xml"
     domain = load_domain(deployment.read_bytes(), str(deployment))
-    plan = plan_deploy(host, config, domain, vm, vm_document)
-    return _claim(host, config, plan, vm, vm_document)
+    return retrying_held(host, lambda: _claim(host, config, plan_deploy(host, config, domain, vm, vm_document), vm,
+                                              vm_document))
 
 
 def _undo_network(host: HostRoot, vm: int) -> None:
@@ -223,7 +229,6 @@ def _read_stdin(data: bytes | None = None) -> bytes:
 
 
 def run_action(name: str, wrapper: str, argv: Sequence[str], stdin_data: bytes | None = None) -> int:
-    from aifactory_core.config import load_config
     from aifactory_core.hostroot import HostRoot
 
     action = vmm_actions.wrapped(name)
@@ -233,6 +238,19 @@ def run_action(name: str, wrapper: str, argv: Sequence[str], stdin_data: bytes |
     vm = _vm_of(action, argv)
     stdin = _read_stdin(stdin_data)
     host = HostRoot.resolve(None)
+    from aifactory_core.lifecycle.vmlock import vm_lock
+
+    with vm_lock(host, vm):  # no repair or reconciliation of this VM while its action runs
+        return _run_locked(name, action, wrapper, argv, stdin, host, vm)
+
+
+def _run_locked(name: str, action: DriverAction, wrapper: str, argv: Sequence[str], stdin: bytes, host: HostRoot,
+                vm: int) -> int:
+    """The action under the VM's lock: deploy and restore from the claim until the original
+    returned (the domain then runs, or all is given back), the others from the original until the
+    devices are back."""
+    from aifactory_core.config import load_config
+
     if name == "deploy":
         config = load_config(None)
         deployment_file = argv[action.position(vmm_actions.DEPLOYMENT_FILE)]

@@ -109,10 +109,30 @@ def test_device_held_by_another_vm_refuses_deploy(env: tuple[HostRoot, Path], mo
     host, originals = env
     _original(originals, "deploy")
     ownership.claim(host, GPU, 41)
+    _domain_runs(host, 41)
     assert _run("deploy", ["/d/deployment.0", "h", "42", "h"], DOMAIN, monkeypatch) == 1
     err = capfd.readouterr().err
     assert err == f"aifactory deploy: device {GPU} held by VM 41\n"
     assert not (originals / "deploy.argv").exists()
+
+
+def _domain_runs(host: HostRoot, vm: int) -> None:
+    """libvirt's record of the running domain one-<vm> (what reconciliation reads)."""
+    directory = host.path("/run/libvirt/qemu")
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"one-{vm}.pid").write_text("4242\n")
+
+
+def test_a_device_held_by_a_vm_without_a_domain_is_given_back_and_deployed(
+        env: tuple[HostRoot, Path], monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    """The guest of VM 41 powered itself off and OpenNebula terminated it without a driver action:
+    its claim is reconciled before VM 42's deploy would be refused."""
+    host, originals = env
+    _original(originals, "deploy")
+    ownership.claim(host, GPU, 41)
+    assert _run("deploy", ["/d/deployment.0", "h", "42", "h"], DOMAIN, monkeypatch) == 0
+    assert "VM 41 no longer ran: what it held was given back before this claim" in capfd.readouterr().err
+    assert ownership.held_devices(host) == {GPU: 42}
 
 
 @pytest.mark.parametrize(
@@ -365,6 +385,7 @@ def test_restore_of_a_device_another_vm_holds_is_refused(env: tuple[HostRoot, Pa
     _original(originals, "save", stdout="")
     assert _run("save", RELEASING_ARGV["save"], ACTION_DATA, monkeypatch) == 0
     ownership.claim(host, GPU, 41)
+    _domain_runs(host, 41)
     _restore_original(originals)
     capfd.readouterr()
     assert _run("restore", RESTORE_ARGV, ACTION_DATA, monkeypatch) == 1

@@ -22,7 +22,13 @@ LOCK_TIMEOUT_S = 30.0
 
 
 class DeviceHeld(HostError):
+    """A device (or VF) another VM holds; ``owner``: that VM."""
+
     code = "device-held"
+
+    def __init__(self, message: str, owner: int | None = None) -> None:
+        super().__init__(message)
+        self.owner = owner
 
 
 def _owners(host: HostRoot) -> Path:
@@ -54,7 +60,7 @@ def claim(host: HostRoot, address: str, vm: int) -> None:
     with device_lock(host, address):
         owner = owner_of(host, address)
         if owner is not None and owner != vm:
-            raise DeviceHeld(f"device {address} held by VM {owner}")
+            raise DeviceHeld(f"device {address} held by VM {owner}", owner)
         reason = quarantined(host).get(pci_address(address))
         if reason is not None:
             raise HostError(f"device {address} is quarantined ({reason}); check it, then "

@@ -5,6 +5,9 @@ decoded MONITOR carries flat keys (merged into the VM's monitoring by monitord):
 (every held function), ``AIF_GPU_COUNT``, ``AIF_GPU_ADDRESSES``, ``AIF_VF_COUNT``,
 ``AIF_GPU_HEALTH`` (worst of the VM's GPUs, from the host side: NVML cannot see a GPU a guest owns)
 and ``AIF_GPU_HEALTH_REASON``. Numbers the guest reports are never used.
+
+Every run also checks that each VM the suite's records name still has a domain, and starts the
+reconciliation in the background when one has not (:mod:`aifactory_core.probes.reconcile_trigger`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
     to stderr in one line, for whoever runs the probe by hand."""
     try:
         snapshot = collect(root, replay, budget_s, nvml_mode="off")
+        _reconcile_if_due(root, snapshot["held"])
         return "".join(render.vm_line(vm, f"one-{vm}", attributes) + "\n"
                        for vm, attributes in records(snapshot))
     except Exception as error:
@@ -54,3 +58,17 @@ def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
 
         sys.stderr.write(render.error_text(error, prefix="aifactory vm/monitor probe: ") + "\n")
         return ""
+
+
+def _reconcile_if_due(root: Root, held: dict[str, int]) -> None:
+    """Start the reconciliation when a VM holding something has no domain
+    (:mod:`aifactory_core.probes.reconcile_trigger`); a failure is one line on stderr, never the
+    probe's."""
+    try:
+        from aifactory_core.probes.reconcile_trigger import maybe_start
+
+        maybe_start(root, held)
+    except Exception as error:
+        import sys
+
+        sys.stderr.write(render.error_text(error, prefix="aifactory vm/monitor probe: reconcile: ") + "\n")

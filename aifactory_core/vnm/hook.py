@@ -185,15 +185,18 @@ def pre(host: HostRoot, config: Config, request: VmRequest, grant: TenantNetwork
         if owned is None:
             return None
         request, grant = owned, tenant_grant(config, owned)
+    from aifactory_core.lifecycle.reconcile import retrying_held
+
     if attached is not None:
         ((scope, actions),) = plan(host, config, request, grant, [attached])
         if actions:
-            add_part(vnm_host(host), request.vm_id, scope, actions)
+            retrying_held(host, lambda: add_part(vnm_host(host), request.vm_id, scope, actions))
         return len(actions)
     parts = plan(host, config, request, grant)
     actions = [action for _scope, part in parts for action in part]
     if actions:
-        prepare(vnm_host(host), request.vm_id, actions, scopes=[scope for scope, part in parts for _ in part])
+        retrying_held(host, lambda: prepare(vnm_host(host), request.vm_id, actions,
+                                            scopes=[scope for scope, part in parts for _ in part]))
     return len(actions)
 
 
@@ -266,6 +269,13 @@ def run(phase: str, stdin: bytes, host: HostRoot, config: Config) -> str:
     if phase not in PHASES:
         raise ConfigError(f"unknown VNM phase {phase!r}: expected pre, post or clean")
     request, hotplug = read_document(stdin)
+    from aifactory_core.lifecycle.vmlock import vm_lock
+
+    with vm_lock(host, request.vm_id):  # no reconciliation of the VM while its network changes
+        return _run_locked(phase, request, hotplug, host, config)
+
+
+def _run_locked(phase: str, request: VmRequest, hotplug: Hotplug | None, host: HostRoot, config: Config) -> str:
     if phase == "pre":
         made = pre(host, config, request, hotplug=hotplug)
         if made is None:
@@ -280,7 +290,13 @@ def run(phase: str, stdin: bytes, host: HostRoot, config: Config) -> str:
 
 
 def main(argv: list[str] | None = None, stdin: Any = None) -> int:
+    """The hook. Log records are held (:mod:`aifactory_core.driverlog`): on success they go to
+    stdout, which OpenNebula logs; on failure only ERROR ones, before the error line on stderr,
+    which OpenNebula makes the error message."""
+    from aifactory_core.driverlog import hold_log
+
     args = sys.argv[1:] if argv is None else argv
+    held = hold_log(f"vnm {args[0] if args and args[0] in PHASES else 'hook'}")
     try:
         from aifactory_core.config import load_config
         from aifactory_core.hostroot import HostRoot
@@ -290,20 +306,25 @@ def main(argv: list[str] | None = None, stdin: Any = None) -> int:
         data = (stdin or sys.stdin.buffer).read(MAX_STDIN + 1)
         if len(data) > MAX_STDIN:
             raise DocumentError(f"VNM input is larger than {MAX_STDIN} bytes")
-        print(run(args[0], data, HostRoot.resolve(), load_config()))
+        summary = run(args[0], data, HostRoot.resolve(), load_config())
     except PolicyRefused as error:
+        held.write(succeeded=False)
         print(f"aifactory: network refused by tenant policy: {error.message}", file=sys.stderr)
         return 1
     except AifactoryError as error:
+        held.write(succeeded=False)
         print(f"aifactory: {error.message}", file=sys.stderr)
         return error.exit_status
     except Exception as error:  # a defect: one line in the VM's log, as the VMM wrapper gives
         import os
 
+        held.write(succeeded=False)
         if os.environ.get("AIFACTORY_DEBUG") == "1":
             raise
         print(f"aifactory: internal error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    held.write(succeeded=True, logged=sys.stdout)
+    print(summary)
     return 0
 
 

@@ -157,7 +157,9 @@ def do(host: HostRoot, action_: Action, writer: Any) -> None:
     with _token_lock(host, pf, vf) as token:
         holder = owner(host, pf, vf)
         if holder is not None and holder != vm:
-            raise HostError(f"VF {vf} of {pf} is held by VM {holder}")
+            from aifactory_core.lifecycle.ownership import DeviceHeld
+
+            raise DeviceHeld(f"VF {vf} of {pf} is held by VM {holder}", holder)
         write_atomic(token, f"{vm}\n".encode())
         with _netlink_lock:
             ipr = _connection()
