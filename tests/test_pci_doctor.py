@@ -95,3 +95,14 @@ def test_the_host_filter_wins_over_the_cluster() -> None:
 def test_a_host_whose_probe_has_not_reported_warns_and_other_drivers_are_skipped() -> None:
     checks = pci_doctor.share_checks(_pool(_host("old", None, []) + _host("dummy", "", [], im="dummy")), CLUSTERS)
     assert [(check.status, check.subject) for check in checks] == [("WARN", "old")]
+
+
+def test_a_suite_filter_lost_from_pci_conf_fails(tmp_path: Path) -> None:
+    """What install.sh recorded adding ([frontend] pci_filter) must still be there."""
+    target = _target(tmp_path, {"kvm": "\n  - '8086:10d3'", "qemu": "'0:0'"})
+    record = {"pci_filter": {f"{target.remotes}/etc/im/kvm-probes.d/pci.conf": ["8086:10d3"],
+                             f"{target.remotes}/etc/im/qemu-probes.d/pci.conf": ["8086:10d3"]}}
+    kvm, qemu_lost, qemu = pci_doctor.pci_conf_checks(target, record)
+    assert (kvm.status, qemu.status) == ("PASS", "PASS")
+    assert qemu_lost.status == "FAIL" and "8086:10d3 is no longer in pci.conf" in qemu_lost.message
+    assert qemu_lost.fix == "run install.sh --upgrade --sync"

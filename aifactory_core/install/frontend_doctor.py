@@ -276,7 +276,7 @@ def run_checks(target: layout.Layout, endpoint: str | None = None, source: Path 
         checks.append(server)
     from aifactory_core.install import pci_doctor
 
-    checks.extend(pci_doctor.pci_conf_checks(target))
+    checks.extend(pci_doctor.pci_conf_checks(target, record))
     if hooks:
         checks.extend(hook_checks(record, source, endpoint))
         checks.extend(pci_doctor.oned_checks(endpoint))  # each host's offered devices in oned's PCI share

@@ -39,9 +39,13 @@ def _covers_gpus(item: str) -> bool:
     return vendor_ok and class_ok and item != "0:0"
 
 
-def pci_conf_checks(target: layout.Layout) -> list[Check]:
+def pci_conf_checks(target: layout.Layout, record: dict[str, Any] | None = None) -> list[Check]:
+    """``pci.conf`` of each host type: no filter covering NVIDIA GPUs, and the ``[frontend] pci_filter``
+    entries the install record says the suite added still there (an OpenNebula upgrade may replace
+    the file)."""
     from aifactory_core.install import pcifilter
 
+    added: dict[str, list[str]] = (record or {}).get(pcifilter.RECORD_KEY, {})
     checks: list[Check] = []
     for host_type in pcifilter.HOST_TYPES:
         absolute = pcifilter.pci_conf(target, host_type)
@@ -57,6 +61,11 @@ def pci_conf_checks(target: layout.Layout) -> list[Check]:
             checks.append(Check("pci.conf", "FAIL", f"{absolute}: {error}", fix=f"repair {absolute}",
                                 subject=absolute))
             continue
+        lost = [item for item in added.get(absolute, []) if item not in filters]
+        if lost:
+            checks.append(Check("pci.conf", "FAIL", f"{host_type} hosts: [frontend] pci_filter {', '.join(lost)} is no "
+                                "longer in pci.conf (an OpenNebula upgrade replaced it?): those devices leave the "
+                                "hosts' PCI lists", fix="run install.sh --upgrade --sync", subject=absolute))
         covering = [item for item in filters if _covers_gpus(item)]
         if covering:
             checks.append(Check(
