@@ -26,7 +26,6 @@ message, so a failure's stderr carries the error alone (plus ERROR records, whic
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -276,58 +275,6 @@ def _run_locked(name: str, action: DriverAction, wrapper: str, argv: Sequence[st
     return status
 
 
-class _OpenNebulaLogFormat(logging.Formatter):
-    """``WARN: aifactory deploy: ...``, the driver log convention: OpenNebula 7 sends stderr lines
-    that start with ``ERROR:``/``WARN:``/``INFO:``/``DEBUG:`` to the log and leaves them out of a
-    failed action's error message (6.10 does not: see :class:`_HeldLog`)."""
-
-    LEVELS = {"WARNING": "WARN", "CRITICAL": "ERROR"}
-
-    def __init__(self, action: str) -> None:
-        super().__init__()
-        self.action = action
-
-    def format(self, record: logging.LogRecord) -> str:
-        level = self.LEVELS.get(record.levelname, record.levelname)
-        return f"{level}: aifactory {self.action}: {' '.join(record.getMessage().split())}"
-
-
-class _HeldLog(logging.Handler):
-    """Holds the action's log lines until its outcome is known.
-
-    OpenNebula logs a remote action's stderr to the VM's log; when the action fails, 6.10 also makes
-    that whole stderr the VM's error message. So the lines are written only after a success, and
-    after a failure only those at ERROR, which belong to the error."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[tuple[int, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.lines.append((record.levelno, self.format(record)))
-        except Exception:  # a log line must never fail the action
-            self.handleError(record)
-
-    def write(self, succeeded: bool) -> None:
-        for level, line in self.lines:
-            if succeeded or level >= logging.ERROR:
-                sys.stderr.write(line + "\n")
-        self.lines.clear()
-
-
-def _hold_log_for_opennebula(action: str) -> _HeldLog:
-    held = _HeldLog()
-    held.setFormatter(_OpenNebulaLogFormat(action))
-    for name, level in (("aifactory", logging.INFO), ("aifactory_core", logging.WARNING)):
-        logger = logging.getLogger(name)
-        for old in [handler for handler in logger.handlers if isinstance(handler, _HeldLog)]:
-            logger.removeHandler(old)
-        logger.addHandler(held)
-        logger.setLevel(level)
-    return held
-
-
 def main(argv: Sequence[str] | None = None, stdin: bytes | None = None) -> int:
     """The wrapped action; ``stdin``: what :mod:`aifactory_core.vmm_fast` read of stdin already."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -335,7 +282,9 @@ def main(argv: Sequence[str] | None = None, stdin: bytes | None = None) -> int:
         sys.stderr.write("usage: python -m aifactory_core.vmm ACTION WRAPPER_PATH ARGS...\n")
         return 2
     action, wrapper, rest = args[0], args[1], args[2:]
-    held = _hold_log_for_opennebula(action)
+    from aifactory_core.driverlog import hold_log
+
+    held = hold_log(action)
     try:
         status = run_action(action, wrapper, rest, stdin)
     except AifactoryError as error:
