@@ -128,7 +128,7 @@ EVENTS: tuple[LifecycleEvent, ...] = (
                    "as resume from SUSPENDED, on the host the VM directory was moved to"),
     LifecycleEvent("resume from POWEROFF", "POWEROFF → BOOT_POWEROFF → RUNNING", _DEPLOY,
                    "as deploy: functions PCI-attached while powered off are claimed with the rest (after a "
-                   "guest-initiated poweroff the old claim is reused as it stands: see that row)"),
+                   "guest-initiated poweroff the old claim has been reconciled away: see that row)"),
     LifecycleEvent("resume from UNDEPLOYED", "UNDEPLOYED → PENDING → PROLOG_UNDEPLOY → BOOT_UNDEPLOY → RUNNING",
                    tuple(Step(step.action, "the newly chosen host") for step in _DEPLOY), "as deploy"),
     LifecycleEvent("migrate (cold)", "RUNNING → SAVE_MIGRATE → PROLOG_MIGRATE → BOOT_MIGRATE → RUNNING",
@@ -171,16 +171,17 @@ EVENTS: tuple[LifecycleEvent, ...] = (
                    "no host action (KVM has no cold NIC attach; pci-attach/-detach change the template only): "
                    "the next deploy claims what the new domain takes"),
     LifecycleEvent("guest-initiated poweroff", "RUNNING → SHUTDOWN_POWEROFF → POWEROFF (found by monitoring)", (),
-                   "no host action, so the devices stay claimed: resume's deploy reuses the claim as it stands "
-                   "(a function PCI-attached meanwhile is not bound, so that deploy fails and gives all back; "
-                   "the next resume claims afresh); terminate from POWEROFF runs no VMM action, so they stay "
-                   "held until 'aifactory repair --boot' at the next host boot or 'aifactory device release' "
-                   "(a gap)"),
+                   "no host action: the domain is gone, so the next vm/monitor probe run (every MONITOR_VM cycle) "
+                   "starts 'aifactory repair --reconcile', which gives the devices and VFs back through the "
+                   "journaled release (reset, health check, back to the driver; VFs scrubbed); a deploy asking "
+                   "for them sooner reconciles their VM first; terminate or undeploy from POWEROFF (the transfer "
+                   "epilog only) then finds nothing held, and resume deploys afresh"),
     LifecycleEvent("host failure", "RUNNING → UNKNOWN; the host error hook may recover --recreate", (),
                    "nothing until the host answers again: the claims stay on the failed host"),
     LifecycleEvent("host recovery", "UNKNOWN → RUNNING (domain found again) or → POWEROFF", (),
-                   "aifactory-repair.service ('aifactory repair --boot', before libvirt) gives back every "
-                   "claim at boot; a host back without a reboot keeps the claims of the domains still running"),
+                   "after a reboot, aifactory-repair.service ('aifactory repair --boot', before libvirt) gives "
+                   "back every claim; a host back without a reboot keeps the claims of the domains still "
+                   "running, and the probe's reconciliation gives back those whose domain is gone"),
     LifecycleEvent("recover --recreate (delete-recreate), recover --delete",
                    "any → CLEANUP_RESUBMIT → PENDING, or → CLEANUP_DELETE → DONE",
                    (Step("cancel"), _CLEAN, Step("cancel", "the migration's other host"),
