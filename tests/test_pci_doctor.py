@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hostroots import dgx_root  # noqa: F401 - fixture
 from lxml import etree
 
 from aifactory_core.install import layout, pci_doctor
@@ -106,3 +107,21 @@ def test_a_suite_filter_lost_from_pci_conf_fails(tmp_path: Path) -> None:
     assert (kvm.status, qemu.status) == ("PASS", "PASS")
     assert qemu_lost.status == "FAIL" and "8086:10d3 is no longer in pci.conf" in qemu_lost.message
     assert qemu_lost.fix == "run install.sh --upgrade --sync"
+
+
+def test_host_doctor_says_what_oned_is_offered_and_leaves_the_probe_state_alone(dgx_root: Path,  # noqa: F811
+                                                                                 tmp_path: Path) -> None:
+    from hostroots import run_cli
+
+    state = tmp_path / "state"
+    (state / "quarantine").mkdir(parents=True)
+    (state / "quarantine" / "0000:43:00.0").write_text("config space reads all-ones after reset\n")
+    (state / "probes").mkdir()
+    (state / "probes" / "xid-seq").write_text("41 boot\n")
+    done = run_cli("--host-root", str(dgx_root), "doctor", env={"AIFACTORY_STATE_DIR": str(state)})
+    assert ("PASS  pci-offer: oned is offered 7 passthrough devices: 0000:1b:00.0, 0000:52:00.0, 0000:61:00.0, "
+            "0000:9d:00.0, 0000:c3:00.0, 0000:d1:00.0, 0000:df:00.0") in done.stdout, done.stdout
+    assert ("WARN  pci-offer [0000:43:00.0]: withheld from oned: FAILED: quarantined: config space reads all-ones "
+            "after reset") in done.stdout
+    assert sorted(path.name for path in (state / "probes").iterdir()) == ["xid-seq"]  # nothing written
+    assert (state / "probes" / "xid-seq").read_text() == "41 boot\n"

@@ -30,6 +30,9 @@ def run_checks(context: Any) -> list[Check]:
     checks: list[Check] = []
     for result in manager.hook.aifactory_doctor_checks(inventory=inventory, devices=devices, config=context.config):
         checks.extend(result or ())
+    from aifactory_core.install.pci_doctor import host_checks
+
+    checks.extend(host_checks(str(context.host.root), str(context.host.state_dir)))  # the host's PCI list for oned
     if not any(device.kind in ("gpu", "accelerator") for device in devices):
         checks.append(Check("gpus", "WARN", "no GPU or accelerator found on this host",
                             fix="check the card is seated and visible in lspci"))

@@ -133,3 +133,51 @@ def oned_checks(endpoint: str | None) -> list[Check]:
     except AifactoryError as error:
         return [Check("pci-share", "WARN", f"could not ask oned for its hosts: {error}",
                       fix="run as oneadmin (ONE_AUTH), or pass --endpoint")]
+
+
+def host_checks(host_root: str, state_dir: str, remotes: str = "/var/tmp/one") -> list[Check]:
+    """On a KVM host (``aifactory doctor``): what the probe offers oned right now, what it withholds
+    and why, and the synced ``pci.conf`` of both host types not reporting the GPUs itself."""
+    import os
+    import shutil
+    import tempfile
+
+    from aifactory_core.probes.collect import collect
+    from aifactory_core.probes.host_system import pci_list
+    from aifactory_core.probes.sysfs import Root
+
+    with tempfile.TemporaryDirectory(prefix="aifactory-doctor-") as scratch:
+        # The probe's own state (XID sequence, caches) is copied, never advanced: an XID the doctor
+        # reads must still reach the next probe run. The engine's records are read where they are.
+        for name in ("quarantine", "owners", "resets"):
+            if os.path.isdir(os.path.join(state_dir, name)):
+                os.symlink(os.path.join(state_dir, name), os.path.join(scratch, name))
+        if os.path.isdir(os.path.join(state_dir, "probes")):
+            shutil.copytree(os.path.join(state_dir, "probes"), os.path.join(scratch, "probes"), symlinks=True)
+        root = Root(host_root, scratch)
+        snapshot = collect(root)
+        pci_list(root, snapshot)
+    offered, withheld = snapshot["pci"]
+    names = ", ".join(f"{vector['DOMAIN']}:{vector['SHORT_ADDRESS']}" for vector in offered)
+    checks = [Check("pci-offer", "PASS" if offered else "WARN",
+                    f"oned is offered {len(offered)} passthrough devices" + (f": {names}" if names else ""),
+                    fix=None if offered else "no GPU, accelerator or [host] vf_pools VF to offer: check lspci and "
+                    "[host] vf_pools in the config")]
+    checks += [Check("pci-offer", "WARN", f"withheld from oned: {why}", subject=address,
+                     fix="replace or reset the device; it is offered again once healthy" if "FAILED" in why
+                     else "remove it from [host] host_devices if VMs should get it") for address, why in withheld]
+    for host_type in ("kvm", "qemu"):
+        path = f"{remotes}/etc/im/{host_type}-probes.d/pci.conf"
+        try:
+            from aifactory_core.install.pcifilter import parse
+
+            filters = parse(open(root.path(path), encoding="utf-8").read())[0]
+        except (OSError, ValueError):
+            continue  # not synced here (or not this host type's): the frontend's doctor checks the source
+        covering = [item for item in filters if _covers_gpus(item)]
+        if covering:
+            checks.append(Check("pci.conf", "FAIL", f"{path}: pci.rb reports NVIDIA GPUs ({', '.join(covering)}): a "
+                                "GPU withheld as FAILED stays assignable", subject=path,
+                                fix="on the frontend: take them out of remotes/etc/im/*-probes.d/pci.conf, then "
+                                + PROBE_FIX))
+    return checks
