@@ -40,12 +40,14 @@ def run(args: argparse.Namespace, context: Any) -> int:
         return _reconcile(context)
     report = RepairReport()
     for scope in (context.host, vnm_host(context.host)):  # device journals, then network journals
-        report.add(repair(scope, boot=boot))
+        report.add(repair(scope, boot=boot, lock_host=context.host))
     out = sys.stdout
     out.write(f"rolled back: {', '.join(map(str, report.rolled_back)) or 'none'}\n")
     out.write(f"released: {', '.join(map(str, report.released)) or 'none'}\n")
     if not boot:
         out.write(f"kept (prepared, VM running): {', '.join(map(str, report.kept)) or 'none'}\n")
+    if report.busy:
+        out.write(f"busy (an action in flight, left to it): {', '.join(map(str, sorted(set(report.busy))))}\n")
     if report.orphans_dropped:
         out.write(f"stale ownership dropped: {', '.join(report.orphans_dropped)}\n")
     for problem in report.problems:

@@ -71,6 +71,18 @@ def _judge(host: HostRoot, address: str, writer: Writer) -> None:
     check_function(host, address, load_root_config().host.host_devices)
 
 
+def _judge_release(host: HostRoot, address: str, writer: Writer) -> None:
+    """A function leaving vfio-pci here, not through the root helper, passes the helper's own
+    rule for that too: no process may still use it through VFIO (a running guest)."""
+    from aifactory_core.roothelper import needed
+
+    if isinstance(writer, RecordingWriter) or needed(host):
+        return
+    from aifactory_core.host.vfio_users import check_unused
+
+    check_unused(host, address, "give it back")
+
+
 def _pci_driver_step(action: Action) -> tuple[str, str]:
     """The function of a ``pci_driver`` step and the driver it had (``""``: none), validated: a step
     (perhaps read from a journal someone else can write) moves a function onto vfio-pci and nowhere
@@ -107,6 +119,8 @@ def _pci_driver_undo(host: HostRoot, action: Action, writer: Writer) -> None:
     if current != VFIO_DRIVER and not pinned:
         return
     _judge(host, address, writer)
+    if current == VFIO_DRIVER:
+        _judge_release(host, address, writer)
     if current and current != VFIO_DRIVER:
         _set_driver(host, address, current, writer)  # clears the pin, nothing else
         return
@@ -253,6 +267,7 @@ def prepare(host: HostRoot, vm: int, actions: Sequence[Action], writer: Writer |
         _claim_again(host, existing)  # deploy retried after success: the claims still hold, or it fails
         return existing
     if existing is not None:  # unfinished, or made for another request: give it all back first
+        actions = carried_undo(existing, actions)
         problems = rollback(host, existing, writer)
         if problems:
             raise HostError(f"VM {vm}: an earlier transaction could not be undone: {'; '.join(problems)}")
@@ -281,6 +296,18 @@ def same_actions(journal: Journal, actions: Sequence[Action]) -> bool:
     is a ``prepared`` journal the same deploy's, retried."""
     made = [(step.action.kind, step.action.target, step.action.value) for step in journal.steps]
     return made == [(action.kind, action.target, action.value) for action in actions]
+
+
+def carried_undo(journal: Journal, actions: Sequence[Action]) -> list[Action]:
+    """``actions`` planned over what ``journal`` made, each with the undo value of the journal's
+    step of the same kind and target: undoing the journal puts a device back where it was before
+    that journal (a GPU on nvidia), so that, not what the plan saw (the GPU on vfio-pci), is what the
+    new step must give it back to."""
+    from dataclasses import replace
+
+    before = {(step.action.kind, step.action.target): step.action.undo_value for step in journal.steps}
+    return [replace(action, undo_value=before[(action.kind, action.target)])
+            if (action.kind, action.target) in before else action for action in actions]
 
 
 def _claim_again(host: HostRoot, journal: Journal) -> None:

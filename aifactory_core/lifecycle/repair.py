@@ -25,6 +25,8 @@ class RepairReport:
     rolled_back: list[int] = field(default_factory=list)
     released: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
+    busy: list[int] = field(default_factory=list)
+    """VMs whose lock an action in flight holds (a deploy, a release): left to it."""
     orphans_dropped: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -33,9 +35,17 @@ class RepairReport:
             getattr(self, each.name).extend(getattr(other, each.name))
 
 
-def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
-    """Roll back or finish every unfinished transaction; ``boot``: every journal is stale."""
+def repair(host: HostRoot, *, boot: bool = False, lock_host: HostRoot | None = None) -> RepairReport:
+    """Roll back or finish every unfinished transaction; ``boot``: every journal is stale.
+
+    Each VM is repaired under its lock (:mod:`aifactory_core.lifecycle.vmlock`, in ``lock_host``'s
+    state directory: the device journals' host also for the network journals), taken without
+    waiting: a VM whose deploy or release is running is that action's, and is left alone (``busy``)."""
+    from aifactory_core.lifecycle.journal import Journal
+    from aifactory_core.lifecycle.vmlock import VmBusy, vm_lock
+
     report = RepairReport()
+    locks = lock_host or host
     journals, damaged = scan(host)
     for error in damaged:
         try:
@@ -43,11 +53,25 @@ def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
         except (OSError, AifactoryError) as failure:
             where = f"could not be set aside ({failure})"
         report.problems.append(f"VM {error.vm_id}: {error.message}; {where}; its devices stay held")
-    for journal in journals:
-        if journal.phase == "prepared" and not boot:
-            report.kept.append(journal.vm_id)
+    for found in journals:
+        if found.phase == "prepared" and not boot:
+            report.kept.append(found.vm_id)
             continue
-        problems = rollback(host, journal)
+        try:
+            with vm_lock(locks, found.vm_id, timeout_s=0):
+                journal = Journal.load(host, found.vm_id)  # as it is now, under the lock
+                if journal is None:
+                    continue
+                if journal.phase == "prepared" and not boot:
+                    report.kept.append(journal.vm_id)
+                    continue
+                problems = rollback(host, journal)
+        except VmBusy:
+            report.busy.append(found.vm_id)
+            continue
+        except AifactoryError as error:
+            report.problems.append(f"VM {found.vm_id}: {error.message}")
+            continue
         if problems:
             report.problems.extend(f"VM {journal.vm_id}: {problem}" for problem in problems)
         elif journal.phase == "preparing":
@@ -56,11 +80,19 @@ def repair(host: HostRoot, *, boot: bool = False) -> RepairReport:
             report.released.append(journal.vm_id)
     remaining, still_damaged = scan(host)
     live = {journal.vm_id for journal in remaining} | {error.vm_id for error in still_damaged}
-    live |= set(set_aside_ids(host))
+    live |= set(set_aside_ids(host)) | set(report.busy)
     for address, owner in ownership.held_devices(host).items():
-        if owner not in live:
-            ownership.disown(host, address, owner)
-            report.orphans_dropped.append(address)
+        if owner in live:
+            continue
+        try:
+            with vm_lock(locks, owner, timeout_s=0):
+                if Journal.load(host, owner) is None:  # a prepare may have begun meanwhile
+                    ownership.disown(host, address, owner)
+                    report.orphans_dropped.append(address)
+        except VmBusy:
+            report.busy.append(owner)
+        except AifactoryError as error:
+            report.problems.append(f"VM {owner}: {error.message}")
     return report
 
 
