@@ -5,9 +5,18 @@ Adds or replaces ``<vcpu cpuset>``, ``<cputune>`` pins (``vcpupin``, ``emulatorp
 nodes and one ``memnode`` per guest cell), ``<cpu><numa>`` guest cells mirroring the host nodes
 used, and ``<memoryBacking><hugepages>``. On q35 machines each passthrough device is placed
 behind a ``pcie-expander-bus`` whose ``<target><node>`` is the guest cell backing the device's
-host node, so the guest sees the host's locality. OpenNebula writes the expander's node as the
-host node number (index ``20 + 14 * host node``), which names a guest cell that may not exist;
-those nodes are rewritten to the matching guest cell. Everything else in the domain is left as it is.
+host node, so the guest sees the host's locality. Everything else in the domain is left as it is.
+
+The PCI tree is read from the domain itself, never from an OpenNebula version's numbering: oned
+7.0 puts its expanders at index ``20 + 14 * i`` behind a switch, 7.4 at ``3 + 9 * i`` with eight
+root ports each plus one expander per ``ROOT = "dedicated"`` device, and an unpinned VM gets a flat
+row of root ports (without indexes on 7.0: libvirt gives each the lowest free index). Both number
+a device's port by its *host* node (OpenNebula/one#7408), so it may hang off an expander of another
+guest cell or off a controller that does not exist. Each expander is labelled with the guest cell
+of the devices found beneath it (walking each hostdev's ``bus`` up through the controllers); one
+with none keeps its node when that is a guest cell of the placement, else gets the first cell; a
+device not beneath an expander of its own cell gets a new root port on one (added when missing),
+with indexes and bus numbers above those the domain uses.
 """
 
 from __future__ import annotations
@@ -22,9 +31,6 @@ if TYPE_CHECKING:
     from lxml import etree
 
     from aifactory_plugins.cpu_pinning.planner import Placement
-
-ONED_EXPANDER_BASE = 20
-ONED_EXPANDER_STRIDE = 14
 
 
 def _child(parent: etree._Element, tag: str, before: tuple[str, ...] = ()) -> etree._Element:
@@ -157,12 +163,22 @@ def _int_attr(element: etree._Element, name: str) -> int | None:
 
 
 def _pci_controllers(devices: etree._Element) -> dict[int, etree._Element]:
+    """The PCI controllers by index. One without an index gets what libvirt gives it: in document
+    order, the lowest index no other PCI controller holds."""
     result: dict[int, etree._Element] = {}
+    unindexed: list[etree._Element] = []
     for controller in devices.findall("controller"):
         if controller.get("type") == "pci":
             index = _int_attr(controller, "index")
-            if index is not None:
+            if index is None:
+                unindexed.append(controller)
+            else:
                 result[index] = controller
+    for controller in unindexed:
+        index = 0
+        while index in result:
+            index += 1
+        result[index] = controller
     return result
 
 
@@ -187,20 +203,45 @@ def _expander_node(expander: etree._Element) -> int | None:
     return int(text) if text is not None and text.strip().isdigit() else None
 
 
-def _fix_oned_expanders(controllers: dict[int, etree._Element], placement: Placement) -> None:
-    """OpenNebula numbers expander nodes by host node; make them guest cells of this placement."""
-    cells = {cell.host_node: cell.cell_id for cell in placement.cells}
-    for index, controller in controllers.items():
+def _hostdev_bus(element: etree._Element) -> int | None:
+    address = element.find("address")
+    if address is None or address.get("type") != "pci":
+        return None
+    return _int_attr(address, "bus")
+
+
+def _guest_slot(element: etree._Element) -> tuple[int | None, int | None, int | None]:
+    """A hostdev's guest (bus, slot, function). oned may give two devices the same port (7.4: a
+    shared device of a host node without a guest cell lands on a dedicated device's port)."""
+    address = element.find("address")
+    if address is None or address.get("type") != "pci":
+        return (None, None, None)
+    return (_int_attr(address, "bus"), _int_attr(address, "slot") or 0, _int_attr(address, "function") or 0)
+
+
+def _label_expanders(
+    controllers: dict[int, etree._Element],
+    hostdevs: list[tuple[etree._Element, int]],
+    placement: Placement,
+) -> None:
+    """Each expander's node: the guest cell of the first placed device beneath it; an expander
+    with none keeps a node that is a guest cell of the placement, else gets the first cell."""
+    beneath: dict[int, int] = {}
+    for element, cell in hostdevs:
+        bus = _hostdev_bus(element)
+        expander = _expander_of_bus(controllers, bus) if bus is not None else None
+        if expander is not None:
+            beneath.setdefault(id(expander), cell)
+    cells = {cell.cell_id for cell in placement.cells}
+    for controller in controllers.values():
         if controller.get("model") != "pcie-expander-bus":
             continue
         node = controller.find("target/node")
         if node is None:
             continue
-        offset = index - ONED_EXPANDER_BASE
-        host_node = offset // ONED_EXPANDER_STRIDE if offset >= 0 and offset % ONED_EXPANDER_STRIDE == 0 else None
-        if host_node is not None and host_node in cells:
-            node.text = str(cells[host_node])
-        elif _expander_node(controller) not in cells.values():
+        if id(controller) in beneath:
+            node.text = str(beneath[id(controller)])
+        elif _expander_node(controller) not in cells:
             node.text = str(placement.cells[0].cell_id)
 
 
@@ -231,6 +272,23 @@ def _add_expander(devices: etree._Element, controllers: dict[int, etree._Element
     etree.SubElement(target, "node").text = str(cell_id)
     controllers[index] = controller
     return index
+
+
+_PORTS = ("pcie-root-port", "pcie-switch-downstream-port")
+
+
+def _free_port(devices: etree._Element, controllers: dict[int, etree._Element], expander_index: int) -> int | None:
+    """A port beneath the expander that nothing is plugged into (oned makes several per expander)."""
+    used = {_int_attr(address, "bus") for address in devices.iter("address") if address.get("type") == "pci"}
+    expander = controllers[expander_index]
+    for index, controller in sorted(controllers.items()):
+        if (
+            controller.get("model") in _PORTS
+            and index not in used
+            and _expander_of_bus(controllers, index) is expander
+        ):
+            return index
+    return None
 
 
 def _add_root_port(devices: etree._Element, controllers: dict[int, etree._Element], expander_index: int) -> int:
@@ -273,8 +331,13 @@ def _place_devices(domain: etree._Element, placement: Placement) -> list[str]:
     machine = domain.find("os/type")
     q35 = machine is not None and "q35" in (machine.get("machine") or "")
     has_root = any(c.get("model") == "pcie-root" for c in controllers.values())
-    _fix_oned_expanders(controllers, placement)
-    hostdevs = [(element, ref) for element, ref in pci_hostdevs(domain) if ref.address in placement.device_nodes]
+    hostdevs: list[tuple[etree._Element, int]] = []
+    for element, ref in pci_hostdevs(domain):
+        host_node = placement.device_nodes.get(ref.address)
+        cell = placement.cell_of_node(host_node) if host_node is not None else None
+        if cell is not None:
+            hostdevs.append((element, cell))
+    _label_expanders(controllers, hostdevs, placement)
     if not hostdevs:
         return notes
     if not (q35 or has_root):
@@ -283,17 +346,16 @@ def _place_devices(domain: etree._Element, placement: Placement) -> list[str]:
         root = etree.Element("controller", type="pci", index="0", model="pcie-root")
         devices.insert(0, root)
         controllers[0] = root
-    for element, ref in hostdevs:
-        host_node = placement.device_nodes.get(ref.address)
-        cell = placement.cell_of_node(host_node) if host_node is not None else None
-        if cell is None:
+    occupied: set[tuple[int | None, int | None, int | None]] = set()
+    for element, cell in hostdevs:
+        bus = _hostdev_bus(element)
+        expander = _expander_of_bus(controllers, bus) if bus is not None else None
+        where = _guest_slot(element)
+        if expander is not None and _expander_node(expander) == cell and where not in occupied:
+            occupied.add(where)
             continue
         address = element.find("address")
-        if address is not None and address.get("type") == "pci":
-            bus = _int_attr(address, "bus")
-            expander = _expander_of_bus(controllers, bus) if bus is not None else None
-            if expander is not None and _expander_node(expander) == cell:
-                continue
+        if address is not None:
             element.remove(address)
         expander_index = next(
             (
@@ -305,10 +367,13 @@ def _place_devices(domain: etree._Element, placement: Placement) -> list[str]:
         )
         if expander_index is None:
             expander_index = _add_expander(devices, controllers, cell)
-        port = _add_root_port(devices, controllers, expander_index)
+        port = _free_port(devices, controllers, expander_index)
+        if port is None:
+            port = _add_root_port(devices, controllers, expander_index)
         etree.SubElement(
             element, "address", type="pci", domain="0x0000", bus=f"0x{port:02x}", slot="0x00", function="0x0"
         )
+        occupied.add(_guest_slot(element))
     return notes
 
 
