@@ -1,12 +1,14 @@
-"""Whole-process wall time of the IM probe executables against ``python -c pass`` (same interpreter).
+"""Whole-process wall and CPU time of the IM probe executables against ``python -c pass`` (same
+interpreter).
 
     .venv/bin/python benchmarks/bench_probes.py [--runs 20] [--host-root DIR] [--nvml-replay FILE]
         [--state-dir DIR] [--compare CHECKOUT]
 
 Runs each command ``--runs`` times, interleaved (so load on the machine hits all of them alike),
-and prints the medians and the median ratio probe / baseline. The probes run as OpenNebula runs
-them (``<probe> kvm 0 <hostname>``, stdin from /dev/null), started with ``-S`` as their first line
-says. Bytecode is compiled first, as a package install does (``pip install`` writes ``.pyc``).
+and prints the medians and the median ratio probe / baseline, of wall time and of CPU time (user +
+system, from ``wait4``: on a shared, loaded machine the wall time mostly measures the others). The
+probes run as OpenNebula runs them (``<probe> kvm 0 <hostname>``, stdin from /dev/null), started
+with ``-S`` as their first line says. Bytecode is compiled first, as a package install does (``pip install`` writes ``.pyc``).
 Target on a machine without GPU: ratio <= 1.3, with the example vendor plugin installed
 (``pip install --no-deps ./plugins/examples/aifactory-example-accel``): the probes then find and
 run its ``aifactory.probes`` module every run. The probe plugins found are printed first.
@@ -129,18 +131,28 @@ def main() -> int:
         if result.returncode != 0 or result.stderr:
             print(f"{name}: exit {result.returncode}, stderr {result.stderr[:200]!r}")
             return 1
+    cpu: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.runs):
         for name, command in commands.items():
             start = time.perf_counter()
-            subprocess.run(command, env=envs.get(name, env), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           check=True)
+            process = subprocess.Popen(command, env=envs.get(name, env), stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.DEVNULL)
+            _pid, status, usage = os.wait4(process.pid, 0)
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(usage.ru_utime + usage.ru_stime)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            if process.returncode != 0:
+                print(f"{name}: exit {process.returncode}")
+                return 1
     baseline = statistics.median(times["python -c pass"])
+    cpu_baseline = statistics.median(cpu["python -c pass"])
     print(f"interpreter: {python}, runs: {args.runs}")
     for name, samples in times.items():
         median = statistics.median(samples)
-        print(f"{name:24s} median {median * 1000:7.2f} ms  min {min(samples) * 1000:7.2f} ms  "
-              f"ratio {median / baseline:5.2f}")
+        cpu_median = statistics.median(cpu[name])
+        print(f"{name:32s} wall median {median * 1000:7.2f} ms  min {min(samples) * 1000:7.2f} ms  "
+              f"ratio {median / baseline:5.2f}   CPU median {cpu_median * 1000:6.2f} ms  "
+              f"ratio {cpu_median / cpu_baseline:5.2f}")
     return 0
 
 

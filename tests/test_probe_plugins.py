@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from hostroots import REPO, h100_root, run_cli  # noqa: F401
 
-from aifactory_core.one.template import parse_template, template_to_dict
+from aifactory_core.one.template import parse_template, parse_vm_monitor, template_to_dict
 from aifactory_core.probes import plugins, prometheus
 from aifactory_core.probes.api import Metric, ProbeDevice
 from aifactory_core.probes.collect import collect
@@ -168,6 +168,14 @@ def test_example_plugin_in_the_installed_probe_and_in_metrics(accel_root: Path, 
     (state / "owners" / ACCELERATOR).write_text("7\n")
     (state / "tenancy").mkdir()
     (state / "tenancy" / "7.json").write_text(json.dumps({"vm": 7, "gid": 101, "gname": "tenant-b"}))
+    vm_probe = REPO / "drivers/im/kvm-probes.d/vm/monitor/aifactory-gpu"
+    monitored = subprocess.run([sys.executable, str(vm_probe), "kvm", "0", "host"], env=env,
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
+    [record] = parse_vm_monitor(monitored.stdout)
+    monitor = dict(record.monitor)
+    assert (record.vm_id, monitor["AIF_PCI_DEVICES"], monitor["AIF_VF_COUNT"]) == (7, ACCELERATOR, "0")
+    assert (monitor["AIF_DEVICE_COUNT"], monitor["AIF_DEVICE_HEALTH"]) == ("1", "DEGRADED")
+    assert monitor["AIF_DEVICE_HEALTH_REASON"] == f"{ACCELERATOR}: PCIe link x8, expected x16"
     metrics = run_cli("--host-root", str(accel_root), "metrics", env={"AIFACTORY_STATE_DIR": str(state)})
     assert metrics.returncode == 0, metrics.stderr
     labels = (f'bus_id="{ACCELERATOR}",plugin="example_accel",kind="accelerator",model="example accelerator 1020",'

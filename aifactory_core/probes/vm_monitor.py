@@ -4,7 +4,9 @@ One line per VM holding devices: ``VM = [ ID, DEPLOY_ID="one-<id>", MONITOR="<ba
 decoded MONITOR carries flat keys (merged into the VM's monitoring by monitord): ``AIF_PCI_DEVICES``
 (every held function), ``AIF_GPU_COUNT``, ``AIF_GPU_ADDRESSES``, ``AIF_VF_COUNT``,
 ``AIF_GPU_HEALTH`` (worst of the VM's GPUs, from the host side: NVML cannot see a GPU a guest owns)
-and ``AIF_GPU_HEALTH_REASON``. Numbers the guest reports are never used.
+and ``AIF_GPU_HEALTH_REASON``; for devices of probe plugins ``AIF_DEVICE_COUNT``,
+``AIF_DEVICE_HEALTH`` and ``AIF_DEVICE_HEALTH_REASON`` (their functions are not counted as VFs).
+Numbers the guest reports are never used.
 
 Every run also checks that each VM the suite's records name still has a domain, and starts the
 reconciliation in the background when one has not (:mod:`aifactory_core.probes.reconcile_trigger`).
@@ -26,10 +28,12 @@ def records(snapshot: dict[str, Any]) -> list[tuple[int, list[tuple[str, object]
     for address, vm in snapshot["held"].items():
         by_vm.setdefault(int(vm), []).append(address)
     gpus = {str(row["BUS_ID"]): row for row in snapshot["gpus"]}
+    devices = {str(row["BUS_ID"]): row for row in snapshot.get("devices", [])}
     result = []
     for vm in sorted(by_vm):
         addresses = sorted(by_vm[vm])
         mine = [gpus[address] for address in addresses if address in gpus]
+        others = [devices[address] for address in addresses if address in devices and address not in gpus]
         verdict = worst([str(row["HEALTH"]) for row in mine])
         reasons = [f"{row['BUS_ID']}: {row['HEALTH_REASON']}" for row in mine
                    if SEVERITY.get(str(row["HEALTH"]), 1) and row["HEALTH_REASON"]]
@@ -37,9 +41,13 @@ def records(snapshot: dict[str, Any]) -> list[tuple[int, list[tuple[str, object]
             ("AIF_PCI_DEVICES", ",".join(addresses)),
             ("AIF_GPU_COUNT", len(mine)),
             ("AIF_GPU_ADDRESSES", ",".join(str(row["BUS_ID"]) for row in mine)),
-            ("AIF_VF_COUNT", len(addresses) - len(mine)),
+            ("AIF_VF_COUNT", len(addresses) - len(mine) - len(others)),
             ("AIF_GPU_HEALTH", verdict),
             ("AIF_GPU_HEALTH_REASON", "; ".join(reasons)),
+            ("AIF_DEVICE_COUNT", len(others)),
+            ("AIF_DEVICE_HEALTH", worst([str(row["HEALTH"]) for row in others])),
+            ("AIF_DEVICE_HEALTH_REASON", "; ".join(f"{row['BUS_ID']}: {row['HEALTH_REASON']}" for row in others
+                                                   if row["HEALTH"] != "OK" and row["HEALTH_REASON"])),
         ]))
     return result
 
