@@ -8,7 +8,8 @@ Runs each command ``--runs`` times, interleaved (so load on the machine hits all
 and prints the medians and the median ratio probe / baseline, of wall time and of CPU time (user +
 system, from ``wait4``: on a shared, loaded machine the wall time mostly measures the others). The
 probes run as OpenNebula runs them (``<probe> kvm 0 <hostname>``, stdin from /dev/null), started
-with ``-S`` as their first line says. Bytecode is compiled first, as a package install does (``pip install`` writes ``.pyc``).
+with ``-S`` as their first line says. Bytecode is compiled first, as a package install does
+(``pip install`` writes ``.pyc``).
 Target on a machine without GPU: ratio <= 1.3, with the example vendor plugin installed
 (``pip install --no-deps ./plugins/examples/aifactory-example-accel``): the probes then find and
 run its ``aifactory.probes`` module every run. The probe plugins found are printed first.
