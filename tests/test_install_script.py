@@ -170,7 +170,7 @@ class LiveFrontend:
     """
 
     def __init__(self, top: Path, systemd: bool = False) -> None:
-        from test_install_staged import OPENNEBULA_DIRS, ORIGINAL, wrapped_actions
+        from test_install_staged import OPENNEBULA_DIRS, ORIGINAL, UPSTREAM_CONFIG, wrapped_actions
 
         self.top = top
         for name in OVERLAID:
@@ -189,6 +189,10 @@ class LiveFrontend:
         (etc / "group").write_text(group)
         for directory in OPENNEBULA_DIRS:
             self.upper("/" + directory).mkdir(parents=True, exist_ok=True)
+        if not Path("/etc/one/oned.conf").exists():  # a frontend has OpenNebula's own (install.sh edits it)
+            one = self.upper("/etc/one")
+            one.mkdir(parents=True, exist_ok=True)
+            (one / "oned.conf").write_text((UPSTREAM_CONFIG / "oned.conf").read_text())
         for action in wrapped_actions():
             original = self.upper(f"/var/lib/one/remotes/vmm/kvm/{action}")
             original.write_text(ORIGINAL.format(action=action))
