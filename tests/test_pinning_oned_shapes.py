@@ -11,7 +11,9 @@ oned 7.0.2 writes go through the same checks in ``tests/oned/test_oned_deploymen
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import needs
 import pytest
@@ -57,59 +59,30 @@ def test_each_releases_deployment_file_is_rewritten_soundly(version: str, kind: 
         assert added and min(added) > 17
 
 
-def test_libvirt_itself_defines_every_rewritten_shape(tmp_path: Path) -> None:
+def test_libvirt_itself_defines_every_rewritten_shape() -> None:
     """Beyond the schema: libvirt's own parser (controller indexes, the expander's NUMA node against
-    the guest cells, PCI address assignment) defines each rewritten domain, in a session daemon of
-    an unprivileged user that this test starts and stops. oned's own 7.4 ``dedicated`` domain is
-    refused there: its expander names host node 1, which is no guest cell."""
-    import os
-    import pwd
-    import shutil
-    import signal
-    import subprocess
-    import tempfile
-    import time
+    the guest cells, PCI address assignment) defines each rewritten domain. oned's own 7.4
+    ``dedicated`` domain is refused there: its expander names host node 1, which is no guest cell."""
+    from libvirt_session import session
 
     from aifactory_core.domain import load_domain
 
-    needs.root("runs a libvirt session daemon as nobody")
-    needs.tools("virsh", "libvirtd", "runuser", hint="apt-get install libvirt-daemon-system libvirt-clients")
-    nobody = pwd.getpwnam("nobody")
-    work = Path(tempfile.mkdtemp(prefix="aifactory-libvirt.", dir="/var/tmp"))  # pytest's tmp is root's 0700
-    work.chmod(0o755)
-    home = work / "session"
-    home.mkdir(mode=0o700)
-    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    with session() as (work, virsh):
+        def define(name: str, domain: Any) -> subprocess.CompletedProcess[str]:
+            domain.set("type", "qemu")
+            domain.find("devices/emulator").text = needs.tool("qemu-system-x86_64")
+            for tag in ("os/loader", "os/nvram", "uuid"):
+                element = domain.find(tag)
+                element.getparent().remove(element)
+            domain.find("name").text = name
+            path = work / f"{name}.xml"
+            path.write_bytes(dump_domain(domain))
+            path.chmod(0o644)
+            return virsh("define", str(path))
 
-    def define(name: str, domain: object) -> subprocess.CompletedProcess[str]:
-        domain.set("type", "qemu")  # type: ignore[attr-defined]
-        domain.find("devices/emulator").text = needs.tool("qemu-system-x86_64")  # type: ignore[attr-defined]
-        for tag in ("os/loader", "os/nvram", "uuid"):
-            element = domain.find(tag)  # type: ignore[attr-defined]
-            element.getparent().remove(element)
-        domain.find("name").text = name  # type: ignore[attr-defined]
-        path = work / f"{name}.xml"
-        path.write_bytes(dump_domain(domain))  # type: ignore[arg-type]
-        path.chmod(0o644)
-        return subprocess.run(["runuser", "-u", "nobody", "--", "env", "-i", f"HOME={home}", f"XDG_RUNTIME_DIR={home}",
-                               "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "virsh", "-c", "qemu:///session", "define",
-                               str(path)], capture_output=True, text=True, timeout=120, check=False)
-
-    try:
         for version, kind in SHAPES:
-            domain, _ = check_rewrite_of_oned_domain(oned_domain(version, kind).encode(), tmp_path)
+            domain, _ = check_rewrite_of_oned_domain(oned_domain(version, kind).encode(), work)
             done = define(f"{kind}-{version.replace('.', '')}", domain)
             assert done.returncode == 0, f"{version} {kind}: {done.stderr}"
         refused = define("oned-dedicated-740", load_domain(oned_domain("7.4.0", "dedicated").encode()))
         assert refused.returncode != 0 and "not present in the domain's <cpu><numa>" in refused.stderr
-    finally:
-        pid_file = home / "libvirt" / "libvirtd.pid"
-        if pid_file.is_file():
-            pid = int(pid_file.read_text().strip())
-            if Path(f"/proc/{pid}").stat().st_uid == nobody.pw_uid:
-                os.kill(pid, signal.SIGTERM)
-                for _ in range(50):
-                    if not Path(f"/proc/{pid}").exists():
-                        break
-                    time.sleep(0.1)
-        shutil.rmtree(work, ignore_errors=True)
