@@ -6,7 +6,8 @@ The placement goes to stderr (or into the JSON document), the domain XML to stdo
 VMs are planned onto the host in the order given, each seeing what the earlier ones took, and the
 report (stdout) says which fit, device-local or not, and which do not (exit 1 when any does not).
 What other pinned VMs hold comes from the pinning records under the state directory, or from
-``--held DIR`` (libvirt domain XML files, such as ``virsh dumpxml`` output). The work is the ``cpu_pinning`` plugin's
+``--held DIR`` (libvirt domain XML files such as ``virsh dumpxml`` output, or ``onevm show -x``
+VM documents). The work is the ``cpu_pinning`` plugin's
 (``aifactory_plugins.cpu_pinning.cli``); the core holds no static dependency on a plugin.
 """
 
@@ -26,7 +27,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--vm", required=True, action="append", metavar="FILE",
                         help="OpenNebula VM document ('-' for stdin); repeat to plan several VMs in order")
     parser.add_argument("--deployment", metavar="FILE", help="oned's deployment file to rewrite (one --vm only)")
-    parser.add_argument("--held", metavar="DIR", help="directory of libvirt domain XMLs of the other pinned VMs")
+    parser.add_argument("--held", metavar="DIR",
+                        help="directory of the other VMs' libvirt domain XMLs or OpenNebula VM documents")
     parser.add_argument("--json", action="store_true", help="placement and domain as one JSON document")
 
 
