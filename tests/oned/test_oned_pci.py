@@ -1,0 +1,198 @@
+"""The host's PCI list in a real oned: the GPUs the suite reports, given to VMs by oned's own
+scheduler, withheld while a recorded health reading says FAILED, and back once healthy.
+
+The host is this machine as a ``qemu``-type host over SSH (``test_oned_probes.node``: the bundled
+H100 capture as the probes' host root, its NVML recording replayed); oned runs upstream's real
+probes there too — ``pci.rb`` reads this machine's ``lspci`` through the stock ``pci.conf``
+(``'0:0'``), so every PCI device oned learns comes from the suite's probe. VMs are deployed by the
+dummy VMM (the host's ``VM_MAD``): oned assigns a PCI device when it dispatches the VM to the host,
+which is what is under test; a real deploy needs a kernel that binds the device (the end-to-end
+tests). The FAILED reading is the real recording with one answer changed in its own format
+(``RemappedRows`` reporting a remapping failure).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from realone import SYSTEM_PROBES_PERIOD, Installed, RealOne, in_frontend, note
+from test_oned_probes import NODE, node  # noqa: F401 - the node fixture, this module's own instance
+
+pytestmark = pytest.mark.realone
+GPU = "0000:00:06:0"  # oned's spelling of the capture's H100 at 0000:00:06.0
+MONITOR_TIMEOUT = 300 + 3 * SYSTEM_PROBES_PERIOD
+
+
+def _wait(condition: Callable[[], object], what: str, timeout: float, detail: Callable[[], str] = lambda: "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{detail()}")
+        time.sleep(1)
+
+
+def _host(one: RealOne, host: int) -> Any:
+    import xmlrpc.client
+
+    from lxml import etree
+
+    ok, answer, *_ = xmlrpc.client.ServerProxy(one.endpoint).one.host.info(f"oneadmin:{one.password}", host, False)
+    assert ok, answer
+    return etree.fromstring(answer.encode())
+
+
+def _share(one: RealOne, host: int) -> dict[str, int]:
+    """oned's PCI share of the host: ADDRESS -> VMID (-1 free)."""
+    return {pci.findtext("ADDRESS") or "": int(pci.findtext("VMID") or "-1")
+            for pci in _host(one, host).iterfind("HOST_SHARE/PCI_DEVICES/PCI")}
+
+
+def _gpu_health(one: RealOne, host: int) -> str:
+    return _host(one, host).findtext("TEMPLATE/AIF_GPU/HEALTH") or ""
+
+
+def _monitored_with_gpu(one: RealOne, host: int) -> bool:
+    if _host(one, host).findtext("STATE") == "3":
+        raise AssertionError(f"{NODE} in ERROR: {_host(one, host).findtext('TEMPLATE/ERROR')}\n"
+                             + one.log_tail("monitor.log"))
+    return GPU in _share(one, host)
+
+
+@pytest.fixture(scope="module")
+def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Iterator[dict[str, Any]]:  # noqa: F811
+    """The node as a qemu host whose VMs the dummy VMM deploys, and a dummy system datastore."""
+    synced = suite_installed.install_sh("--sync")
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    client = real_one.client()
+    for existing in client.hostpool.info().HOST:  # a host of an earlier module by the same name
+        if existing.NAME == NODE:
+            client.host.delete(existing.ID)
+    datastore = client.datastore.allocate('NAME="pci-system" TYPE="SYSTEM_DS" TM_MAD="dummy"', -1)
+    t0 = time.monotonic()
+    host = client.host.allocate(NODE, "qemu", "dummy", -1)
+    replay = node.parent / "nvml.json"
+    healthy = replay.read_text()
+    try:
+        _wait(lambda: _monitored_with_gpu(real_one, host), f"{GPU} in {NODE}'s PCI share", MONITOR_TIMEOUT,
+              lambda: real_one.log_tail("monitor.log"))
+        note(f"pci: {NODE} created -> the GPU in oned's PCI share after {time.monotonic() - t0:.0f} s")
+        yield {"host": host, "datastore": datastore, "replay": replay, "healthy": healthy,
+               "installed": suite_installed}
+    finally:
+        replay.write_text(healthy)
+        for vm in client.vmpool.info(-2, -1, -1, -1).VM:
+            client.vm.action("terminate-hard", vm.ID)
+        _wait(lambda: not client.vmpool.info(-2, -1, -1, -1).VM, "the VMs to end", 120)
+        client.host.delete(host)  # the probes module allocates its own host by this name
+
+
+def _gpu_vm(one: RealOne, name: str, datastore: int) -> int:
+    """A VM asking for the H100 by vendor/device/class, released from the admission hold."""
+    import pyone
+
+    client = one.client()
+    vm = client.vm.allocate(f'NAME="{name}" CPU="0.1" MEMORY="32" SCHED_DS_REQUIREMENTS="ID={datastore}" '
+                            'PCI=[ VENDOR="10de", DEVICE="2330", CLASS="0302" ]', False)
+    time.sleep(1)
+    if client.vm.info(vm).STATE == 2:  # HOLD (VM_SUBMIT_ON_HOLD): the admission hook may keep it
+        try:
+            client.vm.action("release", vm)
+        except pyone.OneException:
+            pass  # the hook released it first
+    return int(vm)
+
+
+def _placed(one: RealOne, vm: int) -> tuple[int, str]:
+    """(state, the PCI ADDRESS oned gave the VM, '' when none)."""
+    info = one.client().vm.info(vm)
+    pci = info.TEMPLATE.get("PCI") or {}
+    return int(info.STATE), str(pci.get("ADDRESS", "")) if isinstance(pci, dict) else ""
+
+
+def _doctor(installed: Installed) -> str:
+    """``aifactory doctor --frontend`` as the operator runs it on the frontend (root)."""
+    argv = [str(installed.prefix / "venv" / "bin" / "aifactory"), "doctor", "--frontend"]
+    done = in_frontend(installed.one, installed.etc_binds, argv)
+    return done.stdout + done.stderr
+
+
+def _onehost_pci(one: RealOne) -> str:
+    """``onehost show``'s PCI section, as an operator sees it."""
+    shown = one.run("onehost", "show", NODE).stdout
+    lines = shown.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("PCI DEVICES")), None)
+    if start is None:
+        return "(no PCI DEVICES section: the host's PCI list is empty)"
+    section = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.strip() and len(section) > 2:
+            break
+        if line.strip():
+            section.append(line)
+    return "\n".join(section)
+
+
+def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(
+        real_one: RealOne, gpu_host: dict[str, Any]) -> None:
+    host, datastore, replay = gpu_host["host"], gpu_host["datastore"], gpu_host["replay"]
+    # 1. The host's PCI list is the GPU and nothing else of this machine or the capture.
+    assert _share(real_one, host) == {GPU: -1}
+    template = _host(real_one, host)
+    assert template.findtext("TEMPLATE/AIF_PCI_OFFERED") == "0000:00:06.0"
+    assert template.find("TEMPLATE/PCI") is None  # oned moved the vectors into its share
+    shown = _onehost_pci(real_one)
+    note("onehost show (healthy):\n" + shown)
+    assert "00:06.0" in shown and "10de:2330:0302" in shown
+    doctor = _doctor(gpu_host["installed"])
+    assert f"PASS  pci-share [{NODE}]: {NODE}: 1 passthrough devices in oned's PCI list" in doctor, doctor
+    assert "PASS  pci.conf [" in doctor and "FAIL  pci" not in doctor, doctor
+
+    # 2. A VM asking for a GPU is scheduled and oned gives it the GPU.
+    first = _gpu_vm(real_one, "gpu-first", datastore)
+    _wait(lambda: _placed(real_one, first) == (3, GPU), f"VM {first} ACTIVE with {GPU}", 180,
+          lambda: str(real_one.client().vm.info(first).USER_TEMPLATE) + real_one.log_tail("sched.log"))
+    assert _share(real_one, host) == {GPU: first}
+
+    # 3. A recorded reading says FAILED: the VM holding the GPU keeps it, undisturbed.
+    failed = json.loads(gpu_host["healthy"])
+    failed["devices"][0]["RemappedRows"]["value"] = ["0", "0", "0", "1"]
+    replay.write_text(json.dumps(failed))
+    t0 = time.monotonic()
+    _wait(lambda: _gpu_health(real_one, host) == "FAILED", "AIF_GPU/HEALTH FAILED", MONITOR_TIMEOUT)
+    note(f"pci: FAILED reading -> HEALTH=FAILED in the host template after {time.monotonic() - t0:.0f} s")
+    assert "FAILED: row remapping failed" in (_host(real_one, host).findtext("TEMPLATE/AIF_PCI_WITHHELD") or "")
+    time.sleep(SYSTEM_PROBES_PERIOD + 2)  # one more report without the GPU
+    assert _share(real_one, host) == {GPU: first}
+    assert _placed(real_one, first)[1] == GPU and _placed(real_one, first)[0] == 3
+
+    # 4. Once the VM gives it back, the failed GPU leaves the share at the next report...
+    real_one.client().vm.action("terminate-hard", first)
+    t0 = time.monotonic()
+    _wait(lambda: _share(real_one, host) == {}, f"{GPU} gone from the share", MONITOR_TIMEOUT)
+    note(f"pci: failed GPU released -> gone from oned's PCI share after {time.monotonic() - t0:.0f} s")
+    note("onehost show (GPU FAILED):\n" + _onehost_pci(real_one))
+
+    # ...and is not given to the next VM, which waits.
+    second = _gpu_vm(real_one, "gpu-second", datastore)
+    time.sleep(2 * SYSTEM_PROBES_PERIOD)  # several scheduler windows (1 s) and monitoring cycles
+    assert _placed(real_one, second) == (1, ""), real_one.client().vm.info(second).USER_TEMPLATE  # PENDING
+    message = str(real_one.client().vm.info(second).USER_TEMPLATE.get("SCHED_MESSAGE", ""))
+    note(f"pci: next VM {second} while the GPU is FAILED: PENDING, SCHED_MESSAGE={message!r}")
+    doctor = _doctor(gpu_host["installed"])
+    assert (f"PASS  pci-share [{NODE}]: {NODE}: 0 passthrough devices in oned's PCI list; withheld: 0000:00:06.0 "
+            "FAILED: row remapping failed: replace the GPU") in doctor, doctor
+
+    # 5. Healthy again: offered again, and the waiting VM gets it.
+    replay.write_text(gpu_host["healthy"])
+    t0 = time.monotonic()
+    _wait(lambda: _placed(real_one, second) == (3, GPU), f"VM {second} ACTIVE with {GPU}", MONITOR_TIMEOUT)
+    note(f"pci: healthy reading -> waiting VM {second} given {GPU} after {time.monotonic() - t0:.0f} s")
+    assert _share(real_one, host) == {GPU: second}
