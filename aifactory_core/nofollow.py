@@ -128,15 +128,26 @@ def open_file(path: str | Path, flags: int, mode: int = 0o600, *, create_parents
     parent_path, name = os.path.split(os.fspath(path))
     parent = open_directory(parent_path or "/", create=create_parents, check=check)
     try:
+        created = False
         try:
-            descriptor = os.open(name, flags | FLAGS, mode, dir_fd=parent)
+            if flags & os.O_CREAT and not flags & os.O_EXCL:
+                try:  # made here, or there before: only a file made here is given away
+                    descriptor = os.open(name, flags | os.O_EXCL | FLAGS, mode, dir_fd=parent)
+                    created = True
+                except FileExistsError:
+                    descriptor = os.open(name, (flags & ~os.O_CREAT) | FLAGS, dir_fd=parent)
+            else:
+                descriptor = os.open(name, flags | FLAGS, mode, dir_fd=parent)
+                created = bool(flags & os.O_CREAT)
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise HostError(f"{os.fspath(path)} is a link: not following it") from None
             raise
         try:
-            if flags & os.O_CREAT and os.fstat(descriptor).st_uid == 0:
+            if created:
                 give_to_directory_owner(descriptor, parent)
+            else:
+                refuse_foreign_hard_link(descriptor, parent, path)
         except BaseException:
             os.close(descriptor)
             raise
@@ -145,15 +156,42 @@ def open_file(path: str | Path, flags: int, mode: int = 0o600, *, create_parents
         os.close(parent)
 
 
+def refuse_foreign_hard_link(descriptor: int, parent: int, path: str | Path) -> None:
+    """HostError, for root, when the file open on ``descriptor`` has another name and belongs to
+    someone other than the owner of ``parent``: a hard link planted to another user's file, which
+    root would otherwise read, lock or change on that user's behalf."""
+    if os.geteuid() != 0:
+        return
+    info = os.fstat(descriptor)
+    if info.st_nlink > 1 and stat.S_ISREG(info.st_mode) and info.st_uid != os.fstat(parent).st_uid:
+        raise HostError(f"{os.fspath(path)} is a hard link to a file of uid {info.st_uid}: not using it")
+
+
 def read_bytes(path: str | Path, limit: int = 1 << 20) -> bytes:
-    """The first ``limit`` bytes of regular file ``path`` (never a link, a FIFO or a device)."""
-    descriptor = open_file(path, os.O_RDONLY | os.O_NONBLOCK)
+    """The first ``limit`` bytes of regular file ``path`` (never a link, a FIFO or a device).
+
+    Root refuses a file with more than one name that the directory's owner does not own: a hard
+    link someone made to another user's file (where the kernel allows it: no
+    ``fs.protected_hardlinks``), which root would otherwise read on that user's behalf."""
+    parent_path, name = os.path.split(os.fspath(path))
+    parent = open_directory(parent_path or "/")
     try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise HostError(f"{os.fspath(path)} is not a regular file")
-        return read_descriptor(descriptor, limit)
+        try:
+            descriptor = os.open(name, os.O_RDONLY | os.O_NONBLOCK | FLAGS, dir_fd=parent)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise HostError(f"{os.fspath(path)} is a link: not following it") from None
+            raise
+        try:
+            info = os.fstat(descriptor)
+            if not stat.S_ISREG(info.st_mode):
+                raise HostError(f"{os.fspath(path)} is not a regular file")
+            refuse_foreign_hard_link(descriptor, parent, path)
+            return read_descriptor(descriptor, limit)
+        finally:
+            os.close(descriptor)
     finally:
-        os.close(descriptor)
+        os.close(parent)
 
 
 def read_descriptor(descriptor: int, limit: int) -> bytes:

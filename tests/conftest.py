@@ -2,7 +2,7 @@
 
 import os
 
-pytest_plugins = ["hostroots", "testhost.pytest_plugin", "onetestserver", "realone"]
+pytest_plugins = ["hostroots", "testhost.pytest_plugin", "onetestserver", "realone", "rootattacks"]
 
 # Hook processes the tests start decide in their own process unless a test starts its own hook
 # server: a server listening at the default socket on the test machine must not answer them.

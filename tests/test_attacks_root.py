@@ -30,7 +30,9 @@ The host is the generated DGX tree (``tests/hostroots.py``) with the kernel's ev
 where the kernel keeps it: ``/sys/class/block`` (partitions, ``dev``, ``holders``),
 ``/proc/self/mountinfo``, ``/proc/swaps``, ``/proc/net/if_inet6``, ``/proc/net/route``,
 ``/proc/net/ipv6_route`` and the ``upper_*`` links of stacked interfaces. The attacker is a real
-unprivileged user (uid 65534) where it writes something root then reads (``setpriv``).
+unprivileged ``oneadmin`` (looked up; ``nobody`` where the machine has no ``oneadmin``) where it
+writes something root then reads (``setpriv``). Each attack is marked ``root_attack`` and counted
+in the session's summary line (:mod:`rootattacks`); the controls are not.
 """
 
 from __future__ import annotations
@@ -52,7 +54,21 @@ from aifactory_core import roothelper
 from aifactory_core.host import netlink_vf
 from aifactory_core.hostroot import HostRoot
 
-ATTACKER = 65534
+
+def _attacker() -> int:
+    """oneadmin's uid (its primary group has the same number where OpenNebula's packages made it)."""
+    import pwd
+
+    for name in ("oneadmin", "nobody"):
+        try:
+            return pwd.getpwnam(name).pw_uid
+        except KeyError:
+            continue
+    return 65534
+
+
+ATTACKER = _attacker()
+attack = pytest.mark.root_attack
 NVME = "0000:08:00.0"
 NIC = "0000:01:00.0"
 NIC_NAME = "enp1s0f0"
@@ -121,6 +137,22 @@ def held_by_device_mapper(host: HostRoot) -> None:
     _write(host.root, "sys/devices/virtual/block/dm-0/dev", "253:0\n")
     _link(host.root, "sys/class/block/dm-0", "../../devices/virtual/block/dm-0")
     _link(host.root, f"{disk}/nvme0n1p3/holders/dm-0", "../../../../../../../../virtual/block/dm-0")
+
+
+def root_on_virtio_9p(host: HostRoot) -> None:
+    """``/`` is a virtio-9p share (as in the real-kernel test host): no block device under it."""
+    device = os.path.relpath(os.path.realpath(host.pci_devices / NVME), host.root)
+    _write(host.root, f"{device}/virtio3/mount_tag", "hostroot\n")
+    _link(host.root, "sys/bus/virtio/devices/virtio3", f"../../../../{device}/virtio3")
+    _write(host.root, "proc/self/mountinfo", "20 1 0:19 / / ro,relatime - 9p hostroot ro,trans=virtio\n")
+
+
+def virtiofs_share(host: HostRoot) -> None:
+    device = os.path.relpath(os.path.realpath(host.pci_devices / NVME), host.root)
+    _write(host.root, f"{device}/virtio4/.keep", "")
+    _write(host.root, "sys/fs/virtiofs/0/tag", "data\n")
+    _link(host.root, "sys/fs/virtiofs/0/device", f"../../../../{device}/virtio4")
+    _write(host.root, "proc/self/mountinfo", "21 1 0:20 / /srv/data rw - virtiofs data rw\n")
 
 
 def ipv6_address(host: HostRoot) -> None:
@@ -216,6 +248,10 @@ HOST_USE = [
     pytest.param(["set-driver", NVME, "vfio-pci"], swapping, "nvme0n1p3 is active swap", id="active-swap"),
     pytest.param(["set-driver", NVME, "vfio-pci"], held_by_device_mapper, "nvme0n1p3 is held by dm-0",
                  id="device-mapper-holder"),
+    pytest.param(["set-driver", NVME, "vfio-pci"], root_on_virtio_9p, "its 9p share hostroot is mounted on /",
+                 id="root-on-a-virtio-9p-share"),
+    pytest.param(["reset", NVME], virtiofs_share, "its virtiofs share data is mounted on /srv/data",
+                 id="mounted-virtiofs-share"),
     pytest.param(["set-driver", NIC, "vfio-pci"], ipv6_address, f"{NIC_NAME} carries 2001:db8::5",
                  id="global-ipv6-address"),
     pytest.param(["set-driver", NIC, "vfio-pci"], ipv4_default_route, f"{NIC_NAME} carries the default route",
@@ -232,6 +268,7 @@ HOST_USE = [
 ]
 
 
+@attack
 @pytest.mark.parametrize(("argv", "evidence", "named"), HOST_USE)
 def test_helper_refuses_a_function_the_host_uses(host: HostRoot, helper: Helper,
                                                   capsys: pytest.CaptureFixture[str], argv: list[str],
@@ -245,6 +282,7 @@ def test_helper_refuses_a_function_the_host_uses(host: HostRoot, helper: Helper,
     assert snapshot(host.root) == before
 
 
+@attack
 def test_helper_refuses_a_nic_carrying_an_ipv4_address(host: HostRoot, helper: Helper,
                                                       capsys: pytest.CaptureFixture[str],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,6 +294,7 @@ def test_helper_refuses_a_nic_carrying_an_ipv4_address(host: HostRoot, helper: H
     assert snapshot(host.root) == before
 
 
+@attack
 def test_helper_refuses_a_function_listed_in_host_devices(host: HostRoot, helper: Helper,
                                                          open_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root_config(open_tmp, f'[host]\nhost_devices = ["{GPU}"]\n')
@@ -301,6 +340,7 @@ VF_ATTACKS = [
 ]
 
 
+@attack
 @pytest.mark.parametrize(("pools", "argv", "named"), VF_ATTACKS)
 def test_helper_refuses_a_vf_outside_the_configured_pools(host: HostRoot, helper: Helper,
                                                           netlink: NetlinkDouble, open_tmp: Path,
@@ -326,7 +366,7 @@ def test_the_same_helper_sets_a_vf_of_a_configured_pool(host: HostRoot, helper: 
 
 
 def as_attacker(*argv: str) -> None:
-    """Run ``argv`` as the unprivileged attacker (uid/gid 65534, no groups)."""
+    """Run ``argv`` as the unprivileged attacker (its uid and gid, no other groups)."""
     needs.root("switches to an unprivileged user")
     setpriv = needs.tool("setpriv", hint="util-linux")
     subprocess.run([setpriv, f"--reuid={ATTACKER}", f"--regid={ATTACKER}", "--clear-groups", *argv],
@@ -368,15 +408,17 @@ def _config_group_writable(etc: Path, outside: Path) -> None:
 
 
 CONFIG_ATTACKS = [
-    pytest.param(_config_oneadmin_owns, "writable by uid 65534", id="config-owned-by-oneadmin"),
+    pytest.param(_config_oneadmin_owns, f"writable by uid {ATTACKER}", id="config-owned-by-oneadmin"),
     pytest.param(_config_writable_by_others, "writable by uid 0 or others (mode 0666)", id="config-world-writable"),
-    pytest.param(_config_in_a_directory_oneadmin_owns, "is writable by uid 65534", id="config-in-oneadmins-directory"),
+    pytest.param(_config_in_a_directory_oneadmin_owns, f"is writable by uid {ATTACKER}",
+                 id="config-in-oneadmins-directory"),
     pytest.param(_config_through_oneadmins_link, "aifactory.conf is a link: not following it",
                  id="config-through-oneadmins-link"),
     pytest.param(_config_group_writable, "(mode 0664)", id="config-group-writable-by-oneadmin"),
 ]
 
 
+@attack
 @pytest.mark.parametrize(("plant", "named"), CONFIG_ATTACKS)
 def test_helper_refuses_a_config_oneadmin_can_write(host: HostRoot, helper: Helper,
                                                     open_tmp: Path, capsys: pytest.CaptureFixture[str],
@@ -476,6 +518,7 @@ STATE_ATTACKS = [
 ]
 
 
+@attack
 @pytest.mark.parametrize(("planted", "target_kind", "operation"), STATE_ATTACKS)
 def test_root_never_follows_a_link_planted_in_the_state_dir(state: HostRoot, open_tmp: Path,
                                                            monkeypatch: pytest.MonkeyPatch, planted: str,
@@ -513,7 +556,7 @@ def test_root_never_follows_a_link_planted_in_the_state_dir(state: HostRoot, ope
 
 SWAP_DURING_THE_WALK = """
 import os, sys
-state, outside, root = sys.argv[1:4]
+state, outside, root = sys.argv[1:4]  # and the attacker's uid
 real_walk = os.walk
 
 
@@ -524,7 +567,7 @@ def walk(top, *args, **kwargs):
         if entry[0] == os.path.join(state, "quarantine"):
             os.rename(entry[0], entry[0] + ".away")
             os.symlink(outside, entry[0])
-            os.lchown(entry[0], 65534, 65534)
+            os.lchown(entry[0], int(sys.argv[4]), int(sys.argv[4]))
         yield entry
 
 
@@ -534,6 +577,7 @@ sys.exit(main(["--host-root", root, "repair", "--boot"]))
 """
 
 
+@attack
 def test_a_directory_swapped_for_a_link_during_the_hand_back_gives_nothing_away(boot: HostRoot,
                                                                                open_tmp: Path) -> None:
     """The hand-back walked the state dir as root and reopened each path by name; a subdirectory
@@ -545,7 +589,7 @@ def test_a_directory_swapped_for_a_link_during_the_hand_back_gives_nothing_away(
     outside.mkdir(mode=0o700)
     (outside / GPU).write_text("root's own file\n")
     result = subprocess.run([sys.executable, "-c", SWAP_DURING_THE_WALK, str(state.state_dir), str(outside),
-                             str(state.root)], capture_output=True, text=True, timeout=300, check=False,
+                             str(state.root), str(ATTACKER)], capture_output=True, text=True, timeout=300, check=False,
                             env={**os.environ, "AIFACTORY_STATE_DIR": str(state.state_dir),
                                  "AIFACTORY_CONFIG": os.devnull})
     assert result.returncode == 0, result.stderr
@@ -661,6 +705,7 @@ CLI_JOURNAL_ATTACKS = [
 ]
 
 
+@attack
 @pytest.mark.parametrize("forge", CLI_JOURNAL_ATTACKS)
 def test_boot_repair_runs_no_command_and_writes_no_path_a_journal_names(
         boot: HostRoot, open_tmp: Path, forge: Callable[[HostRoot, Path], str]) -> None:
@@ -702,6 +747,7 @@ PCI_JOURNAL_ATTACKS = [
 ]
 
 
+@attack
 @pytest.mark.parametrize("forge", PCI_JOURNAL_ATTACKS)
 def test_boot_repair_moves_no_device_a_forged_journal_names(boot: HostRoot, open_tmp: Path,
                                                             forge: Callable[[HostRoot], None]) -> None:
@@ -713,6 +759,7 @@ def test_boot_repair_moves_no_device_a_forged_journal_names(boot: HostRoot, open
     assert result.stdout.startswith("rolled back: none\n"), result.stdout + result.stderr
 
 
+@attack
 def test_boot_repair_sends_no_root_file_to_a_subnet_manager_a_journal_names(boot: HostRoot,
                                                                            open_tmp: Path) -> None:
     """The journal's ``sm`` named UFM at an address of the attacker's and a root-only file as the

@@ -2,7 +2,8 @@
 helper, root's own device changes and the vfio plugin share.
 
 A function is the host's when ``[host] host_devices`` of the root-owned config lists it, when a
-block device it serves is mounted, active swap or held (:mod:`.blockuse`), or when a network
+block device it serves is mounted, active swap or held (:mod:`.blockuse`), when a virtio-9p or
+virtiofs share it exports is mounted (:mod:`.sharedfs`), or when a network
 interface it serves carries an address or the default route (:mod:`.netuse`). Moving any function of
 an IOMMU group moves the whole group's DMA isolation, so a function whose group holds one of the
 host's is refused too. VF settings are further confined to the PFs ``[host] vf_pools`` names.
@@ -47,9 +48,10 @@ class HostEvidence:
     def read(cls, host: HostRoot, host_devices: Iterable[str] = ()) -> HostEvidence:
         from aifactory_core.host.blockuse import block_uses
         from aifactory_core.host.netuse import net_uses
+        from aifactory_core.host.sharedfs import shared_fs_uses
 
         uses = {pci_address(address): LISTED for address in host_devices}
-        for found in (block_uses(host), net_uses(host)):
+        for found in (block_uses(host), shared_fs_uses(host), net_uses(host)):
             for address, why in found.items():
                 uses.setdefault(address, why)
         return cls(uses)

@@ -133,10 +133,21 @@ def uninstall(args: argparse.Namespace, target: layout.Layout, tx: Transaction) 
     hook_server.stop_for_uninstall(tx, target, record, notes)
     pcifilter.remove(tx, target, record.get(pcifilter.RECORD_KEY, {}), notes)
     vmops.remove(tx, target, record.get(vmops.RECORD_KEY, {}), notes)
-    stage.uninstall_files(tx, target, record, notes)
+    stage.uninstall_files(tx, target, _placed_only(args, target, record, notes), notes)
     if oned is not None:
         hookreg.unregister(oned, sorted(record["hooks"]), args.dry_run, tx.tell)
     return notes
+
+
+def _placed_only(args: argparse.Namespace, target: layout.Layout, record: dict[str, Any],
+                 notes: list[str]) -> dict[str, Any]:
+    """The manifest's files, environments and directories that this installer places: the manifest
+    sits in a directory ``oneadmin`` owns, so root removes nothing else it names."""
+    from aifactory_core.install import manifest, stage
+
+    files = {entry.destination for entry in manifest.discover(args.source, args.prefix, target)}
+    environments = {f"{args.prefix}/venv", target.host_env}
+    return stage.trusted_record(record, files, environments, notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,12 @@ A :class:`Transaction` collects reversible steps; :meth:`Transaction.commit` dro
 :meth:`Transaction.rollback` undoes the applied steps in reverse. In a dry run each step is printed
 and none is applied. What was installed is recorded in ``install-manifest.json`` so that a second
 run changes nothing and ``--uninstall`` removes exactly that.
+
+The manifest lives in OpenNebula's state directory, which ``oneadmin`` owns: it is read only when
+the user running the installer (root) owns it and no one else may write it (``oneadmin`` can remove
+root's file there but not forge one), never through a link; and ``--uninstall`` removes only what
+this installer places (:func:`trusted_record`), whatever the manifest lists. Temporary files are
+created ``O_EXCL | O_NOFOLLOW``: a name planted beside the target is never written through.
 """
 
 from __future__ import annotations
@@ -83,12 +89,24 @@ def _read(path: Path) -> bytes | None:
 
 
 def _write(path: Path, content: bytes, mode: int) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.aifactory-new")
-    with open(temporary, "wb") as handle:
-        handle.write(content)
-    os.chmod(temporary, mode)
-    os.replace(temporary, path)
+    """Write through a new temporary file (``O_EXCL | O_NOFOLLOW``: never an existing name or a
+    link someone planted) and rename, so a reader never sees half a file."""
+    import secrets
+
+    temporary = path.with_name(f".{path.name}.aifactory-new-{secrets.token_hex(4)}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(content)
+            while view:
+                view = view[os.write(descriptor, view):]
+            os.fchmod(descriptor, mode)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def _restore(path: Path, content: bytes | None, mode: int) -> Callable[[], None]:
@@ -101,8 +119,9 @@ def _restore(path: Path, content: bytes | None, mode: int) -> Callable[[], None]
 
 
 def load_record(target: layout.Layout) -> dict[str, Any]:
+    """The install manifest; UsageError when someone other than this user could have written it."""
     path = target.path(target.manifest)
-    data = _read(path)
+    data = _read_own(path)
     if data is None:
         return {}
     try:
@@ -112,6 +131,61 @@ def load_record(target: layout.Layout) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != 1:
         raise UsageError(f"{path}: not a valid install manifest")
     return record
+
+
+def _read_own(path: Path) -> bytes | None:
+    """``path``'s bytes when it is a regular file of this user that no one else may write (opened
+    without following a link); None when missing."""
+    import stat
+
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise UsageError(f"{path}: not trusted as the install manifest ({error.strerror or error})") from None
+    try:
+        info = os.fstat(descriptor)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise UsageError(f"{path}: not trusted as the install manifest (owner uid {info.st_uid}, mode "
+                             f"{stat.S_IMODE(info.st_mode):04o}; the installer writes it as uid {os.geteuid()}, "
+                             "closed to others)")
+        with os.fdopen(os.dup(descriptor), "rb") as stream:
+            return stream.read(16 << 20)
+    finally:
+        os.close(descriptor)
+
+
+def trusted_record(record: dict[str, Any], files: set[str], environments: set[str],
+                   notes: list[str]) -> dict[str, Any]:
+    """``record`` with only what this installer places: files among ``files`` (a wrapper's saved
+    original beside it, as ``<path>.one``), environments among ``environments``, directories that
+    hold one of those; everything else is left alone, with a note."""
+    kept_files = []
+    for item in record.get("files", []):
+        path = item.get("path") if isinstance(item, dict) else None
+        original = item.get("original") if isinstance(item, dict) else None
+        if (not isinstance(path, str) or path not in files or not isinstance(item.get("kind"), str)
+                or (item.get("kind") == WRAPPER and original != f"{path}.one")
+                or not isinstance(item.get("mode", 0o644), int)):
+            notes.append(f"left {str(path)[:200]!r} alone: not a file this installer places")
+            continue
+        kept_files.append(item)
+    kept_environments = []
+    for tree in record.get("environments", []):
+        if tree in environments:
+            kept_environments.append(tree)
+        else:
+            notes.append(f"left {str(tree)[:200]!r} alone: not an environment this installer builds")
+    placed = [item["path"] for item in kept_files] + kept_environments
+    kept_directories = []
+    for directory in record.get("directories", []):
+        if isinstance(directory, str) and os.path.normpath(directory) == directory and (directory in files or any(
+                path.startswith(directory.rstrip("/") + "/") for path in placed)):
+            kept_directories.append(directory)
+        else:
+            notes.append(f"left directory {str(directory)[:200]!r} alone: it holds nothing this installer places")
+    return {**record, "files": kept_files, "environments": kept_environments, "directories": kept_directories}
 
 
 def make_dirs(tx: Transaction, target: layout.Layout, absolute: str, created: list[str], mode: int = 0o755) -> None:
