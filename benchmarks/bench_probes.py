@@ -14,12 +14,13 @@ Target on a machine without GPU: ratio <= 1.3, with the example vendor plugin in
 (``pip install --no-deps ./plugins/examples/aifactory-example-accel``): the probes then find and
 run its ``aifactory.probes`` module every run. The probe plugins found are printed first.
 
-``--installed`` also times each probe as ``install.sh`` installs it: its first line is the suite
-environment's interpreter *without* ``-S`` (Python 3.11 applies a virtual environment in ``site``,
-so ``-S`` would not see the environment's packages, the vendor plugins among them), the checkout
-first on ``PYTHONPATH``. Only this form sees plugins installed into this environment.
+``--installed`` also times each probe with ``site`` on (this environment's python without ``-S``,
+the checkout first on ``PYTHONPATH``), for comparison: ``install.sh`` keeps ``-S``, the probes then
+adding the site-packages of their interpreter's virtual environment themselves (its ``pyvenv.cfg``),
+so ``--python`` an environment made as the installer makes it, with the suite and the example
+plugin pip-installed, times the probes as installed, plugin included.
 
-``--discovery`` also times, in one process of this interpreter (site on, as installed), the three
+``--discovery`` also times, in one process of this interpreter (site on), the three
 ways of finding the probe plugins (``aifactory_core.probes.plugins``):
 ``importlib.metadata`` (import and ``entry_points(group=...)``), the probe's own scan of the
 ``*.dist-info`` directories, and its cached answer (one ``stat`` per ``sys.path`` directory).
@@ -95,7 +96,7 @@ def main() -> int:
                         help="interpreter for every command (default: this one), e.g. an environment made "
                              "as install.sh makes it, with the suite and the example plugin pip-installed")
     parser.add_argument("--installed", action="store_true",
-                        help="also time the probes as install.sh runs them: this environment's python without -S")
+                        help="also time the probes with site on (this environment's python without -S)")
     args = parser.parse_args()
     python = args.python
     checkouts = {"": REPO} | ({f" @{args.compare.name}": args.compare} if args.compare else {})
@@ -113,11 +114,11 @@ def main() -> int:
         for name, path in PROBES.items():
             probe = checkout / path.relative_to(REPO)
             commands[name + suffix] = [python, "-S", str(probe), "kvm", "0", "bench"]
-            if args.installed:  # install.sh's first line: the environment's python, site on (no -S)
-                commands[f"{name} installed{suffix}"] = [python, str(probe), "kvm", "0", "bench"]
+            if args.installed:  # site on: the environment applied by site (install.sh keeps -S)
+                commands[f"{name} site{suffix}"] = [python, str(probe), "kvm", "0", "bench"]
                 # its own state directory: its sys.path differs from the -S form's, and so does the
                 # key of the probe-plugin cache, which the two forms would otherwise replace in turn
-                envs[f"{name} installed{suffix}"] = env | {"PYTHONPATH": str(checkout),
+                envs[f"{name} site{suffix}"] = env | {"PYTHONPATH": str(checkout),
                                                            "AIFACTORY_STATE_DIR": env["AIFACTORY_STATE_DIR"] + "-site"}
     found = subprocess.run([python, "-c", DISCOVER.format(repo=str(REPO))], env=env,
                            capture_output=True, text=True, check=True).stdout.strip()

@@ -129,7 +129,7 @@ def test_staged_install_matches_opennebulas_layout_and_registers_hooks(tmp_path:
         assert len({hook.read_bytes() for hook in hooks.values()}) == 1, phase
         assert all(os.access(hook, os.X_OK) for hook in hooks.values()), phase
     probe = root / "var/lib/one/remotes/im/kvm-probes.d/host/system/aifactory-gpu"
-    assert probe.read_text().splitlines()[0] == "#!/var/tmp/one/aifactory/venv/bin/python3"
+    assert probe.read_text().splitlines()[0] == "#!/var/tmp/one/aifactory/venv/bin/python3 -S"  # probes keep -S
     sudoers = root / "etc/sudoers.d/aifactory"
     assert stat.S_IMODE(sudoers.stat().st_mode) == 0o440
     assert stat.S_IMODE((root / "var/lib/one/aifactory").stat().st_mode) == 0o750

@@ -149,11 +149,12 @@ def test_probe_device_and_metric_refuse_bad_values() -> None:
 
 @needs_example
 def test_example_plugin_in_the_installed_probe_and_in_metrics(accel_root: Path, tmp_path: Path) -> None:
-    """The host/system executable as install.sh installs it (this environment's python, site on)."""
+    """The probe executables as install.sh installs them: this environment's python with -S, the
+    probe adding the environment's site-packages (where the example plugin is) itself."""
     state = tmp_path / "state"
     env = {key: value for key, value in os.environ.items() if not key.startswith("AIFACTORY_")}
     env.update({"AIFACTORY_HOST_ROOT": str(accel_root), "AIFACTORY_STATE_DIR": str(state)})
-    result = subprocess.run([sys.executable, str(PROBE), "kvm", "0", "host"], env=env, stdin=subprocess.DEVNULL,
+    result = subprocess.run([sys.executable, "-S", str(PROBE), "kvm", "0", "host"], env=env, stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, check=True)
     attributes = template_to_dict(parse_template(result.stdout))
     [device] = attributes["AIF_DEVICE"]
@@ -169,7 +170,7 @@ def test_example_plugin_in_the_installed_probe_and_in_metrics(accel_root: Path, 
     (state / "tenancy").mkdir()
     (state / "tenancy" / "7.json").write_text(json.dumps({"vm": 7, "gid": 101, "gname": "tenant-b"}))
     vm_probe = REPO / "drivers/im/kvm-probes.d/vm/monitor/aifactory-gpu"
-    monitored = subprocess.run([sys.executable, str(vm_probe), "kvm", "0", "host"], env=env,
+    monitored = subprocess.run([sys.executable, "-S", str(vm_probe), "kvm", "0", "host"], env=env,
                                stdin=subprocess.DEVNULL, capture_output=True, text=True, check=True)
     [record] = parse_vm_monitor(monitored.stdout)
     monitor = dict(record.monitor)

@@ -103,16 +103,17 @@ def _files(top: Path) -> Iterator[Path]:
 
 
 def with_interpreter(content: bytes, python: str) -> bytes:
-    """A Python script's first line pointed at ``python``, its flags kept except ``-S``.
+    """A Python script's first line pointed at ``python``, its flags kept.
 
-    The interpreter is a virtual environment's; on Python 3.11 ``-S`` leaves ``sys.prefix`` at
-    the base interpreter (the environment is applied by ``site``), so a script started with it
-    would not find the suite installed in the environment.
+    The interpreter is a virtual environment's. On Python 3.11 ``-S`` leaves ``sys.prefix`` at the
+    base interpreter (``site`` applies the environment), so only scripts that find the
+    environment's packages themselves start with it: the IM probes, which add the site-packages of
+    the environment their interpreter belongs to (its ``pyvenv.cfg``) and save ``site``'s start-up.
     """
     match = _PYTHON_SHEBANG.match(content)
     if match is None:
         return content
-    flags = [flag for flag in match.group("flags").split() if flag != b"-S"]
+    flags = match.group("flags").split()
     return b" ".join([b"#!" + python.encode(), *flags]) + b"\n" + content[match.end():]
 
 
