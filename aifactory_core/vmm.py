@@ -19,6 +19,11 @@ argument sits in an action's argv is :mod:`aifactory_core.vmm_actions`' table:
 - ``shutdown``/``cancel``/``save``/``migrate``: run the original, then (the domain is gone from this
   host) release what deploy took. Every action is idempotent: ``cancel`` may follow a failed deploy.
 
+Each action runs under its VM's lock (:mod:`aifactory_core.lifecycle.vmlock`), so neither ``aifactory
+repair`` nor the reconciliation (:mod:`aifactory_core.lifecycle.reconcile`) touches a VM whose claim
+exists before its domain does. A claim refused because another VM holds the device reconciles that
+VM first: when its domain is gone, what it held is given back and the claim is planned again.
+
 Log records go to stderr as ``WARN: aifactory <action>: ...`` (OpenNebula's driver log convention),
 but only once the action succeeded: OpenNebula 6.10 makes a failed action's whole stderr its error
 message, so a failure's stderr carries the error alone (plus ERROR records, which belong to it).
