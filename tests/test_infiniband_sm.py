@@ -103,12 +103,25 @@ def test_two_hosts_vms_merge_in_one_authority_and_neither_overwrites_the_other(f
         "0x9c63c003005548ae=full ;\n"
         "tenant_0x0010=0x0010, ipoib, defmember=limited : 0xa1f0000000540300=full, 0xa1f0000000580300=full ;\n"
         "tenant_0x0020=0x0020, ipoib, defmember=limited : 0xa1f0000000560300=full, 0xa1f00000005a0300=limited ;\n")
+    _keep_for_the_record(fabric["partitions"])
     node1.remove_members(0x0020, ["a1:f0:00:00:00:56:03:00"])  # VM 43 released on gpu-node-01
     node1.remove_members(0x0020, ["a1:f0:00:00:00:5a:03:00"])  # gpu-node-02's port is not gpu-node-01's to remove
     assert fabric["partitions"].read_text().splitlines()[2:] == [
         "tenant_0x0010=0x0010, ipoib, defmember=limited : 0xa1f0000000540300=full, 0xa1f0000000580300=full ;",
         "tenant_0x0020=0x0020, ipoib, defmember=limited : 0xa1f00000005a0300=limited ;"]
     assert (fabric["dir"] / "reloads").read_text().count("reloaded") == 5  # one per change, none for a no-op
+
+
+def _keep_for_the_record(path: Path) -> None:
+    """Show the file (``pytest -s``) and copy it into ``$AIFACTORY_TEST_ARTIFACTS`` when that is set."""
+    import os
+    import shutil
+
+    print(f"--- {path.name} written by the partition authority for two hosts ---\n{path.read_text()}", end="")
+    artifacts = os.environ.get("AIFACTORY_TEST_ARTIFACTS")
+    if artifacts:
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(artifacts) / "partitions.conf")
 
 
 def test_concurrent_changes_from_two_hosts_all_land(fabric: dict[str, Any]) -> None:

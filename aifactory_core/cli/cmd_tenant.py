@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import TYPE_CHECKING, Any
 
 from aifactory_core.errors import EXIT_OK
@@ -84,10 +85,12 @@ def run(args: argparse.Namespace, context: Context) -> int:
         for tenant in policy.tenants.values():
             print("\n".join(_tenant_lines(policy, tenant)))
         return EXIT_OK
-    from aifactory_core.policy.apply import apply_policy
+    from aifactory_core.policy.apply import apply_policy, notes
     from aifactory_core.policy.oned import Oned
 
     policy = load_policy(args.policy)
+    for note in notes(policy):
+        sys.stderr.write(f"note: {note}\n")
     changes = apply_policy(Oned(args.endpoint, args.session, transport="pyone"), policy, dry_run=args.dry_run)
     verb = "would make" if args.dry_run else "made"
     for change in changes:

@@ -2,8 +2,10 @@
 
 Read the current state, compare, and make only the missing changes, so a second run changes
 nothing. ``dry_run`` reports the same list of changes without making them (a group that does not
-exist yet is shown as ``@<new:NAME>`` in the rules it will get). Nothing is ever deleted: rules or
-groups the policy no longer names are reported by ``tenant show`` for an operator to remove.
+exist yet is shown as ``@<new:NAME>`` in the rules it will get). What the policy no longer names is
+not deleted (rules or groups are reported by ``tenant show`` for an operator to remove); what is
+removed is what oned itself adds against the policy: the group's place in the default VDC and its
+VDC's network grants, below.
 
 What oned does on its own, and what is done about it:
 
@@ -11,6 +13,12 @@ What oned does on its own, and what is done about it:
   cluster of the zone: a tenant with a VDC of its own is taken out of it.
 * ``one.group.allocate`` gives the group no right to create anything (``onegroup create`` adds its
   default ``CREATE`` rule client-side): the tenant's rules include ``@gid VM/* CREATE``.
+* ``one.vdc.addcluster`` gives the group ``@gid NET/%cid USE`` (``DEFAULT_VDC_CLUSTER_NET_ACL``):
+  every network of the cluster, another tenant's in a shared cluster too. That rule is removed; the
+  tenant reaches its networks through its own ``@gid NET/#id USE`` rules only (the cluster's
+  ``HOST ... MANAGE``, which the scheduler needs to place the group's VMs, and ``DATASTORE ... USE``
+  stay). A tenant without ``vdc`` stays in the default VDC, which grants every network of the zone
+  (:func:`notes` says so on every run).
 * ``one.group.addadmin`` refuses a user who is not in the group: the user is added to it first
   (as a secondary group, ``one.user.addgroup``; the primary group is left alone).
 * oned drops a generic ``GPU`` quota it was not told about (``QUOTA_VM_ATTRIBUTE = "GPU"`` in
@@ -40,6 +48,7 @@ class OneState:
     groups: dict[str, int] = field(default_factory=dict)
     vdcs: dict[str, tuple[int, set[int], set[tuple[int, int]]]] = field(default_factory=dict)
     acls: set[tuple[int, int, int, int]] = field(default_factory=set)
+    acl_ids: dict[tuple[int, int, int, int], int] = field(default_factory=dict)
 
 
 def _number(text: str | None, what: str, base: int = 10) -> int:
@@ -67,11 +76,45 @@ def read_state(oned: Oned) -> OneState:
             for item in vdc.iterfind("CLUSTERS/CLUSTER")
         }
         state.vdcs[vdc.findtext("NAME") or ""] = (_number(vdc.findtext("ID"), "a VDC ID"), groups, clusters)
+    read_acls(oned, state)
+    return state
+
+
+def read_acls(oned: Oned, state: OneState) -> None:
+    state.acls.clear()
+    state.acl_ids.clear()
     for acl in oned.document("one.acl.info").iterfind("ACL"):
         user, resource, rights, zone = (_number(acl.findtext(tag), f"an ACL {tag}", 16)
                                         for tag in ("USER", "RESOURCE", "RIGHTS", "ZONE"))
         state.acls.add((user, resource, rights, zone))
-    return state
+        state.acl_ids[(user, resource, rights, zone)] = _number(acl.findtext("ID"), "an ACL ID")
+
+
+def vdc_network_grants(state: OneState, gid: int, zone: int, clusters: set[tuple[int, int]]) -> list[tuple[int, str]]:
+    """The rules oned made for the group when a cluster went into its VDC that reach networks
+    (``@gid NET/%cid USE #zone``, from DEFAULT_VDC_CLUSTER_NET_ACL; ``NET/*`` for all clusters):
+    (rule id, rule text). Every network in a shared cluster -- another tenant's too -- would be the
+    group's through them; the tenant's networks come from its own ``NET/#id`` rules."""
+    from aifactory_core.policy.acl import RESOURCES, RIGHTS, USERS
+
+    found = []
+    for (user, resource, rights, rule_zone), rule_id in sorted(state.acl_ids.items(), key=lambda item: item[1]):
+        if user != USERS["@"] + gid or rule_zone != USERS["#"] + zone or not resource & RESOURCES["NET"]:
+            continue
+        if resource & ~(RESOURCES["NET"] | USERS["%"] | USERS["*"] | 0xFFFFFFFF):
+            continue  # a rule for more than networks: not one a VDC makes
+        if resource & USERS["%"]:
+            target = resource & 0xFFFFFFFF
+            if (zone, target) not in clusters:
+                continue
+            shown = f"%{target}"
+        elif resource & USERS["*"] and (zone, -10) in clusters:
+            shown = "*"
+        else:
+            continue
+        names = "+".join(name for name, bit in RIGHTS.items() if rights & bit)
+        found.append((rule_id, f"@{gid} NET/{shown} {names} #{zone}"))
+    return found
 
 
 def _quota_now(group: etree._Element) -> dict[str, str]:
@@ -143,11 +186,27 @@ class _Run:
                         "one.vdc.delgroup", DEFAULT_VDC, gid)  # fmt: skip
             if default is not None and gid is not None:
                 default[1].discard(gid)
+        added = []
         for cluster in tenant.clusters:
             if (self.policy.zone, cluster) not in clusters:
                 self.change(tenant, f"add cluster {cluster} (zone {self.policy.zone}) to VDC {tenant.vdc}",
                             "one.vdc.addcluster", vid, self.policy.zone, cluster)  # fmt: skip
                 clusters.add((self.policy.zone, cluster))
+                added.append(cluster)
+        if gid is None or (added and self.dry_run):
+            for cluster in added:  # oned will make @gid NET/%cid USE for it (DEFAULT_VDC_CLUSTER_NET_ACL)
+                self.changes.append(Change(tenant.key, f"remove the VDC's network grant for cluster {cluster} "
+                                                       "(networks only through the tenant's own NET rules)"))
+            return
+        if added:
+            read_acls(self.oned, state)  # the rules oned made for the clusters just added
+        for rule_id, text in vdc_network_grants(state, gid, self.policy.zone, clusters):
+            self.change(tenant, f"remove ACL {text} (the VDC's network grant; networks only through the tenant's "
+                        "own NET rules)", "one.acl.delrule", rule_id)  # fmt: skip
+            for key, known in list(state.acl_ids.items()):
+                if known == rule_id:
+                    del state.acl_ids[key]
+                    state.acls.discard(key)
 
     def acls(self, state: OneState, tenant: Tenant, gid: int | None) -> None:
         placeholder = 2**31 - 1  # a group still to be created: its rules are shown, not compared
@@ -197,6 +256,14 @@ class _Run:
         else:
             fix = 'add QUOTA_VM_ATTRIBUTE = "GPU" to oned.conf and restart oned'
         raise OnedError(f"tenant {tenant.key}: oned did not keep the quota {', '.join(lost)}: {fix}")
+
+
+def notes(policy: Policy) -> list[str]:
+    """What the policy leaves to OpenNebula's defaults, said on every run (no change is made)."""
+    return [f"tenant {tenant.key}: no vdc: group {tenant.group} stays in OpenNebula's default VDC, which grants "
+            "it every cluster's hosts, datastores and networks; only admission and the host gate keep its VMs off "
+            "other tenants' networks and devices (set vdc to give it its own)"
+            for tenant in policy.tenants.values() if tenant.vdc is None]
 
 
 def apply_policy(oned: Oned, policy: Policy, *, dry_run: bool = False) -> list[Change]:
