@@ -17,9 +17,10 @@ from aifactory_core.one.template import parse_template, template_to_dict
 from aifactory_core.probes import host_system
 from aifactory_core.probes.sysfs import Root, pci_functions
 
-# The keys (and their order) of upstream's im/kvm-probes.d/host/system/pci.rb for a non-vGPU device.
+# The keys (and their order) of upstream's im/kvm-probes.d/host/system/pci.rb for a non-vGPU device:
+# 7.0.2's, then the two 7.4.0 adds (IFNAME, SRIOV; SRIOV_NUM is for a PF, never offered).
 PCI_RB_KEYS = ["TYPE", "VENDOR", "VENDOR_NAME", "DEVICE", "CLASS", "CLASS_NAME", "ADDRESS", "SHORT_ADDRESS",
-               "DOMAIN", "BUS", "SLOT", "FUNCTION", "NUMA_NODE", "DEVICE_NAME"]
+               "DOMAIN", "BUS", "SLOT", "FUNCTION", "NUMA_NODE", "DEVICE_NAME", "IFNAME", "SRIOV"]
 
 
 def _probe(root: Path, state: Path, replay: Path | None, config: Path | None,
@@ -42,7 +43,7 @@ def test_h100_host_offers_its_gpu_and_nothing_else(h100_root: Path, tmp_path: Pa
     assert vector == {"TYPE": "10de:2330:0302", "VENDOR": "10de", "VENDOR_NAME": "NVIDIA Corporation",
                       "DEVICE": "2330", "CLASS": "0302", "CLASS_NAME": "3D controller", "ADDRESS": "0000:00:06:0",
                       "SHORT_ADDRESS": "00:06.0", "DOMAIN": "0000", "BUS": "00", "SLOT": "06", "FUNCTION": "0",
-                      "NUMA_NODE": "-", "DEVICE_NAME": "NVIDIA H100 80GB HBM3"}
+                      "NUMA_NODE": "-", "DEVICE_NAME": "NVIDIA H100 80GB HBM3", "IFNAME": "", "SRIOV": "no"}
     assert parsed["AIF_PCI_OFFERED"] == ["0000:00:06.0"] and parsed["AIF_PCI_WITHHELD"] == [""]
     assert parsed["AIF_PROBE"][0]["STATUS"] == "OK"
 
@@ -96,7 +97,7 @@ def test_host_devices_and_vf_pools_from_the_config(dgx_root: Path, tmp_path: Pat
     assert _offered(parsed) == DGX_GPUS[:7] + vfs
     assert parsed["AIF_PCI_WITHHELD"] == [f"{DGX_GPUS[7]} listed in [host] host_devices"]
     [vf] = [vector for vector in parsed["PCI"] if vector["SHORT_ADDRESS"] == vfs[0][5:]]
-    assert (vf["VENDOR"], vf["CLASS"]) == ("15b3", "0200") and list(vf) == PCI_RB_KEYS
+    assert (vf["VENDOR"], vf["CLASS"], vf["SRIOV"]) == ("15b3", "0200", "vf") and list(vf) == PCI_RB_KEYS
     (state / "quarantine").mkdir()
     (state / "quarantine" / vfs[1]).write_text("reset failed\n")
     parsed = _probe(dgx_root, state, None, config, monkeypatch)  # settings from the cache this time

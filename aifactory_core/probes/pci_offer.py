@@ -26,7 +26,8 @@ the reason) say what was decided, for ``doctor --frontend`` and the operator.
 Upstream's ``pci.rb`` must not report these devices too (it would report a failed GPU): its
 ``pci.conf`` keeps ``'0:0'`` or filters for other devices only; ``doctor --frontend`` checks it.
 The vectors carry the keys and spelling of ``pci.rb`` (``TYPE`` ``vendor:device:class``, ``ADDRESS``
-``dddd:bb:ss:f``, ``SHORT_ADDRESS``, ``DOMAIN``/``BUS``/``SLOT``/``FUNCTION``, ``NUMA_NODE``).
+``dddd:bb:ss:f``, ``SHORT_ADDRESS``, ``DOMAIN``/``BUS``/``SLOT``/``FUNCTION``, ``NUMA_NODE``), with
+7.4.0's ``IFNAME`` and ``SRIOV`` (``vf``/``pf``/``no``).
 """
 
 from __future__ import annotations
@@ -59,7 +60,19 @@ def pci_vector(root: Root, address: str, name: str = "") -> dict[str, object]:
         "DOMAIN": domain, "BUS": bus, "SLOT": slot, "FUNCTION": function,
         "NUMA_NODE": "-" if numa is None or numa < 0 else numa,
         "DEVICE_NAME": name or f"{VENDOR_NAMES.get(vendor, vendor_hex)} {device_hex}".strip(),
+        # 7.4.0's pci.rb adds these (oned 7.4 keeps SRIOV/SRIOV_NUM of a known device up to date);
+        # 7.0.2 stores them as plain attributes.
+        "IFNAME": ",".join(root.listdir(f"/sys/bus/pci/devices/{address}/net")),
+        "SRIOV": _sriov_role(root, address),
     }
+
+
+def _sriov_role(root: Root, address: str) -> str:
+    """``vf``, ``pf`` or ``no``, as 7.4.0's ``pci.rb`` says (a PF with VFs is never offered)."""
+    base = f"/sys/bus/pci/devices/{address}"
+    if root.exists(f"{base}/physfn"):
+        return "vf"
+    return "pf" if root.number(f"{base}/sriov_totalvfs") else "no"
 
 
 def _group(root: Root, address: str) -> list[str]:
