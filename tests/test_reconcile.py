@@ -382,3 +382,18 @@ def test_vm_lock_refuses_a_vm_id_that_is_not_one(host: HostRoot) -> None:
     with pytest.raises(UsageError), vm_lock(host, -1):
         pass
     assert not (host.state_dir / "locks").exists()
+
+
+def test_devices_an_administrator_took_by_hand_are_left(host: HostRoot, kernel: KernelWriter) -> None:
+    """'aifactory device bind' without --vm holds for the administrator, who has no domain."""
+    from aifactory_core.lifecycle.ownership import ADMIN_VM
+    from aifactory_core.probes import reconcile_trigger
+    from aifactory_core.probes.sysfs import Root
+
+    assert reconcile_trigger.ADMIN_VM == ADMIN_VM
+    bind(host, ADMIN_VM, GPU)
+    report = reconcile(host)
+    assert (report.released, report.running, report.busy, report.problems) == ([], [], [], [])
+    assert driver(host, GPU) == "vfio-pci" and ownership.held_devices(host) == {GPU: ADMIN_VM}
+    root = Root(str(host.root), str(host.state_dir))
+    assert not reconcile_trigger.due(root, ownership.held_devices(host))

@@ -7,8 +7,7 @@ import sys
 from typing import Any
 
 from aifactory_core.errors import EXIT_OK, UsageError
-
-ADMIN_VM = 2**31 - 1  # owner id of devices an administrator took by hand
+from aifactory_core.lifecycle.ownership import ADMIN_VM  # the owner of devices taken by hand
 
 
 def add_parser(subparsers: Any) -> None:
@@ -69,7 +68,10 @@ def _bind(args: argparse.Namespace, context: Any) -> int:
         for write in plan_writes(host, actions):
             sys.stdout.write(f"echo {write.value.strip() or chr(39) * 2} > {write.path}    # {write.why}\n")
         return EXIT_OK
-    prepare(host, vm, actions)
+    from aifactory_core.lifecycle.vmlock import vm_lock
+
+    with vm_lock(host, vm):  # as the deploy wrapper: no repair or reconciliation of the VM meanwhile
+        prepare(host, vm, actions)
     for action in (action for action in actions if action.kind == "pci_driver"):
         sys.stdout.write(f"{action.target}: {action.undo_value or 'no driver'} -> {action.value}\n")
     return EXIT_OK
@@ -84,7 +86,10 @@ def _release(args: argparse.Namespace, context: Any) -> int:
     owner = owner_of(context.host, address)
     if owner is None:
         raise UsageError(f"device {address} is not held by any VM")
-    release(context.host, owner)
+    from aifactory_core.lifecycle.vmlock import vm_lock
+
+    with vm_lock(context.host, owner):  # not while the VM's own deploy or release runs
+        release(context.host, owner)
     sys.stdout.write(f"{address}: released ({_owner_label(owner)})\n")
     return EXIT_OK
 

@@ -19,6 +19,9 @@ from aifactory_core.lifecycle.atomic import names, open_lock, read_text, remove,
 from aifactory_core.validate import pci_address
 
 LOCK_TIMEOUT_S = 30.0
+ADMIN_VM = 2**31 - 1
+"""The owner of devices an administrator took by hand (``aifactory device bind`` without ``--vm``):
+no domain ever runs for it, and reconciliation leaves what it holds."""
 
 
 class DeviceHeld(HostError):

@@ -65,7 +65,8 @@ class ReconcileReport:
 
 
 def recorded_vms(host: HostRoot) -> set[int]:
-    """Every VM a device journal, an ownership record or a network journal names."""
+    """Every VM a device journal, an ownership record or a network journal names (the
+    administrator's own holder, :data:`~aifactory_core.lifecycle.ownership.ADMIN_VM`, aside)."""
     from aifactory_core.lifecycle import ownership
     from aifactory_core.lifecycle.journal import journal_dir
     from aifactory_core.vnm.hook import vnm_host
@@ -73,7 +74,7 @@ def recorded_vms(host: HostRoot) -> set[int]:
     vms = set(ownership.held_devices(host).values())
     for scope in (host, vnm_host(host)):
         vms.update(_journal_ids(journal_dir(scope)))
-    return vms
+    return vms - {ownership.ADMIN_VM}
 
 
 def _journal_ids(directory: os.PathLike[str]) -> set[int]:

@@ -28,6 +28,8 @@ STAMP = "reconcile.stamp"
 LOG = "reconcile.log"
 LIBVIRT_QEMU_STATE = "/run/libvirt/qemu"
 JOURNAL_DIRECTORIES = ("vms", "vnm/vms")
+ADMIN_VM = 2**31 - 1
+""":data:`aifactory_core.lifecycle.ownership.ADMIN_VM` (not imported: the probe stays light)."""
 
 
 def _vm_of(name: str, prefix: str, suffixes: tuple[str, ...]) -> int | None:
@@ -39,7 +41,8 @@ def _vm_of(name: str, prefix: str, suffixes: tuple[str, ...]) -> int | None:
 
 
 def recorded(root: Root, held: dict[str, int]) -> set[int]:
-    """The VMs an owner record (``held``) or a device or network journal names."""
+    """The VMs an owner record (``held``) or a device or network journal names (the administrator's
+    own holder aside)."""
     vms = set(held.values())
     for directory in JOURNAL_DIRECTORIES:
         try:
@@ -47,7 +50,7 @@ def recorded(root: Root, held: dict[str, int]) -> set[int]:
         except OSError:
             continue
         vms.update(vm for vm in (_vm_of(name, "", ("json",)) for name in names) if vm is not None)
-    return vms
+    return vms - {ADMIN_VM}
 
 
 def running(root: Root) -> set[int] | None:
