@@ -178,13 +178,16 @@ def _load(module: str) -> object:
 def run(root: Root, problems: list[str]) -> tuple[list[tuple[str, ProbeDevice]], list[str]]:
     """Every probe plugin's devices as ``(plugin name, device)``, and the names of the plugins that
     answered; what went wrong is appended to ``problems``, one line per plugin."""
+    devices: list[tuple[str, ProbeDevice]] = []
+    answered: list[str] = []
+    found = discover(root)
+    if not found:
+        return devices, answered
     from aifactory_core.probes.api import API_VERSION, ProbeDevice
     from aifactory_core.probes.render import error_text
 
-    devices: list[tuple[str, ProbeDevice]] = []
-    answered: list[str] = []
     claimed: set[str] = set()
-    for name, module_path in discover(root):
+    for name, module_path in found:
         try:
             module = _load(module_path)
             declared = getattr(module, "AIFACTORY_PROBE_API", None)

@@ -11,7 +11,7 @@ from aifactory_core.hookspecs import hookimpl
 from aifactory_core.host.inventory import HostInventory
 from aifactory_core.model import Check, DiscoveredDevice, PciDevice, ProbeAttribute
 from aifactory_core.validate import hex_id
-from aifactory_example_accel.health import DEFAULT_LINK_WIDTH, DEFAULT_VENDORS, PCI_CLASS_ACCELERATOR, link_verdict
+from aifactory_example_accel.probe import DEFAULT_LINK_WIDTH, DEFAULT_VENDORS, PCI_CLASS_ACCELERATOR, link_verdict
 
 AIFACTORY_API_VERSION = 1
 NAME = "example_accel"

@@ -2,18 +2,29 @@
 and metrics for OpenNebula's IM probes and ``aifactory metrics``.
 
 Lean by the hook's contract (``aifactory_core.hookspecs.aifactory_probe_devices``): the standard
-library the interpreter has already loaded, ``aifactory_core.probes.api``/``sysfs`` and this
-package's ``health`` module; no pluggy, no host model, no config file (the probe recognises the
-default vendor list; ``[plugin.example_accel]`` applies to ``inventory`` and ``doctor``).
+library the interpreter has already loaded and ``aifactory_core.probes.api``/``sysfs``; no pluggy,
+no host model, no config file (the probe recognises the default vendor list;
+``[plugin.example_accel]`` applies to ``inventory`` and ``doctor``). The verdict,
+:func:`link_verdict`, lives here and the plugin module imports it, so both judge alike and the
+probe imports one module fewer.
 """
 
 from __future__ import annotations
 
 from aifactory_core.probes.api import Metric, ProbeDevice
 from aifactory_core.probes.sysfs import Root, pci_functions, pci_ids
-from aifactory_example_accel.health import DEFAULT_VENDORS, PCI_CLASS_ACCELERATOR, link_verdict
 
 AIFACTORY_PROBE_API = 1
+DEFAULT_VENDORS = frozenset({0x1DA3})
+DEFAULT_LINK_WIDTH = 16
+PCI_CLASS_ACCELERATOR = 0x12
+
+
+def link_verdict(width: int, expected: int = DEFAULT_LINK_WIDTH) -> tuple[str, str]:
+    """(``OK``/``DEGRADED``, reason) for a link trained at ``width`` lanes."""
+    if width >= expected:
+        return "OK", ""
+    return "DEGRADED", f"PCIe link x{width}, expected x{expected}"
 
 
 def aifactory_probe_devices(root: Root) -> list[ProbeDevice]:
