@@ -153,6 +153,7 @@ def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(
     assert "00:06.0" in shown and "10de:2330:0302" in shown
     doctor = _doctor(gpu_host["installed"])
     assert f"PASS  pci-share [{NODE}]: {NODE}: 1 passthrough devices in oned's PCI list" in doctor, doctor
+    note("doctor --frontend (healthy): " + " | ".join(line for line in doctor.splitlines() if " pci" in line))
     assert "PASS  pci.conf [" in doctor and "FAIL  pci" not in doctor, doctor
 
     # 2. A VM asking for a GPU is scheduled and oned gives it the GPU.
@@ -160,6 +161,7 @@ def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(
     _wait(lambda: _placed(real_one, first) == (3, GPU), f"VM {first} ACTIVE with {GPU}", 180,
           lambda: str(real_one.client().vm.info(first).USER_TEMPLATE) + real_one.log_tail("sched.log"))
     assert _share(real_one, host) == {GPU: first}
+    note("onehost show (VM holding the GPU):\n" + _onehost_pci(real_one))
 
     # 3. A recorded reading says FAILED: the VM holding the GPU keeps it, undisturbed.
     failed = json.loads(gpu_host["healthy"])
@@ -189,6 +191,11 @@ def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(
     doctor = _doctor(gpu_host["installed"])
     assert (f"PASS  pci-share [{NODE}]: {NODE}: 0 passthrough devices in oned's PCI list; withheld: 0000:00:06.0 "
             "FAILED: row remapping failed: replace the GPU") in doctor, doctor
+    note("doctor --frontend (GPU FAILED): " + " | ".join(line for line in doctor.splitlines() if "pci-share" in line))
+    sched_log = real_one.location / "var" / "sched.log"
+    pci_lines = [line for line in sched_log.read_text(errors="replace").splitlines() if "PCI" in line] \
+        if sched_log.exists() else []
+    note("sched.log: " + (pci_lines[-1] if pci_lines else "(no line naming PCI)"))
 
     # 5. Healthy again: offered again, and the waiting VM gets it.
     replay.write_text(gpu_host["healthy"])
