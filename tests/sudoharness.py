@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -89,6 +90,10 @@ class SudoStage:
         for directory in (self.top / "lib-upper/aifactory", self.top / "lib-upper/aifactory/venv", helper.parent):
             directory.chmod(0o755)
         self.write_config(self.config)
+        hosts = self.top / "etc-upper/hosts"  # sudo resolves this machine's name (a test host has no DNS)
+        original = Path("/etc/hosts").read_text() if Path("/etc/hosts").exists() else ""
+        hosts.write_text(f"{original.rstrip()}\n127.0.1.1 {socket.gethostname()}\n".lstrip())
+        hosts.chmod(0o644)
 
     def write_config(self, text: str) -> None:
         path = self.top / "etc-upper/one/aifactory.conf"

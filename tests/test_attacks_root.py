@@ -1,11 +1,14 @@
 """Attacks on root from ``oneadmin`` and the tenants (issue 16, "The privilege boundary").
 
 Each test is one attack a reviewer reproduced against the code before the fix; each fails on that
-code and passes now. 38 distinct attacks:
+code and passes now. 40 distinct attacks (more in ``test_attacks_oneadmin.py``,
+``realkernel/test_helper_refusals.py``; the other findings: ``test_lifecycle_faults.py``,
+``test_sudoers_doc.py``, ``test_config.py`` for ``[host] state_dir``):
 
-* the root helper touching the host's own functions (12): a function listed in ``[host]
+* the root helper touching the host's own functions (14): a function listed in ``[host]
   host_devices``; an NVMe with a mounted partition; one whose partition is active swap; one whose
-  partition is held by device-mapper; a NIC carrying a global IPv6 address; one carrying an IPv4
+  partition is held by device-mapper; one exporting the virtio-9p share mounted as ``/``; one
+  exporting a mounted virtiofs share; a NIC carrying a global IPv6 address; one carrying an IPv4
   address; one carrying the IPv4 default route; one carrying the IPv6 default route; one enslaved
   to a bond that carries an address; a function sharing its IOMMU group with a NIC the host uses;
   ``reset`` of a mounted NVMe; ``set-driver none`` of the NIC carrying the default route;
