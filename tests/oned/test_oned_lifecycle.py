@@ -1,0 +1,586 @@
+"""Every VM lifecycle path of ``aifactory_core.vmm_actions.EVENTS`` that one host can take, through
+the real VMM driver: a real oned 7.0.2, a ``qemu``-type node that is this machine over SSH
+(``qemunode``), the suite installed by ``install.sh --sync``, real ``onevm`` calls, QEMU/TCG
+domains under libvirt (VCPU=1, MEMORY=64 MiB, no disk: SeaBIOS finds nothing to boot, which is all
+a lifecycle needs).
+
+For each row the test asserts:
+
+* the state oned reaches;
+* the driver steps oned ran, in order, as the VM's log records them ("Successfully execute
+  virtualization/network driver operation: X"), against the row's steps in the table;
+* for a wrapped action, that OpenNebula's original ran with the argv the table gives (built from
+  its parameters: ``deploy '<deployment file>' '<host>' <vmid> <host>``, ``save '<deploy id>'
+  '<checkpoint file>' '<host>' <vmid> <host>``, ...): the originals in the node's remotes are
+  preceded by a shim that appends the argv it was run with to a trace file, then execs the original;
+* what the suite holds on the node: while the VM runs, its device journal and the ownership record
+  of its device; after every exit path (and in every state where the domain is gone) no journal,
+  no ownership record and no network journal at all.
+
+The device: no PCI function can be passed through on this machine, so a stand-in device plugin
+(``tests/oned/standin``, registered through the ``aifactory.plugins`` entry-point group in the host
+environment) makes every deploy and restore claim ``0000:00:06.0`` of the node's host root (a copy
+of the bundled H100 capture, with that function already on vfio-pci) through the built-in
+``pci_driver`` action, as the vfio plugin claims a passthrough function: the journal, the ownership
+record and every release path are the suite's own; the sysfs moves are the no-ops the kernel makes
+for a function found on vfio-pci. The guest-initiated poweroff is ``virsh destroy`` of ``one-N``
+(the SeaBIOS guest does not answer ACPI); the soft shutdowns end by upstream's own ``FORCE_DESTROY``
+after ``SHUTDOWN_TIMEOUT`` (set to a few seconds in the session's ``kvmrc``).
+
+Rows that cannot run with one host: migrate (cold, --poweroff, --live source and destination),
+resume from STOPPED/UNDEPLOYED onto another host (they run here on the same host), and a resched
+that moves the VM (oned has no other host to choose; the row is run and nothing happens); host
+failure and recovery need the host to go away.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from qemunode import Node, add_host, destroy_domains, qemu_node, remove_host
+from realone import REPO, Installed, RealOne, note
+
+from aifactory_core import vmm_actions
+from aifactory_core.samples import extract_sample
+
+pytestmark = pytest.mark.realone
+NODE = "aifactory-vmnode"
+STANDIN = "0000:00:06.0"  # the capture's H100, the stand-in device every VM claims
+IOMMU_GROUP = "13"
+BRIDGE = "aifmx0"  # the bridge the dummy-driver network names (made here, down, no address)
+SHUTDOWN_TIMEOUT_S = 2
+MONITOR_VM_S = 30  # oned's vm/monitor probe period (monitord.conf PROBES_PERIOD, upstream's default)
+RECONCILE_CYCLES = 3
+WRAPPED = tuple(name for name, action in vmm_actions.ACTIONS.items() if action.wrapped)
+NOT_ON_ONE_HOST = {
+    "migrate (cold)": "the VM would have to move to another host",
+    "migrate --poweroff / --poweroff-hard": "the VM would have to move to another host",
+    "migrate --live (source)": "the VM would have to move to another host",
+    "migrate --live (destination)": "the VM would have to move to another host",
+    "host failure": "the node would have to stop answering",
+    "host recovery": "the node would have to stop answering",
+}
+OP_LINE = re.compile(r"\[VMM\]\[I\]: (?:(Successfully execute|Failed to execute) (?:network|virtualization) driver "
+                     r"operation: (\w+)\.|VM hotplug (resize) (successful|failed))")
+"""How the VM's log names a driver step: a step of an action's list, or ``resize``, which the driver
+runs alone and reports in a line of its own."""
+
+
+def _row(name: str) -> vmm_actions.LifecycleEvent:
+    return next(event for event in vmm_actions.EVENTS if event.event == name)
+
+
+def _ops(steps: tuple[vmm_actions.Step, ...]) -> list[str]:
+    return [step.action[4:] if step.action.startswith("vnm ") else step.action for step in steps]
+
+
+def expected_ops(name: str, *, skip_where: str | None = None) -> list[str]:
+    """The driver operations of a row in the table, in order, as the VM's log names them."""
+    return _ops(tuple(step for step in _row(name).steps if step.where != skip_where))
+
+
+# --- the node -------------------------------------------------------------------------------------
+
+
+def _host_root(top: Path) -> Path:
+    """A copy of the bundled capture with the stand-in device on vfio-pci in IOMMU group
+    ``IOMMU_GROUP``, and the machine's own ``/var/tmp`` (the VM directories) in it."""
+    root = top / "host-root"
+    shutil.copytree(extract_sample("h100-sxm5-vm"), root, symlinks=True)
+    device = (root / "sys" / "bus" / "pci" / "devices" / STANDIN).resolve()
+    assert device.is_relative_to(root), device
+    drivers = root / "sys" / "bus" / "pci" / "drivers"
+    (drivers / "vfio-pci").mkdir()
+    before = os.readlink(device / "driver")  # ../../../bus/pci/drivers/nvidia
+    (device / "driver").unlink()
+    (device / "driver").symlink_to(os.path.join(os.path.dirname(before), "vfio-pci"))
+    group = root / "sys" / "kernel" / "iommu_groups" / IOMMU_GROUP
+    (group / "devices").mkdir(parents=True)
+    (device / "iommu_group").symlink_to(group)
+    (group / "devices" / STANDIN).symlink_to(device)
+    (root / "dev" / "vfio").mkdir(parents=True)
+    (root / "dev" / "vfio" / IOMMU_GROUP).touch()
+    (root / "var").mkdir(exist_ok=True)
+    (root / "var" / "tmp").symlink_to("/var/tmp")
+    (root / "run").symlink_to("/run")  # libvirt's state: which domains run (the reconciliation reads it)
+    assert (root / "sys" / "bus" / "pci" / "devices" / STANDIN / "driver").resolve().name == "vfio-pci"
+    return root
+
+
+SHIM = """#!/bin/sh
+# test shim: the argv the suite's wrapper ran OpenNebula's original with, then the original itself
+{ printf '%s' "$(basename "$0" .one)"; for arg in "$@"; do printf '\\t%s' "$arg"; done; printf '\\n'; } \
+    >> "$AIFACTORY_TEST_TRACE"
+exec "$0.upstream" "$@"
+"""
+
+
+@dataclass
+class RemotesEdit:
+    """What the test changed in the session's remotes, undone afterwards."""
+
+    restore: list[tuple[Path, bytes | None]] = field(default_factory=list)
+    moved: list[tuple[Path, Path]] = field(default_factory=list)
+    made: list[Path] = field(default_factory=list)
+
+    def mkdir(self, path: Path) -> None:
+        path.mkdir()
+        self.made.append(path)
+
+    def write(self, path: Path, text: str, mode: int = 0o644) -> None:
+        self.restore.append((path, path.read_bytes() if path.exists() else None))
+        stat = path.parent.stat()
+        path.write_text(text)
+        path.chmod(mode)
+        shutil.chown(path, stat.st_uid, stat.st_gid)
+
+    def move(self, source: Path, target: Path) -> None:
+        source.rename(target)
+        self.moved.append((source, target))
+
+    def undo(self) -> None:
+        for path, before in reversed(self.restore):
+            if before is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(before)
+        for source, target in reversed(self.moved):
+            target.rename(source)
+        for path in reversed(self.made):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _edit_remotes(one: RealOne, edit: RemotesEdit) -> None:
+    remotes = one.location / "var" / "remotes"
+    kvmrc = remotes / "etc" / "vmm" / "kvm" / "kvmrc"
+    text, made = re.subn(r"^export SHUTDOWN_TIMEOUT=\d+$", f"export SHUTDOWN_TIMEOUT={SHUTDOWN_TIMEOUT_S}",
+                         kvmrc.read_text(), flags=re.MULTILINE)
+    assert made == 1 and "export FORCE_DESTROY=yes" in text, "upstream's kvmrc changed shape"
+    edit.write(kvmrc, text)
+    for name in WRAPPED:
+        original = remotes / "vmm" / "kvm" / f"{name}.one"
+        assert original.is_file(), f"install.sh left no original {original}"
+        edit.move(original, original.with_name(f"{name}.one.upstream"))
+        edit.write(original, SHIM, 0o755)
+    site = next((remotes / "aifactory" / "venv" / "lib").glob("python3*/site-packages"))
+    source = REPO / "tests" / "oned" / "standin" / "aifactory_test_standin.py"
+    edit.write(site / source.name, source.read_text())
+    info = site / "aifactory_test_standin-1.0.dist-info"
+    edit.mkdir(info)
+    edit.write(info / "METADATA", "Metadata-Version: 2.1\nName: aifactory-test-standin\nVersion: 1.0\n")
+    edit.write(info / "entry_points.txt", "[aifactory.plugins]\nstandin = aifactory_test_standin\n")
+
+
+# --- the VM ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Matrix:
+    one: RealOne
+    node: Node
+    host: int
+    host_root: Path
+    trace: Path
+    template: int
+    network: int
+    vm: int = -1
+    created: list[int] = field(default_factory=list)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.host_root / "var" / "lib" / "one" / "aifactory"
+
+    def records(self) -> list[str]:
+        """Every journal, ownership record and network journal the suite keeps on the node."""
+        found = []
+        for directory in ("vms", "owners", "vnm/vms", "vnm/owners"):
+            path = self.state_dir / directory
+            if path.is_dir():
+                found += [f"{directory}/{entry.name}" for entry in path.iterdir() if not entry.name.startswith(".")]
+        return sorted(found)
+
+    def held(self, vm: int) -> list[str]:
+        return [f"owners/{STANDIN}", f"vms/{vm}.json"]
+
+    def vm_log(self, vm: int) -> str:
+        path = self.one.location / "var" / "vms" / str(vm) / "vm.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def state(self, vm: int) -> str:
+        import pyone
+
+        info = self.one.client().vm.info(vm)
+        state = pyone.VM_STATE(int(info.STATE)).name
+        return pyone.LCM_STATE(int(info.LCM_STATE)).name if state == "ACTIVE" else state
+
+    def wait(self, vm: int, target: str, timeout_s: float = 180) -> float:
+        """Wait for ``target`` (an LCM state for an ACTIVE VM, else the VM state); seconds waited."""
+        t0 = time.monotonic()
+        state = ""
+        while time.monotonic() - t0 < timeout_s:
+            state = self.state(vm)
+            if state == target:
+                return time.monotonic() - t0
+            if "FAILURE" in state or state in ("FAILED", "UNKNOWN") or (state == "DONE" and target != "DONE"):
+                break
+            time.sleep(0.5)
+        log = "\n".join(self.vm_log(vm).splitlines()[-25:])
+        raise AssertionError(f"VM {vm}: {state}, not {target}, after {time.monotonic() - t0:.0f} s\n{log}")
+
+    def onevm(self, *argv: str) -> None:
+        self.one.run("onevm", *argv, timeout=120)
+
+    def domain_active(self, vm: int) -> bool:
+        listed = self.one.run("virsh", "-c", "qemu:///system", "list", "--name", timeout=60)
+        return f"one-{vm}" in listed.stdout.split()
+
+    def create(self) -> int:
+        vm = int(self.one.client().template.instantiate(self.template, "", False, "", False))
+        self.created.append(vm)
+        self.vm = vm
+        # oned holds every new VM (VM_SUBMIT_ON_HOLD); admission, test_oned_hooks' subject, is not
+        # this module's: the VM is released here (a refusal for want of a policy changes nothing).
+        self.one.run("onevm", "release", str(vm), check=False)
+        return vm
+
+
+@dataclass
+class Mark:
+    """Where the VM's log and the trace were before a row: what the row adds comes after."""
+
+    log: int
+    trace: int
+    deploy_id: str = ""
+    """The domain's id in oned (the UUID deploy printed) when the row began."""
+
+
+def _mark(matrix: Matrix, vm: int) -> Mark:
+    trace = matrix.trace.read_text() if matrix.trace.exists() else ""
+    deploy_id = str(matrix.one.client().vm.info(vm).DEPLOY_ID or "") if vm >= 0 else ""
+    return Mark(len(matrix.vm_log(vm)), len(trace), deploy_id)
+
+
+def _ops_since(matrix: Matrix, vm: int, mark: Mark) -> list[str]:
+    operations = []
+    for step_outcome, step, alone, alone_outcome in OP_LINE.findall(matrix.vm_log(vm)[mark.log:]):
+        succeeded = step_outcome.startswith("Successfully") if step else alone_outcome == "successful"
+        operations.append((step or alone) if succeeded else f"FAILED {step or alone}")
+    return operations
+
+
+def _trace_since(matrix: Matrix, mark: Mark) -> list[list[str]]:
+    text = matrix.trace.read_text()[mark.trace:] if matrix.trace.exists() else ""
+    return [line.split("\t") for line in text.splitlines()]
+
+
+def _argv(matrix: Matrix, vm: int, action: str, deploy_id: str) -> list[str | re.Pattern[str]]:
+    """The argv the table gives ``action`` for this VM on this node (a pattern where a value is
+    numbered by oned: the deployment file)."""
+    directory = f"{matrix.one.location}/var/datastores/0/{vm}"
+    values: dict[str, str | re.Pattern[str]] = {
+        vmm_actions.DEPLOY_ID: deploy_id, vmm_actions.HOST: NODE, vmm_actions.VM_ID: str(vm),
+        vmm_actions.CHECKPOINT_FILE: f"{directory}/checkpoint",
+        vmm_actions.DEPLOYMENT_FILE: re.compile(re.escape(f"{directory}/deployment.") + r"\d+")}
+    return [values[parameter] for parameter in vmm_actions.ACTIONS[action].argv]
+
+
+def _check_row(matrix: Matrix, vm: int, mark: Mark, operations: list[str], what: str) -> None:
+    """The driver steps since ``mark`` are ``operations`` (waited for: oned logs a step when the
+    driver reports it), and every wrapped one ran the original with the table's argv."""
+    deadline = time.monotonic() + 120
+    while len(ran := _ops_since(matrix, vm, mark)) < len(operations) and time.monotonic() < deadline:
+        if any(operation.startswith("FAILED") for operation in ran):
+            break
+        time.sleep(0.5)
+    assert ran == operations, f"{what}: driver steps {ran}, the table says {operations}"
+    traced = _trace_since(matrix, mark)
+    wrapped = [operation for operation in operations if operation in WRAPPED]
+    assert [line[0] for line in traced] == wrapped, f"{what}: originals run {traced}, expected {wrapped}"
+    for line in traced:
+        expected = _argv(matrix, vm, line[0], mark.deploy_id)
+        assert len(line[1:]) == len(expected), f"{what}: {line}"
+        for got, want in zip(line[1:], expected, strict=True):
+            got = os.path.normpath(got) if got.startswith("/") else got  # oned writes "var//datastores"
+            assert (want.fullmatch(got) if isinstance(want, re.Pattern) else got == want), \
+                f"{what}: {line[0]} ran with {line[1:]}, the table's argv is {expected}"
+
+
+def _timed(name: str, t0: float) -> None:
+    note(f"lifecycle matrix: {name}: {time.monotonic() - t0:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def matrix(real_one: RealOne, suite_installed: Installed) -> Iterator[Matrix]:
+    t0 = time.monotonic()
+    synced = suite_installed.install_sh("--sync")
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    edit = RemotesEdit()
+    top = real_one.top / "vmnode-data"
+    top.mkdir()
+    host_root = _host_root(top)
+    trace = top / "originals.trace"
+    subprocess.run(["chown", "-R", "oneadmin:oneadmin", str(top)], check=True)
+    subprocess.run(["ip", "link", "add", BRIDGE, "type", "bridge"], check=True)
+    host = -1
+    try:
+        _edit_remotes(real_one, edit)
+        env = {"AIFACTORY_HOST_ROOT": str(host_root), "AIFACTORY_TEST_STANDIN_DEVICE": STANDIN,
+               "AIFACTORY_TEST_TRACE": str(trace)}
+        with qemu_node(real_one, NODE, env, aliases=(socket.gethostname(),)) as node:
+            # A domain left by an earlier session would collide with this oned's VM ids (one-0, ...).
+            stale = destroy_domains(real_one)
+            if stale:
+                note(f"lifecycle matrix: destroyed domains an earlier session left running: {', '.join(stale)}")
+            host = add_host(real_one, node)
+            _timed(f"install.sh --sync, node {NODE} MONITORED", t0)
+            client = real_one.client()
+            template = client.template.allocate(
+                f'NAME="aif-matrix" VCPU="1" VCPU_MAX="2" HOT_RESIZE=[CPU_HOT_ADD_ENABLED="YES"] CPU="0.1" '
+                f'MEMORY="64" OS=[ARCH="x86_64"] '
+                f'SCHED_REQUIREMENTS="ID=\\"{host}\\""')
+            network = client.vn.allocate(f'NAME="aif-matrix-net" VN_MAD="dummy" BRIDGE="{BRIDGE}" '
+                                         'AR=[TYPE="ETHER", SIZE="4"]', -1)
+            matrix = Matrix(real_one, node, host, host_root, trace, template, network)
+            try:
+                yield matrix
+            finally:
+                for vm in matrix.created:
+                    if matrix.state(vm) != "DONE":
+                        real_one.run("onevm", "recover", "--delete", str(vm), check=False)
+                for vm in matrix.created:
+                    deadline = time.monotonic() + 60
+                    while matrix.state(vm) != "DONE" and time.monotonic() < deadline:
+                        time.sleep(1)
+                left = destroy_domains(real_one)
+                if left:
+                    note(f"lifecycle matrix: domains still running after every VM was DONE: {', '.join(left)}")
+                client.vn.delete(network)
+                client.template.delete(template, False)
+                remove_host(real_one, host)
+    finally:
+        edit.undo()
+        subprocess.run(["ip", "link", "del", BRIDGE], check=False)
+
+
+def _running(matrix: Matrix) -> int:
+    """The journey VM, RUNNING (created, or resumed from wherever an earlier row left it)."""
+    vm = matrix.vm
+    state = matrix.state(vm) if vm >= 0 else "DONE"
+    if state in ("DONE", "FAILED") or "FAILURE" in state:
+        vm = matrix.create()
+    elif state in ("POWEROFF", "SUSPENDED", "STOPPED", "UNDEPLOYED"):
+        matrix.onevm("resume", str(vm))
+    matrix.wait(vm, "RUNNING")
+    assert matrix.records() == matrix.held(vm), "the running VM's device is not held as the suite holds it"
+    return vm
+
+
+# --- the rows -------------------------------------------------------------------------------------
+
+
+def test_deploy_claims_and_runs_the_original_with_upstreams_argv(matrix: Matrix) -> None:
+    t0 = time.monotonic()
+    assert matrix.records() == []
+    mark = Mark(0, _mark(matrix, -1).trace)
+    vm = matrix.create()
+    waited = matrix.wait(vm, "RUNNING")
+    note(f"lifecycle matrix: deploy: instantiate -> RUNNING {waited:.1f} s")
+    _check_row(matrix, vm, mark, expected_ops("deploy"), "deploy")
+    assert matrix.domain_active(vm)
+    assert matrix.records() == matrix.held(vm)
+    assert (matrix.state_dir / "owners" / STANDIN).read_text().strip() == str(vm)
+    _timed("deploy", t0)
+
+
+@pytest.mark.parametrize("row", ["reboot", "reset"])
+def test_reboot_and_reset_keep_the_device(matrix: Matrix, row: str) -> None:
+    t0 = time.monotonic()
+    vm = _running(matrix)
+    mark = _mark(matrix, vm)
+    matrix.onevm("reboot", *(["--hard"] if row == "reset" else []), str(vm))
+    deadline = time.monotonic() + 120
+    while _ops_since(matrix, vm, mark) != expected_ops(row) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    matrix.wait(vm, "RUNNING")
+    _check_row(matrix, vm, mark, expected_ops(row), row)
+    assert matrix.records() == matrix.held(vm)
+    _timed(row, t0)
+
+
+def test_nic_attach_and_detach_leave_no_network_state(matrix: Matrix) -> None:
+    t0 = time.monotonic()
+    vm = _running(matrix)
+    mark = _mark(matrix, vm)
+    # A USB NIC: the guest (no OS) would never answer a PCI hot-unplug request; QEMU unplugs USB alone.
+    nic = matrix.node.top / "nic.tmpl"
+    nic.write_text(f'NIC = [ NETWORK_ID = "{matrix.network}", MODEL = "usb-net" ]\n')
+    nic.chmod(0o644)
+    matrix.onevm("nic-attach", str(vm), "--file", str(nic))
+    matrix.wait(vm, "RUNNING")
+    _check_row(matrix, vm, mark, expected_ops("NIC attach (running)"), "NIC attach")
+    nics = matrix.one.client().vm.info(vm).TEMPLATE["NIC"]
+    nic_id = (nics[0] if isinstance(nics, list) else nics)["NIC_ID"]
+    assert matrix.records() == matrix.held(vm)
+    mark = _mark(matrix, vm)
+    matrix.onevm("nic-detach", str(vm), str(nic_id))
+    matrix.wait(vm, "RUNNING")
+    _check_row(matrix, vm, mark, expected_ops("NIC detach (running)"), "NIC detach")
+    assert matrix.records() == matrix.held(vm)
+    _timed("NIC attach + detach", t0)
+
+
+def test_live_resize_keeps_the_device(matrix: Matrix) -> None:
+    t0 = time.monotonic()
+    vm = _running(matrix)
+    mark = _mark(matrix, vm)
+    vcpus = int(matrix.one.client().vm.info(vm).TEMPLATE["VCPU"])
+    matrix.onevm("resize", str(vm), "--vcpu", str(3 - vcpus))  # 1 -> 2, or back
+    _check_row(matrix, vm, mark, expected_ops("resize (live: VCPU, MEMORY)"), "resize")
+    matrix.wait(vm, "RUNNING")
+    assert int(matrix.one.client().vm.info(vm).TEMPLATE["VCPU"]) == 3 - vcpus
+    assert matrix.records() == matrix.held(vm)
+    _timed("resize", t0)
+
+
+def test_resched_with_no_other_host_runs_nothing(matrix: Matrix) -> None:
+    vm = _running(matrix)
+    mark = _mark(matrix, vm)
+    matrix.onevm("resched", str(vm))
+    time.sleep(5)  # five scheduler windows (SCHED_MAX_WND_TIME = 1)
+    assert matrix.state(vm) == "RUNNING"
+    _check_row(matrix, vm, mark, expected_ops("resched"), "resched")
+    matrix.onevm("unresched", str(vm))
+    assert matrix.records() == matrix.held(vm)
+
+
+# Each row: the onevm command, the state it reaches, then the resume row that brings the VM back.
+EXITS = [
+    ("suspend", ["suspend"], "SUSPENDED", "resume from SUSPENDED"),
+    ("stop", ["stop"], "STOPPED", "resume from STOPPED"),
+    ("poweroff", ["poweroff"], "POWEROFF", "resume from POWEROFF"),
+    ("poweroff --hard", ["poweroff", "--hard"], "POWEROFF", "resume from POWEROFF"),
+    ("undeploy", ["undeploy"], "UNDEPLOYED", "resume from UNDEPLOYED"),
+    ("undeploy --hard", ["undeploy", "--hard"], "UNDEPLOYED", "resume from UNDEPLOYED"),
+]
+
+
+@pytest.mark.parametrize(("row", "command", "reached", "resume"), EXITS, ids=[row for row, *_ in EXITS])
+def test_leaving_the_host_gives_back_and_resuming_claims_again(
+        matrix: Matrix, row: str, command: list[str], reached: str, resume: str) -> None:
+    t0 = time.monotonic()
+    vm = _running(matrix)
+    mark = _mark(matrix, vm)
+    matrix.onevm(command[0], *command[1:], str(vm))
+    matrix.wait(vm, reached)
+    _check_row(matrix, vm, mark, expected_ops(row), row)
+    assert not matrix.domain_active(vm)
+    assert matrix.records() == [], f"{row}: the suite still holds {matrix.records()}"
+    _timed(row, t0)
+    t0 = time.monotonic()
+    mark = _mark(matrix, vm)
+    matrix.onevm("resume", str(vm))
+    matrix.wait(vm, "RUNNING")
+    _check_row(matrix, vm, mark, expected_ops(resume), resume)
+    assert matrix.domain_active(vm)
+    assert matrix.records() == matrix.held(vm)
+    _timed(f"{resume} (after {row})", t0)
+
+
+def test_pci_attach_and_detach_in_poweroff_run_nothing_on_the_host(matrix: Matrix) -> None:
+    vm = _running(matrix)
+    matrix.onevm("poweroff", "--hard", str(vm))
+    matrix.wait(vm, "POWEROFF")
+    listed = matrix.one.client().host.info(matrix.host).HOST_SHARE.PCI_DEVICES
+    pci = (listed.PCI if listed is not None else None) or []
+    free = [device for device in pci if int(device.VMID) < 0]
+    if not free:
+        pytest.skip(f"{NODE} offers no PCI device to attach (its monitoring reports none)")
+    address = free[0].SHORT_ADDRESS
+    mark = _mark(matrix, vm)
+    matrix.onevm("pci-attach", str(vm), "--pci", address)
+    try:
+        matrix.wait(vm, "POWEROFF")
+        assert _ops_since(matrix, vm, mark) == []
+    finally:
+        pcis = matrix.one.client().vm.info(vm).TEMPLATE.get("PCI")
+        for item in pcis if isinstance(pcis, list) else [pcis] if pcis else []:
+            matrix.onevm("pci-detach", str(vm), str(item["PCI_ID"]))
+    matrix.wait(vm, "POWEROFF")
+    _check_row(matrix, vm, mark, expected_ops("NIC or PCI attach/detach in POWEROFF or UNDEPLOYED"), "PCI")
+    assert "PCI" not in matrix.one.client().vm.info(vm).TEMPLATE
+    assert matrix.records() == []
+
+
+def test_recover_recreate_gives_back_then_deploys_again(matrix: Matrix) -> None:
+    t0 = time.monotonic()
+    vm = _running(matrix)
+    mark = _mark(matrix, vm)
+    matrix.onevm("recover", "--recreate", str(vm))
+    matrix.wait(vm, "RUNNING")
+    row = "recover --recreate (delete-recreate), recover --delete"
+    _check_row(matrix, vm, mark, expected_ops(row, skip_where="the migration's other host") + expected_ops("deploy"),
+               "recover --recreate")
+    assert matrix.records() == matrix.held(vm)
+    _timed("recover --recreate", t0)
+
+
+def test_guest_initiated_poweroff_then_terminate_leak_nothing(matrix: Matrix) -> None:
+    t0 = time.monotonic()
+    vm = _running(matrix)
+    mark = _mark(matrix, vm)
+    matrix.one.run("virsh", "-c", "qemu:///system", "destroy", f"one-{vm}", timeout=60)
+    waited = matrix.wait(vm, "POWEROFF", timeout_s=120)
+    note(f"lifecycle matrix: guest-initiated poweroff: POWEROFF found by monitoring after {waited:.1f} s")
+    _check_row(matrix, vm, mark, expected_ops("guest-initiated poweroff"), "guest-initiated poweroff")
+    bound = RECONCILE_CYCLES * MONITOR_VM_S + 15
+    deadline = time.monotonic() + bound
+    while matrix.records() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert matrix.records() == [], (f"guest-initiated poweroff: after {bound} s ({RECONCILE_CYCLES} monitoring "
+                                    f"cycles) the suite still holds {matrix.records()} for VM {vm}, whose domain "
+                                    "is gone")
+    note(f"lifecycle matrix: guest-initiated poweroff: records given back {time.monotonic() - t0:.1f} s after "
+         "the domain went")
+    mark = _mark(matrix, vm)
+    matrix.onevm("terminate", str(vm))
+    matrix.wait(vm, "DONE")
+    _check_row(matrix, vm, mark, [], "terminate from POWEROFF")
+    assert matrix.records() == []
+    _timed("guest-initiated poweroff + terminate", t0)
+
+
+@pytest.mark.parametrize(("row", "command"), [
+    ("terminate", ["terminate"]),
+    ("terminate --hard", ["terminate", "--hard"]),
+    ("recover --recreate (delete-recreate), recover --delete", ["recover", "--delete"]),
+], ids=["terminate", "terminate-hard", "recover-delete"])
+def test_ending_a_running_vm_gives_everything_back(matrix: Matrix, row: str, command: list[str]) -> None:
+    t0 = time.monotonic()
+    vm = _running(matrix)
+    mark = _mark(matrix, vm)
+    matrix.onevm(command[0], *command[1:], str(vm))
+    matrix.wait(vm, "DONE")
+    _check_row(matrix, vm, mark, expected_ops(row, skip_where="the migration's other host"), " ".join(command))
+    assert not matrix.domain_active(vm)
+    assert matrix.records() == []
+    _timed(" ".join(command), t0)
+
+
+def test_every_row_of_the_table_is_run_here_or_named_as_needing_another_host() -> None:
+    covered = {"deploy", "reboot", "reset", "NIC attach (running)", "NIC detach (running)", "resched",
+               "resize (live: VCPU, MEMORY)",
+               "guest-initiated poweroff", "terminate", "terminate --hard",
+               "recover --recreate (delete-recreate), recover --delete",
+               "NIC or PCI attach/detach in POWEROFF or UNDEPLOYED",
+               *(row for row, *_ in EXITS), *(resume for *_, resume in EXITS)}
+    assert covered.isdisjoint(NOT_ON_ONE_HOST)
+    assert covered | set(NOT_ON_ONE_HOST) == {event.event for event in vmm_actions.EVENTS}
