@@ -397,3 +397,43 @@ def test_devices_an_administrator_took_by_hand_are_left(host: HostRoot, kernel: 
     assert driver(host, GPU) == "vfio-pci" and ownership.held_devices(host) == {GPU: ADMIN_VM}
     root = Root(str(host.root), str(host.state_dir))
     assert not reconcile_trigger.due(root, ownership.held_devices(host))
+
+
+def test_the_network_hook_locks_only_a_vm_with_something_of_the_suites(host: HostRoot, network: list[str]) -> None:
+    """Most VMs have no PCI NIC: their VNM hooks take no lock and leave no file; a VM with a network
+    journal is locked (its clean runs under the lock reconciliation respects)."""
+    import base64
+
+    from aifactory_core.config import Config
+    from aifactory_core.vnm import hook
+
+    document = base64.b64encode(b"<VM><ID>42</ID><UID>5</UID><GID>100</GID><TEMPLATE/></VM>")
+    locks = host.state_dir / "locks"
+    for phase in ("pre", "post", "clean"):
+        hook.run(phase, document, host, Config())
+    assert not (locks / "vm-42.lock").exists()
+    network_journal(host, 42)
+    seen: list[str] = []
+    original = hook._run_locked
+
+    def spy(*args: object) -> str:
+        seen.append("locked" if _held_elsewhere(host, 42) else "free")
+        return original(*args)  # type: ignore[arg-type]
+
+    import aifactory_core.vnm.hook as module
+
+    module._run_locked = spy  # type: ignore[assignment]
+    try:
+        assert hook.run("clean", document, host, Config()) == "VM 42: network released"
+    finally:
+        module._run_locked = original  # type: ignore[assignment]
+    assert seen == ["locked"] and network == ["enp170s0f0np0/42"]
+
+
+def _held_elsewhere(host: HostRoot, vm: int) -> bool:
+    """Whether another thread finds VM ``vm``'s lock taken."""
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(_try_lock(host, vm)))
+    thread.start()
+    thread.join()
+    return outcome == ["busy"]

@@ -269,8 +269,12 @@ def run(phase: str, stdin: bytes, host: HostRoot, config: Config) -> str:
     if phase not in PHASES:
         raise ConfigError(f"unknown VNM phase {phase!r}: expected pre, post or clean")
     request, hotplug = read_document(stdin)
+    from aifactory_core.lifecycle.journal import journal_dir
     from aifactory_core.lifecycle.vmlock import vm_lock
+    from aifactory_core.vnm.plan import network_nics
 
+    if not network_nics(request.pci) and not (journal_dir(vnm_host(host)) / f"{request.vm_id}.json").exists():
+        return _run_locked(phase, request, hotplug, host, config)  # nothing of the suite's: no lock, no file
     with vm_lock(host, request.vm_id):  # no reconciliation of the VM while its network changes
         return _run_locked(phase, request, hotplug, host, config)
 

@@ -1,7 +1,8 @@
 """Reconciliation on a real kernel and a real libvirtd: a domain one-<id> started through the deploy
 path with the e1000e, destroyed outside OpenNebula (no driver action), is reconciled: the e1000e is
-back on its driver and no record is left; while it runs, nothing is touched and the kernel shows its
-QEMU holding the function's VFIO group."""
+back on its driver and no record is left; while it runs, nothing is touched, the kernel shows its
+QEMU holding the function's VFIO group, and an unprivileged user (as the vm/monitor probe runs) can
+list libvirt's directory of running domains."""
 
 from __future__ import annotations
 
@@ -42,6 +43,10 @@ def test_a_domain_destroyed_outside_opennebula_is_reconciled(state_dir: Path, e1
     try:
         libvirt_conn("create", str(path))  # transient, as OpenNebula creates its domains
         assert VM in running_vms(host)
+        # what the vm/monitor probe reads as oneadmin: libvirt's directory lists for an unprivileged user
+        listing = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "ls",
+                                  "/run/libvirt/qemu"], capture_output=True, text=True, check=False)
+        assert listing.returncode == 0 and f"{name}.pid" in listing.stdout.split(), listing
         holders = users(host, e1000e_bdf)
         assert holders and holders[0][1].startswith("qemu"), holders
         report = reconcile(host)
