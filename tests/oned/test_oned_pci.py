@@ -1,8 +1,9 @@
 """The host's PCI list in a real oned: the GPUs the suite reports, given to VMs by oned's own
 scheduler, withheld while a recorded health reading says FAILED, and back once healthy.
 
-The host is this machine as a ``qemu``-type host over SSH (``test_oned_probes.node``: the bundled
-H100 capture as the probes' host root, its NVML recording replayed); oned runs upstream's real
+The host is this machine as a ``qemu``-type host over SSH (``test_oned_probes.node``, through
+``qemunode``: the bundled H100 capture as the probes' host root, its NVML recording replayed);
+oned runs upstream's real
 probes there too — ``pci.rb`` reads this machine's ``lspci`` through the stock ``pci.conf``
 (``'0:0'``), so every PCI device oned learns comes from the suite's probe. VMs are deployed by the
 dummy VMM (the host's ``VM_MAD``): oned assigns a PCI device when it dispatches the VM to the host,
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from qemunode import remove_host
 from realone import SYSTEM_PROBES_PERIOD, Installed, RealOne, in_frontend, note
 from test_oned_probes import NODE, node  # noqa: F401 - the node fixture, this module's own instance
 
@@ -74,7 +76,7 @@ def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Itera
     client = real_one.client()
     for existing in client.hostpool.info().HOST:  # a host of an earlier module by the same name
         if existing.NAME == NODE:
-            client.host.delete(existing.ID)
+            remove_host(real_one, int(existing.ID))
     datastore = client.datastore.allocate('NAME="pci-system" TYPE="SYSTEM_DS" TM_MAD="dummy"', -1)
     t0 = time.monotonic()
     host = client.host.allocate(NODE, "qemu", "dummy", -1)
@@ -91,7 +93,7 @@ def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Itera
         for vm in client.vmpool.info(-2, -1, -1, -1).VM:
             client.vm.action("terminate-hard", vm.ID)
         _wait(lambda: not client.vmpool.info(-2, -1, -1, -1).VM, "the VMs to end", 120)
-        client.host.delete(host)  # the probes module allocates its own host by this name
+        remove_host(real_one, host)  # the probes module allocates its own host by this name
 
 
 def _gpu_vm(one: RealOne, name: str, datastore: int) -> int:
