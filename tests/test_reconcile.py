@@ -309,8 +309,9 @@ def test_repair_reconcile_command_and_its_report(host: HostRoot, kernel: KernelW
 PROBE = REPO / "drivers/im/kvm-probes.d/vm/monitor/aifactory-gpu"
 
 
-def _probe(host: HostRoot) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "AIFACTORY_HOST_ROOT": str(host.root), "AIFACTORY_STATE_DIR": str(host.state_dir)}
+def _probe(host: HostRoot, switch: str = "on") -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "AIFACTORY_HOST_ROOT": str(host.root), "AIFACTORY_STATE_DIR": str(host.state_dir),
+           "AIFACTORY_RECONCILE": switch}
     return subprocess.run([sys.executable, "-S", str(PROBE), "kvm", "0", "host"], env=env, capture_output=True,
                           text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)
 
@@ -327,6 +328,9 @@ def test_the_vm_monitor_probe_starts_the_reconciliation_only_when_a_vm_has_no_do
     assert result.returncode == 0 and result.stderr == "" and not stamp.exists()
     assert [line.split(",")[0] for line in result.stdout.splitlines()] == ['VM = [ ID="42"', 'VM = [ ID="43"']
     (host.path("/run/libvirt/qemu") / "one-42.pid").unlink()
+    for switch in ("", "off"):  # over a host root other than /, only when asked
+        result = _probe(host, switch)
+        assert result.returncode == 0 and result.stderr == "" and not stamp.exists()
     result = _probe(host)
     assert result.returncode == 0 and result.stderr == "" and stamp.exists()
     deadline = time.monotonic() + 60

@@ -6,7 +6,8 @@ one probe exits non-zero. So these never exit non-zero, never print a traceback,
 stdin (the config XML is not needed). Options, for operators and tests only:
 ``AIFACTORY_HOST_ROOT``, ``AIFACTORY_STATE_DIR``, ``AIFACTORY_NVML_REPLAY`` (a recorded
 ``nvml.json``), ``AIFACTORY_PROBE_BUDGET_S`` (NVML deadline, default 5 s; the SYSTEM_HOST probe
-timeout in monitord is far longer).
+timeout in monitord is far longer), ``AIFACTORY_RECONCILE`` (``off``: the vm/monitor probe starts no
+reconciliation; ``on``: it does so also over a host root other than ``/``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ reconciliation, detached (its own session, stdio to ``<state dir>/probes/reconci
 probe's output and timing do not wait for any reset; the reconciliation itself reads the domains
 again (``virsh`` where the directory cannot be read, and the QEMU processes), takes each VM's lock
 and releases only what a VM without a domain holds (:mod:`aifactory_core.lifecycle.reconcile`).
-It is started at most once per :data:`MIN_INTERVAL_S`.
+It is started at most once per :data:`MIN_INTERVAL_S`, and only on the live host unless
+``AIFACTORY_RECONCILE=on`` (:func:`enabled`).
 
 Imports only the standard library (``subprocess`` only when it starts the reconciliation).
 """
@@ -24,6 +25,7 @@ import time
 from aifactory_core.probes.sysfs import Root
 
 MIN_INTERVAL_S = 60.0
+ENV_SWITCH = "AIFACTORY_RECONCILE"
 STAMP = "reconcile.stamp"
 LOG = "reconcile.log"
 LIBVIRT_QEMU_STATE = "/run/libvirt/qemu"
@@ -73,10 +75,18 @@ def due(root: Root, held: dict[str, int]) -> bool:
     return live is None or not vms <= live
 
 
+def enabled(root: Root) -> bool:
+    """On the live host unless ``AIFACTORY_RECONCILE=off``; on another host root (a capture, a
+    test's tree) only with ``AIFACTORY_RECONCILE=on``: a probe run over a capture must not release
+    what its state directory records."""
+    setting = os.environ.get(ENV_SWITCH, "")
+    return setting == "on" or (root.is_live and setting != "off")
+
+
 def maybe_start(root: Root, held: dict[str, int]) -> bool:
-    """Start the reconciliation when :func:`due` and none was started in the last
+    """Start the reconciliation when :func:`enabled`, :func:`due` and none was started in the last
     :data:`MIN_INTERVAL_S`; True when it was started."""
-    if not due(root, held):
+    if not enabled(root) or not due(root, held):
         return False
     directory = os.path.join(root.state_dir, "probes")
     stamp = os.path.join(directory, STAMP)
