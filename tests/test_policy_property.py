@@ -333,3 +333,128 @@ def test_host_gate_gives_no_device_outside_the_grant_and_no_tenant_more_gpus_tha
         gpus = sum(1 for address, vm in held.items() if vm < 10 and policy.by_gid.get(owners[vm]) is tenant
                    and not network_class(table[address][2]))  # fmt: skip
         assert gpus <= tenant.max_gpus, (tenant.key, gpus)
+
+
+# ---- the frontend across VMs and state changes ----------------------------------------------------
+
+STATE_PENDING, STATE_HOLD, STATE_ACTIVE, STATE_STOPPED, STATE_SUSPENDED = 1, 2, 3, 4, 5
+STATE_DONE, STATE_POWEROFF, STATE_UNDEPLOYED = 6, 8, 9
+IN_USE = frozenset({STATE_PENDING, STATE_ACTIVE, STATE_SUSPENDED, STATE_POWEROFF})  # devices held or being placed
+TENANT_MOVES = {  # what a VM owner may do (MANAGE operations), from -> to, as oned's DispatchManager
+    "hold": ({STATE_PENDING}, STATE_HOLD),
+    "poweroff": ({STATE_ACTIVE}, STATE_POWEROFF),
+    "suspend": ({STATE_ACTIVE}, STATE_SUSPENDED),
+    "stop": ({STATE_ACTIVE}, STATE_STOPPED),
+    "undeploy": ({STATE_ACTIVE, STATE_POWEROFF}, STATE_UNDEPLOYED),
+    "resume": ({STATE_POWEROFF, STATE_SUSPENDED}, STATE_ACTIVE),
+    "resume-from-disk": ({STATE_STOPPED, STATE_UNDEPLOYED}, STATE_PENDING),  # no hooked call: the scheduler deploys
+    "terminate": ({STATE_PENDING, STATE_HOLD, STATE_ACTIVE, STATE_STOPPED, STATE_SUSPENDED, STATE_POWEROFF,
+                   STATE_UNDEPLOYED}, STATE_DONE),
+}  # fmt: skip  # release is not here: install makes it an ADMIN operation
+
+
+def frontend_vm(vm_id: int, gid: int, items: list[PciRequest], state: int) -> VmRequest:
+    from dataclasses import replace
+
+    numbered = tuple(replace(item, pci_id=index) for index, item in enumerate(items))
+    return replace(vm_document(vm_id, gid, None, [], []), pci=numbered, state=state, lcm_state=0)
+
+
+def granted_pci(tenant: Tenant, data: st.DataObject) -> PciRequest:
+    """A PCI request one of ``tenant``'s grants covers (any TYPE oned accepts for a device)."""
+    grant = data.draw(st.sampled_from(tenant.devices))
+    device = grant.device if grant.device is not None else data.draw(st.sampled_from(DEVICES))
+    device_class = grant.device_class if grant.device_class is not None else data.draw(st.sampled_from(CLASSES))
+    return pci(grant.vendor, device, device_class, data.draw(st.sampled_from([None, "GPU", "nic"])), None, None,
+               None, None)
+
+
+def granted_alone(policy: Policy, vm: VmRequest) -> bool:
+    """Every PCI of ``vm`` passes the device and tenant rules on its own (the cap aside)."""
+    from dataclasses import replace
+
+    for item in vm.pci:
+        alone = replace(vm, pci=(item,), nics=())
+        if any(not refusal.rule.endswith(".max_gpus") for refusal in decide(policy, alone).refusals):
+            return False
+    return True
+
+
+@settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                      HealthCheck.data_too_large])
+@given(policies(), st.data())
+def test_frontend_admission_keeps_every_tenant_within_its_cap_across_vms_and_state_changes(text, data) -> None:
+    """Sequences of what tenants and operators do on the frontend: instantiate (held, then the
+    admission hook: release or keep held), the scheduler deploying PENDING VMs, the owner's MANAGE
+    operations (hold, poweroff, suspend, stop, undeploy, resume -- from STOPPED/UNDEPLOYED without
+    any hooked call --, terminate; never release, an ADMIN operation), and an operator's PCI attach
+    to a POWEROFF/UNDEPLOYED VM followed by the hook's detaches. After every step no tenant has
+    more GPUs in use (PENDING, ACTIVE, SUSPENDED, POWEROFF) than its cap and no VM in use has a
+    device its tenant was not granted, whatever TYPE the PCI requests carry."""
+    from aifactory_core.policy.admission import Event, detach_steps, plan, usage_from_pool
+    from aifactory_core.policy.decide import gpu_count
+
+    policy = parse_policy(text, "random.toml")
+    tenant_gids = sorted(policy.by_gid)
+    vms: dict[int, VmRequest] = {}
+    draw = data.draw
+    for step in range(draw(st.integers(8, 14))):
+        move = draw(st.sampled_from(["instantiate", "instantiate", "tenant", "tenant", "tenant", "attachpci"]))
+        if move == "instantiate":
+            gid = draw(st.sampled_from(tenant_gids)) if tenant_gids and draw(st.integers(0, 4)) else draw(
+                st.sampled_from(GIDS))
+            if vms and draw(st.booleans()):  # the same tenant again: caps are about a tenant's several VMs
+                gid = vms[max(vms)].gid or 0
+            tenant = policy.by_gid.get(gid)
+            items = draw(st.lists(pcis, max_size=3))
+            if tenant is not None and tenant.devices and draw(st.integers(0, 3)):
+                items = [granted_pci(tenant, data) for _ in range(draw(st.integers(1, 3)))]
+            vm = frontend_vm(step, gid, items, STATE_HOLD)
+            decision = decide(policy, vm, usage_from_pool(policy, vms.values()))
+            vms[vm.vm_id] = vm
+            for call in plan(Event("one.template.instantiate", None), vm, decision):  # type: ignore[arg-type]
+                if call.params[0] == "release":
+                    vms[vm.vm_id] = VmRequest(**{**vm.__dict__, "state": STATE_PENDING})
+        elif move == "tenant":
+            movable = sorted(vm_id for vm_id, vm in vms.items() if vm.state != STATE_DONE)
+            if movable:
+                vm = vms[draw(st.sampled_from(movable))]
+                moves = sorted(name for name, (sources, _) in TENANT_MOVES.items() if vm.state in sources)
+                target = TENANT_MOVES[draw(st.sampled_from(moves))][1]
+                vms[vm.vm_id] = VmRequest(**{**vm.__dict__, "state": target})
+        elif move == "attachpci":
+            off = sorted(vm_id for vm_id, vm in vms.items() if vm.state in (STATE_POWEROFF, STATE_UNDEPLOYED))
+            if not off:
+                continue
+            vm = vms[draw(st.sampled_from(off))]
+            owner = policy.by_gid.get(vm.gid) if vm.gid is not None else None
+            if owner is not None and owner.devices and draw(st.booleans()):
+                item = granted_pci(owner, data)
+            else:
+                item = draw(by_selectors)
+            if item.type == "NIC":
+                continue  # oned attaches a TYPE = "NIC" device only through one.vm.attachnic
+            vm = frontend_vm(vm.vm_id, vm.gid or 0, [*vm.pci, item], vm.state)
+            event = Event("one.vm.attachpci", None)  # type: ignore[arg-type]
+            others = [other for other_id, other in vms.items() if other_id != vm.vm_id]
+            usage = usage_from_pool(policy, [*others, vm])
+            decision = decide(policy, vm, usage)
+            calls = plan(event, vm, decision, detach=detach_steps(policy, event, vm, usage) if not decision.admitted
+                         else ())  # fmt: skip
+            gone = {call.params[1] for call in calls if call.method == "one.vm.detachpci"}
+            kept = [pci for pci in vm.pci if pci.pci_id not in gone]
+            vms[vm.vm_id] = frontend_vm(vm.vm_id, vm.gid or 0, kept, vm.state)
+        if draw(st.integers(0, 3)):  # the scheduler's window: PENDING VMs are deployed
+            for vm_id, vm in list(vms.items()):
+                if vm.state == STATE_PENDING:
+                    vms[vm_id] = VmRequest(**{**vm.__dict__, "state": STATE_ACTIVE})
+        for tenant in policy.tenants.values():
+            in_use = sum(gpu_count(vm) for vm in vms.values()
+                         if vm.state in IN_USE and policy.tenant_for(vm.gid, None) is tenant)  # fmt: skip
+            assert in_use <= tenant.max_gpus, (tenant.key, in_use, vms)
+    for vm in vms.values():  # every device in use is granted (a VM's PCI only shrinks once admitted)
+        if vm.state in IN_USE and vm.pci:
+            if policy.tenant_for(vm.gid, None) is None:
+                assert policy.is_infrastructure_admin(vm.gid, None), vm
+            else:
+                assert granted_alone(policy, vm), vm
