@@ -89,6 +89,7 @@ mount -t overlay overlay -o lowerdir=/usr/local,upperdir=/run/ovl/usr-local/u,wo
     || say "cannot overlay /usr/local"
 chmod 1777 /tmp
 : > /etc/resolv.conf
+: > /root/.bashrc  # the machine's may start pyenv & co., seconds per ssh command under TCG
 hostname {name}
 modprobe virtio_net
 modprobe vfio-pci || say "modprobe vfio-pci failed"

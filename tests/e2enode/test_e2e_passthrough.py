@@ -1,0 +1,654 @@
+"""End to end: a real oned deploys tenants' VMs with a passed-through device onto the real-kernel
+test host booted as an OpenNebula node, with the suite installed the way an operator does it.
+
+The node (``testhost.node``) is the QEMU/TCG test host with sshd and libvirtd, reached by oned's
+own drivers over SSH on 127.0.0.1; its e1000e (8086:10d3, ``0000:01:00.0``) stands in for a GPU.
+The frontend is ``realone``'s oned with the suite installed by ``install.sh`` (``suite_installed``);
+``[frontend] pci_filter`` and ``install.sh --sync`` put the device into the ``qemu`` hosts'
+``pci.conf``; ``aifactory host-setup`` runs as root in the node. Tenants come from the shipped
+``examples/policy.toml``, adapted to the stand-in device and applied by ``aifactory tenant apply``.
+The template asks for the device by ``VENDOR``/``DEVICE``/``CLASS``: the frontend's admission
+decision refuses a ``SHORT_ADDRESS``-only request it cannot identify (``policy.decide``), and the
+node has one such device, so oned can give only ``0000:01:00.0``.
+
+One node and one oned serve the module; each phase has a hard time-out that fails with the node's
+console tail, and a phase that finds the node hung (a kernel lockup, QEMU gone) is tried once more
+on a freshly booted node. Phase timings go to the session's summary (``realone.note``); the VM's
+oned log, the node's hostdev XML and the device's driver link are written to
+``/var/tmp/aifactory-e2enode-report.txt``.
+
+Runs on the test machine (not inside the test host): marked ``realone`` and ``e2enode``, not
+``realkernel`` (tests/testhost/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import subprocess
+import time
+import tomllib
+import xmlrpc.client
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import needs
+import pytest
+from realone import REPO, Installed, RealOne, note
+from testhost import node as testnode
+from testhost import runner
+
+pytestmark = [pytest.mark.realone, pytest.mark.e2enode]
+
+DEVICE = testnode.PASSTHROUGH_ADDRESS
+SHORT = DEVICE[5:]
+VENDOR, DEVICE_ID = testnode.PASSTHROUGH_ID.split(":")
+SYSFS = f"/sys/bus/pci/devices/{DEVICE}"
+STATE_DIR = "/var/lib/one/aifactory"
+ROOT_CLI = "/usr/local/lib/aifactory/venv/bin/aifactory"
+REPORT = Path("/var/tmp/aifactory-e2enode-report.txt")
+SSH_MARK = "# aifactory end-to-end node"
+MONITOR_TIMEOUT_S = 420.0  # the qemu IM MAD's start time-out is 300 s (realone.configure)
+DEPLOY_TIMEOUT_S = 300.0
+END_TIMEOUT_S = 240.0
+PROBE_CYCLES = 6  # how many VM probe periods the suite has to give a device back after the guest stops it
+
+# oned's VM states: (STATE, LCM_STATE)
+RUNNING = (3, 3)
+POWEROFF = 8
+UNDEPLOYED = 9
+DONE = 6
+FAILED_LCM = {36: "BOOT_FAILURE", 39: "PROLOG_FAILURE", 40: "EPILOG_FAILURE", 16: "UNKNOWN",
+              44: "BOOT_UNDEPLOY_FAILURE", 46: "BOOT_STOPPED_FAILURE", 47: "PROLOG_RESUME_FAILURE",
+              49: "PROLOG_UNDEPLOY_FAILURE"}
+
+
+class NodeHung(AssertionError):
+    """The node stopped answering in a phase (kernel lockup, QEMU gone): the phase may be retried."""
+
+
+# -- the tenants: the shipped example policy, adapted to the stand-in device ----------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def adapted_policy(template: int) -> tuple[str, list[str]]:
+    """``examples/policy.toml`` with its tenants kept (names, caps, prices) but on this frontend:
+    the default cluster, the stand-in device as each tenant's device, no networks, the test's
+    template, no users or ids that exist only on the example's OpenNebula. Returns the text and
+    the tenants' group names."""
+    example = tomllib.loads((REPO / "examples" / "policy.toml").read_text())
+    lines = ["# examples/policy.toml adapted to the end-to-end node's stand-in device", "[opennebula]"]
+    lines += [f"{key} = {_toml_value(value)}" for key, value in example["opennebula"].items()]
+    groups = []
+    for name, tenant in example["tenant"].items():
+        groups.append(tenant["group"])
+        lines += ["", f"[tenant.{name}]"]
+        kept = {"group": tenant["group"], "vdc": tenant["vdc"], "clusters": [0], "max_gpus": tenant["max_gpus"],
+                "networks": [], "templates": [template], "price_per_gpu_hour": tenant["price_per_gpu_hour"]}
+        lines += [f"{key} = {_toml_value(value)}" for key, value in kept.items()]
+        lines += ["", f"[[tenant.{name}.devices]]", 'name = "e1000e-stand-in"', f'vendor = "{VENDOR}"',
+                  f'device = "{DEVICE_ID}"', 'class = "0200"', "clusters = [0]"]
+    return "\n".join(lines) + "\n", groups
+
+
+# -- the session's pieces -------------------------------------------------------------------------
+
+
+@dataclass
+class EndToEnd:
+    one: RealOne
+    installed: Installed
+    top: Path
+    oneadmin_key: Path
+    node: testnode.Node | None = None
+    host: int = -1
+    name: str = ""
+    template: int = -1
+    users: dict[str, tuple[str, str]] = field(default_factory=dict)  # tenant -> (user, password)
+    retried: bool = False
+    report: list[str] = field(default_factory=list)
+    policy_text: str = ""
+
+    # oned ------------------------------------------------------------------------------------
+
+    def xml(self, method: str, *args: Any) -> Any:
+        from lxml import etree
+
+        ok, answer, *_ = getattr(xmlrpc.client.ServerProxy(self.one.endpoint), method)(
+            f"oneadmin:{self.one.password}", *args)
+        assert ok, answer
+        return etree.fromstring(answer.encode())
+
+    def vm_state(self, vm: int) -> tuple[int, int]:
+        root = self.xml("one.vm.info", vm, False)
+        return int(root.findtext("STATE")), int(root.findtext("LCM_STATE"))
+
+    def vm_log(self, vm: int, lines: int = 60) -> str:
+        path = self.one.location / "var" / "vms" / str(vm) / "vm.log"
+        try:
+            return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return f"(no {path})"
+
+    # the node --------------------------------------------------------------------------------
+
+    @property
+    def n(self) -> testnode.Node:
+        assert self.node is not None
+        return self.node
+
+    def in_node(self, command: str, timeout: float = 120, check: bool = True, stdin: str | None = None) -> str:
+        try:
+            return self.n.ssh(command, timeout=timeout, check=check, stdin=stdin).stdout
+        except testnode.NodeError as error:
+            if self.n.looks_hung():
+                raise NodeHung(str(error)) from None
+            raise
+
+    def wait(self, what: str, condition: Callable[[], bool], timeout: float, vm: int | None = None,
+             every: float = 1.0, explain: Callable[[], str] | None = None) -> float:
+        """Poll ``condition`` until true; fail loudly (VM log, node console) after ``timeout``."""
+        t0 = time.monotonic()
+        while True:
+            if vm is not None:
+                state, lcm = self.vm_state(vm)
+                if state == 3 and lcm in FAILED_LCM:
+                    raise AssertionError(f"VM {vm} in {FAILED_LCM[lcm]} while waiting for {what}\n"
+                                         f"--- VM log ---\n{self.vm_log(vm)}\n--- node console ---\n"
+                                         + self.n.console_tail(40))
+            if condition():
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                message = (f"timed out after {timeout:.0f} s waiting for {what}"
+                           + (f"\n--- VM {vm} log ---\n{self.vm_log(vm)}" if vm is not None else "")
+                           + (f"\n{_explained(explain)}" if explain is not None else "")
+                           + f"\nnode console log: {self.n.console_log}\n--- node console tail ---\n"
+                           + self.n.console_tail())
+                if self.n.looks_hung():
+                    raise NodeHung(message)
+                raise AssertionError(message)
+            time.sleep(every)
+
+    def recorded(self, prefix: str) -> bool:
+        return any(entry.startswith(f"===== {prefix}") for entry in self.report)
+
+    def record(self, title: str, text: str) -> None:
+        self.report.append(f"===== {title} =====\n{text.rstrip()}\n")
+        REPORT.write_text("\n".join(self.report))
+
+
+def _explained(explain: Callable[[], str]) -> str:
+    try:
+        return explain()
+    except Exception as error:  # noqa: BLE001 - the time-out is the failure, this only explains it
+        return f"(could not explain: {error})"
+
+
+def _host_explained(e2e: EndToEnd) -> str:
+    values = _host_values(e2e)
+    shown = {key: value for key, value in values.items() if key in ("STATE", "ERROR", "PCI") or key.startswith("AIF_")}
+    agent = e2e.in_node("ls /var/tmp/one 2>&1 | head; ps -eo pid,etime,args | grep -E 'monitord|probe' | "
+                        "grep -v grep | cut -c1-160; ls -l /tmp/one-monitord-* 2>&1", timeout=60, check=False)
+    return (f"--- host {e2e.name} ---\n{shown}\n{e2e.one.log_tail('monitor.log', 40)}\n"
+            f"--- the node's monitoring agent ---\n{agent}")
+
+
+def _ssh_config(one: RealOne, name: str, port: int, key: Path) -> None:
+    """oneadmin's ssh config names the node (oned's drivers run ``ssh <host>``)."""
+    user = pwd.getpwnam("oneadmin")
+    ssh_dir = Path(user.pw_dir) / ".ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(ssh_dir, user.pw_uid, user.pw_gid)
+    config = ssh_dir / "config"
+    text = _without_block(config.read_text() if config.exists() else "")
+    block = (f"{SSH_MARK}\nHost {name}\n  HostName 127.0.0.1\n  Port {port}\n  IdentityFile {key}\n"
+             "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+             "  ConnectTimeout 60\n  ServerAliveInterval 30\n")
+    config.write_text(block + f"{SSH_MARK} end\n" + text)
+    os.chown(config, user.pw_uid, user.pw_gid)
+    config.chmod(0o600)
+
+
+def _without_block(text: str) -> str:
+    return re.sub(rf"{re.escape(SSH_MARK)}\n.*?{re.escape(SSH_MARK)} end\n", "", text, flags=re.DOTALL)
+
+
+def _host_values(e2e: EndToEnd) -> dict[str, Any]:
+    root = e2e.xml("one.host.info", e2e.host, False)
+    template = root.find("TEMPLATE")
+    values: dict[str, Any] = {child.tag: child.text or "" for child in template if len(child) == 0}
+    for vector in template:
+        for child in vector:
+            values.setdefault(f"{vector.tag}/{child.tag}", child.text or "")
+    values["STATE"] = int(root.findtext("STATE"))
+    values["PCI"] = [{child.tag: child.text or "" for child in pci}
+                     for pci in root.iterfind("HOST_SHARE/PCI_DEVICES/PCI")]
+    return values
+
+
+def start_node(e2e: EndToEnd, attempt: int) -> Future[testnode.Node]:
+    """Boot the node in the background (the frontend is set up meanwhile)."""
+    pub = (e2e.oneadmin_key.with_suffix(".pub")).read_text()
+    return ThreadPoolExecutor(1).submit(testnode.boot, e2e.top / f"node{attempt}", f"e2enode{attempt}",
+                                        {"oneadmin": pub})
+
+
+def bring_up_node(e2e: EndToEnd, attempt: int, booting: Future[testnode.Node]) -> None:
+    """Once the node is booted: register it with oned, wait for the suite's attributes and the
+    device in its PCI list, run host-setup in it and give it the host's policy configuration."""
+    t0 = time.monotonic()
+    e2e.node = booting.result()
+    name = e2e.node.name
+    e2e.name = name
+    note(f"e2e: node {name} booted (sshd + libvirtd answering) in {e2e.n.boot_s:.1f} s")
+    _ssh_config(e2e.one, name, e2e.n.port, e2e.oneadmin_key)
+    probe = e2e.one.run("ssh", name, "hostname", check=False, timeout=120)
+    assert probe.stdout.strip() == name, f"oneadmin cannot ssh to the node: {probe.stdout}{probe.stderr}"
+
+    t1 = time.monotonic()
+    e2e.host = e2e.one.client().host.allocate(name, "qemu", "qemu", -1)
+
+    def monitored() -> bool:
+        values = _host_values(e2e)
+        if values["STATE"] == 3:
+            raise AssertionError(f"host {name} in ERROR: {values.get('ERROR', '')}\n"
+                                 + e2e.one.log_tail("monitor.log"))
+        return values["STATE"] == 2 and "AIF_GPU_COUNT" in values and any(
+            pci.get("SHORT_ADDRESS") == SHORT for pci in values["PCI"])
+
+    e2e.wait(f"host {name} MONITORED with AIF_* and {SHORT} in its PCI list", monitored, MONITOR_TIMEOUT_S,
+             every=2.0, explain=lambda: _host_explained(e2e))
+    values = _host_values(e2e)
+    pci = next(pci for pci in values["PCI"] if pci.get("SHORT_ADDRESS") == SHORT)
+    assert (pci["VENDOR"], pci["DEVICE"]) == (VENDOR, DEVICE_ID)
+    assert values["AIF_GPU_COUNT"] == "0"
+    assert values["AIF_PROBE/STATUS"] == "OK", values
+    note(f"e2e: onehost create -> MONITORED with AIF_* and {SHORT} ({VENDOR}:{DEVICE_ID}) in the PCI list: "
+         f"{time.monotonic() - t1:.1f} s")
+    e2e.record("host template: AIF_* and PCI", "\n".join(
+        [f"{key} = {value}" for key, value in sorted(values.items()) if key.startswith("AIF_")]
+        + [f"PCI {pci}"]))
+    # oned pins the VM's vCPUs only on a host whose PIN_POLICY says so.
+    e2e.one.client().host.update(e2e.host, 'PIN_POLICY = "PINNED"', 1)
+
+    t2 = time.monotonic()
+    setup = e2e.in_node("/var/tmp/one/aifactory/venv/bin/aifactory host-setup", timeout=300)
+    e2e.n.ssh("install -d -m 0755 /etc/one && cat > /etc/one/aifactory-policy.toml && chmod 0644 "
+              "/etc/one/aifactory-policy.toml", stdin=e2e.policy_text, timeout=60)
+    e2e.n.ssh("cat > /etc/one/aifactory.conf && chgrp oneadmin /etc/one/aifactory.conf && chmod 0640 "
+              "/etc/one/aifactory.conf", stdin='[plugin.policy]\nfile = "/etc/one/aifactory-policy.toml"\n'
+              "cluster_id = 0\n", timeout=60)
+    note(f"e2e: aifactory host-setup as root in the node: {time.monotonic() - t2:.1f} s")
+    e2e.record("host-setup in the node", setup)
+    note(f"e2e: node ready for VMs {time.monotonic() - t0 + e2e.n.boot_s:.1f} s after its boot started")
+
+
+def drop_node(e2e: EndToEnd) -> None:
+    """Take the node out of oned and stop it (its VMs are deleted first)."""
+    client = e2e.one.client()
+    if e2e.host >= 0:
+        for vm in client.vmpool.info(-2, -1, -1, -1).VM:
+            client.vm.recover(vm.ID, 3)  # delete
+        try:
+            client.host.delete(e2e.host)
+        except Exception:  # noqa: BLE001 - a host with VMs still leaving is removed when they are gone
+            pass
+        e2e.host = -1
+    if e2e.node is not None:
+        e2e.node.stop()
+
+
+@pytest.fixture(scope="module")
+def e2e(real_one: RealOne, suite_installed: Installed) -> Iterator[EndToEnd]:
+    for tool in ("ssh", "ssh-keygen", "/usr/sbin/sshd", "/usr/sbin/libvirtd", "/usr/sbin/virtlogd"):
+        needs.tool(tool, hint="openssh-server, libvirt-daemon-system")
+    missing = runner.missing_prerequisites(testnode.NODE_GUEST)
+    if missing:
+        needs.unavailable("test host unavailable: " + "; ".join(missing))
+    if not Path("/usr/bin/qemu-kvm-one").exists():  # upstream's emulator link; the node's /usr is this one's
+        subprocess.run([str(real_one.location / "bin" / "qemu-kvm-one-gen")], check=True, capture_output=True)
+    t0 = time.monotonic()
+    top = real_one.top / "e2e"
+    top.mkdir()
+    top.chmod(0o755)
+    key = top / "oneadmin_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    user = pwd.getpwnam("oneadmin")
+    for path in (key, key.with_suffix(".pub")):
+        os.chown(path, user.pw_uid, user.pw_gid)
+    if subprocess.run(["passwd", "-S", "oneadmin"], capture_output=True, text=True).stdout.split()[1:2] == ["L"]:
+        subprocess.run(["usermod", "-p", "*", "oneadmin"], check=True)  # sshd refuses a locked account
+    e2e = EndToEnd(real_one, suite_installed, top, key)
+    REPORT.write_text("")
+    booting = start_node(e2e, 1)
+    config = real_one.location / "etc" / "aifactory.conf"
+    original_config = config.read_text()
+    ssh_config = Path(user.pw_dir) / ".ssh" / "config"
+    try:
+        # The operator's frontend configuration: the stand-in device into the hosts' PCI lists, and the
+        # tenant policy the admission hook reads.
+        client = real_one.client()
+        e2e.template = client.template.allocate(
+            f'NAME="e2e-nic" VCPU="1" CPU="1" MEMORY="64" '
+            f'PCI=[ VENDOR="{VENDOR}", DEVICE="{DEVICE_ID}", CLASS="0200" ] '
+            'TOPOLOGY=[ PIN_POLICY="CORE", SOCKETS="1", CORES="1", THREADS="1" ]')
+        policy_text, groups = adapted_policy(e2e.template)
+        e2e.policy_text = policy_text
+        policy = top / "policy.toml"
+        policy.write_text(policy_text)
+        os.chown(policy, user.pw_uid, user.pw_gid)
+        apply = subprocess.run([str(suite_installed.prefix / "venv" / "bin" / "aifactory"), "tenant", "apply",
+                                str(policy), "--endpoint", real_one.endpoint, "--session",
+                                f"oneadmin:{real_one.password}"],
+                               capture_output=True, text=True, timeout=180, check=False)
+        assert apply.returncode == 0, apply.stdout + apply.stderr
+        pool = {group.NAME: group.ID for group in client.grouppool.info().GROUP}
+        for index, group in enumerate(groups):
+            name, password = f"e2e-user{index}", f"pw-{index}-{os.getpid()}"
+            uid = client.user.allocate(name, password, "core", [])
+            client.user.chgrp(uid, pool[group])
+            e2e.users[group] = (name, password)
+        kept = re.sub(r"^\[plugin\.policy\]\n(?:(?!\[).*\n?)*", "", original_config, flags=re.MULTILINE)
+        config.write_text(kept + f'\n[frontend]\npci_filter = ["{VENDOR}:{DEVICE_ID}"]\n\n'
+                          f'[plugin.policy]\nfile = "{policy}"\n')
+        synced = suite_installed.install_sh("--sync", "--no-venv")
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        qemu_pci = (real_one.location / "var" / "remotes" / "etc" / "im" / "qemu-probes.d" / "pci.conf").read_text()
+        assert f"- '{VENDOR}:{DEVICE_ID}'" in qemu_pci
+        note(f"e2e: frontend set up (template, tenants from examples/policy.toml, install.sh --sync with "
+             f"[frontend] pci_filter): {time.monotonic() - t0:.1f} s")
+        bring_up_node(e2e, 1, booting)
+        yield e2e
+    finally:
+        try:
+            if e2e.node is None:  # the frontend's setup failed: the node is stopped all the same
+                try:
+                    e2e.node = booting.result()
+                except Exception:  # noqa: BLE001 - its boot failure is not this failure
+                    pass
+            drop_node(e2e)
+        finally:
+            config.write_text(original_config)
+            if ssh_config.exists():
+                ssh_config.write_text(_without_block(ssh_config.read_text()))
+            note(f"e2e: module total {time.monotonic() - t0:.1f} s; report in {REPORT}")
+
+
+def attempt(e2e: EndToEnd, phase: str, run: Callable[[], None]) -> None:
+    """Run one phase; on a hung node, once per module, boot a fresh node and run the phase again."""
+    t0 = time.monotonic()
+    try:
+        run()
+    except NodeHung as hung:
+        if e2e.retried:
+            raise
+        e2e.retried = True
+        note(f"e2e: {phase}: the node hung after {time.monotonic() - t0:.0f} s; console kept at "
+             f"{e2e.n.console_log}; retrying on a fresh node\n{str(hung)[-3000:]}")
+        drop_node(e2e)
+        bring_up_node(e2e, 2, start_node(e2e, 2))
+        t0 = time.monotonic()
+        run()
+    note(f"e2e: {phase}: {time.monotonic() - t0:.1f} s")
+
+
+# -- what the node shows --------------------------------------------------------------------------
+
+
+SNAPSHOT = f"""set -u
+echo "driver $(readlink {SYSFS}/driver || echo none)"
+for d in {SYSFS}/iommu_group/devices/*; do echo "group $(basename $d) $(basename "$(readlink $d/driver)")"; done
+echo "owner $(cat {STATE_DIR}/owners/{DEVICE} 2>/dev/null || echo none)"
+RESETS={STATE_DIR}/resets/{DEVICE}
+echo "resets $(cat $RESETS 2>/dev/null | wc -l) $(tail -n 1 $RESETS 2>/dev/null)"
+echo "domains $(virsh -c qemu:///system list --all --name | tr '\\n' ' ')"
+echo "journal $(cat {STATE_DIR}/vms/$1.json 2>/dev/null | tr -d '\\n' || true)"
+"""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the node shows about the device and VM ``vm``, from one ssh call."""
+
+    driver: str
+    group: dict[str, str]
+    owner: str
+    resets: int
+    last_reset: str
+    domains: list[str]
+    journal: dict[str, Any]
+
+    @property
+    def given_back(self) -> bool:
+        return (self.driver.endswith("/e1000e") and set(self.group.values()) == {"e1000e"}
+                and self.owner == "none" and not self.journal)
+
+
+def snapshot(e2e: EndToEnd, vm: int) -> Snapshot:
+    out = e2e.in_node(f"bash -s {vm}", stdin=SNAPSHOT)
+    fields: dict[str, str] = {}
+    group: dict[str, str] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "group":
+            address, _, driver = value.partition(" ")
+            group[address] = driver
+        else:
+            fields[key] = value.strip()
+    count, _, last = fields.get("resets", "0").partition(" ")
+    journal = json.loads(fields["journal"]) if fields.get("journal") else {}
+    return Snapshot(fields.get("driver", ""), group, fields.get("owner", ""), int(count or 0), last.strip(),
+                    fields.get("domains", "").split(), journal)
+
+
+def hostdevs(dumpxml: str) -> list[Any]:
+    from lxml import etree
+
+    return etree.fromstring(dumpxml.encode()).findall("devices/hostdev")
+
+
+def vcpu_pins(dumpxml: str) -> dict[int, set[int]]:
+    from lxml import etree
+
+    from aifactory_core.cpulist import parse_cpulist
+
+    root = etree.fromstring(dumpxml.encode())
+    return {int(pin.get("vcpu")): set(parse_cpulist(pin.get("cpuset"), "cpuset"))
+            for pin in root.iterfind("cputune/vcpupin")}
+
+
+def check_running(e2e: EndToEnd, vm: int, label: str) -> Snapshot:
+    """Step 3: the device and its group on vfio-pci through the suite's journal, the hostdev
+    managed='no', the domain running, the vCPUs pinned as ``aifactory plan`` says."""
+    domain = f"one-{vm}"
+    vm_dir = f"{e2e.one.location}/var/datastores/0/{vm}"
+    out = e2e.in_node(f"virsh -c qemu:///system domstate {domain}; echo '<<>>'; "
+                      f"virsh -c qemu:///system dumpxml {domain}; echo '<<>>'; "
+                      f"{ROOT_CLI} plan --vm {vm_dir}/vm.xml --deployment {vm_dir}/deployment.0 --json")
+    domstate, dumpxml, plan_json = out.split("<<>>\n")
+    assert domstate.strip() == "running", domstate
+    devs = hostdevs(dumpxml)
+    assert len(devs) == 1, dumpxml
+    address = devs[0].find("source/address")
+    assert (devs[0].get("managed"), address.get("bus"), address.get("slot")) == ("no", "0x01", "0x00"), dumpxml
+    state = snapshot(e2e, vm)
+    assert state.driver.endswith("/vfio-pci") and set(state.group.values()) == {"vfio-pci"}, state
+    assert state.owner == str(vm), state
+    assert state.journal.get("phase") == "prepared", state
+    assert any(step["kind"] == "pci_driver" and step["target"] == DEVICE and step["value"] == "vfio-pci"
+               and step["undo_value"] == "e1000e" for step in state.journal["steps"]), state.journal
+    plan = json.loads(plan_json)
+    from aifactory_core.cpulist import parse_cpulist
+
+    planned = {vcpu: set(parse_cpulist(cpus, "pcpus")) for cell in plan["placement"]["cells"]
+               for vcpu, cpus in zip(cell["vcpus"], cell["pcpus"], strict=True)}
+    pins = vcpu_pins(dumpxml)
+    assert pins and pins == planned, (pins, plan["placement"])
+    if not e2e.recorded("while running"):
+        hostdev_xml = dumpxml[dumpxml.find("<hostdev"):dumpxml.find("</hostdev>") + len("</hostdev>")]
+        cputune = dumpxml[dumpxml.find("<cputune>"):dumpxml.find("</cputune>") + len("</cputune>")]
+        e2e.record(f"while running ({label}, VM {vm}): virsh dumpxml {domain} hostdev and cputune",
+                   f"{hostdev_xml}\n{cputune}")
+        e2e.record(f"while running ({label}, VM {vm}): readlink {SYSFS}/driver", state.driver)
+        e2e.record(f"while running ({label}, VM {vm}): its IOMMU group", str(state.group))
+        e2e.record(f"while running ({label}, VM {vm}): journal {STATE_DIR}/vms/{vm}.json",
+                   json.dumps(state.journal, indent=1))
+        e2e.record(f"while running ({label}, VM {vm}): aifactory plan placement",
+                   json.dumps(plan["placement"], indent=1))
+    return state
+
+
+def check_given_back(e2e: EndToEnd, vm: int, label: str, held: Snapshot, timeout: float = 90) -> None:
+    """Step 4: the device back on e1000e and reset once more (the suite's reset record), no
+    journal or ownership record of the VM left, no domain."""
+    seen: list[Snapshot] = []
+
+    def back() -> bool:
+        seen.append(snapshot(e2e, vm))
+        return seen[-1].given_back
+
+    e2e.wait(f"{DEVICE} back on e1000e with no journal or owner of VM {vm} ({label})", back, timeout,
+             explain=lambda: str(seen[-1] if seen else "no snapshot"))
+    state = seen[-1]
+    assert state.domains == [], state
+    assert state.resets > held.resets and state.last_reset.split()[1:2] == ["OK"], (held, state)
+    if not e2e.recorded("after end"):
+        e2e.record(f"after end ({label}, VM {vm}): readlink {SYSFS}/driver", state.driver)
+        e2e.record(f"after end ({label}, VM {vm}): IOMMU group, owner, journal, last reset record",
+                   f"group {state.group}\nowner {state.owner}\njournal {state.journal or 'none'}\n"
+                   f"reset record {state.resets}: {state.last_reset}\ndomains: {state.domains or 'none'}")
+        e2e.record(f"after end ({label}, VM {vm}): the VM's oned log ({e2e.one.location}/var/vms/{vm}/vm.log)",
+                   e2e.vm_log(vm, 200))
+
+
+def instantiate(e2e: EndToEnd, tenant: str, name: str) -> int:
+    user, password = e2e.users[tenant]
+    vm: int = e2e.one.client(f"{user}:{password}").template.instantiate(e2e.template, name, False, "", False)
+    return vm
+
+
+def deploy(e2e: EndToEnd, tenant: str, name: str) -> int:
+    vm = instantiate(e2e, tenant, name)
+    e2e.wait(f"VM {vm} RUNNING", lambda: e2e.vm_state(vm) == RUNNING, DEPLOY_TIMEOUT_S, vm)
+    return vm
+
+
+def action(e2e: EndToEnd, vm: int, verb: str) -> None:
+    e2e.one.client().vm.action(verb, vm)
+
+
+def wait_state(e2e: EndToEnd, vm: int, state: int, what: str) -> None:
+    e2e.wait(f"VM {vm} {what}", lambda: e2e.vm_state(vm)[0] == state, END_TIMEOUT_S, vm)
+
+
+# -- the tests ------------------------------------------------------------------------------------
+
+
+def test_terminate_gives_the_device_back_and_a_second_tenant_never_gets_it_while_held(e2e: EndToEnd) -> None:
+    first_tenant, second_tenant = list(e2e.users)
+
+    def run() -> None:
+        t0 = time.monotonic()
+        vm = deploy(e2e, first_tenant, "e2e-terminate")
+        note(f"e2e: instantiate as {e2e.users[first_tenant][0]} ({first_tenant}) -> RUNNING: "
+             f"{time.monotonic() - t0:.1f} s")
+        held = check_running(e2e, vm, "terminate")
+        # Step 5: the other tenant's VM for the same device waits or is refused, never given.
+        t1 = time.monotonic()
+        other = instantiate(e2e, second_tenant, "e2e-second")
+        seen = set()
+        while time.monotonic() - t1 < 30:
+            state = e2e.vm_state(other)
+            seen.add(state)
+            assert state[0] != 3, f"VM {other} of {second_tenant} became ACTIVE while VM {vm} holds {DEVICE}: {seen}"
+            time.sleep(1)
+        assert snapshot(e2e, vm).owner == str(vm)
+        info = e2e.xml("one.vm.info", other, False)
+        e2e.record(f"second tenant's VM {other} ({second_tenant}) while VM {vm} holds {SHORT}",
+                   f"states seen (STATE, LCM_STATE): {sorted(seen)}\n"
+                   f"AIFACTORY_ADMISSION = {info.findtext('USER_TEMPLATE/AIFACTORY_ADMISSION')}\n"
+                   f"SCHED_MESSAGE = {info.findtext('USER_TEMPLATE/SCHED_MESSAGE')}")
+        action(e2e, other, "terminate-hard")
+        wait_state(e2e, other, DONE, "DONE")
+        note(f"e2e: {second_tenant}'s VM {other} kept off the held device for 30 s (states {sorted(seen)})")
+        t2 = time.monotonic()
+        action(e2e, vm, "terminate-hard")
+        wait_state(e2e, vm, DONE, "DONE after terminate")
+        check_given_back(e2e, vm, "terminate", held)
+        note(f"e2e: terminate -> DONE, device back on e1000e: {time.monotonic() - t2:.1f} s")
+
+    attempt(e2e, "deploy, second tenant kept off, terminate", run)
+
+
+def test_poweroff_hard_then_terminate_gives_the_device_back(e2e: EndToEnd) -> None:
+    def run() -> None:
+        vm = deploy(e2e, list(e2e.users)[0], "e2e-poweroff")
+        held = check_running(e2e, vm, "poweroff")
+        action(e2e, vm, "poweroff-hard")
+        wait_state(e2e, vm, POWEROFF, "POWEROFF")
+        check_given_back(e2e, vm, "poweroff --hard", held)
+        action(e2e, vm, "terminate-hard")
+        wait_state(e2e, vm, DONE, "DONE after poweroff")
+        check_given_back(e2e, vm, "poweroff --hard + terminate", held)
+
+    attempt(e2e, "deploy, poweroff --hard, terminate", run)
+
+
+def test_undeploy_resume_terminate_gives_the_device_back(e2e: EndToEnd) -> None:
+    def run() -> None:
+        vm = deploy(e2e, list(e2e.users)[0], "e2e-undeploy")
+        held = check_running(e2e, vm, "undeploy")
+        action(e2e, vm, "undeploy-hard")
+        wait_state(e2e, vm, UNDEPLOYED, "UNDEPLOYED")
+        check_given_back(e2e, vm, "undeploy --hard", held)
+        action(e2e, vm, "resume")
+        e2e.wait(f"VM {vm} RUNNING again", lambda: e2e.vm_state(vm) == RUNNING, DEPLOY_TIMEOUT_S, vm)
+        held = check_running(e2e, vm, "resume")
+        action(e2e, vm, "terminate-hard")
+        wait_state(e2e, vm, DONE, "DONE after resume")
+        check_given_back(e2e, vm, "undeploy + resume + terminate", held)
+
+    attempt(e2e, "deploy, undeploy --hard, resume, terminate", run)
+
+
+def test_a_domain_stopped_in_the_node_gives_the_device_back(e2e: EndToEnd) -> None:
+    """The guest ends without oned asking (here ``virsh destroy`` in the node, as a guest's own
+    poweroff would): oned sees POWEROFF from its monitoring, the device must come back within a
+    few probe cycles and stay back through ``terminate``."""
+    def run() -> None:
+        vm = deploy(e2e, list(e2e.users)[0], "e2e-guest-off")
+        held = check_running(e2e, vm, "stopped in the node")
+        e2e.in_node(f"virsh -c qemu:///system destroy one-{vm}")
+        wait_state(e2e, vm, POWEROFF, "POWEROFF seen by oned's monitoring")
+        period = _vm_probe_period(e2e)
+        check_given_back(e2e, vm, "domain stopped in the node", held, timeout=PROBE_CYCLES * period)
+        action(e2e, vm, "terminate-hard")
+        wait_state(e2e, vm, DONE, "DONE after the guest's poweroff")
+        check_given_back(e2e, vm, "domain stopped in the node + terminate", held)
+
+    attempt(e2e, "deploy, domain stopped in the node, terminate", run)
+
+
+def _vm_probe_period(e2e: EndToEnd) -> float:
+    """The longest of the probe periods that could notice a stopped domain (VM state, VM monitor,
+    the host's system probes, where the suite's own probe runs)."""
+    text = (e2e.one.location / "etc" / "monitord.conf").read_text()
+    periods = [float(found) for key in ("STATE_VM", "MONITOR_VM", "SYSTEM_HOST")
+               for found in re.findall(rf"^\s*{key}\s*=\s*(\d+)", text, re.MULTILINE)[:1]]
+    return max(periods, default=30.0)
