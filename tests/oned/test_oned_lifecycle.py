@@ -333,8 +333,10 @@ def matrix(real_one: RealOne, suite_installed: Installed) -> Iterator[Matrix]:
     host = -1
     try:
         _edit_remotes(real_one, edit)
+        # AIFACTORY_RECONCILE=on: the vm/monitor probe reconciles over this host root too (by itself
+        # only on the live host), as the machine's libvirt is the node's.
         env = {"AIFACTORY_HOST_ROOT": str(host_root), "AIFACTORY_TEST_STANDIN_DEVICE": STANDIN,
-               "AIFACTORY_TEST_TRACE": str(trace)}
+               "AIFACTORY_TEST_TRACE": str(trace), "AIFACTORY_RECONCILE": "on"}
         with qemu_node(real_one, NODE, env, aliases=(socket.gethostname(),)) as node:
             # A domain left by an earlier session would collide with this oned's VM ids (one-0, ...).
             stale = destroy_domains(real_one)
