@@ -40,6 +40,7 @@ REPO = TESTS.parent
 def host(dgx_root: Path, tmp_path: Path) -> HostRoot:
     root = tmp_path / "root"
     subprocess.run(["cp", "-a", str(dgx_root), str(root)], check=True)
+    (root / "run/libvirt/qemu").mkdir(parents=True)  # this host's libvirt, running no domain yet
     return HostRoot(root, tmp_path / "state")
 
 

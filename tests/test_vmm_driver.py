@@ -130,6 +130,7 @@ def test_a_device_held_by_a_vm_without_a_domain_is_given_back_and_deployed(
     host, originals = env
     _original(originals, "deploy")
     ownership.claim(host, GPU, 41)
+    host.path("/run/libvirt/qemu").mkdir(parents=True)  # libvirt runs no domain one-41
     assert _run("deploy", ["/d/deployment.0", "h", "42", "h"], DOMAIN, monkeypatch) == 0
     assert "VM 41 no longer ran: what it held was given back before this claim" in capfd.readouterr().err
     assert ownership.held_devices(host) == {GPU: 42}

@@ -41,12 +41,11 @@ def vm_of_domain(name: str) -> int | None:
     return int(digits) if digits.isdigit() and digits.isascii() and len(digits) < 10 else None
 
 
-def _from_state_directory(host: HostRoot) -> set[int] | None:
+def _from_state_directory(directory: str) -> set[int] | None:
+    """The VMs libvirt's state directory ``directory`` shows running; None when it cannot be listed."""
     try:
-        entries = os.listdir(host.path(LIBVIRT_QEMU_STATE))
-    except (FileNotFoundError, NotADirectoryError):
-        return None if host.is_live else set()  # a test host root without libvirt runs nothing
-    except PermissionError:
+        entries = os.listdir(directory)
+    except OSError:
         return None
     running = set()
     for entry in entries:
@@ -70,16 +69,16 @@ def _from_virsh() -> set[int] | None:
     return {vm for vm in (vm_of_domain(line.strip()) for line in completed.stdout.splitlines()) if vm is not None}
 
 
-def qemu_processes(host: HostRoot) -> set[int]:
-    """VM ids named by a running QEMU's ``-name guest=one-<id>`` (or ``-name one-<id>``)."""
+def qemu_processes(proc: str) -> set[int]:
+    """VM ids named by a running QEMU's ``-name guest=one-<id>`` (or ``-name one-<id>``) in ``proc``."""
     running: set[int] = set()
     try:
-        pids = [entry for entry in os.listdir(host.path("/proc")) if entry.isdigit()]
+        pids = [entry for entry in os.listdir(proc) if entry.isdigit()]
     except OSError:
         return running
     for pid in pids:
         try:
-            with open(host.path(f"/proc/{pid}/cmdline"), "rb") as handle:
+            with open(f"{proc}/{pid}/cmdline", "rb") as handle:
                 words = handle.read(1 << 16).split(b"\0")
         except OSError:
             continue  # gone meanwhile, or not ours to read
@@ -95,12 +94,20 @@ def qemu_processes(host: HostRoot) -> set[int]:
 
 
 def running_vms(host: HostRoot) -> set[int]:
-    """The ids of the VMs whose domain is active on ``host``; :class:`DomainsUnknown` when libvirt
-    cannot be read."""
-    running = _from_state_directory(host)
-    if running is None and host.is_live:
-        running = _from_virsh()
+    """The ids of the VMs whose domain is active; :class:`DomainsUnknown` when libvirt cannot be read.
+
+    Libvirt and its QEMUs are the machine's own: read from the live machine, unless the host root
+    carries a libvirt state directory of its own (a test's tree: then its ``/proc`` too)."""
+    own = str(host.path(LIBVIRT_QEMU_STATE))
+    if not host.is_live and os.path.isdir(own):
+        running = _from_state_directory(own)
+        proc = str(host.path("/proc"))
+    else:
+        running = _from_state_directory(LIBVIRT_QEMU_STATE)
+        proc = "/proc"
+        if running is None:
+            running = _from_virsh()
     if running is None:
-        raise DomainsUnknown(f"cannot tell which domains run: {host.path(LIBVIRT_QEMU_STATE)} is unreadable "
+        raise DomainsUnknown(f"cannot tell which domains run: {LIBVIRT_QEMU_STATE} is unreadable "
                              f"and 'virsh -c {LIBVIRT_URI} list' failed")
-    return running | qemu_processes(host)
+    return running | qemu_processes(proc)

@@ -56,11 +56,13 @@ def recorded(root: Root, held: dict[str, int]) -> set[int]:
 
 
 def running(root: Root) -> set[int] | None:
-    """The VMs libvirt's state directory shows running; None when it cannot be listed."""
+    """The VMs libvirt's state directory shows running (the machine's own, unless the host root
+    carries one, as :func:`aifactory_core.host.domains.running_vms` reads it); None when it cannot
+    be listed."""
+    own = root.path(LIBVIRT_QEMU_STATE)
+    directory = own if not root.is_live and os.path.isdir(own) else LIBVIRT_QEMU_STATE
     try:
-        names = os.listdir(root.path(LIBVIRT_QEMU_STATE))
-    except FileNotFoundError:
-        return None if root.is_live else set()
+        names = os.listdir(directory)
     except OSError:
         return None
     return {vm for vm in (_vm_of(name, "one-", ("xml", "pid")) for name in names) if vm is not None}
