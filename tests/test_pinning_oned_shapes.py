@@ -5,8 +5,9 @@ The PCI tree differs between the releases (expanders at ``20 + 14 i`` behind a s
 ports, unindexed on 7.0, for a VM oned did not pin): the rewrite reads it from the domain, so each
 shape comes out with every device behind an expander of its guest cell, no address naming a
 missing controller and no guest address twice, libvirt's schema satisfied, every possible vCPU
-pinned, and the same document when rewritten again (``tests/pinning_oned.py``). The files a real
-oned 7.0.2 writes go through the same checks in ``tests/oned/test_oned_deployment_files.py``.
+pinned, and the same document when rewritten again (``tests/pinning_oned.py``). Deployment files a
+real oned 7.0.2 wrote (``tests/fixtures/opennebula/recorded/``) have the PCI tree of the 7.0.2
+shapes and go through the same checks.
 """
 
 from __future__ import annotations
@@ -57,6 +58,28 @@ def test_each_releases_deployment_file_is_rewritten_soundly(version: str, kind: 
     if version == "7.0.2" and kind == "flat":  # 16 unindexed root ports and the bridge hold 1..17
         added = [int(e.get("index")) for e in domain.findall("devices/controller[@model='pcie-expander-bus']")]
         assert added and min(added) > 17
+
+
+RECORDED = Path(__file__).resolve().parent / "fixtures" / "opennebula" / "recorded"
+
+
+def _pci_tree(domain: Any) -> list[tuple[str | None, str | None, str | None]]:
+    """(model, index, parent bus) of each PCI controller and the hostdevs' guest buses, in order."""
+    tree: list[tuple[str | None, str | None, str | None]] = [
+        (c.get("model"), c.get("index"), c.find("address").get("bus") if c.find("address") is not None else None)
+        for c in domain.findall("devices/controller[@type='pci']")
+    ]
+    tree += [("hostdev", None, h.find("address").get("bus")) for h in domain.findall("devices/hostdev")]
+    return tree
+
+
+def test_a_real_oneds_deployment_files_match_the_shapes_and_rewrite_soundly(tmp_path: Path) -> None:
+    recorded = {path.stem.removeprefix("deployment-7.0.2-"): path for path in RECORDED.glob("deployment-7.0.2-*.xml")}
+    assert "flat" in recorded
+    for kind, path in sorted(recorded.items()):
+        real = load_domain(path.read_bytes())
+        assert _pci_tree(real) == _pci_tree(load_domain(oned_domain("7.0.2", kind).encode())), kind
+        check_rewrite_of_oned_domain(path.read_bytes(), tmp_path)
 
 
 def test_libvirt_itself_defines_every_rewritten_shape() -> None:
