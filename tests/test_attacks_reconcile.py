@@ -5,7 +5,8 @@ Reconciliation runs as ``oneadmin`` and decides from ``oneadmin``'s records (jou
 and libvirt's state; every device move or reset it makes goes through the root helper. So the
 attacks are ``oneadmin``'s: forged records saying a VM is gone whose device a running guest still
 uses, forged records naming the host's own devices, and links planted where root opens a lock or a
-journal. 11 distinct attacks:
+journal. 11 distinct attacks, each marked ``root_attack`` (counted in the run's summary line,
+:mod:`rootattacks`; the control is not):
 
 * the root helper asked to take from a running guest a function it uses through VFIO (5): ``reset``,
   ``set-driver`` to the host driver, ``set-driver none``, the same through the iommufd node, and a
@@ -121,6 +122,7 @@ HELPER_ATTACKS = [
 ]
 
 
+@pytest.mark.root_attack
 @pytest.mark.parametrize(("argv", "address", "node", "refused"), HELPER_ATTACKS)
 def test_helper_takes_no_function_from_a_running_guest(host: HostRoot, helper, capsys: pytest.CaptureFixture[str],  # noqa: ANN001
                                                        argv: list[str], address: str, node: str, refused: str) -> None:
@@ -161,6 +163,7 @@ def forge_journal(host: HostRoot, vm: int, address: str, original: str) -> None:
         f'{{"vm_id": {vm}, "phase": "prepared", "steps": [{str(step).replace(chr(39), chr(34))}]}}\n')
 
 
+@pytest.mark.root_attack
 def test_records_saying_a_vm_is_gone_take_no_device_from_a_running_guest(host: HostRoot,
                                                                          kernel: KernelWriter) -> None:
     """VM 42 runs with the GPU; records forged for VM 99 (no domain) claim the same GPU."""
@@ -174,6 +177,7 @@ def test_records_saying_a_vm_is_gone_take_no_device_from_a_running_guest(host: H
     assert snapshot(host.root) == before and kernel.resets == []
 
 
+@pytest.mark.root_attack
 def test_records_naming_a_host_device_move_nothing(host: HostRoot, kernel: KernelWriter, open_tmp: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A forged journal of a gone VM naming a function in [host] host_devices, left on vfio-pci by it."""
@@ -193,6 +197,7 @@ def test_records_naming_a_host_device_move_nothing(host: HostRoot, kernel: Kerne
     assert snapshot(host.root) == before and kernel.resets == []
 
 
+@pytest.mark.root_attack
 def test_records_naming_the_host_uplink_move_nothing(host: HostRoot, kernel: KernelWriter) -> None:
     """A forged journal of a gone VM says the NIC carrying the default route was taken for it."""
     route = host.path("/proc/net/route")
@@ -223,6 +228,7 @@ def state(host: HostRoot, open_tmp: Path) -> HostRoot:
     return HostRoot(host.root, directory)
 
 
+@pytest.mark.root_attack
 @pytest.mark.parametrize("planted", ["locks/vm-42.lock", "locks/reconcile.lock"])
 def test_root_follows_no_link_planted_as_a_lock(state: HostRoot, open_tmp: Path, kernel: KernelWriter,
                                                 planted: str) -> None:
@@ -247,6 +253,7 @@ def test_root_follows_no_link_planted_as_a_lock(state: HostRoot, open_tmp: Path,
     assert ownership.held_devices(state) == {GPU: 42}
 
 
+@pytest.mark.root_attack
 def test_root_reads_no_journal_through_a_planted_link(state: HostRoot, open_tmp: Path, kernel: KernelWriter) -> None:
     """The VM's journal is a link to a journal elsewhere that names the host's uplink."""
     outside = open_tmp / "outside"
