@@ -1,8 +1,8 @@
 """The host's PCI list in a real oned: the GPUs the suite reports, given to VMs by oned's own
 scheduler, withheld while a recorded health reading says FAILED, and back once healthy.
 
-The host is this machine as a ``qemu``-type host over SSH (``test_oned_probes.node``, through
-``qemunode``: the bundled H100 capture as the probes' host root, its NVML recording replayed);
+The host is this machine as a ``qemu``-type host over SSH (``qemunode``: a private sshd, the bundled
+H100 capture as the probes' host root, its NVML recording replayed);
 oned runs upstream's real
 probes there too — ``pci.rb`` reads this machine's ``lspci`` through the stock ``pci.conf``
 (``'0:0'``), so every PCI device oned learns comes from the suite's probe. VMs are deployed by the
@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemunode import remove_host
-from realone import SYSTEM_PROBES_PERIOD, Installed, RealOne, in_frontend, note
-from test_oned_probes import NODE, node  # noqa: F401 - the node fixture, this module's own instance
+from qemunode import qemu_node, remove_host
+from realone import REPO, SYSTEM_PROBES_PERIOD, Installed, RealOne, in_frontend, note
+
+from aifactory_core.samples import extract_sample
 
 pytestmark = pytest.mark.realone
+NODE = "aifactory-pci-node"  # a node of its own (test_oned_probes has aifactory-node)
+SAMPLES = REPO / "aifactory_core" / "samples"
 GPU = "0000:00:06:0"  # oned's spelling of the capture's H100 at 0000:00:06.0
 MONITOR_TIMEOUT = 300 + 3 * SYSTEM_PROBES_PERIOD
 
@@ -69,14 +72,30 @@ def _monitored_with_gpu(one: RealOne, host: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Iterator[dict[str, Any]]:  # noqa: F811
+def node(real_one: RealOne, suite_installed: Installed) -> Iterator[Path]:
+    """``aifactory-pci-node`` (:func:`qemunode.qemu_node`), whose SSH sessions read a copy of the
+    bundled H100 capture as their host root and replay its NVML recording (``nvml.json`` beside it,
+    which the test rewrites)."""
+    import shutil
+    import subprocess
+
+    top = real_one.top / "pci-node-data"
+    top.mkdir()
+    host_root = top / "host-root"
+    shutil.copytree(extract_sample("h100-sxm5-vm"), host_root, symlinks=True)
+    shutil.copy(SAMPLES / "h100-sxm5-vm.nvml.json", top / "nvml.json")
+    subprocess.run(["chown", "-R", "oneadmin:oneadmin", str(top)], check=True)
+    with qemu_node(real_one, NODE, {"AIFACTORY_HOST_ROOT": str(host_root),
+                                    "AIFACTORY_NVML_REPLAY": str(top / "nvml.json")}):
+        yield host_root
+
+
+@pytest.fixture(scope="module")
+def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Iterator[dict[str, Any]]:
     """The node as a qemu host whose VMs the dummy VMM deploys, and a dummy system datastore."""
     synced = suite_installed.install_sh("--sync")
     assert synced.returncode == 0, synced.stdout + synced.stderr
     client = real_one.client()
-    for existing in client.hostpool.info().HOST:  # a host of an earlier module by the same name
-        if existing.NAME == NODE:
-            remove_host(real_one, int(existing.ID))
     datastore = client.datastore.allocate('NAME="pci-system" TYPE="SYSTEM_DS" TM_MAD="dummy"', -1)
     t0 = time.monotonic()
     host = client.host.allocate(NODE, "qemu", "dummy", -1)
@@ -93,7 +112,7 @@ def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Itera
         for vm in client.vmpool.info(-2, -1, -1, -1).VM:
             client.vm.action("terminate-hard", vm.ID)
         _wait(lambda: not client.vmpool.info(-2, -1, -1, -1).VM, "the VMs to end", 120)
-        remove_host(real_one, host)  # the probes module allocates its own host by this name
+        remove_host(real_one, host)  # a host left behind fails later onehost sync runs
 
 
 def _gpu_vm(one: RealOne, name: str, datastore: int) -> int:
