@@ -390,8 +390,30 @@ def e2e(real_one: RealOne, suite_installed: Installed) -> Iterator[EndToEnd]:
             note(f"e2e: module total {time.monotonic() - t0:.1f} s; report in {REPORT}")
 
 
+def _end_vms(e2e: EndToEnd) -> None:
+    """End every VM a failed phase left (a VM holding the device would starve the next phases)."""
+    client = e2e.one.client()
+    for vm in client.vmpool.info(-2, -1, -1, -1).VM:
+        try:
+            client.vm.action("terminate-hard", vm.ID)
+        except Exception:  # noqa: BLE001 - a VM in a state terminate refuses is deleted instead
+            client.vm.recover(vm.ID, 3)
+    deadline = time.monotonic() + END_TIMEOUT_S
+    while client.vmpool.info(-2, -1, -1, -1).VM and time.monotonic() < deadline:
+        time.sleep(2)
+
+
 def attempt(e2e: EndToEnd, phase: str, run: Callable[[], None]) -> None:
-    """Run one phase; on a hung node, once per module, boot a fresh node and run the phase again."""
+    """Run one phase; on a hung node, once per module, boot a fresh node and run the phase again.
+    Whatever fails, the phase's VMs are ended before the next phase."""
+    try:
+        _attempt(e2e, phase, run)
+    except BaseException:
+        _end_vms(e2e)
+        raise
+
+
+def _attempt(e2e: EndToEnd, phase: str, run: Callable[[], None]) -> None:
     t0 = time.monotonic()
     try:
         run()
@@ -478,6 +500,16 @@ def check_running(e2e: EndToEnd, vm: int, label: str) -> Snapshot:
     managed='no', the domain running, the vCPUs pinned as ``aifactory plan`` says."""
     domain = f"one-{vm}"
     vm_dir = f"{e2e.one.location}/var/datastores/0/{vm}"
+    # oned says RUNNING once the driver's deploy returned; libvirt may still show the domain
+    # paused for a moment under TCG (seen once): wait for it, bounded.
+    states: list[str] = []
+
+    def domain_running() -> bool:
+        states.append(e2e.in_node(f"virsh -c qemu:///system domstate {domain}", check=False).strip())
+        return states[-1] == "running"
+
+    e2e.wait(f"domain {domain} running in the node", domain_running, 120, vm, every=2.0,
+             explain=lambda: f"domain states seen: {states}")
     out = e2e.in_node(f"virsh -c qemu:///system domstate {domain}; echo '<<>>'; "
                       f"virsh -c qemu:///system dumpxml {domain}; echo '<<>>'; "
                       f"{ROOT_CLI} plan --vm {vm_dir}/vm.xml --deployment {vm_dir}/deployment.0 --json")
