@@ -151,8 +151,23 @@ def _keep(host: HostRoot, action: Action, writer: Writer) -> None:
 register_executor("fingerprint", _fingerprint_do, _keep)
 
 
+BUILTIN_PROVIDERS: dict[str, str] = {
+    "vf_config": "aifactory_core.vnm.vf",
+    "ovs_port": "aifactory_plugins.bluefield",
+    "ovs_vxlan_port": "aifactory_plugins.bluefield",
+    "ib_pkey": "aifactory_plugins.infiniband",
+}
+"""The module that registers each built-in kind on import. A process that undoes a journal (VNM
+clean, release, repair) may not have imported the plugin that wrote a step, so the kind's module
+is imported on first use: a fixed module name per kind, never one read from the journal."""
+
+
 def executor_for(kind: str) -> ActionExecutor:
-    """The registered executor of an action kind."""
+    """The registered executor of an action kind (a built-in kind's module imported on demand)."""
+    if kind not in EXECUTORS and kind in BUILTIN_PROVIDERS:
+        import importlib
+
+        importlib.import_module(BUILTIN_PROVIDERS[kind])
     try:
         return EXECUTORS[kind]
     except KeyError:
