@@ -135,11 +135,50 @@ def oned_checks(endpoint: str | None) -> list[Check]:
                       fix="run as oneadmin (ONE_AUTH), or pass --endpoint")]
 
 
+PROBE_STATE_MAX_BYTES = 1 << 20
+
+
+def _copy_probe_state(source: str, dest: str) -> None:
+    """Copy the regular files directly in the probe's state directory ``source`` (``oneadmin``'s)
+    into ``dest``. A copy made by root is root's file, so the probe plugins' discovery cache
+    (``plugins-<euid>.tsv``: modules to import) is never copied: root never imports a module named
+    by a file another user wrote. ``source`` as a link, links, hard-linked files, subdirectories and
+    files over :data:`PROBE_STATE_MAX_BYTES` are left behind (the probe remakes what it misses)."""
+    import os
+    import stat
+
+    try:
+        directory = os.open(source, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # none yet, or a link: the probe starts from nothing
+    try:
+        os.mkdir(dest, 0o700)
+        for name in os.listdir(directory):
+            if name.startswith("plugins-") or name.startswith("."):
+                continue
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory)
+            except OSError:
+                continue
+            try:
+                status = os.fstat(fd)
+                if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1 or status.st_size > PROBE_STATE_MAX_BYTES:
+                    continue
+                data = os.read(fd, PROBE_STATE_MAX_BYTES)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            with open(os.path.join(dest, name), "xb") as handle:
+                handle.write(data)
+    finally:
+        os.close(directory)
+
+
 def host_checks(host_root: str, state_dir: str, remotes: str = "/var/tmp/one") -> list[Check]:
     """On a KVM host (``aifactory doctor``): what the probe offers oned right now, what it withholds
     and why, and the synced ``pci.conf`` of both host types not reporting the GPUs itself."""
     import os
-    import shutil
     import tempfile
 
     from aifactory_core.probes.collect import collect
@@ -152,8 +191,7 @@ def host_checks(host_root: str, state_dir: str, remotes: str = "/var/tmp/one") -
         for name in ("quarantine", "owners", "resets"):
             if os.path.isdir(os.path.join(state_dir, name)):
                 os.symlink(os.path.join(state_dir, name), os.path.join(scratch, name))
-        if os.path.isdir(os.path.join(state_dir, "probes")):
-            shutil.copytree(os.path.join(state_dir, "probes"), os.path.join(scratch, "probes"), symlinks=True)
+        _copy_probe_state(os.path.join(state_dir, "probes"), os.path.join(scratch, "probes"))
         root = Root(host_root, scratch)
         snapshot = collect(root)
         pci_list(root, snapshot)
