@@ -80,3 +80,54 @@ def test_a_probes_link_is_not_followed_by_roots_doctor(dgx_root: Path, tmp_path:
     checks = pci_doctor.host_checks(str(dgx_root), str(state))
     assert not marker.exists(), "root's doctor followed oneadmin's link"
     assert any(check.name == "pci-offer" for check in checks)  # the doctor still reports
+
+
+def _victim(tmp_path: Path) -> Path:
+    """A root-owned file outside the state directory (``/etc/shadow`` in a real attack)."""
+    victim = tmp_path / "victim"
+    victim.write_text("root's own file\n")
+    victim.chmod(0o600)
+    os.utime(victim, (0, 0))  # old: as a stamp it does not hold the reconciliation back
+    return victim
+
+
+@pytest.mark.root_attack
+def test_a_link_at_the_caches_temporary_name_is_not_written_through_by_roots_probe(tmp_path: Path) -> None:
+    from aifactory_core.probes.sysfs import Root
+
+    victim = _victim(tmp_path)
+    state = _attacker_state(tmp_path)
+    cache = state / "probes" / f"plugins-{os.geteuid()}.tsv"
+    planted = Path(f"{cache}.{os.getpid()}.tmp")  # the name root's next write uses
+    planted.symlink_to(victim)
+    os.lchown(planted, ATTACKER, ATTACKER)
+    plugins.discover(Root("/", str(state)))
+    assert victim.read_text() == "root's own file\n", "root wrote through oneadmin's link"
+    assert victim.stat().st_mode & 0o777 == 0o600
+    assert not cache.is_symlink() and cache.stat().st_mode & 0o777 == 0o644  # the cache itself is made
+
+
+@pytest.mark.root_attack
+@pytest.mark.parametrize("name", ["reconcile.stamp", "reconcile.log"])
+def test_a_link_at_the_reconciliation_stamp_or_log_is_not_written_through_by_roots_probe(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    import subprocess
+
+    from aifactory_core.probes import reconcile_trigger
+    from aifactory_core.probes.sysfs import Root
+
+    victim = _victim(tmp_path)
+    state = _attacker_state(tmp_path)
+    host = tmp_path / "host"
+    (host / "run/libvirt/qemu").mkdir(parents=True)  # this host root's libvirt: no domain runs
+    planted = state / "probes" / name
+    planted.symlink_to(victim)
+    os.lchown(planted, ATTACKER, ATTACKER)
+    started: list[list[str]] = []
+    # the reconciliation itself is not started here: only where its stamp and log go is attacked
+    monkeypatch.setattr(subprocess, "Popen", lambda argv, **_kwargs: started.append(argv))
+    monkeypatch.setenv("AIFACTORY_RECONCILE", "on")
+    assert reconcile_trigger.maybe_start(Root(str(host), str(state)), {"0000:1b:00.0": 7})  # VM 7 has no domain
+    assert started and started[0][-2:] == ["repair", "--reconcile"]
+    assert victim.read_text() == "root's own file\n", "root wrote through oneadmin's link"
+    assert not planted.is_symlink()

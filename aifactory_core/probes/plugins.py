@@ -162,11 +162,8 @@ def discover(root: Root) -> list[tuple[str, str]]:
             if all(len(entry) == 2 and valid_name(entry[0]) and valid_module(entry[1]) for entry in cached):
                 return [(entry[0], entry[1]) for entry in cached]
     found = scan(directories)
-    replace_quietly(path, "".join(f"{line}\n" for line in key + [f"P\t{name}\t{module}" for name, module in found]))
-    try:
-        os.chmod(path, 0o644)
-    except OSError:
-        pass
+    replace_quietly(path, "".join(f"{line}\n" for line in key + [f"P\t{name}\t{module}" for name, module in found]),
+                    mode=0o644)
     return found
 
 

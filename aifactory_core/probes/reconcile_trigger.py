@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from aifactory_core.probes.sysfs import Root
+from aifactory_core.probes.sysfs import Root, create_new
 
 MIN_INTERVAL_S = 60.0
 ENV_SWITCH = "AIFACTORY_RECONCILE"
@@ -98,7 +98,7 @@ def maybe_start(root: Root, held: dict[str, int]) -> bool:
     except FileNotFoundError:
         pass
     os.makedirs(directory, exist_ok=True)
-    with open(stamp, "w", encoding="ascii") as handle:
+    with open(create_new(stamp), "w", encoding="ascii") as handle:  # never through a planted link
         handle.write(f"{int(time.time())}\n")
     _start(root, os.path.join(directory, LOG))
     return True
@@ -116,6 +116,6 @@ def _start(root: Root, log: str) -> None:
         argv += ["--host-root", root.prefix]
         env["AIFACTORY_STATE_DIR"] = root.state_dir
     argv += ["repair", "--reconcile"]
-    with open(log, "wb") as output:
+    with open(create_new(log, 0o644), "wb") as output:
         subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=env,
                          cwd="/", start_new_session=True, close_fds=True)

@@ -81,15 +81,29 @@ class Root:
         return os.path.exists(self.path(absolute))
 
 
-def replace_quietly(path: str, text: str) -> None:
-    """Replace the probes' own state file ``path`` with ``text`` (temporary file, then rename; the
-    directory made if missing). An unwritable state directory is ignored: it costs the probe its
-    memory between runs, never its report."""
+def create_new(path: str, mode: int = 0o666) -> int:
+    """A descriptor of ``path`` made anew for writing: whatever was there is unlinked first and the
+    file is created ``O_EXCL | O_NOFOLLOW``, so a link planted at the name (the state directory is
+    ``oneadmin``'s, a probe may run as root) is never written through; OSError when one is planted
+    again in between."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def replace_quietly(path: str, text: str, mode: int | None = None) -> None:
+    """Replace the probes' own state file ``path`` with ``text`` (a new temporary file, then rename;
+    the directory made if missing; ``mode`` set on the temporary file). An unwritable state
+    directory is ignored: it costs the probe its memory between runs, never its report."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         temporary = f"{path}.{os.getpid()}.tmp"
-        with open(temporary, "w", encoding="utf-8") as handle:
+        with open(create_new(temporary), "w", encoding="utf-8") as handle:
             handle.write(text)
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
         os.replace(temporary, path)
     except OSError:
         pass
