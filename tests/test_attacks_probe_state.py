@@ -5,6 +5,11 @@ rule is that root never imports a module named by a file another user could writ
 root is root's file, whatever its source, so the copy must never carry the cache, and the copy must
 never follow ``probes`` itself where it is a link (root would copy whatever it points at).
 
+Root's probe runs (``aifactory probe``/``metrics``) write their state files in that directory: a
+link ``oneadmin`` plants at a name they write is never written through. And the installer's
+oned.conf edit in a self-contained OpenNebula, whose ``etc`` is ``oneadmin``'s: owner and mode go
+to root's new file, never to what a swapped-in link names, and a FIFO there does not hold it.
+
 Each test is one attack by the ``nobody`` user standing in for ``oneadmin``, marked ``root_attack``.
 The module an attack names writes a marker when imported: any module on root's path whose import
 does something (stdlib's ``antigravity``, ``venv.__main__``) serves an attacker the same way.
@@ -131,3 +136,63 @@ def test_a_link_at_the_reconciliation_stamp_or_log_is_not_written_through_by_roo
     assert started and started[0][-2:] == ["repair", "--reconcile"]
     assert victim.read_text() == "root's own file\n", "root wrote through oneadmin's link"
     assert not planted.is_symlink()
+
+
+def _self_contained_frontend(tmp_path: Path) -> tuple[object, Path]:
+    """A self-contained OpenNebula (``ONE_LOCATION``) whose ``etc`` is ``oneadmin``'s, as its own
+    install.sh leaves it, holding an oned.conf without ``release`` among the ADMIN operations."""
+    from aifactory_core.install import layout
+
+    target = layout.Layout(Path("/"), one_location=str(tmp_path / "one"))
+    conf = Path(target.oned_conf)
+    conf.parent.mkdir(parents=True)
+    conf.write_text('VM_ADMIN_OPERATIONS = "migrate, delete"\n')
+    conf.chmod(0o640)
+    os.chown(conf.parent, ATTACKER, ATTACKER)
+    os.chown(conf, 0, ATTACKER)
+    return target, conf
+
+
+@pytest.mark.root_attack
+def test_a_link_swapped_in_at_oned_confs_new_name_gets_no_owner_or_mode_from_the_installer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from aifactory_core.install import vmops
+    from aifactory_core.install.stage import Transaction
+
+    victim = _victim(tmp_path)
+    target, conf = _self_contained_frontend(tmp_path)
+    real_fdopen = os.fdopen
+
+    def swapping_fdopen(descriptor: int, *args: object, **kwargs: object) -> object:
+        handle = real_fdopen(descriptor, *args, **kwargs)  # type: ignore[call-overload]
+        new = conf.with_name(f".{conf.name}.aifactory-new")
+        if new.exists():  # oneadmin, owner of the directory, swaps root's new file for a link
+            new.rename(conf.with_name("kept"))
+            new.symlink_to(victim)
+        return handle
+
+    monkeypatch.setattr(os, "fdopen", swapping_fdopen)
+    try:
+        vmops.apply(Transaction(out=io.StringIO()), target, {}, [])  # type: ignore[arg-type]
+    except Exception:
+        pass  # the install may fail; what it did to the victim is what counts
+    monkeypatch.undo()
+    status = victim.stat()
+    assert (status.st_uid, status.st_gid, status.st_mode & 0o7777) == (0, 0, 0o600), \
+        "root gave oneadmin's group (or a new mode) to the file behind the link"
+
+
+@pytest.mark.root_attack
+def test_a_fifo_as_oned_conf_does_not_hold_the_installer(tmp_path: Path) -> None:
+    import io
+
+    from aifactory_core.install import vmops
+    from aifactory_core.install.stage import InstallError, Transaction
+
+    target, conf = _self_contained_frontend(tmp_path)
+    conf.unlink()
+    os.mkfifo(conf)  # oneadmin's: the install would wait for a writer that never comes
+    with pytest.raises(InstallError, match="not a regular file"):
+        vmops.apply(Transaction(out=io.StringIO()), target, {}, [])  # type: ignore[arg-type]

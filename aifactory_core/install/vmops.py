@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,11 +122,13 @@ def restored(text: str, recorded: dict[str, list[str | None]]) -> tuple[str, lis
 
 def _read(path: Path) -> tuple[str, os.stat_result]:
     try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as error:
         raise InstallError(f"{path}: {error.strerror or error}") from None
     with os.fdopen(descriptor, "rb") as handle:
         info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would hold the install forever
+            raise InstallError(f"{path} is not a regular file")
         data = handle.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise InstallError(f"{path}: larger than {MAX_BYTES} bytes")
@@ -133,15 +136,17 @@ def _read(path: Path) -> tuple[str, os.stat_result]:
 
 
 def _replace(path: Path, text: str, info: os.stat_result) -> None:
-    """Write through a new file in the same directory and rename, owner and mode kept."""
+    """Write through a new file in the same directory and rename, owner and mode kept. Owner and
+    mode are set on the new file's descriptor, never by name: the directory may be ``oneadmin``'s (a
+    self-contained OpenNebula's ``ONE_LOCATION/etc``), which could swap the name for a link."""
     temporary = path.with_name(f".{path.name}.aifactory-new")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(text.encode("utf-8", "surrogateescape"))
-        if os.geteuid() == 0:
-            os.chown(temporary, info.st_uid, info.st_gid)
-        os.chmod(temporary, info.st_mode & 0o7777)
+            if os.geteuid() == 0:
+                os.fchown(handle.fileno(), info.st_uid, info.st_gid)
+            os.fchmod(handle.fileno(), info.st_mode & 0o777)  # no set-id bit from a file oneadmin chose
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
