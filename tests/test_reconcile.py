@@ -442,3 +442,18 @@ def _held_elsewhere(host: HostRoot, vm: int) -> bool:
     thread.start()
     thread.join()
     return outcome == ["busy"]
+
+
+def test_what_a_set_aside_journal_held_stays_held(host: HostRoot, kernel: KernelWriter) -> None:
+    """The repair sets a damaged journal aside and leaves what it held to an administrator; its VM
+    has no domain, but reconciliation must not disown the device unreset (a next tenant's VM would
+    get it as the last one left it)."""
+    from aifactory_core.lifecycle.journal import set_aside
+
+    bind(host, 41, GPU2)
+    (host.state_dir / "vms" / "41.json").write_text("[]\n")  # damaged
+    set_aside(host, 41)
+    report = reconcile(host)
+    assert report.released == [] and len(report.problems) == 1 and "set aside" in report.problems[0]
+    assert driver(host, GPU2) == "vfio-pci" and ownership.held_devices(host) == {GPU2: 41}
+    assert kernel.resets == []

@@ -127,7 +127,7 @@ def reconcile(host: HostRoot, vms: Collection[int] | None = None, *, writer: Wri
 def _reconcile_vm(host: HostRoot, vm: int, read_running: Callable[[HostRoot], set[int]], writer: Writer | None,
                   report: ReconcileReport) -> None:
     from aifactory_core.lifecycle.executor import release
-    from aifactory_core.lifecycle.journal import Journal, journal_dir
+    from aifactory_core.lifecycle.journal import Journal, journal_dir, set_aside_ids
     from aifactory_core.lifecycle.vmlock import VmBusy, vm_lock
     from aifactory_core.vnm import vf  # noqa: F401  (registers the vf_config executor)
     from aifactory_core.vnm.hook import vnm_host
@@ -143,6 +143,11 @@ def _reconcile_vm(host: HostRoot, vm: int, read_running: Callable[[HostRoot], se
             has_device_journal = (journal_dir(host) / f"{vm}.json").exists()
             if not has_device_journal and _young(journal_dir(network) / f"{vm}.json"):
                 report.busy.append(vm)
+                return
+            aside = [name for scope in (host, network) for name in set_aside_ids(scope).get(vm, [])]
+            if aside:  # the repair left what a damaged journal held to an administrator: so does this
+                report.problems.append(f"VM {vm}: journal set aside as damaged ({', '.join(sorted(aside))}): "
+                                       "what it held stays held ('aifactory device release' gives it back)")
                 return
             problems = []
             for scope in (host, network):  # devices first, then the network, as shutdown then VNM clean
