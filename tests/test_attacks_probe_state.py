@@ -196,3 +196,19 @@ def test_a_fifo_as_oned_conf_does_not_hold_the_installer(tmp_path: Path) -> None
     os.mkfifo(conf)  # oneadmin's: the install would wait for a writer that never comes
     with pytest.raises(InstallError, match="not a regular file"):
         vmops.apply(Transaction(out=io.StringIO()), target, {}, [])  # type: ignore[arg-type]
+
+
+@pytest.mark.root_attack
+def test_a_quarantine_record_linked_to_a_secret_is_not_read_by_roots_doctor(dgx_root: Path,  # noqa: F811
+                                                                           tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("root:$y$j9T$not-for-oneadmin:19000:0:99999:7:::\n")
+    secret.chmod(0o600)
+    state = _attacker_state(tmp_path)
+    (state / "quarantine").mkdir()
+    os.chown(state / "quarantine", ATTACKER, ATTACKER)
+    planted = state / "quarantine" / "0000:1b:00.0"
+    planted.symlink_to(secret)  # the doctor prints a quarantined device's reason
+    os.lchown(planted, ATTACKER, ATTACKER)
+    checks = pci_doctor.host_checks(str(dgx_root), str(state))
+    assert not any("not-for-oneadmin" in check.message for check in checks), "root read oneadmin's link"

@@ -54,10 +54,15 @@ def link(root: Root, address: str) -> dict[str, object]:
     }
 
 
+STATE_FILE_MAX_BYTES = 1 << 20
+
+
 def _state_files(root: Root, subdirectory: str, *, encoding: str = "utf-8",
                  accept: Callable[[str], bool] = is_pci_address) -> Iterator[tuple[str, str]]:
     """``(name, content)`` of each readable file under ``<state dir>/<subdirectory>`` whose name
-    ``accept`` takes, in name order; nothing when the directory is missing."""
+    ``accept`` takes, in name order; nothing when the directory is missing. Only regular files, never
+    through a link, at most :data:`STATE_FILE_MAX_BYTES` each: the directory is ``oneadmin``'s and
+    an administrator may run the probe as root (a link to a secret, a FIFO, ``/dev/zero``)."""
     directory = os.path.join(root.state_dir, subdirectory)
     try:
         names = sorted(os.listdir(directory))
@@ -67,11 +72,18 @@ def _state_files(root: Root, subdirectory: str, *, encoding: str = "utf-8",
         if not accept(name):
             continue
         try:
-            with open(os.path.join(directory, name), encoding=encoding, errors="replace") as handle:
-                text = handle.read()
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
-        yield name, text
+        try:
+            if os.fstat(fd).st_mode & 0o170000 != 0o100000:
+                continue
+            data = os.read(fd, STATE_FILE_MAX_BYTES)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        yield name, data.decode(encoding, "replace")
 
 
 def quarantine_reasons(root: Root) -> dict[str, str]:
