@@ -242,10 +242,22 @@ def run_action(name: str, wrapper: str, argv: Sequence[str], stdin_data: bytes |
     vm = _vm_of(action, argv)
     stdin = _read_stdin(stdin_data)
     host = HostRoot.resolve(None)
+    _check_input(name, action, argv, stdin, host, vm)
     from aifactory_core.lifecycle.vmlock import vm_lock
 
     with vm_lock(host, vm):  # no repair or reconciliation of this VM while its action runs
         return _run_locked(name, action, wrapper, argv, stdin, host, vm)
+
+
+def _check_input(name: str, action: DriverAction, argv: Sequence[str], stdin: bytes, host: HostRoot, vm: int) -> None:
+    """Refuse what cannot be acted on before anything is written, the VM's lock file included:
+    deploy's domain must parse, restore's checkpoint must have its deployment file beside it."""
+    if name == "deploy":
+        from aifactory_core.domain import load_domain
+
+        load_domain(stdin)
+    elif name == "restore":
+        deployment_file_beside(argv[action.position(vmm_actions.CHECKPOINT_FILE)], vm, host)
 
 
 def _run_locked(name: str, action: DriverAction, wrapper: str, argv: Sequence[str], stdin: bytes, host: HostRoot,
