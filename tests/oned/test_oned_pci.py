@@ -109,10 +109,26 @@ def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Itera
                "installed": suite_installed}
     finally:
         replay.write_text(healthy)
-        for vm in client.vmpool.info(-2, -1, -1, -1).VM:
-            client.vm.action("terminate-hard", vm.ID)
-        _wait(lambda: not client.vmpool.info(-2, -1, -1, -1).VM, "the VMs to end", 120)
-        remove_host(real_one, host)  # a host left behind fails later onehost sync runs
+        import pyone
+
+        try:
+            for vm in client.vmpool.info(-2, -1, -1, -1).VM:
+                if _last_host(vm) not in ("", NODE):
+                    continue  # another module's VM
+                try:
+                    client.vm.action("terminate-hard", vm.ID)
+                except pyone.OneException:  # a state terminate refuses (BOOT under load): delete it
+                    client.vm.recover(vm.ID, 3)
+            _wait(lambda: not [vm for vm in client.vmpool.info(-2, -1, -1, -1).VM if _last_host(vm) in ("", NODE)],
+                  "the VMs to end", 120)
+        finally:
+            remove_host(real_one, host)  # a host left behind fails later onehost sync runs
+
+
+def _last_host(vm: Any) -> str:
+    """The host of a VM's newest history record ("" for a VM never placed)."""
+    records = vm.HISTORY_RECORDS.HISTORY if vm.HISTORY_RECORDS else []
+    return str(records[-1].HOSTNAME) if records else ""
 
 
 def _gpu_vm(one: RealOne, name: str, datastore: int) -> int:
