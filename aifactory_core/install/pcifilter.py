@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from functools import partial
 from pathlib import Path
 
-from aifactory_core.install import layout
+from aifactory_core.install import conffile, layout
 from aifactory_core.install.stage import InstallError, Transaction
 
 HOST_TYPES = ("kvm", "qemu")
@@ -80,45 +79,9 @@ def render(text: str, filters: list[str]) -> str:
     return text[:start] + block + text[end:]
 
 
-def _read(path: Path) -> tuple[str, os.stat_result] | None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise InstallError(f"{path}: {error.strerror or error} (a link or something else stands there?)") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        import stat
-
-        if not stat.S_ISREG(info.st_mode):
-            raise InstallError(f"{path} is not a regular file")
-        data = handle.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise InstallError(f"{path} is larger than {MAX_BYTES} bytes")
-    try:
-        return data.decode("utf-8"), info
-    except UnicodeDecodeError:
-        raise InstallError(f"{path} is not UTF-8 text") from None
-
-
-def _replace(path: Path, text: str, info: os.stat_result) -> None:
-    """Write ``text`` to a fresh file beside ``path`` (O_EXCL), owned and moded as ``info``; rename."""
-    fd, name = tempfile.mkstemp(prefix=".pci.conf.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-            os.fchmod(handle.fileno(), info.st_mode & 0o7777)
-            if os.geteuid() == 0:
-                os.fchown(handle.fileno(), info.st_uid, info.st_gid)
-        os.replace(name, path)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-
-
 def _change(tx: Transaction, path: Path, text: str, info: os.stat_result, new: str, what: str) -> None:
-    tx.step(f"{what} in {path}", partial(_replace, path, new, info), partial(_replace, path, text, info))
+    tx.step(f"{what} in {path}", partial(conffile.replace, path, new, info),
+            partial(conffile.replace, path, text, info))
 
 
 def apply(tx: Transaction, target: layout.Layout, wanted: tuple[str, ...], previous: dict[str, list[str]],
@@ -130,7 +93,7 @@ def apply(tx: Transaction, target: layout.Layout, wanted: tuple[str, ...], previ
     for host_type in HOST_TYPES:
         absolute = pci_conf(target, host_type)
         path = target.path(absolute)
-        found = _read(path)
+        found = conffile.read(path, MAX_BYTES)
         ours_before = previous.get(absolute, [])
         if found is None:
             if wanted:
@@ -156,7 +119,7 @@ def remove(tx: Transaction, target: layout.Layout, recorded: dict[str, list[str]
     """Take the filters the record says the suite added out of each ``pci.conf``."""
     for absolute, ours in sorted(recorded.items()):
         path = target.path(absolute)
-        found = _read(path)
+        found = conffile.read(path, MAX_BYTES)
         if found is None:
             continue
         text, info = found

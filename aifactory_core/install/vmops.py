@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from aifactory_core.install import layout
+from aifactory_core.install import conffile, layout
 from aifactory_core.install.stage import InstallError, Transaction
 
 RECORD_KEY = "vm_operations"
@@ -121,36 +120,10 @@ def restored(text: str, recorded: dict[str, list[str | None]]) -> tuple[str, lis
 
 
 def _read(path: Path) -> tuple[str, os.stat_result]:
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as error:
-        raise InstallError(f"{path}: {error.strerror or error}") from None
-    with os.fdopen(descriptor, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):  # a FIFO would hold the install forever
-            raise InstallError(f"{path} is not a regular file")
-        data = handle.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
-        raise InstallError(f"{path}: larger than {MAX_BYTES} bytes")
-    return data.decode("utf-8", "surrogateescape"), info
-
-
-def _replace(path: Path, text: str, info: os.stat_result) -> None:
-    """Write through a new file in the same directory and rename, owner and mode kept. Owner and
-    mode are set on the new file's descriptor, never by name: the directory may be ``oneadmin``'s (a
-    self-contained OpenNebula's ``ONE_LOCATION/etc``), which could swap the name for a link."""
-    temporary = path.with_name(f".{path.name}.aifactory-new")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(text.encode("utf-8", "surrogateescape"))
-            if os.geteuid() == 0:
-                os.fchown(handle.fileno(), info.st_uid, info.st_gid)
-            os.fchmod(handle.fileno(), info.st_mode & 0o777)  # no set-id bit from a file oneadmin chose
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    found = conffile.read(path, MAX_BYTES)
+    if found is None:
+        raise InstallError(f"{path}: no such file")
+    return found
 
 
 def apply(tx: Transaction, target: layout.Layout, previous: dict[str, list[str | None]],
@@ -166,7 +139,7 @@ def apply(tx: Transaction, target: layout.Layout, previous: dict[str, list[str |
         return dict(previous)
     described = "; ".join(f"{key}: {' '.join(str(pair[1]).split())}" for key, pair in sorted(changes.items()))
     tx.step(f"make VM operation {OPERATION} ADMIN-only in {path} ({described})",
-            lambda: _replace(path, new, info), lambda: _replace(path, text, info))
+            lambda: conffile.replace(path, new, info), lambda: conffile.replace(path, text, info))
     notes.append(f"oned.conf changed (VM operation {OPERATION} is an ADMIN operation now): {RESTART}")
     merged = dict(previous)
     for key, pair in changes.items():
@@ -188,8 +161,8 @@ def remove(tx: Transaction, target: layout.Layout, recorded: dict[str, list[str 
     for key in kept:
         notes.append(f"kept {key} in oned.conf: edited since install changed it")
     if back:
-        tx.step(f"restore {', '.join(back)} in {path}", lambda: _replace(path, new, info),
-                lambda: _replace(path, text, info))
+        tx.step(f"restore {', '.join(back)} in {path}", lambda: conffile.replace(path, new, info),
+                lambda: conffile.replace(path, text, info))
         notes.append(f"oned.conf restored ({', '.join(back)}): {RESTART}")
 
 
