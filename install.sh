@@ -132,7 +132,7 @@ built_envs=""
 
 # The digest of the suite's sources: an environment stamped with it is up to date.
 source_digest() {
-    (cd "$here" && find aifactory_core plugins/aifactory_plugins pyproject.toml -type f \
+    (cd "$here" && find aifactory_core plugins/aifactory_plugins pyproject.toml install.sh -type f \
         ! -name '*.pyc' ! -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
 }
 
@@ -150,8 +150,18 @@ make_dirs() {
     run mkdir -p "$destdir$1"
 }
 
-# Build environment $1 (a target path) beside itself, point its scripts at interpreter $2, then
-# swap it in; the previous one is kept as $1.old until the whole run has succeeded.
+# The suite's requirements from pyproject.toml, less those only the frontend uses (pyone).
+host_requirements() {
+    "$python" -c 'import sys, tomllib
+for requirement in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]:
+    if not requirement.lower().startswith("pyone"):
+        print(requirement)' "$here/pyproject.toml"
+}
+py_minor=$("$python" -c 'import sys; print(sys.version_info.minor)')
+
+# Build environment $1 (a target path) beside itself for role $3 (frontend or host), point its
+# scripts at interpreter $2, then swap it in; the previous one is kept as $1.old until the whole
+# run has succeeded.
 build_env() {
     env=$destdir$1
     if [ "$mode" != upgrade ] && [ -f "$env/aifactory-source.sha256" ] \
@@ -161,9 +171,24 @@ build_env() {
     make_dirs "$(dirname "$1")"
     run rm -rf "$env.new"
     run "$python" -m venv "$env.new"
-    run "$env.new/bin/python3" -m pip install -q "$here"
+    if [ "$3" = host ]; then
+        # pyone talks to oned, which only the frontend does.
+        # shellcheck disable=SC2046 # one requirement per word
+        run "$env.new/bin/python3" -m pip install -q $(host_requirements)
+        run "$env.new/bin/python3" -m pip install -q --no-deps "$here"
+    else
+        run "$env.new/bin/python3" -m pip install -q "$here"
+    fi
     if [ "$example" = 1 ]; then
         run "$env.new/bin/python3" -m pip install -q --no-deps "$here/plugins/examples/aifactory-example-accel"
+    fi
+    if [ "$3" = host ]; then
+        # oned copies the remotes to every host (scp -rp or rsync -L, on each sync and first
+        # monitoring), links as copies: the hosts' environment keeps what runs there and nothing
+        # else (no pip or setuptools, no lib64 link, one interpreter link).
+        run "$env.new/bin/python3" -m pip uninstall -q -y pip setuptools
+        run rm -f "$env.new/lib64" "$env.new/bin/python" "$env.new/bin/python3.${py_minor}" \
+            "$env.new/bin/activate" "$env.new/bin/activate.csh" "$env.new/bin/activate.fish" "$env.new/bin/Activate.ps1"
     fi
     echo "+ point the scripts in $env.new/bin at $2"
     if [ "$dry_run" = 0 ]; then
@@ -193,8 +218,8 @@ restore_envs() {
 installer="$python"
 if [ "$mode" != uninstall ] && [ "$with_venv" = 1 ]; then
     digest=$(source_digest)
-    build_env "$frontend_env" "$frontend_env/bin/python3"
-    build_env "$host_env" "$host_python"
+    build_env "$frontend_env" "$frontend_env/bin/python3" frontend
+    build_env "$host_env" "$host_python" host
     if [ -x "$destdir$frontend_env/bin/python3" ]; then installer=$destdir$frontend_env/bin/python3; fi
     passthrough="$passthrough --environment=$frontend_env --environment=$host_env"
     if [ -n "$built_envs" ]; then passthrough="$passthrough --rebuilt-environment"; fi

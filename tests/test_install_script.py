@@ -91,9 +91,23 @@ def test_complete_staged_install_gives_working_environments(tmp_path: Path, h100
                             capture_output=True, text=True, env=env, check=False, timeout=60)
     assert result.returncode == 0 and 'STATUS="FAILED"' not in result.stdout, result.stdout + result.stderr
     assert "0000:00:06.0" in result.stdout
-    imports = subprocess.run([str(python), "-c", "import aifactory_core.vmm, pyone, lxml, pluggy, pyroute2"],
+    imports = subprocess.run([str(python), "-c", "import aifactory_core.vmm, lxml, pluggy, pyroute2, pyudev, pynvml"],
                              capture_output=True, text=True, env=env, check=False)
     assert imports.returncode == 0, imports.stderr
+    # What oned copies to every host is what runs there: no frontend-only pyone, no pip or
+    # setuptools, no lib64 link or extra interpreter links (each would arrive as a full copy).
+    host_env = host / "aifactory/venv"
+    for absent in ("pyone", "pip", "setuptools"):
+        found = subprocess.run([str(python), "-c", f"import {absent}"], capture_output=True, text=True, env=env,
+                               check=False)
+        assert found.returncode != 0, f"{absent} is in the hosts' environment"
+    assert sorted(p.name for p in (host_env / "bin").iterdir() if p.name.startswith("python")) == ["python3"]
+    assert not (host_env / "lib64").exists()
+    size = sum(p.stat().st_size for p in host_env.rglob("*") if p.is_file())
+    assert size < 60 * 2**20, f"the hosts' environment is {size / 2**20:.0f} MiB as a host receives it"
+    frontend_pyone = subprocess.run([str(frontend / "bin/python3"), "-c", "import pyone"], capture_output=True,
+                                    text=True, check=False)
+    assert frontend_pyone.returncode == 0, frontend_pyone.stderr
 
     second = _run("--destdir", str(root), "--no-hooks")
     assert second.returncode == 0 and "-m venv" not in second.stdout
