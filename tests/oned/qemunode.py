@@ -6,6 +6,16 @@ session (``SetEnv``: the suite's host root, NVML replay, ...), so the probes and
 oned runs there see it. libvirtd answers oneadmin on ``qemu:///system`` (started here with the
 recipe's socket settings unless one already does), and upstream's ``qemu-kvm-one`` emulator wrapper
 exists. Each node is a context manager: several may run at once, each with its own name and port.
+
+A node made with ``own_host=True`` is a second host on the same machine: its sshd, libvirtd and
+virtlogd run in a mount namespace of their own (:func:`own_mounts`) where libvirt's runtime, state,
+cache and log directories and oned's system datastores are empty tmpfs, and its libvirtd has a
+``host_uuid`` of its own. Every command oned runs there over SSH (driver actions, probes, the
+transfer driver's copies) sees that host's libvirt, domains and VM directories, so a VM can be
+migrated between two such hosts, cold or live (QEMU's migration stream goes over the shared network
+stack to the machine's hostname). The remotes (``/var/tmp/one``) stay shared: oned copies the same
+files to every host. The suite's state directory is per host already: each node's environment
+names a host root of its own.
 """
 
 from __future__ import annotations
@@ -16,10 +26,12 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import needs
 from realone import RealOne, _stop_pid_file
@@ -34,6 +46,27 @@ class Node:
     top: Path
     port: int
     env: dict[str, str]
+    enter: tuple[str, ...] = ()
+    """The argv prefix that runs a command in the node's mount namespace (empty: the machine's)."""
+    sshd: tuple[str, ...] = ()
+    server: subprocess.Popen[bytes] | None = None
+
+    def virsh(self, one: RealOne, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``virsh -c qemu:///system ARGS`` as oneadmin on this node."""
+        return virsh(one, self.enter, *args, timeout=timeout)
+
+    def ssh_down(self) -> None:
+        """Stop the node's sshd: oned's drivers and probes cannot reach it (sessions already open,
+        such as a monitoring agent, go on)."""
+        if self.server is not None:
+            self.server.terminate()
+            self.server.wait(timeout=10)
+            self.server = None
+
+    def ssh_up(self) -> None:
+        """Start the node's sshd again (same port, keys and environment)."""
+        if self.server is None:
+            self.server = subprocess.Popen(list(self.sshd), stderr=subprocess.DEVNULL)
 
 
 def _free_port() -> int:
@@ -72,11 +105,61 @@ def _remove_ssh_block(ssh_config: Path, name: str) -> None:
         ssh_config.unlink()
 
 
+LIBVIRT_HOST_DIRS = (Path("/run/libvirt"), Path("/var/lib/libvirt"), Path("/var/cache/libvirt"),
+                     Path("/var/log/libvirt"))
+"""What one libvirtd keeps per host: sockets and running domains, QEMU's state, caches, logs."""
+
+
 @contextmanager
-def qemu_node(one: RealOne, name: str, env: dict[str, str], aliases: tuple[str, ...] = ()) -> Iterator[Node]:
+def own_mounts(one: RealOne) -> Iterator[tuple[str, ...]]:
+    """A mount namespace where each of :data:`LIBVIRT_HOST_DIRS` and oned's system datastores
+    directory is an empty tmpfs (private propagation: nothing mounted there shows outside); the
+    ``nsenter`` argv prefix that runs a command in it. The namespace lives while a process in it
+    does: a holder process here, the daemons started in it after."""
+    unshare = needs.tool("unshare", hint="util-linux")
+    nsenter = needs.tool("nsenter", hint="util-linux")
+    holder = subprocess.Popen([unshare, "--mount", "--propagation", "private", "--", "sleep", "infinity"])
+    try:
+        namespace = Path(f"/proc/{holder.pid}/ns/mnt")
+        deadline = time.monotonic() + 10
+        while os.readlink(namespace) == os.readlink("/proc/self/ns/mnt"):  # until unshare is done
+            if time.monotonic() > deadline or holder.poll() is not None:
+                raise AssertionError(f"unshare --mount did not make a mount namespace (exit {holder.poll()})")
+            time.sleep(0.05)
+        enter = (nsenter, f"--mount={namespace}", "--")
+        user = pwd.getpwnam("oneadmin")
+        datastores = one.location / "var" / "datastores"
+        for path, owner in (*((path, 0) for path in LIBVIRT_HOST_DIRS), (datastores, user.pw_uid)):
+            path.mkdir(parents=True, exist_ok=True)  # the mount point, empty where the machine had none
+            group = 0 if owner == 0 else user.pw_gid
+            subprocess.run([*enter, "mount", "-t", "tmpfs", "-o", f"mode=0755,uid={owner},gid={group}",
+                            f"aifactory-{path.name}", str(path)], check=True)
+        yield enter
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
+
+
+@contextmanager
+def qemu_node(one: RealOne, name: str, env: dict[str, str], aliases: tuple[str, ...] = (),
+              own_host: bool = False) -> Iterator[Node]:
     """The sshd and libvirtd for node ``name``; ``env`` is set for every SSH session on it.
     ``aliases``: other names oneadmin reaches the same sshd by (the frontend's own hostname, which
-    the transfer driver's ``mv`` reaches over SSH when a VM directory goes back to the frontend)."""
+    the transfer driver's ``mv`` reaches over SSH when a VM directory goes back to the frontend).
+    ``own_host``: the node is a host of its own on this machine (see the module's docstring)."""
+    with own_mounts(one) if own_host else _machine_mounts() as enter:
+        with _node(one, name, env, aliases, enter) as node:
+            yield node
+
+
+@contextmanager
+def _machine_mounts() -> Iterator[tuple[str, ...]]:
+    yield ()
+
+
+@contextmanager
+def _node(one: RealOne, name: str, env: dict[str, str], aliases: tuple[str, ...],
+          enter: tuple[str, ...]) -> Iterator[Node]:
     sshd = needs.tool("/usr/sbin/sshd", hint="openssh-server")
     needs.tool("ssh-keygen", hint="openssh-client")
     remotes_before = HOST_REMOTES.exists()
@@ -112,7 +195,8 @@ Subsystem sftp internal-sftp
     for root_only in (host_key, config):  # what root's sshd reads stays root's
         os.chown(root_only, 0, 0)
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-    server = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
+    node = Node(name, top, port, env, enter, (*enter, sshd, "-D", "-e", "-f", str(config)))
+    node.ssh_up()
     ssh_config = Path(user.pw_dir) / ".ssh" / "config"
     names = " ".join((name, *aliases))
     _add_ssh_block(ssh_config, f"{_mark(name)}\nHost {names}\n  HostName 127.0.0.1\n  Port {port}\n"
@@ -120,7 +204,7 @@ Subsystem sftp internal-sftp
                                "  LogLevel ERROR\n", user)
     daemons: list[Path] = []
     try:
-        daemons = libvirt_for_oneadmin(one, top)
+        daemons = libvirt_for_oneadmin(one, top, enter)
         deadline = time.monotonic() + 30
         while True:
             probe = one.run("ssh", name, "env", check=False, timeout=30)
@@ -130,47 +214,58 @@ Subsystem sftp internal-sftp
             if time.monotonic() > deadline:
                 raise AssertionError(f"ssh {name} as oneadmin: {probe.returncode} {probe.stdout}{probe.stderr}")
             time.sleep(0.5)
-        yield Node(name, top, port, env)
+        yield node
     finally:
         _remove_ssh_block(ssh_config, name)
-        server.terminate()
-        server.wait(timeout=10)
+        node.ssh_down()
         if daemons:  # QEMU outlives libvirtd: the domains of the libvirtd started here go with it
-            destroy_domains(one)
+            destroy_domains(one, enter)
         _stop(daemons)
         if not remotes_before:  # this machine's own remotes, if it had any, stay
             shutil.rmtree(HOST_REMOTES, ignore_errors=True)
 
 
-def libvirt_for_oneadmin(one: RealOne, top: Path) -> list[Path]:
+def virsh(one: RealOne, enter: tuple[str, ...], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``virsh -c qemu:///system ARGS`` as oneadmin, in the mount namespace ``enter`` leads into."""
+    if not enter:
+        return one.run("virsh", "-c", "qemu:///system", *args, check=False, timeout=timeout)
+    return subprocess.run([*enter, "runuser", "-u", "oneadmin", "--", "virsh", "-c", "qemu:///system", *args],
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def libvirt_for_oneadmin(one: RealOne, top: Path, enter: tuple[str, ...] = ()) -> list[Path]:
     """libvirtd answering oneadmin on qemu:///system, as upstream's probes and drivers need (started
-    here with the recipe's socket settings unless one already answers); its pid files, to stop it."""
+    here with the recipe's socket settings unless one already answers); its pid files, to stop it.
+    In a namespace of its own (``enter``), the libvirtd started there has a ``host_uuid`` of its own:
+    libvirt refuses to migrate a domain to a host with the source's UUID ("the same host")."""
     if not Path("/usr/bin/qemu-kvm-one").exists():  # upstream's emulator wrapper, made by its generator
         subprocess.run([str(one.location / "bin" / "qemu-kvm-one-gen")], check=True, capture_output=True)
-    if one.run("virsh", "-c", "qemu:///system", "version", check=False, timeout=30).returncode == 0:
+    if virsh(one, enter, "version", timeout=30).returncode == 0:
         return []
     for tool in ("libvirtd", "virtlogd"):
         needs.tool(f"/usr/sbin/{tool}", hint="libvirt-daemon-system")
     conf = top / "libvirtd.conf"
     conf.write_text('unix_sock_group = "libvirt"\nunix_sock_rw_perms = "0770"\nunix_sock_ro_perms = "0777"\n'
-                    'auth_unix_rw = "none"\nauth_unix_ro = "none"\n')
+                    'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
+                    + (f'host_uuid = "{uuid.uuid4()}"\n' if enter else ""))
     pids = [top / "virtlogd.pid", top / "libvirtd.pid"]
-    subprocess.run(["/usr/sbin/virtlogd", "-d", "-p", str(pids[0])], check=True)
-    subprocess.run(["/usr/sbin/libvirtd", "-d", "-f", str(conf), "-p", str(pids[1])], check=True)
+    subprocess.run([*enter, "/usr/sbin/virtlogd", "-d", "-p", str(pids[0])], check=True)
+    subprocess.run([*enter, "/usr/sbin/libvirtd", "-d", "-f", str(conf), "-p", str(pids[1])], check=True)
     deadline = time.monotonic() + 60
-    while one.run("virsh", "-c", "qemu:///system", "version", check=False, timeout=30).returncode != 0:
+    while virsh(one, enter, "version", timeout=30).returncode != 0:
         if time.monotonic() > deadline:
             raise AssertionError("libvirtd did not answer oneadmin within 60 s")
         time.sleep(1)
     return pids
 
 
-def destroy_domains(one: RealOne) -> list[str]:
-    """Destroy every OpenNebula domain (``one-<id>``) libvirt runs; their names."""
-    listed = one.run("virsh", "-c", "qemu:///system", "list", "--name", check=False, timeout=60)
+def destroy_domains(one: RealOne, enter: tuple[str, ...] = ()) -> list[str]:
+    """Destroy every OpenNebula domain (``one-<id>``) libvirt runs (in the mount namespace ``enter``
+    leads into); their names."""
+    listed = virsh(one, enter, "list", "--name")
     names = [name for name in listed.stdout.split() if name.startswith("one-")]
     for name in names:
-        one.run("virsh", "-c", "qemu:///system", "destroy", name, check=False, timeout=60)
+        virsh(one, enter, "destroy", name)
     return names
 
 
@@ -211,3 +306,35 @@ def remove_host(one: RealOne, host: int) -> None:
     sshd is gone) and end the monitoring agent oned started on it (its pid file names it)."""
     one.run("onehost", "delete", str(host), check=False, timeout=60)
     _stop_pid_file(Path(f"/tmp/one-monitord-{host}.pid"))
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float,
+             detail: Callable[[], str] = lambda: "") -> object:
+    """``condition()``'s first true value, polled every second; an AssertionError naming ``what``
+    (and ``detail()``) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{detail()}")
+        time.sleep(1)
+
+
+def host_xml(one: RealOne, host: int) -> Any:
+    """The host's document as ``one.host.info`` returns it (parsed hardened), template vectors and
+    oned's PCI share included (pyone's dict view keeps one vector of a kind)."""
+    import xmlrpc.client
+
+    from aifactory_core.one.xmlsafe import parse_xml
+
+    ok, answer, *_ = xmlrpc.client.ServerProxy(one.endpoint).one.host.info(f"oneadmin:{one.password}", host, False)
+    assert ok, answer
+    return parse_xml(answer.encode())
+
+
+def pci_share(one: RealOne, host: int) -> dict[str, int]:
+    """oned's PCI share of the host: ADDRESS -> VMID (-1 free)."""
+    return {pci.findtext("ADDRESS") or "": int(pci.findtext("VMID") or "-1")
+            for pci in host_xml(one, host).iterfind("HOST_SHARE/PCI_DEVICES/PCI")}
