@@ -459,6 +459,20 @@ def test_probe_start_up_loads_neither_json_nor_re(dgx_root: Path, tmp_path: Path
     assert not loaded & {"json", "re", "enum", "typing"}, sorted(loaded & {"json", "re", "enum", "typing"})
 
 
+@pytest.mark.parametrize("probe", [HOST_PROBE, VM_PROBE], ids=["host-system", "vm-monitor"])
+def test_probe_without_a_gpu_inventory_loads_neither_json_nor_re(probe: Path, dgx_root: Path, tmp_path: Path) -> None:
+    """A host whose GPUs NVML has not seen (none, or all on vfio-pci since boot) has no inventory
+    cache of either format: the probe must not import ``json`` looking for the old one (before, every
+    run on such a host did: about 5 ms, the probe's start-up over budget)."""
+    state = tmp_path / "state"
+    env = {**os.environ, "AIFACTORY_HOST_ROOT": str(dgx_root), "AIFACTORY_STATE_DIR": str(state)}
+    result = subprocess.run([sys.executable, "-S", "-X", "importtime", str(probe), "kvm", "0", "h"], env=env,
+                            capture_output=True, text=True, check=True, stdin=subprocess.DEVNULL)
+    loaded = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "aifactory_core.probes.collect" in loaded
+    assert not (state / "probes" / "gpu-inventory.tsv").exists()
+    assert not loaded & {"json", "re", "enum", "typing"}, sorted(loaded & {"json", "re", "enum", "typing"})
+
 def test_xid_parser_agrees_with_the_pattern_it_replaces() -> None:
     """The string matcher against the regular expression the probe used before (the oracle here),
     on the recorded driver line and variants around every boundary."""

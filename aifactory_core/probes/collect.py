@@ -112,11 +112,17 @@ def _read_cache(root: Root) -> dict[str, dict[str, object]]:
 
 
 def _read_legacy_cache(root: Root) -> dict[str, dict[str, object]]:
-    """The JSON cache earlier versions wrote (read once, until the next write replaces it)."""
+    """The JSON cache earlier versions wrote (read once, until the next write replaces it). ``json``
+    is imported only when there is one: a host whose GPUs NVML has not seen yet (none, or all on
+    vfio-pci since boot) has no cache of either kind, and every run comes here."""
+    try:
+        handle = open(_cache_path(root, LEGACY_INVENTORY_CACHE), encoding="utf-8")
+    except OSError:
+        return {}
     import json
 
     try:
-        with open(_cache_path(root, LEGACY_INVENTORY_CACHE), encoding="utf-8") as handle:
+        with handle:
             data = json.load(handle)
     except (OSError, ValueError):
         return {}
