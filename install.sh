@@ -159,6 +159,13 @@ for requirement in tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencie
 }
 py_minor=$("$python" -c 'import sys; print(sys.version_info.minor)')
 
+# The example plugin's sources (with --with-example-plugin): part of the stamp, so an environment
+# built without the plugin is rebuilt with it, and one built with it is rebuilt without it.
+example_digest() {
+    (cd "$here/plugins/examples/aifactory-example-accel" && find pyproject.toml aifactory_example_accel -type f \
+        ! -name '*.pyc' ! -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -d' ' -f1)
+}
+
 # Build environment $1 (a target path) beside itself for role $3 (frontend or host), point its
 # scripts at interpreter $2, then swap it in; the previous one is kept as $1.old until the whole
 # run has succeeded.
@@ -218,6 +225,7 @@ restore_envs() {
 installer="$python"
 if [ "$mode" != uninstall ] && [ "$with_venv" = 1 ]; then
     digest=$(source_digest)
+    if [ "$example" = 1 ]; then digest="$digest example:$(example_digest)"; fi
     build_env "$frontend_env" "$frontend_env/bin/python3" frontend
     build_env "$host_env" "$host_python" host
     if [ -x "$destdir$frontend_env/bin/python3" ]; then installer=$destdir$frontend_env/bin/python3; fi

@@ -112,6 +112,12 @@ def test_complete_staged_install_gives_working_environments(tmp_path: Path, h100
     second = _run("--destdir", str(root), "--no-hooks")
     assert second.returncode == 0 and "-m venv" not in second.stdout
     assert "nothing to change" in second.stdout
+    # The example plugin is part of the environments' stamp: asked for on an up-to-date install,
+    # both environments are rebuilt with it (not left without it).
+    example = _run("--destdir", str(root), "--no-hooks", "--dry-run", "--with-example-plugin")
+    assert example.returncode == 0, example.stderr
+    assert example.stdout.count("-m venv") == 2, example.stdout
+    assert example.stdout.count("plugins/examples/aifactory-example-accel") == 2, example.stdout
 
     removed = _run("--destdir", str(root), "--no-hooks", "--uninstall")
     assert removed.returncode == 0, removed.stderr
