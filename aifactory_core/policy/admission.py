@@ -26,7 +26,7 @@ after the other, and the second sees the first already released (PENDING) in the
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Literal
 from aifactory_core.errors import AifactoryError, DocumentError
 
 if TYPE_CHECKING:
+    from lxml import etree
+
     from aifactory_core.one.payload import CallInfo
     from aifactory_core.one.vm import NicRequest, PciRequest, VmRequest
     from aifactory_core.policy.decide import Decision, Usage
@@ -251,6 +253,31 @@ def fetch_usage(oned: Oned, policy: Policy, gid: int) -> Usage:
     return usage_from_pool(policy, mine)
 
 
+def address_lookup(hostpool: etree._Element) -> Callable[[str], tuple[int, int, int] | None]:
+    """What a request by SHORT_ADDRESS alone can get, from oned's host pool: the (vendor, device,
+    class) that every host listing the address agrees on. Where no host lists it, or hosts list
+    different devices there, the request stays unidentified (and matches no grant); the host gate
+    identifies it again from the host's own sysfs before anything is bound."""
+    from aifactory_core import validate
+    from aifactory_core.errors import UsageError
+
+    found: dict[str, set[tuple[int, int, int]]] = {}
+    for pci in hostpool.iterfind("HOST/HOST_SHARE/PCI_DEVICES/PCI"):
+        try:
+            short = validate.pci_address((pci.findtext("SHORT_ADDRESS") or "").strip())[5:]
+            vendor, device, device_class = (validate.hex_id((pci.findtext(tag) or "").strip(), tag.lower())
+                                            for tag in ("VENDOR", "DEVICE", "CLASS"))
+        except UsageError:
+            continue  # a malformed entry identifies nothing
+        found.setdefault(short, set()).add((vendor, device, device_class))
+
+    def lookup(short_address: str) -> tuple[int, int, int] | None:
+        identities = found.get(short_address, set())
+        return next(iter(identities)) if len(identities) == 1 else None
+
+    return lookup
+
+
 @dataclass(frozen=True)
 class Outcome:
     vm_id: int | None
@@ -312,6 +339,10 @@ def _carry_out(
 
     if event.method in ATTACH_CALLS:
         vm = _settled(oned, vm)
+    if any(item.selects_by_address for item in vm.pci):
+        from aifactory_core.policy.decide import resolve_addresses
+
+        vm = resolve_addresses(vm, address_lookup(oned.document("one.hostpool.info")))
     decision = decide(policy, vm, usage)
     detach = detach_steps(policy, event, vm, usage) if not decision.admitted and event.method in ATTACH_CALLS else []
     steps = plan(event, vm, decision, on_refusal, detach)

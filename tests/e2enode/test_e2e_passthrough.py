@@ -7,9 +7,9 @@ The frontend is ``realone``'s oned with the suite installed by ``install.sh`` (`
 ``[frontend] pci_filter`` and ``install.sh --sync`` put the device into the ``qemu`` hosts'
 ``pci.conf``; ``aifactory host-setup`` runs as root in the node. Tenants come from the shipped
 ``examples/policy.toml``, adapted to the stand-in device and applied by ``aifactory tenant apply``.
-The template asks for the device by ``VENDOR``/``DEVICE``/``CLASS``: the frontend's admission
-decision refuses a ``SHORT_ADDRESS``-only request it cannot identify (``policy.decide``), and the
-node has one such device, so oned can give only ``0000:01:00.0``.
+The template asks for the device as an operator pins one, ``PCI = [SHORT_ADDRESS = "01:00.0"]``:
+the frontend's admission identifies it from the devices oned's hosts list at that address
+(``policy.admission.address_lookup``) and the host gate again from the node's sysfs.
 
 One node and one oned serve the module; each phase has a hard time-out that fails with the node's
 console tail, and a phase that finds the node hung (a kernel lockup, QEMU gone) is tried once more
@@ -352,7 +352,7 @@ def e2e(real_one: RealOne, suite_installed: Installed) -> Iterator[EndToEnd]:
         client = real_one.client()
         e2e.template = client.template.allocate(
             f'NAME="e2e-nic" VCPU="1" CPU="1" MEMORY="64" '
-            f'PCI=[ VENDOR="{VENDOR}", DEVICE="{DEVICE_ID}", CLASS="0200" ] '
+            f'PCI=[ SHORT_ADDRESS="{SHORT}" ] '
             'TOPOLOGY=[ PIN_POLICY="CORE", SOCKETS="1", CORES="1", THREADS="1" ]')
         policy_text, groups = adapted_policy(e2e.template)
         e2e.policy_text = policy_text

@@ -159,8 +159,9 @@ class Tenancy:
         _wait(lambda: client.host.info(self.host).STATE == 2, "the dummy host to be MONITORED", one)
         _wait(lambda: int(client.datastore.info(self.system_ds).FREE_MB) > 0, "the system datastore's capacity", one)
 
-    def write_policy(self, networks: list[int]) -> None:
-        templates = ", ".join(str(t) for t in (self.gpu_quota, self.gpu_blind, self.plain, self.unplaceable))
+    def write_policy(self, networks: list[int], extra_templates: list[int] | None = None) -> None:
+        templates = ", ".join(str(t) for t in (self.gpu_quota, self.gpu_blind, self.plain, self.unplaceable,
+                                               *(extra_templates or [])))
         self.policy.write_text(POLICY.format(cluster=self.cluster, networks=", ".join(map(str, networks)),
                                              templates=templates, other_net=self.other_net))
 
@@ -205,6 +206,35 @@ def test_network_access_is_the_tenants_own_and_a_second_apply_changes_nothing(is
         user.vn.info(iso.other_net)  # iso2's network in the same cluster
     assert iso.apply() == []
     print(f"first tenant apply: {len(iso.first_apply)} changes; second: 0")
+
+
+def test_a_request_by_short_address_is_judged_as_the_device_the_hosts_list_there(iso: Tenancy) -> None:
+    """``PCI = [SHORT_ADDRESS = ...]`` gets whatever device sits there: admission identifies it from
+    oned's host pool (the dummy host lists its NVIDIA 10de:0863 at 02:00.0 and an ASMedia USB
+    controller 1b21:0aa7 at 00:06.0) and judges that device against the tenant's grants."""
+    one = iso.one
+    client = one.client()
+    by_address = {short: client.template.allocate(f'NAME="iso-short-{short}" CPU="1" MEMORY="64" '
+                                                  f'PCI=[ SHORT_ADDRESS="{short}" ]')
+                  for short in ("02:00.0", "00:06.0")}
+    iso.write_policy([iso.net], extra_templates=list(by_address.values()))
+    iso.apply()
+    gpu = iso.instantiate(by_address["02:00.0"], "iso-short-gpu")
+    usb = iso.instantiate(by_address["00:06.0"], "iso-short-usb")
+    try:
+        _wait(lambda: _state(one, gpu) == (STATE_ACTIVE, 3), f"VM {gpu} (SHORT_ADDRESS 02:00.0) RUNNING", one)
+        assert _verdict(one, gpu) == ("ADMITTED", "")
+        assert _pci(one, gpu) == ["10de:0863"]
+        _wait(lambda: _verdict(one, usb)[0] == "REFUSED", f"VM {usb} (SHORT_ADDRESS 00:06.0) refused", one)
+        assert _state(one, usb)[0] == HOLD
+        refused = _verdict(one, usb)[1]
+        assert "tenant.iso.devices" in refused and "1b21:0aa7" in refused, refused
+        print(f"VM {gpu}: {_verdict(one, gpu)} {_pci(one, gpu)}; VM {usb}: {_verdict(one, usb)}")
+    finally:
+        for vm in (gpu, usb):
+            client.vm.action("terminate-hard", vm)
+        _wait(lambda: all(_state(one, vm)[0] == 6 for vm in (gpu, usb)), "the SHORT_ADDRESS VMs DONE", one)
+        iso.write_policy([iso.net])
 
 
 def test_a_vm_over_the_gpu_cap_cannot_be_run_by_release_or_resume(iso: Tenancy) -> None:
