@@ -261,19 +261,24 @@ def address_lookup(hostpool: etree._Element) -> Callable[[str], tuple[int, int, 
     from aifactory_core import validate
     from aifactory_core.errors import UsageError
 
-    found: dict[str, set[tuple[int, int, int]]] = {}
+    found: dict[str, set[tuple[int, int, int] | None]] = {}
     for pci in hostpool.iterfind("HOST/HOST_SHARE/PCI_DEVICES/PCI"):
         try:
             short = validate.pci_address((pci.findtext("SHORT_ADDRESS") or "").strip())[5:]
+        except UsageError:
+            continue
+        identity: tuple[int, int, int] | None
+        try:
             vendor, device, device_class = (validate.hex_id((pci.findtext(tag) or "").strip(), tag.lower())
                                             for tag in ("VENDOR", "DEVICE", "CLASS"))
+            identity = (vendor, device, device_class)
         except UsageError:
-            continue  # a malformed entry identifies nothing
-        found.setdefault(short, set()).add((vendor, device, device_class))
+            identity = None  # a device there that cannot be named: the address is not identified
+        found.setdefault(short, set()).add(identity)
 
     def lookup(short_address: str) -> tuple[int, int, int] | None:
         identities = found.get(short_address, set())
-        return next(iter(identities)) if len(identities) == 1 else None
+        return next(iter(identities)) if len(identities) == 1 else None  # one device, or None
 
     return lookup
 
