@@ -25,6 +25,16 @@ ways of finding the probe plugins (``aifactory_core.probes.plugins``):
 ``importlib.metadata`` (import and ``entry_points(group=...)``), the probe's own scan of the
 ``*.dist-info`` directories, and its cached answer (one ``stat`` per ``sys.path`` directory).
 
+``--install-dir DIR`` times the probes as ``install.sh`` installs them, with the example vendor
+plugin and without it, in the same run: ``install.sh --destdir DIR/example --no-hooks
+--with-example-plugin`` and ``install.sh --destdir DIR/plain --no-hooks`` stage both (each once;
+delete DIR to stage again), and each staged tree's probes run with its hosts' environment
+interpreter, ``-S`` as their first line says, the suite and the plugin coming from that environment
+as on a host. The baseline is ``python -c pass`` of the example tree's interpreter. Without
+``--host-root`` the probes read ``tests/fixtures/topologies/accel-node.json`` written by the
+generator (an H100 on vfio-pci, the plugin's Gaudi2 accelerator, no NVML), so the plugin has a
+device to report; the run stops unless the example tree's host/system probe reports it.
+
 ``--compare CHECKOUT`` also times the probes of another source tree (e.g. ``git archive REV
 aifactory_core drivers | tar -x -C DIR``), interleaved in the same run, so a change is judged
 against its predecessor under the same load. ``--state-dir`` picks the state directory the probes
@@ -47,6 +57,27 @@ PROBES = {
     "host/system": REPO / "drivers/im/kvm-probes.d/host/system/aifactory-gpu",
     "vm/monitor": REPO / "drivers/im/kvm-probes.d/vm/monitor/aifactory-gpu",
 }
+# Where install.sh puts the hosts' environment and the probes, under its --destdir.
+STAGED_REMOTES = Path("var/lib/one/remotes")
+STAGED_PYTHON = STAGED_REMOTES / "aifactory/venv/bin/python3"
+ACCEL_TOPOLOGY = REPO / "tests/fixtures/topologies/accel-node.json"
+
+
+def stage(dest: Path, example: bool) -> Path:
+    """``install.sh --destdir dest --no-hooks [--with-example-plugin]``, once (kept for later runs)."""
+    if not (dest / STAGED_PYTHON).exists():
+        argv = ["sh", str(REPO / "install.sh"), "--destdir", str(dest), "--no-hooks"]
+        env = {key: value for key, value in os.environ.items() if key not in ("DESTDIR", "PYTHONPATH")}
+        done = subprocess.run(argv + (["--with-example-plugin"] if example else []), env=env,
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"install.sh --destdir {dest} failed ({done.returncode}): {done.stderr.strip()}")
+    return dest
+
+
+def staged_probe(tree: Path, probe: Path) -> Path:
+    """The staged copy of one of the checkout's probe executables."""
+    return tree / STAGED_REMOTES / "im" / probe.relative_to(REPO / "drivers/im")
 
 
 _PATH = """
@@ -95,14 +126,30 @@ def main() -> int:
     parser.add_argument("--python", default=sys.executable,
                         help="interpreter for every command (default: this one), e.g. an environment made "
                              "as install.sh makes it, with the suite and the example plugin pip-installed")
+    parser.add_argument("--install-dir", type=Path,
+                        help="stage install.sh with and without the example plugin here and time both trees' probes")
     parser.add_argument("--installed", action="store_true",
                         help="also time the probes with site on (this environment's python without -S)")
     args = parser.parse_args()
+    if args.install_dir and (args.compare or args.installed or args.python != sys.executable):
+        parser.error("--install-dir times the staged trees with their own interpreter: "
+                     "not with --compare, --installed or --python")
     python = args.python
     checkouts = {"": REPO} | ({f" @{args.compare.name}": args.compare} if args.compare else {})
     for checkout in checkouts.values():
         compileall.compile_dir(str(checkout / "aifactory_core"), quiet=1)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    staged: dict[str, Path] = {}
+    if args.install_dir:
+        staged = {" (example plugin)": stage(args.install_dir / "example", True),
+                  " (no plugin)": stage(args.install_dir / "plain", False)}
+        python = str(staged[" (example plugin)"] / STAGED_PYTHON)
+        if not args.host_root:
+            accel_root = args.install_dir / "accel-node-root"
+            if not accel_root.exists():
+                subprocess.run([sys.executable, str(REPO / "tests/fixtures/hostgen.py"), str(ACCEL_TOPOLOGY),
+                                str(accel_root)], check=True)
+            args.host_root = str(accel_root)
     if args.host_root:
         env["AIFACTORY_HOST_ROOT"] = args.host_root
     if args.nvml_replay:
@@ -110,7 +157,7 @@ def main() -> int:
     env["AIFACTORY_STATE_DIR"] = args.state_dir or env.get("AIFACTORY_STATE_DIR", "/tmp/aifactory-bench-state")
     commands = {"python -c pass": [python, "-c", "pass"]}
     envs: dict[str, dict[str, str]] = {}
-    for suffix, checkout in checkouts.items():
+    for suffix, checkout in checkouts.items() if not staged else ():  # --install-dir: the staged trees only
         for name, path in PROBES.items():
             probe = checkout / path.relative_to(REPO)
             commands[name + suffix] = [python, "-S", str(probe), "kvm", "0", "bench"]
@@ -120,6 +167,25 @@ def main() -> int:
                 # key of the probe-plugin cache, which the two forms would otherwise replace in turn
                 envs[f"{name} site{suffix}"] = env | {"PYTHONPATH": str(checkout),
                                                            "AIFACTORY_STATE_DIR": env["AIFACTORY_STATE_DIR"] + "-site"}
+    for index, (suffix, tree) in enumerate(staged.items()):
+        for name, path in PROBES.items():
+            commands[name + suffix] = [str(tree / STAGED_PYTHON), "-S", str(staged_probe(tree, path)), "kvm", "0",
+                                       "bench"]
+            # a state directory per tree: their sys.path differs, and so does the probe-plugin
+            # cache's key, which the two trees would otherwise replace in turn every run
+            envs[name + suffix] = env | {"AIFACTORY_STATE_DIR": f"{env['AIFACTORY_STATE_DIR']}-staged{index}"}
+    if staged:
+        reported = subprocess.run(commands["host/system (example plugin)"], env=envs["host/system (example plugin)"],
+                                  stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, check=False).stdout.splitlines()
+        plugins_line = next((line for line in reported if line.startswith("AIF_PROBE_PLUGINS=")), "(none)")
+        devices = [line[:160] for line in reported if line.startswith("AIF_DEVICE=[ PLUGIN=")]
+        print(f"staged probe with the example plugin: {plugins_line}; {len(devices)} device(s)")
+        for line in devices:
+            print(f"  {line}...")
+        if plugins_line != 'AIF_PROBE_PLUGINS="example_accel"' or not devices:
+            print("the staged probe did not run the example plugin on a device: nothing to measure")
+            return 1
     found = subprocess.run([python, "-c", DISCOVER.format(repo=str(REPO))], env=env,
                            capture_output=True, text=True, check=True).stdout.strip()
     print(f"probe plugins found: {found or 'none'}")
