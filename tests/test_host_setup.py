@@ -53,6 +53,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, int, int, bytes | str | None]]:
     return found
 
 
+MARKER_MTIME_NS = 1_700_000_000_123_456_789
+
+
 def synced_host(root: Path) -> Path:
     """A host root as ``onehost sync`` leaves it (environment and host files)."""
     env = root / SYNCED_ENV.lstrip("/")
@@ -64,6 +67,7 @@ def synced_host(root: Path) -> Path:
         script.chmod(0o775)  # group-writable, as oneadmin's copy may be
     (env / "lib" / "marker.txt").write_text("synced\n")
     (env / "lib" / "marker.txt").chmod(0o666)
+    os.utime(env / "lib" / "marker.txt", ns=(MARKER_MTIME_NS, MARKER_MTIME_NS))
     for entry in manifest.discover(REPO):
         if entry.kind == manifest.HOST_DATA:
             target = root / entry.destination.replace(layout.Layout().remotes, layout.HOST_REMOTES, 1).lstrip("/")
@@ -106,6 +110,8 @@ def test_staged_setup_installs_root_owned_files_and_a_working_environment(root: 
     assert helper.read_text().splitlines()[0] == f"#!{host_setup.ROOT_ENV}/bin/python3"
     assert stat.S_IMODE(helper.stat().st_mode) == 0o755
     assert stat.S_IMODE((env / "lib/marker.txt").stat().st_mode) == 0o644
+    # the source's modification times, which keep the compiled modules beside each source valid
+    assert (env / "lib/marker.txt").stat().st_mtime_ns == MARKER_MTIME_NS
     # the copy is an environment of its own: its interpreter's prefix is the copy, not the synced tree
     prefix = subprocess.run([str(env / "bin/python3"), str(helper)], capture_output=True, text=True, check=True)
     assert Path(prefix.stdout.strip()) == env

@@ -157,6 +157,10 @@ def _copy_tree(source: Sources, destination: Path, final_path: str) -> None:
                 content = _rewritten(content, source.environment_path, final_path)
             copy.write_bytes(content)
             os.chmod(copy, 0o755 if os.access(path, os.X_OK) else 0o644)
+            # The source's times: the compiled modules beside it stay valid (a copy stamped now
+            # would have every first import recompile the environment).
+            times = path.stat()
+            os.utime(copy, ns=(times.st_atime_ns, times.st_mtime_ns))
         if as_root:
             os.chown(copy, 0, 0)
     os.chmod(destination, 0o755)

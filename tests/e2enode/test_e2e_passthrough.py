@@ -346,6 +346,7 @@ def e2e(real_one: RealOne, suite_installed: Installed) -> Iterator[EndToEnd]:
     config = real_one.location / "etc" / "aifactory.conf"
     original_config = config.read_text()
     ssh_config = Path(user.pw_dir) / ".ssh" / "config"
+    system_tm: str | None = None
     try:
         # The operator's frontend configuration: the stand-in device into the hosts' PCI lists, and the
         # tenant policy the admission hook reads.
@@ -373,6 +374,11 @@ def e2e(real_one: RealOne, suite_installed: Installed) -> Iterator[EndToEnd]:
         kept = re.sub(r"^\[plugin\.policy\]\n(?:(?!\[).*\n?)*", "", original_config, flags=re.MULTILINE)
         config.write_text(kept + f'\n[frontend]\npci_filter = ["{VENDOR}:{DEVICE_ID}"]\n\n'
                           f'[plugin.policy]\nfile = "{policy}"\n')
+        # oned's default system datastore moves a VM's directory back to the frontend over SSH on
+        # undeploy (TM local), which this frontend does not serve; the node keeps it instead, as with
+        # a system datastore shared between frontend and hosts (TM shared).
+        system_tm = client.datastore.info(0).TM_MAD
+        client.datastore.update(0, 'TM_MAD = "shared"', 1)
         synced = suite_installed.install_sh("--sync", "--no-venv")
         assert synced.returncode == 0, synced.stdout + synced.stderr
         qemu_pci = (real_one.location / "var" / "remotes" / "etc" / "im" / "qemu-probes.d" / "pci.conf").read_text()
@@ -390,6 +396,8 @@ def e2e(real_one: RealOne, suite_installed: Installed) -> Iterator[EndToEnd]:
                     pass
             drop_node(e2e)
         finally:
+            if system_tm is not None:
+                real_one.client().datastore.update(0, f'TM_MAD = "{system_tm}"', 1)
             config.write_text(original_config)
             if ssh_config.exists():
                 ssh_config.write_text(_without_block(ssh_config.read_text()))

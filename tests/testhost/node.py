@@ -91,6 +91,8 @@ chmod 1777 /tmp
 : > /etc/resolv.conf
 : > /root/.bashrc  # the machine's may start pyenv & co., seconds per ssh command under TCG
 hostname {name}
+echo "127.0.1.1 {name}" >> /etc/hosts  # sudo looks its host up
+[ -e /dev/fd ] || ln -s /proc/self/fd /dev/fd  # upstream's driver scripts use bash process substitution
 modprobe virtio_net
 modprobe vfio-pci || say "modprobe vfio-pci failed"
 nic=""
