@@ -9,13 +9,14 @@ exists. Each node is a context manager: several may run at once, each with its o
 
 A node made with ``own_host=True`` is a second host on the same machine: its sshd, libvirtd and
 virtlogd run in a mount namespace of their own (:func:`own_mounts`) where libvirt's runtime, state,
-cache and log directories and oned's system datastores are empty tmpfs, and its libvirtd has a
-``host_uuid`` of its own. Every command oned runs there over SSH (driver actions, probes, the
-transfer driver's copies) sees that host's libvirt, domains and VM directories, so a VM can be
-migrated between two such hosts, cold or live (QEMU's migration stream goes over the shared network
-stack to the machine's hostname). The remotes (``/var/tmp/one``) stay shared: oned copies the same
-files to every host. The suite's state directory is per host already: each node's environment
-names a host root of its own.
+cache and log directories are empty tmpfs, and its libvirtd has a ``host_uuid`` of its own. Every
+command oned runs there over SSH (driver actions, probes) sees that host's libvirt and domains, so a
+VM can be migrated between two such hosts, cold or live (QEMU's migration stream goes over the
+shared network stack to the machine's hostname). The rest of the file system is the machine's:
+the remotes (``/var/tmp/one``: oned copies the same files to every host) and the VM directories
+(the hosts share them, as hosts on shared storage do: give the system datastore ``TM_MAD=shared``).
+The suite's state directory is per host already: each node's environment names a host root of its
+own.
 """
 
 from __future__ import annotations
@@ -111,11 +112,11 @@ LIBVIRT_HOST_DIRS = (Path("/run/libvirt"), Path("/var/lib/libvirt"), Path("/var/
 
 
 @contextmanager
-def own_mounts(one: RealOne) -> Iterator[tuple[str, ...]]:
-    """A mount namespace where each of :data:`LIBVIRT_HOST_DIRS` and oned's system datastores
-    directory is an empty tmpfs (private propagation: nothing mounted there shows outside); the
-    ``nsenter`` argv prefix that runs a command in it. The namespace lives while a process in it
-    does: a holder process here, the daemons started in it after."""
+def own_mounts() -> Iterator[tuple[str, ...]]:
+    """A mount namespace where each of :data:`LIBVIRT_HOST_DIRS` is an empty tmpfs (private
+    propagation: nothing mounted there shows outside); the ``nsenter`` argv prefix that runs a
+    command in it. The namespace lives while a process in it does: a holder process here, the
+    daemons started in it after."""
     unshare = needs.tool("unshare", hint="util-linux")
     nsenter = needs.tool("nsenter", hint="util-linux")
     holder = subprocess.Popen([unshare, "--mount", "--propagation", "private", "--", "sleep", "infinity"])
@@ -127,13 +128,10 @@ def own_mounts(one: RealOne) -> Iterator[tuple[str, ...]]:
                 raise AssertionError(f"unshare --mount did not make a mount namespace (exit {holder.poll()})")
             time.sleep(0.05)
         enter = (nsenter, f"--mount={namespace}", "--")
-        user = pwd.getpwnam("oneadmin")
-        datastores = one.location / "var" / "datastores"
-        for path, owner in (*((path, 0) for path in LIBVIRT_HOST_DIRS), (datastores, user.pw_uid)):
+        for path in LIBVIRT_HOST_DIRS:
             path.mkdir(parents=True, exist_ok=True)  # the mount point, empty where the machine had none
-            group = 0 if owner == 0 else user.pw_gid
-            subprocess.run([*enter, "mount", "-t", "tmpfs", "-o", f"mode=0755,uid={owner},gid={group}",
-                            f"aifactory-{path.name}", str(path)], check=True)
+            subprocess.run([*enter, "mount", "-t", "tmpfs", "-o", "mode=0755", f"aifactory-{path.name}", str(path)],
+                           check=True)
         yield enter
     finally:
         holder.kill()
@@ -147,7 +145,7 @@ def qemu_node(one: RealOne, name: str, env: dict[str, str], aliases: tuple[str, 
     ``aliases``: other names oneadmin reaches the same sshd by (the frontend's own hostname, which
     the transfer driver's ``mv`` reaches over SSH when a VM directory goes back to the frontend).
     ``own_host``: the node is a host of its own on this machine (see the module's docstring)."""
-    with own_mounts(one) if own_host else _machine_mounts() as enter:
+    with own_mounts() if own_host else _machine_mounts() as enter:
         with _node(one, name, env, aliases, enter) as node:
             yield node
 

@@ -29,8 +29,9 @@ after ``SHUTDOWN_TIMEOUT`` (set to a few seconds in the session's ``kvmrc``).
 
 The rows that move a VM between hosts run against a second ``qemu``-type host on the same machine
 (``qemunode.qemu_node(own_host=True)``: its sshd, libvirtd and virtlogd in a mount namespace of
-their own, where libvirt's directories and oned's system datastores are private, and a libvirtd
-``host_uuid`` of its own): cold migration, ``migrate --poweroff``/``--poweroff-hard``, live migration
+their own, where libvirt's directories are private, and a libvirtd ``host_uuid`` of its own; the
+VM directories are shared, as on shared storage: the system datastore gets ``TM_MAD=shared`` for
+these rows): cold migration, ``migrate --poweroff``/``--poweroff-hard``, live migration
 (source and destination rows), and host failure and recovery (the second host's sshd stopped and
 its monitoring agent ended until oned marks it ERROR and the VM UNKNOWN, then started again). After
 each move the suite's records are checked on both hosts: empty on the host the VM left, held (or,
@@ -206,6 +207,12 @@ class Place:
 
     def records(self) -> list[str]:
         return _records(self.host_root / STATE)
+
+    def vm_directory(self, one: RealOne, vm: int) -> str:
+        """What the VM's directory in the system datastore holds on this host (for a failure's message)."""
+        listed = subprocess.run([*self.node.enter, "ls", "-la", f"{one.location}/var/datastores/0/{vm}"],
+                                capture_output=True, text=True, check=False)
+        return f"{self.name}: {listed.stdout}{listed.stderr}"
 
     def domain_active(self, one: RealOne, vm: int) -> bool:
         listed = self.node.virsh(one, "list", "--name")
@@ -664,6 +671,11 @@ def second(matrix: Matrix) -> Iterator[Place]:
     host_root = _host_root(top)
     subprocess.run(["chown", "-R", "oneadmin:oneadmin", str(top)], check=True)
     env = {**matrix.node.env, "AIFACTORY_HOST_ROOT": str(host_root)}
+    # The two hosts see one file system: the system datastore is shared storage for them (its
+    # transfer driver then moves nothing, and the live migration copies no VM directory).
+    client = matrix.one.client()
+    transfer = str(client.datastore.info(0).TM_MAD)
+    client.datastore.update(0, 'TM_MAD="shared"', 1)
     with qemu_node(matrix.one, NODE2, env, own_host=True) as node:
         host = add_host(matrix.one, node)
         place = Place(NODE2, node, host, host_root)
@@ -682,6 +694,7 @@ def second(matrix: Matrix) -> Iterator[Place]:
                     time.sleep(1)
             del matrix.others[NODE2]
             remove_host(matrix.one, host)
+            client.datastore.update(0, f'TM_MAD="{transfer}"', 1)
 
 
 def _watch(matrix: Matrix, vm: int, done: Callable[[str], bool], timeout_s: float = 240) -> list[str]:
@@ -731,13 +744,20 @@ def test_moving_to_another_host_gives_back_on_the_old_and_claims_on_the_new(
     t0 = time.monotonic()
     vm, old, new = _on(matrix, second, start)
     mark = _mark(matrix, vm)
+    before = old.vm_directory(matrix.one, vm)
     matrix.onevm("migrate", *options, str(vm), str(new.host))
     operations = expected_ops(row)
     if options == ["--poweroff-hard"]:  # the row's shutdown is cancel with --poweroff-hard
         operations = ["cancel" if operation == "shutdown" else operation for operation in operations]
     hosts = {action: (old.name, "") for action in ("save", "shutdown", "cancel")}
     hosts |= {action: (new.name, "") for action in ("restore", "deploy")}
-    seen = _moved(matrix, vm, new)
+    try:
+        seen = _moved(matrix, vm, new)
+    except AssertionError as failed:
+        moves = [line for line in (matrix.one.location / "var" / "oned.log").read_text(errors="replace").splitlines()
+                 if "mv" in line or "TrM" in line or "TransferManager" in line][-30:]
+        after = f"{old.vm_directory(matrix.one, vm)}\n{new.vm_directory(matrix.one, vm)}"
+        raise AssertionError(f"{failed}\nbefore: {before}\nafter: {after}\n" + "\n".join(moves)) from None
     note(f"lifecycle matrix: migrate {' '.join(options)} {old.name} -> {new.name}: states seen {seen}")
     _check_row(matrix, vm, mark, operations, f"migrate {' '.join(options)}", hosts)
     for line in _trace_since(matrix, mark):
