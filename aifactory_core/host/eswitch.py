@@ -14,7 +14,7 @@ VFs (:func:`aifactory_core.vnm.plan.vf_mode`), and the one reader of VF represen
 4. No VFs and no compat file: only devlink's eswitch-get can tell, and it needs CAP_NET_ADMIN
    (probes and network hooks run as oneadmin) -> ``unknown``; ``aifactory eswitch`` shows it as root.
 
-This module imports nothing: the probes load it on their start-up path.
+This module imports nothing: the probes load it for a PF that has VFs and a netdev.
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 
-from aifactory_core.host.eswitch import uplink_mode
-from aifactory_core.probes import gpu as gpu_health
 from aifactory_core.probes import host_side
 from aifactory_core.probes.render import error_text
 from aifactory_core.probes.sysfs import (
@@ -216,6 +214,8 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
         bus_xids = xids.get(address[:-2], [])
         reading = readings.get(address)
         if reading is not None:
+            from aifactory_core.probes import gpu as gpu_health  # NVML's readings: a GPU the host driver owns
+
             row.update({key: side[key] for key in HOST_SIDE_WITH_NVML})
             row.update(gpu_health.nvml_attributes(reading, bus_xids))
             row["INVENTORY_SOURCE"] = "NVML"
@@ -233,7 +233,7 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
             if remembered:
                 row.update({key: remembered.get(key, "") for key in CACHED_KEYS})
                 row["INVENTORY_SOURCE"] = "CACHED"
-            fatal = [xid for xid in bus_xids if xid in gpu_health.FATAL_XIDS]
+            fatal = _fatal_xids(bus_xids)
             row["XID_SINCE_LAST"] = ",".join(str(xid) for xid in bus_xids)
             if fatal and row["HEALTH"] != "FAILED":
                 row["HEALTH"], row["HEALTH_REASON"] = "FAILED", f"XID {fatal[0]} since the last run"
@@ -257,6 +257,15 @@ def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: 
     snapshot["gpus"] = rows
 
 
+def _fatal_xids(xids: list[int]) -> list[int]:
+    """The XIDs among ``xids`` after which a GPU must not take new work (none read: nothing imported)."""
+    if not xids:
+        return []
+    from aifactory_core.probes.gpu import FATAL_XIDS
+
+    return [xid for xid in xids if xid in FATAL_XIDS]
+
+
 def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None:
     rows = []
     held = snapshot["held"]
@@ -273,7 +282,7 @@ def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None
                     vfs.append(target)
         used = [vf for vf in vfs if vf in held or pci_driver(root, vf) == "vfio-pci"]
         interfaces = root.listdir(base + "net")
-        modes = [uplink_mode(root.text, root.listdir, interface) for interface in interfaces]
+        modes = _uplink_modes(root, interfaces)
         mode = next((word for word in ("switchdev", "legacy", "unknown") if word in modes), "")
         vendor, device, _klass = pci_ids(root, address)
         rows.append({
@@ -283,6 +292,16 @@ def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None
             "ESWITCH_MODE": mode.upper(),
         })
     snapshot["sriov"] = rows
+
+
+def _uplink_modes(root: Root, interfaces: list[str]) -> list[str]:
+    """Each uplink netdev's eswitch mode (:mod:`aifactory_core.host.eswitch`, loaded only for a PF
+    with VFs and a netdev)."""
+    if not interfaces:
+        return []
+    from aifactory_core.host.eswitch import uplink_mode
+
+    return [uplink_mode(root.text, root.listdir, interface) for interface in interfaces]
 
 
 def _collect_plugin_devices(root: Root, snapshot: Snapshot) -> None:
@@ -338,16 +357,19 @@ def _collect_ib(root: Root, snapshot: Snapshot) -> None:
 
 
 def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_mode: str = "health",
-            plugins: bool = True) -> Snapshot:
+            plugins: bool = True, host_wide: bool = True) -> Snapshot:
     """Read everything the probes report; never raises.
 
     ``plugins``: also run the probe plugins (``snapshot["devices"]``, ``snapshot["probe_plugins"]``).
 
+    ``host_wide``: also the sections about the host as a whole: SR-IOV PFs, InfiniBand ports,
+    hugepages and the readiness checks (otherwise ``snapshot["sriov"]``, ``["ib"]``,
+    ``["hugepages"]`` and ``["checks"]`` stay empty: the vm/monitor probe reports only what each VM
+    holds, and skips their reads and imports).
+
     ``nvml_mode``: ``health`` (inventory and health calls), ``metrics`` (also utilisation, power,
     clocks, energy), ``off`` (host-side readings only: the vm/monitor probe, every 30 s, needs no
     NVML because a GPU a VM holds is invisible to it anyway)."""
-    from aifactory_core.probes import readiness
-
     snapshot: Snapshot = {"problems": [], "gpus": [], "sriov": [], "ib": [], "hugepages": [], "checks": [],
                           "nvml": {"STATUS": "", "DRIVER_VERSION": ""}, "held": {},
                           "xid_source": "unused", "devices": [], "probe_plugins": []}
@@ -358,17 +380,19 @@ def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_m
                                  "held until it is removed" for name in host_side.set_aside_journals(root)]
     except Exception as error:
         _problem(snapshot, "holders", error)
-    sections: tuple[tuple[str, Callable[[], None]], ...] = (
-        ("gpu", lambda: _collect_gpus(root, snapshot, functions, replay, budget_s, nvml_mode)),
-        ("sriov", lambda: _collect_sriov(root, snapshot, functions)),
-        ("infiniband", lambda: _collect_ib(root, snapshot)),
-        ("plugins", lambda: _collect_plugin_devices(root, snapshot)),
-        ("hugepages", lambda: snapshot.__setitem__("hugepages", readiness.hugepages(root))),
-        ("readiness", lambda: snapshot.__setitem__("checks", readiness.checks(root, functions))),
-    )
+    sections: list[tuple[str, Callable[[], None]]] = [
+        ("gpu", lambda: _collect_gpus(root, snapshot, functions, replay, budget_s, nvml_mode))]
+    if host_wide:
+        sections += [("sriov", lambda: _collect_sriov(root, snapshot, functions)),
+                     ("infiniband", lambda: _collect_ib(root, snapshot))]
+    if plugins:
+        sections.append(("plugins", lambda: _collect_plugin_devices(root, snapshot)))
+    if host_wide:
+        from aifactory_core.probes import readiness
+
+        sections += [("hugepages", lambda: snapshot.__setitem__("hugepages", readiness.hugepages(root))),
+                     ("readiness", lambda: snapshot.__setitem__("checks", readiness.checks(root, functions)))]
     for name, section in sections:
-        if name == "plugins" and not plugins:
-            continue
         try:
             section()
         except Exception as error:  # one section's failure never hides the others

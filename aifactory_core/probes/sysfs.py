@@ -10,11 +10,28 @@ from __future__ import annotations
 
 import os
 
-from aifactory_core.host.sysfs import link_name  # imports only os
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from os import PathLike
 
 _HEX = frozenset("0123456789abcdef")
 DEFAULT_STATE_DIR = "/var/lib/one/aifactory"
 NVIDIA = 0x10DE  # PCI vendor id
+
+
+def link_name(path: str | PathLike[str]) -> str | None:
+    """The last component of a symlink's target (``driver`` -> ``nvidia``), or None. A target ending
+    in ``/`` or ``..`` is resolved as the kernel would, not reported as ``''`` or ``'..'``. The one
+    rule for the probes and the host model (:mod:`aifactory_core.host.sysfs` takes it from here, so
+    the probes do not load that package)."""
+    try:
+        target = os.readlink(path)
+    except OSError:  # absent or not a link
+        return None
+    name = os.path.basename(target.rstrip("/"))
+    if name in ("", ".", ".."):
+        name = os.path.basename(os.path.realpath(path))
+    return name or None
 
 
 class Root:

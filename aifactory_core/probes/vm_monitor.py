@@ -57,7 +57,7 @@ def probe(root: Root, replay: str | None = None, budget_s: float = 5.0) -> str:
     empty vm/monitor stream is valid; monitord keeps the VMs' other monitoring) and the reason goes
     to stderr in one line, for whoever runs the probe by hand."""
     try:
-        snapshot = collect(root, replay, budget_s, nvml_mode="off")
+        snapshot = collect(root, replay, budget_s, nvml_mode="off", host_wide=False)
         _reconcile_if_due(root, snapshot["held"])
         return "".join(render.vm_line(vm, f"one-{vm}", attributes) + "\n"
                        for vm, attributes in records(snapshot))
