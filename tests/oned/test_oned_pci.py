@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from qemunode import qemu_node, remove_host
+from qemunode import host_xml, pci_share, qemu_node, remove_host, wait_for
 from realone import REPO, SYSTEM_PROBES_PERIOD, Installed, RealOne, in_frontend, note
 
 from aifactory_core.samples import extract_sample
@@ -33,42 +33,15 @@ GPU = "0000:00:06:0"  # oned's spelling of the capture's H100 at 0000:00:06.0
 MONITOR_TIMEOUT = 300 + 3 * SYSTEM_PROBES_PERIOD
 
 
-def _wait(condition: Callable[[], object], what: str, timeout: float, detail: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{detail()}")
-        time.sleep(1)
-
-
-def _host(one: RealOne, host: int) -> Any:
-    import xmlrpc.client
-
-    from lxml import etree
-
-    ok, answer, *_ = xmlrpc.client.ServerProxy(one.endpoint).one.host.info(f"oneadmin:{one.password}", host, False)
-    assert ok, answer
-    return etree.fromstring(answer.encode())
-
-
-def _share(one: RealOne, host: int) -> dict[str, int]:
-    """oned's PCI share of the host: ADDRESS -> VMID (-1 free)."""
-    return {pci.findtext("ADDRESS") or "": int(pci.findtext("VMID") or "-1")
-            for pci in _host(one, host).iterfind("HOST_SHARE/PCI_DEVICES/PCI")}
-
-
 def _gpu_health(one: RealOne, host: int) -> str:
-    return _host(one, host).findtext("TEMPLATE/AIF_GPU/HEALTH") or ""
+    return host_xml(one, host).findtext("TEMPLATE/AIF_GPU/HEALTH") or ""
 
 
 def _monitored_with_gpu(one: RealOne, host: int) -> bool:
-    if _host(one, host).findtext("STATE") == "3":
-        raise AssertionError(f"{NODE} in ERROR: {_host(one, host).findtext('TEMPLATE/ERROR')}\n"
+    if host_xml(one, host).findtext("STATE") == "3":
+        raise AssertionError(f"{NODE} in ERROR: {host_xml(one, host).findtext('TEMPLATE/ERROR')}\n"
                              + one.log_tail("monitor.log"))
-    return GPU in _share(one, host)
+    return GPU in pci_share(one, host)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +75,8 @@ def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Itera
     replay = node.parent / "nvml.json"
     healthy = replay.read_text()
     try:
-        _wait(lambda: _monitored_with_gpu(real_one, host), f"{GPU} in {NODE}'s PCI share", MONITOR_TIMEOUT,
-              lambda: real_one.log_tail("monitor.log"))
+        wait_for(lambda: _monitored_with_gpu(real_one, host), f"{GPU} in {NODE}'s PCI share", MONITOR_TIMEOUT,
+                 lambda: real_one.log_tail("monitor.log"))
         note(f"pci: {NODE} created -> the GPU in oned's PCI share after {time.monotonic() - t0:.0f} s")
         yield {"host": host, "datastore": datastore, "replay": replay, "healthy": healthy,
                "installed": suite_installed}
@@ -119,8 +92,8 @@ def gpu_host(real_one: RealOne, suite_installed: Installed, node: Path) -> Itera
                     client.vm.action("terminate-hard", vm.ID)
                 except pyone.OneException:  # a state terminate refuses (BOOT under load): delete it
                     client.vm.recover(vm.ID, 3)
-            _wait(lambda: not [vm for vm in client.vmpool.info(-2, -1, -1, -1).VM if _last_host(vm) in ("", NODE)],
-                  "the VMs to end", 120)
+            wait_for(lambda: not [vm for vm in client.vmpool.info(-2, -1, -1, -1).VM if _last_host(vm) in ("", NODE)],
+                     "the VMs to end", 120)
         finally:
             remove_host(real_one, host)  # a host left behind fails later onehost sync runs
 
@@ -181,8 +154,8 @@ def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(
         real_one: RealOne, gpu_host: dict[str, Any]) -> None:
     host, datastore, replay = gpu_host["host"], gpu_host["datastore"], gpu_host["replay"]
     # 1. The host's PCI list is the GPU and nothing else of this machine or the capture.
-    assert _share(real_one, host) == {GPU: -1}
-    template = _host(real_one, host)
+    assert pci_share(real_one, host) == {GPU: -1}
+    template = host_xml(real_one, host)
     assert template.findtext("TEMPLATE/AIF_PCI_OFFERED") == "0000:00:06.0"
     assert template.find("TEMPLATE/PCI") is None  # oned moved the vectors into its share
     shown = _onehost_pci(real_one)
@@ -195,9 +168,9 @@ def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(
 
     # 2. A VM asking for a GPU is scheduled and oned gives it the GPU.
     first = _gpu_vm(real_one, "gpu-first", datastore)
-    _wait(lambda: _placed(real_one, first) == (3, GPU), f"VM {first} ACTIVE with {GPU}", 180,
-          lambda: str(real_one.client().vm.info(first).USER_TEMPLATE) + real_one.log_tail("sched.log"))
-    assert _share(real_one, host) == {GPU: first}
+    wait_for(lambda: _placed(real_one, first) == (3, GPU), f"VM {first} ACTIVE with {GPU}", 180,
+             lambda: str(real_one.client().vm.info(first).USER_TEMPLATE) + real_one.log_tail("sched.log"))
+    assert pci_share(real_one, host) == {GPU: first}
     note("onehost show (VM holding the GPU):\n" + _onehost_pci(real_one))
 
     # 3. A recorded reading says FAILED: the VM holding the GPU keeps it, undisturbed.
@@ -205,17 +178,17 @@ def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(
     failed["devices"][0]["RemappedRows"]["value"] = ["0", "0", "0", "1"]
     replay.write_text(json.dumps(failed))
     t0 = time.monotonic()
-    _wait(lambda: _gpu_health(real_one, host) == "FAILED", "AIF_GPU/HEALTH FAILED", MONITOR_TIMEOUT)
+    wait_for(lambda: _gpu_health(real_one, host) == "FAILED", "AIF_GPU/HEALTH FAILED", MONITOR_TIMEOUT)
     note(f"pci: FAILED reading -> HEALTH=FAILED in the host template after {time.monotonic() - t0:.0f} s")
-    assert "FAILED: row remapping failed" in (_host(real_one, host).findtext("TEMPLATE/AIF_PCI_WITHHELD") or "")
+    assert "FAILED: row remapping failed" in (host_xml(real_one, host).findtext("TEMPLATE/AIF_PCI_WITHHELD") or "")
     time.sleep(SYSTEM_PROBES_PERIOD + 2)  # one more report without the GPU
-    assert _share(real_one, host) == {GPU: first}
+    assert pci_share(real_one, host) == {GPU: first}
     assert _placed(real_one, first)[1] == GPU and _placed(real_one, first)[0] == 3
 
     # 4. Once the VM gives it back, the failed GPU leaves the share at the next report...
     real_one.client().vm.action("terminate-hard", first)
     t0 = time.monotonic()
-    _wait(lambda: _share(real_one, host) == {}, f"{GPU} gone from the share", MONITOR_TIMEOUT)
+    wait_for(lambda: pci_share(real_one, host) == {}, f"{GPU} gone from the share", MONITOR_TIMEOUT)
     note(f"pci: failed GPU released -> gone from oned's PCI share after {time.monotonic() - t0:.0f} s")
     note("onehost show (GPU FAILED):\n" + _onehost_pci(real_one))
 
@@ -237,6 +210,6 @@ def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(
     # 5. Healthy again: offered again, and the waiting VM gets it.
     replay.write_text(gpu_host["healthy"])
     t0 = time.monotonic()
-    _wait(lambda: _placed(real_one, second) == (3, GPU), f"VM {second} ACTIVE with {GPU}", MONITOR_TIMEOUT)
+    wait_for(lambda: _placed(real_one, second) == (3, GPU), f"VM {second} ACTIVE with {GPU}", MONITOR_TIMEOUT)
     note(f"pci: healthy reading -> waiting VM {second} given {GPU} after {time.monotonic() - t0:.0f} s")
-    assert _share(real_one, host) == {GPU: second}
+    assert pci_share(real_one, host) == {GPU: second}
