@@ -33,27 +33,18 @@ def _ipv6_addresses(host: HostRoot) -> dict[str, list[str]]:
 
 def _ipv4_addresses(host: HostRoot) -> dict[str, list[str]]:
     """IPv4 addresses by interface. No procfs file maps them to interfaces, so they come over
-    netlink, from the live machine only: another host root has none to tell."""
+    netlink (:mod:`aifactory_core.host.rtnl_addr`), from the live machine only: another host
+    root has none to tell."""
     if not host.is_live:
         return {}
-    import socket
-
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
+    from aifactory_core.host.rtnl_addr import ipv4_addresses
 
     try:
-        with IPRoute() as route:
-            messages = route.get_addr(family=socket.AF_INET)
-    except (OSError, NetlinkError) as error:
+        by_index = ipv4_addresses()
+    except OSError as error:
         raise HostError(f"cannot read the interfaces' addresses over netlink: {error}") from None
     names = {index: name for name, index in _ifindexes(host).items()}
-    found: dict[str, list[str]] = {}
-    for message in messages:
-        name = names.get(message["index"])
-        address = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
-        if name is not None and address:
-            found.setdefault(name, []).append(str(address))
-    return found
+    return {names[index]: addresses for index, addresses in by_index.items() if index in names}
 
 
 def _ifindexes(host: HostRoot) -> dict[str, int]:
