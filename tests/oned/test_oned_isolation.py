@@ -214,8 +214,8 @@ def test_a_request_by_short_address_is_judged_as_the_device_the_hosts_list_there
     controller 1b21:0aa7 at 00:06.0) and judges that device against the tenant's grants."""
     one = iso.one
     client = one.client()
-    by_address = {short: client.template.allocate(f'NAME="iso-short-{short}" CPU="1" MEMORY="64" '
-                                                  f'PCI=[ SHORT_ADDRESS="{short}" ]')
+    by_address = {short: client.template.allocate(f'NAME="iso-short-{short.replace(":", "-")}" CPU="1" '
+                                                  f'MEMORY="64" PCI=[ SHORT_ADDRESS="{short}" ]')
                   for short in ("02:00.0", "00:06.0")}
     iso.write_policy([iso.net], extra_templates=list(by_address.values()))
     iso.apply()
@@ -340,7 +340,8 @@ def test_host_gate_with_the_example_policy_on_real_vm_documents(iso: Tenancy, tm
     for vm in client.vmpool.info(-2, -1, -1, -1).VM:  # free the dummy host's GPU
         client.vm.action("terminate-hard", vm.ID)
     _wait(lambda: not client.vmpool.info(-2, -1, -1, -1).VM, "the earlier VMs to end", one)
-    groups = {name: client.group.allocate(name) for name in ("llm-lab", "vision", "intruders")}
+    existing = {group.NAME: group.ID for group in client.grouppool.info().GROUP}  # an earlier module's tenants
+    groups = {name: existing.get(name) or client.group.allocate(name) for name in ("llm-lab", "vision", "intruders")}
     documents: dict[str, bytes] = {}
     for name, gid in groups.items():  # the operator runs a GPU VM and hands it to the group
         vm = int(client.template.instantiate(iso.gpu_quota, f"{name}-vm", False, "", False))
