@@ -714,9 +714,12 @@ def _watch(matrix: Matrix, vm: int, done: Callable[[str], bool], timeout_s: floa
     raise AssertionError(f"VM {vm}: states {seen}, still waiting after {timeout_s:.0f} s\n{log}")
 
 
-def _moved(matrix: Matrix, vm: int, target: Place) -> list[str]:
-    """Wait until oned has the VM RUNNING on ``target``; the states seen."""
-    return _watch(matrix, vm, lambda state: state == "RUNNING" and matrix.host_of(vm) == target.name)
+def _moved(matrix: Matrix, vm: int, target: Place, mark: Mark, operations: int) -> list[str]:
+    """Wait until oned has the VM RUNNING on ``target`` after the move's ``operations`` driver steps
+    since ``mark`` (oned names the new host as the move begins, while the VM is still RUNNING on the
+    old one); the states seen."""
+    return _watch(matrix, vm, lambda state: state == "RUNNING" and matrix.host_of(vm) == target.name
+                  and len(_ops_since(matrix, vm, mark)) >= operations)
 
 
 def _on(matrix: Matrix, second: Place, name: str) -> tuple[int, Place, Place]:
@@ -725,16 +728,17 @@ def _on(matrix: Matrix, second: Place, name: str) -> tuple[int, Place, Place]:
     vm = _running(matrix)
     here, there = (matrix.place, second) if name == NODE else (second, matrix.place)
     if matrix.host_of(vm) != here.name:
-        matrix.onevm("migrate", "--poweroff-hard", str(vm), str(here.host))
-        _moved(matrix, vm, here)
+        mark = _mark(matrix, vm)
+        matrix.onevm("migrate", "--poff-hard", str(vm), str(here.host))
+        _moved(matrix, vm, here, mark, len(expected_ops("migrate --poweroff / --poweroff-hard")))
     assert here.records() == matrix.held(vm)
     return vm, here, there
 
 
-MOVES = [  # the row, onevm migrate's option, the host the VM starts on
+MOVES = [  # the row, onevm migrate's option (7.0.2's CLI spells them --poff, --poff-hard), the host the VM starts on
     ("migrate (cold)", [], NODE),
-    ("migrate --poweroff / --poweroff-hard", ["--poweroff-hard"], NODE2),
-    ("migrate --poweroff / --poweroff-hard", ["--poweroff"], NODE),
+    ("migrate --poweroff / --poweroff-hard", ["--poff-hard"], NODE2),
+    ("migrate --poweroff / --poweroff-hard", ["--poff"], NODE),
 ]
 
 
@@ -747,12 +751,12 @@ def test_moving_to_another_host_gives_back_on_the_old_and_claims_on_the_new(
     before = old.vm_directory(matrix.one, vm)
     matrix.onevm("migrate", *options, str(vm), str(new.host))
     operations = expected_ops(row)
-    if options == ["--poweroff-hard"]:  # the row's shutdown is cancel with --poweroff-hard
+    if options == ["--poff-hard"]:  # the row's shutdown is cancel with --poweroff-hard
         operations = ["cancel" if operation == "shutdown" else operation for operation in operations]
     hosts = {action: (old.name, "") for action in ("save", "shutdown", "cancel")}
     hosts |= {action: (new.name, "") for action in ("restore", "deploy")}
     try:
-        seen = _moved(matrix, vm, new)
+        seen = _moved(matrix, vm, new, mark, len(operations))
     except AssertionError as failed:
         moves = [line for line in (matrix.one.location / "var" / "oned.log").read_text(errors="replace").splitlines()
                  if "mv" in line or "TrM" in line or "TransferManager" in line][-30:]
@@ -815,7 +819,7 @@ def test_live_migration_gives_back_on_the_source_and_claims_nothing_on_the_desti
     vm, source, destination = _on(matrix, second, NODE2)
     mark = _mark(matrix, vm)
     matrix.onevm("migrate", "--live", str(vm), str(destination.host))
-    seen = _moved(matrix, vm, destination)
+    seen = _moved(matrix, vm, destination, mark, len(expected_ops(LIVE_SOURCE) + expected_ops(LIVE_DESTINATION)))
     note(f"lifecycle matrix: migrate --live {source.name} -> {destination.name}: states seen {seen}")
     # One driver action runs both rows: VNM pre on the destination, migrate and VNM clean on the
     # source, VNM post on the destination (upstream's one_vmm_exec.rb, migrate's steps).
