@@ -83,8 +83,8 @@ def test_the_vmm_fast_path_imports_only_itself(tmp_path: Path, action: str) -> N
 # a VM, the example vendor plugin's accelerator, no NVML, no SR-IOV PF, no readable kernel log), the
 # example plugin installed: what each probe loads beyond the interpreter's own ``-S`` start-up.
 # Everything else is imported inside the function that needs it, only where there is work for it.
-PROBE_STDLIB = {"os", "os.path", "posixpath", "genericpath", "stat", "_stat", "_collections_abc", "__future__", "gc"}
-PROBE_CORE = {"aifactory_core", "aifactory_core.probes", "aifactory_core.probes.entry", "aifactory_core.probes.sysfs",
+PROBE_STDLIB = {"os", "os.path", "posixpath", "genericpath", "stat", "_stat", "_collections_abc", "gc"}
+PROBE_CORE = {"aifactory_core", "aifactory_core.probes", "aifactory_core.probes.sysfs",
               "aifactory_core.probes.render", "aifactory_core.probes.host_side", "aifactory_core.probes.collect",
               "aifactory_core.probes.plugins", "aifactory_core.probes.api"}
 EXAMPLE_PLUGIN = {"aifactory_example_accel", "aifactory_example_accel.probe"}
@@ -98,8 +98,10 @@ ACCEL_HOST_PROBES = {
 }
 # What such a run must never load (each named for what would bring it back): the host model's package
 # (SR-IOV/eswitch: host.eswitch; link names: probes.sysfs), NVML and its verdicts, XIDs, NUMA, the
-# Prometheus writer, the full plugin machinery, and the slow parts of the standard library.
+# Prometheus writer, the full plugin machinery, the slow parts of the standard library, and
+# ``__future__`` (a ``from __future__ import annotations`` in a module of the path loads it).
 NOT_ON_ACCEL_HOST = {
+    "__future__",
     "aifactory_core.host", "aifactory_core.host.eswitch", "aifactory_core.host.sysfs", "aifactory_core.host.numa",
     "aifactory_core.probes.gpu", "aifactory_core.probes.nvml", "aifactory_core.probes.nvml_ctypes",
     "aifactory_core.probes.xid", "aifactory_core.probes.prometheus", "aifactory_core.probes.owners",

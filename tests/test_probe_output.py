@@ -349,7 +349,7 @@ def test_installed_probes_import_nothing_heavy(probe: Path, dgx_root: Path, tmp_
                             capture_output=True, text=True, env=full, timeout=60, check=False)
     assert result.returncode == 0
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
-    assert "aifactory_core.probes.entry" in imported
+    assert "aifactory_core.probes" in imported
     heavy = {"pluggy", "lxml", "pyone", "pyroute2", "pynvml", "argparse", "dataclasses", "typing", "pyudev",
              "aifactory_core.one.template", "aifactory_core.hostroot"}
     assert not imported & heavy
@@ -511,10 +511,10 @@ def test_link_names_as_the_kernel_resolves_them(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("value", "seconds"), [("2.5", 2.5), ("nan", 5.0), ("inf", 60.0), ("-1", 0.1), ("x", 5.0)])
 def test_installed_probe_budget_is_clamped(monkeypatch: pytest.MonkeyPatch, value: str, seconds: float) -> None:
-    from aifactory_core.probes import entry
+    from aifactory_core import probes
 
     monkeypatch.setenv("AIFACTORY_PROBE_BUDGET_S", value)
-    assert entry._budget() == seconds
+    assert probes._budget() == seconds
 
 
 @pytest.mark.parametrize(("tree_mode", "compat", "expected"), [

@@ -11,8 +11,6 @@ counter's ends in ``_total``; the exposition prefixes ``aifactory_`` and adds th
 (``bus_id``, ``plugin``, ``kind``, ``model``, and ``vm_id``/``tenant`` while a VM holds it).
 """
 
-from __future__ import annotations
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -50,7 +48,7 @@ class Metric:
     __slots__ = ("name", "value", "kind", "help", "labels")
 
     def __init__(self, name: str, value: float, kind: str = "gauge", help: str = "",  # noqa: A002
-                 labels: Mapping[str, str] | None = None) -> None:
+                 labels: "Mapping[str, str] | None" = None) -> None:
         if not metric_name(name):
             raise ValueError(f"metric name {name!r}: use [a-z][a-z0-9_]*")
         if name.startswith(RESERVED_PREFIXES):
@@ -79,7 +77,7 @@ class ProbeDevice:
     __slots__ = ("address", "kind", "model", "health", "health_reason", "attributes", "metrics")
 
     def __init__(self, address: str, kind: str, *, model: str = "", health: str = "OK", health_reason: str = "",
-                 attributes: Mapping[str, object] | None = None, metrics: Iterable[Metric] = ()) -> None:
+                 attributes: "Mapping[str, object] | None" = None, metrics: "Iterable[Metric]" = ()) -> None:
         from aifactory_core.probes.sysfs import is_pci_address
 
         if not is_pci_address(address):

@@ -6,8 +6,6 @@ all render, so the three outputs always agree. Each section is isolated: an exce
 recorded in ``snapshot["problems"]`` and the others are still reported. Nothing here raises.
 """
 
-from __future__ import annotations
-
 import os
 
 from aifactory_core.probes import host_side
@@ -51,7 +49,7 @@ HOST_SIDE_WITH_NVML = ("LINK_SPEED", "LINK_SPEED_MAX", "LINK_WIDTH", "LINK_WIDTH
                        "AER_NONFATAL", "AER_FATAL", "CONFIG_SPACE")
 
 
-def _problem(snapshot: Snapshot, section: str, error: BaseException) -> None:
+def _problem(snapshot: "Snapshot", section: str, error: BaseException) -> None:
     snapshot["problems"].append(error_text(error, prefix=f"{section}: "))
 
 
@@ -66,7 +64,7 @@ def gpu_functions(root: Root, functions: list[str]) -> list[str]:
 
 
 def _nvml_source(root: Root, gpus: list[str], drivers: dict[str, str], replay: str | None,
-                 budget_s: float, mode: str) -> tuple[Any, str]:
+                 budget_s: float, mode: str) -> "tuple[Any, str]":
     if mode == "off":
         return None, "unused: host-side readings only"
     if not replay and not any(drivers.get(address) == "nvidia" for address in gpus):
@@ -146,8 +144,8 @@ def _write_cache(root: Root, cache: dict[str, dict[str, object]]) -> None:
     replace_quietly(_cache_path(root), "".join(f"{line}\n" for line in lines))
 
 
-def _read_nvml(root: Root, snapshot: Snapshot, gpus: list[str], drivers: dict[str, str], replay: str | None,
-               budget_s: float, mode: str) -> dict[str, dict[str, Any]]:
+def _read_nvml(root: Root, snapshot: "Snapshot", gpus: list[str], drivers: dict[str, str], replay: str | None,
+               budget_s: float, mode: str) -> "dict[str, dict[str, Any]]":
     """NVML's readings by PCI address; sets ``snapshot["nvml"]`` and records a GPU NVML reports
     without an address as a problem."""
     snapshot["nvml"] = {"STATUS": "unused: no NVIDIA GPU", "DRIVER_VERSION": ""}
@@ -180,7 +178,7 @@ def _read_nvml(root: Root, snapshot: Snapshot, gpus: list[str], drivers: dict[st
     return readings
 
 
-def _collect_gpus(root: Root, snapshot: Snapshot, functions: list[str], replay: str | None,
+def _collect_gpus(root: Root, snapshot: "Snapshot", functions: list[str], replay: str | None,
                   budget_s: float, mode: str) -> None:
     gpus = gpu_functions(root, functions)
     drivers = {address: pci_driver(root, address) for address in gpus}
@@ -266,7 +264,7 @@ def _fatal_xids(xids: list[int]) -> list[int]:
     return [xid for xid in xids if xid in FATAL_XIDS]
 
 
-def _collect_sriov(root: Root, snapshot: Snapshot, functions: list[str]) -> None:
+def _collect_sriov(root: Root, snapshot: "Snapshot", functions: list[str]) -> None:
     rows = []
     held = snapshot["held"]
     for address in functions:
@@ -304,7 +302,7 @@ def _uplink_modes(root: Root, interfaces: list[str]) -> list[str]:
     return [uplink_mode(root.text, root.listdir, interface) for interface in interfaces]
 
 
-def _collect_plugin_devices(root: Root, snapshot: Snapshot) -> None:
+def _collect_plugin_devices(root: Root, snapshot: "Snapshot") -> None:
     """The devices probe plugins report (:mod:`aifactory_core.probes.plugins`), with what sysfs and
     the lifecycle engine say of them: one ``AIF_DEVICE`` row each."""
     from aifactory_core.probes import plugins
@@ -336,7 +334,7 @@ def _collect_plugin_devices(root: Root, snapshot: Snapshot) -> None:
     snapshot["devices"] = rows
 
 
-def _collect_ib(root: Root, snapshot: Snapshot) -> None:
+def _collect_ib(root: Root, snapshot: "Snapshot") -> None:
     rows = []
     for device in root.listdir("/sys/class/infiniband"):
         base = f"/sys/class/infiniband/{device}"
@@ -357,7 +355,7 @@ def _collect_ib(root: Root, snapshot: Snapshot) -> None:
 
 
 def collect(root: Root, replay: str | None = None, budget_s: float = 5.0, nvml_mode: str = "health",
-            plugins: bool = True, host_wide: bool = True) -> Snapshot:
+            plugins: bool = True, host_wide: bool = True) -> "Snapshot":
     """Read everything the probes report; never raises.
 
     ``plugins``: also run the probe plugins (``snapshot["devices"]``, ``snapshot["probe_plugins"]``).

@@ -8,8 +8,6 @@ reason), its reset history (``<state dir>/resets/<address>``, the newest outcome
 (``held_devices``).
 """
 
-from __future__ import annotations
-
 import os
 
 from aifactory_core.probes.sysfs import Root, is_pci_address
@@ -58,7 +56,7 @@ STATE_FILE_MAX_BYTES = 1 << 20
 
 
 def _state_files(root: Root, subdirectory: str, *, encoding: str = "utf-8",
-                 accept: Callable[[str], bool] = is_pci_address) -> Iterator[tuple[str, str]]:
+                 accept: "Callable[[str], bool]" = is_pci_address) -> "Iterator[tuple[str, str]]":
     """``(name, content)`` of each readable file under ``<state dir>/<subdirectory>`` whose name
     ``accept`` takes, in name order; nothing when the directory is missing. Only regular files, never
     through a link, at most :data:`STATE_FILE_MAX_BYTES` each: the directory is ``oneadmin``'s and
@@ -134,7 +132,7 @@ def holders(root: Root) -> dict[str, int]:
     return held
 
 
-def attributes(root: Root, address: str, quarantined: Mapping[str, str]) -> dict[str, object]:
+def attributes(root: Root, address: str, quarantined: "Mapping[str, str]") -> dict[str, object]:
     """The host-side part of one ``AIF_GPU`` vector, with its verdict."""
     values = link(root, address)
     config = config_state(root, address)

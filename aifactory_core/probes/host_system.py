@@ -21,8 +21,6 @@ A later run that finds nothing for a list emits a single placeholder vector (``A
 that oned's merge replaces the stale entries (an omitted attribute would stay in the template).
 """
 
-from __future__ import annotations
-
 from aifactory_core import __version__
 from aifactory_core.probes import render
 from aifactory_core.probes.collect import collect, worst
@@ -33,7 +31,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-def attributes(snapshot: dict[str, Any]) -> list[tuple[str, object]]:
+def attributes(snapshot: "dict[str, Any]") -> list[tuple[str, object]]:
     problems = snapshot["problems"]
     out: list[tuple[str, object]] = [
         ("AIF_PROBE", {"VERSION": __version__, "STATUS": "PARTIAL" if problems else "OK",
@@ -71,7 +69,7 @@ def attributes(snapshot: dict[str, Any]) -> list[tuple[str, object]]:
     return out
 
 
-def pci_list(root: Root, snapshot: dict[str, Any]) -> None:
+def pci_list(root: Root, snapshot: "dict[str, Any]") -> None:
     """Decide the host's PCI list into ``snapshot["pci"]`` (a failure: no device offered, a problem)."""
     from aifactory_core.probes import host_side, hostconf, pci_offer
 

@@ -9,8 +9,6 @@ A config that cannot be read or parsed is reported as a problem and counts as em
 then offers the GPUs alone); the root helper refuses a host device whatever the probe said.
 """
 
-from __future__ import annotations
-
 import os
 
 from aifactory_core.probes.sysfs import Root, is_pci_address, replace_quietly

@@ -30,8 +30,6 @@ The vectors carry the keys and spelling of ``pci.rb`` (``TYPE`` ``vendor:device:
 7.4.0's ``IFNAME`` and ``SRIOV`` (``vf``/``pf``/``no``).
 """
 
-from __future__ import annotations
-
 from aifactory_core.probes.sysfs import Root, one_address, pci_ids
 
 TYPE_CHECKING = False
@@ -119,7 +117,7 @@ def pool_vfs(root: Root, pools: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
-def offer(root: Root, snapshot: dict[str, Any], settings: dict[str, tuple[str, ...]],
+def offer(root: Root, snapshot: "dict[str, Any]", settings: dict[str, tuple[str, ...]],
           quarantined: dict[str, str]) -> tuple[list[dict[str, object]], list[tuple[str, str]]]:
     """(PCI vectors to report, [(address, why withheld)])."""
     pools = settings.get("vf_pools", ())

@@ -23,8 +23,6 @@ plugin that fails to import, declares a newer API or raises is reported as a pro
 (``AIF_PROBE/PROBLEMS``); the other plugins and the probe's own sections are still reported.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 
@@ -128,7 +126,7 @@ def scan(directories: list[str]) -> list[tuple[str, str]]:
     return sorted(found.items())
 
 
-def _cache_path(root: Root) -> str:
+def _cache_path(root: "Root") -> str:
     return os.path.join(root.state_dir, "probes", f"plugins-{os.geteuid()}.tsv")
 
 
@@ -149,7 +147,7 @@ def _read_trusted(path: str) -> str | None:
         os.close(fd)
 
 
-def discover(root: Root) -> list[tuple[str, str]]:
+def discover(root: "Root") -> list[tuple[str, str]]:
     """``(name, module)`` of every installed probe plugin, from the cache when it is still valid."""
     directories = _path_dirs()
     key = cache_key(directories)
@@ -172,7 +170,7 @@ def _load(module: str) -> object:
     return sys.modules[module]
 
 
-def run(root: Root, problems: list[str]) -> tuple[list[tuple[str, ProbeDevice]], list[str]]:
+def run(root: "Root", problems: list[str]) -> "tuple[list[tuple[str, ProbeDevice]], list[str]]":
     """Every probe plugin's devices as ``(plugin name, device)``, and the names of the plugins that
     answered; what went wrong is appended to ``problems``, one line per plugin."""
     devices: list[tuple[str, ProbeDevice]] = []
@@ -180,7 +178,7 @@ def run(root: Root, problems: list[str]) -> tuple[list[tuple[str, ProbeDevice]],
     found = discover(root)
     if not found:
         return devices, answered
-    from aifactory_core.probes.api import API_VERSION, ProbeDevice
+    from aifactory_core.probes import api
     from aifactory_core.probes.render import error_text
 
     claimed: set[str] = set()
@@ -188,9 +186,9 @@ def run(root: Root, problems: list[str]) -> tuple[list[tuple[str, ProbeDevice]],
         try:
             module = _load(module_path)
             declared = getattr(module, "AIFACTORY_PROBE_API", None)
-            if not isinstance(declared, int) or not 1 <= declared <= API_VERSION:
+            if not isinstance(declared, int) or not 1 <= declared <= api.API_VERSION:
                 problems.append(f"plugin {name}: AIFACTORY_PROBE_API {declared!r} is not one this core "
-                                f"provides (1..{API_VERSION})")
+                                f"provides (1..{api.API_VERSION})")
                 continue
             function = getattr(module, "aifactory_probe_devices", None)
             if not callable(function):
@@ -202,7 +200,7 @@ def run(root: Root, problems: list[str]) -> tuple[list[tuple[str, ProbeDevice]],
             continue
         answered.append(name)
         for device in result:
-            if not isinstance(device, ProbeDevice):
+            if not isinstance(device, api.ProbeDevice):
                 problems.append(f"plugin {name}: {type(device).__name__} is not a ProbeDevice")
             elif device.address in claimed:
                 problems.append(f"plugin {name}: {device.address} is already reported by another plugin")

@@ -5,8 +5,6 @@ state where NVSwitches exist. ``AIF_READY`` is ``YES`` only when no check fails,
 ``SCHED_REQUIREMENTS = "AIF_READY = YES"`` keeps VMs off a host that has become unfit.
 """
 
-from __future__ import annotations
-
 from aifactory_core.probes.sysfs import NVIDIA, Root, pci_functions, pci_ids
 
 BRIDGE_OTHER = 0x068000  # NVSwitch's class code

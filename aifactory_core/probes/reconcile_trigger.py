@@ -16,8 +16,6 @@ It is started at most once per :data:`MIN_INTERVAL_S`, and only on the live host
 Imports only the standard library (``subprocess`` only when it starts the reconciliation).
 """
 
-from __future__ import annotations
-
 import os
 import sys
 import time

@@ -9,8 +9,6 @@ an exception as the reference does — a probe must never fail — but cleaned: 
 hold are dropped, ``]]>`` is broken up and a trailing backslash is removed.
 """
 
-from __future__ import annotations
-
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
 # C0 controls other than TAB/LF/CR: XML 1.0 cannot carry them (oned keeps templates as XML).
 _C0 = dict.fromkeys([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20)])
@@ -55,12 +53,30 @@ def attribute(key: str, value: object) -> str:
     if not valid_key(key):
         raise ValueError(f"invalid attribute name {key!r}")
     if isinstance(value, dict):
-        for name in value:
-            if not valid_key(name):
-                raise ValueError(f"invalid attribute name {key}/{name!r}")
-        pairs = ", ".join(f"{name}={quote(item)}" for name, item in value.items())
-        return f"{key}=[ {pairs} ]" if pairs else f"{key}=[ ]"
+        if not value:
+            return f"{key}=[ ]"
+        if not _valid_keys(value):
+            for name in value:
+                if not valid_key(name):
+                    raise ValueError(f"invalid attribute name {key}/{name!r}")
+        # A vector holds tens of values, nearly all integers or text with nothing to clean: when all
+        # its text is such (one check of it joined), those are written without a call each.
+        text = "".join([item for item in value.values() if type(item) is str])
+        if text.isascii() and text.isprintable() and _NEEDS_CLEANING.isdisjoint(text):
+            pairs = ", ".join([f'{name}="{item}"' if type(item) is str or type(item) is int else
+                               f"{name}={quote(item)}" for name, item in value.items()])
+        else:
+            pairs = ", ".join([f"{name}={quote(item)}" for name, item in value.items()])
+        return f"{key}=[ {pairs} ]"
     return f"{key}={quote(value)}"
+
+
+def _valid_keys(names: dict[str, object]) -> bool:
+    """Every name of a vector is a valid key (one check of them joined; False: check each)."""
+    try:
+        return "" not in names and _KEY_CHARS.issuperset("".join(names))
+    except TypeError:
+        return False
 
 
 def error_text(error: BaseException, *, prefix: str = "", limit: int = 300) -> str:
@@ -69,11 +85,11 @@ def error_text(error: BaseException, *, prefix: str = "", limit: int = 300) -> s
     return f"{prefix}{type(error).__name__}: {' '.join(str(error).split())}"[:limit]
 
 
-def template(attributes: Attributes) -> str:
+def template(attributes: "Attributes") -> str:
     return "".join(attribute(key, value) + "\n" for key, value in attributes)
 
 
-def vm_line(vm_id: int, deploy_id: str, attributes: Attributes) -> str:
+def vm_line(vm_id: int, deploy_id: str, attributes: "Attributes") -> str:
     """``VM = [ ID="42", DEPLOY_ID="one-42", MONITOR="<base64>" ]`` as ``domain.rb`` writes it."""
     import binascii  # an extension module the host/system probe, which writes no VM line, never loads
 

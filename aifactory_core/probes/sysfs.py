@@ -6,8 +6,6 @@ pay for the dataclass machinery. Every read returns None (never raises) when a f
 unreadable.
 """
 
-from __future__ import annotations
-
 import os
 
 TYPE_CHECKING = False
@@ -19,7 +17,7 @@ DEFAULT_STATE_DIR = "/var/lib/one/aifactory"
 NVIDIA = 0x10DE  # PCI vendor id
 
 
-def link_name(path: str | PathLike[str]) -> str | None:
+def link_name(path: "str | PathLike[str]") -> str | None:
     """The last component of a symlink's target (``driver`` -> ``nvidia``), or None. A target ending
     in ``/`` or ``..`` is resolved as the kernel would, not reported as ``''`` or ``'..'``. The one
     rule for the probes and the host model (:mod:`aifactory_core.host.sysfs` takes it from here, so
@@ -45,7 +43,7 @@ class Root:
         self._uevents: dict[str, dict[str, str]] = {}
 
     @classmethod
-    def from_environment(cls) -> Root:
+    def from_environment(cls) -> "Root":
         return cls(os.environ.get("AIFACTORY_HOST_ROOT") or "/", os.environ.get("AIFACTORY_STATE_DIR") or None)
 
     @property

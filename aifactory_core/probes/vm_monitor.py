@@ -12,8 +12,6 @@ Every run also checks that each VM the suite's records name still has a domain, 
 reconciliation in the background when one has not (:mod:`aifactory_core.probes.reconcile_trigger`).
 """
 
-from __future__ import annotations
-
 from aifactory_core.probes import render
 from aifactory_core.probes.collect import SEVERITY, collect, worst
 from aifactory_core.probes.sysfs import Root
@@ -23,7 +21,7 @@ if TYPE_CHECKING:
     from typing import Any
 
 
-def records(snapshot: dict[str, Any]) -> list[tuple[int, list[tuple[str, object]]]]:
+def records(snapshot: "dict[str, Any]") -> list[tuple[int, list[tuple[str, object]]]]:
     by_vm: dict[int, list[str]] = {}
     for address, vm in snapshot["held"].items():
         by_vm.setdefault(int(vm), []).append(address)

@@ -9,8 +9,6 @@ no host model, no config file (the probe recognises the default vendor list;
 probe imports one module fewer.
 """
 
-from __future__ import annotations
-
 from aifactory_core.probes.api import Metric, ProbeDevice
 from aifactory_core.probes.sysfs import Root, pci_functions, pci_ids
 
