@@ -88,7 +88,9 @@ def aifactory_probe_devices(root: Any) -> Iterable[Any] | None:
     (no pluggy, no host model, no config); it must return quickly and never block.
 
     ``root`` is an :class:`aifactory_core.probes.sysfs.Root` (``text``, ``number``, ``listdir``,
-    ``link_name`` under the host root; ``pci_functions``, ``pci_ids``, ``pci_driver`` read it).
+    ``link_name`` under the host root; ``pci_functions``, ``pci_ids``, ``pci_driver`` read it, and
+    answer from what the probe has already read in this run: the function list and each function's
+    ``uevent`` are read once, whoever asks first).
     Return :class:`aifactory_core.probes.api.ProbeDevice` objects (address, kind, model, health
     ``OK``/``DEGRADED``/``FAILED`` and reason, attributes, :class:`~aifactory_core.probes.api.Metric`
     samples in base units); the probe adds ids, NUMA node, IOMMU group, driver, holder VM and

@@ -135,6 +135,60 @@ def test_broken_plugins_are_problems_and_the_rest_is_reported(fake_site: Path, a
     assert "raises" not in snapshot["probe_plugins"]
 
 
+def test_one_probe_run_reads_each_function_and_the_quarantine_once(fake_site: Path, accel_root: Path,
+                                                                     tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PCI device directory, the quarantine directory and each function's identity files
+    (``uevent``, ``numa_node``, ``sriov_totalvfs``) are read once per run, however many sections and
+    plugins ask (a plugin walking the functions with ``pci_functions``/``pci_ids`` as the API offers)."""
+    from aifactory_core.probes import host_system
+
+    package = fake_site / "vendor_probe_walk"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "probe.py").write_text(
+        "from aifactory_core.probes.api import ProbeDevice\n"
+        "from aifactory_core.probes.sysfs import pci_functions, pci_ids\n"
+        "AIFACTORY_PROBE_API = 1\n"
+        "def aifactory_probe_devices(root):\n"
+        "    return [ProbeDevice(address, 'accelerator') for address in pci_functions(root)\n"
+        "            if pci_ids(root, address)[0] == 0x1DA3]\n")
+    _dist(fake_site, "vendor_probe_walk", "[aifactory.probes]\na_walk = vendor_probe_walk.probe\n")
+    state = tmp_path / "state"
+    (state / "quarantine").mkdir(parents=True)
+    (state / "quarantine" / ACCELERATOR).write_text("reset failed\n")
+    # named to run first: where the example plugin is installed it walks the functions too (and its
+    # claim on the accelerator is refused), one more caller that must not read them again
+    listed: list[str] = []
+    opened: list[str] = []
+    real_listdir, real_open = os.listdir, os.open
+
+    def listdir(path: str) -> list[str]:
+        listed.append(str(path))
+        return real_listdir(path)
+
+    def open_(path: str, *args: int) -> int:
+        opened.append(str(path))
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "open", open_)
+    output = host_system.probe(Root(str(accel_root), str(state)))
+    monkeypatch.undo()
+    attributes = template_to_dict(parse_template(output))
+    [device] = [row for row in attributes["AIF_DEVICE"] if row["PLUGIN"] == "a_walk"]
+    assert (device["BUS_ID"], device["VENDOR"], device["HEALTH"]) == (ACCELERATOR, "1da3", "FAILED")
+    assert device["HEALTH_REASON"] == "quarantined: reset failed"
+    devices = str(accel_root / "sys/bus/pci/devices")
+    assert listed.count(devices) == 1
+    assert listed.count(str(state / "quarantine")) == 1
+    functions = [name for name in real_listdir(devices) if name.count(":") == 2]
+    assert ACCELERATOR in functions and len(functions) > 2
+    for name in ("uevent", "numa_node", "sriov_totalvfs"):
+        counts = {address: opened.count(f"{devices}/{address}/{name}") for address in functions}
+        assert max(counts.values()) == 1, (name, counts)
+
+
 def test_probe_device_and_metric_refuse_bad_values() -> None:
     for bad in (lambda: ProbeDevice("0000:00:07.0 ", "accelerator"), lambda: ProbeDevice("0000:00:07.0", "Acc"),
                 lambda: ProbeDevice("0000:00:07.0", "accelerator", health="BROKEN"),

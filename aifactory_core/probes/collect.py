@@ -17,6 +17,7 @@ from aifactory_core.probes.sysfs import (
     pci_driver,
     pci_functions,
     pci_ids,
+    pci_number,
     replace_quietly,
 )
 
@@ -51,6 +52,15 @@ HOST_SIDE_WITH_NVML = ("LINK_SPEED", "LINK_SPEED_MAX", "LINK_WIDTH", "LINK_WIDTH
 
 def _problem(snapshot: "Snapshot", section: str, error: BaseException) -> None:
     snapshot["problems"].append(error_text(error, prefix=f"{section}: "))
+
+
+def quarantine(root: Root, snapshot: "Snapshot") -> dict[str, str]:
+    """The lifecycle engine's quarantine markers (:func:`host_side.quarantine_reasons`), listed once
+    per snapshot: the GPU rows, the plugin devices and the PCI list share them."""
+    cached = snapshot.get("_quarantined")
+    if cached is None:
+        cached = snapshot["_quarantined"] = host_side.quarantine_reasons(root)
+    return cached
 
 
 def gpu_functions(root: Root, functions: list[str]) -> list[str]:
@@ -188,7 +198,7 @@ def _collect_gpus(root: Root, snapshot: "Snapshot", functions: list[str], replay
         from aifactory_core.probes.xid import read_new_xids
 
         xids, snapshot["xid_source"] = read_new_xids(root)
-    quarantined = host_side.quarantine_reasons(root)
+    quarantined = quarantine(root, snapshot)
     resets = host_side.last_resets(root)
     held = snapshot["held"]
     cache: dict[str, dict[str, object]] | None = None  # read at most once, only when needed
@@ -196,7 +206,7 @@ def _collect_gpus(root: Root, snapshot: "Snapshot", functions: list[str], replay
     rows: list[dict[str, object]] = []
     for address in sorted(set(gpus) | set(readings)):
         vendor, device, klass = pci_ids(root, address)
-        numa = root.number(f"/sys/bus/pci/devices/{address}/numa_node")
+        numa = pci_number(root, address, "numa_node")
         row: dict[str, object] = dict.fromkeys(GPU_KEYS, "")
         row.update({
             "ADDRESS": one_address(address), "SHORT_ADDRESS": address[5:], "BUS_ID": address,
@@ -269,7 +279,7 @@ def _collect_sriov(root: Root, snapshot: "Snapshot", functions: list[str]) -> No
     held = snapshot["held"]
     for address in functions:
         base = f"/sys/bus/pci/devices/{address}/"
-        total = root.number(base + "sriov_totalvfs")
+        total = pci_number(root, address, "sriov_totalvfs")
         if not total:
             continue
         vfs = []
@@ -309,12 +319,12 @@ def _collect_plugin_devices(root: Root, snapshot: "Snapshot") -> None:
 
     found, snapshot["probe_plugins"] = plugins.run(root, snapshot["problems"])
     held = snapshot["held"]
-    quarantined = host_side.quarantine_reasons(root) if found else {}
+    quarantined = quarantine(root, snapshot) if found else {}
     rows: list[dict[str, object]] = []
     for name, device in found:
         address = device.address
         vendor, ident, klass = pci_ids(root, address)
-        numa = root.number(f"/sys/bus/pci/devices/{address}/numa_node")
+        numa = pci_number(root, address, "numa_node")
         driver = pci_driver(root, address)
         row: dict[str, object] = {
             "PLUGIN": name, "KIND": device.kind, "ADDRESS": one_address(address), "SHORT_ADDRESS": address[5:],

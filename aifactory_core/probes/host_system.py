@@ -23,7 +23,7 @@ that oned's merge replaces the stale entries (an omitted attribute would stay in
 
 from aifactory_core import __version__
 from aifactory_core.probes import render
-from aifactory_core.probes.collect import collect, worst
+from aifactory_core.probes.collect import collect, quarantine, worst
 from aifactory_core.probes.sysfs import Root
 
 TYPE_CHECKING = False
@@ -71,11 +71,11 @@ def attributes(snapshot: "dict[str, Any]") -> list[tuple[str, object]]:
 
 def pci_list(root: Root, snapshot: "dict[str, Any]") -> None:
     """Decide the host's PCI list into ``snapshot["pci"]`` (a failure: no device offered, a problem)."""
-    from aifactory_core.probes import host_side, hostconf, pci_offer
+    from aifactory_core.probes import hostconf, pci_offer
 
     try:
         settings = hostconf.host_settings(root, snapshot["problems"])
-        quarantined = host_side.quarantine_reasons(root) if settings["vf_pools"] else {}
+        quarantined = quarantine(root, snapshot) if settings["vf_pools"] else {}
         snapshot["pci"] = pci_offer.offer(root, snapshot, settings, quarantined)
     except Exception as error:
         snapshot["problems"].append(render.error_text(error, prefix="pci: "))

@@ -30,7 +30,7 @@ The vectors carry the keys and spelling of ``pci.rb`` (``TYPE`` ``vendor:device:
 7.4.0's ``IFNAME`` and ``SRIOV`` (``vf``/``pf``/``no``).
 """
 
-from aifactory_core.probes.sysfs import Root, one_address, pci_ids
+from aifactory_core.probes.sysfs import Root, one_address, pci_ids, pci_number
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def pci_vector(root: Root, address: str, name: str = "") -> dict[str, object]:
     """One ``PCI = [ ... ]`` vector for ``address`` (``dddd:bb:ss.f``), as ``pci.rb`` spells it."""
     vendor, device, klass = pci_ids(root, address)
     klass = klass >> 8 if klass >= 0 else -1
-    numa = root.number(f"/sys/bus/pci/devices/{address}/numa_node")
+    numa = pci_number(root, address, "numa_node")
     domain, bus, slot_function = address.split(":")
     slot, function = slot_function.split(".")
     vendor_hex, device_hex, class_hex = (f"{value:04x}" if value >= 0 else "" for value in (vendor, device, klass))
@@ -70,7 +70,7 @@ def _sriov_role(root: Root, address: str) -> str:
     base = f"/sys/bus/pci/devices/{address}"
     if root.exists(f"{base}/physfn"):
         return "vf"
-    return "pf" if root.number(f"{base}/sriov_totalvfs") else "no"
+    return "pf" if pci_number(root, address, "sriov_totalvfs") else "no"
 
 
 def _group(root: Root, address: str) -> list[str]:

@@ -33,14 +33,21 @@ def link_name(path: "str | PathLike[str]") -> str | None:
 
 
 class Root:
-    """A host root (``/`` on the live machine) and the suite's state directory under it."""
+    """A host root (``/`` on the live machine) and the suite's state directory under it.
 
-    __slots__ = ("prefix", "state_dir", "_uevents")
+    One ``Root`` stands for one probe run: the PCI function list and each function's ``uevent``,
+    ``numa_node`` and ``sriov_totalvfs`` are read at the first question and kept
+    (:func:`pci_functions`, :func:`pci_ids`, :func:`pci_number`), so the probe's sections and its
+    plugins share one reading; ``text``/``number``/``listdir`` always read anew."""
+
+    __slots__ = ("prefix", "state_dir", "_uevents", "_functions", "_numbers")
 
     def __init__(self, root: str = "/", state_dir: str | None = None) -> None:
         self.prefix = os.path.abspath(root)
         self.state_dir = state_dir or self.path(DEFAULT_STATE_DIR)
         self._uevents: dict[str, dict[str, str]] = {}
+        self._functions: list[str] | None = None
+        self._numbers: dict[str, int | None] = {}
 
     @classmethod
     def from_environment(cls) -> "Root":
@@ -131,8 +138,22 @@ def is_pci_address(name: str) -> bool:
 
 
 def pci_functions(root: Root) -> list[str]:
-    """Every PCI function address under ``/sys/bus/pci/devices`` (strictly validated)."""
-    return [name for name in root.listdir("/sys/bus/pci/devices") if is_pci_address(name)]
+    """Every PCI function address under ``/sys/bus/pci/devices`` (strictly validated), sorted.
+
+    The directory is listed once per :class:`Root` (one probe run): the probe's own sections and
+    every probe plugin get the same answer, each its own copy of the list."""
+    if root._functions is None:
+        root._functions = [name for name in root.listdir("/sys/bus/pci/devices") if is_pci_address(name)]
+    return list(root._functions)
+
+
+def pci_number(root: Root, address: str, name: str) -> int | None:
+    """A decimal attribute file of a PCI function (``numa_node``, ``sriov_totalvfs``), read once per
+    :class:`Root` (one probe run) however many sections ask; None when absent or unreadable."""
+    key = f"{address}/{name}"
+    if key not in root._numbers:
+        root._numbers[key] = root.number(f"/sys/bus/pci/devices/{key}")
+    return root._numbers[key]
 
 
 def pci_ids(root: Root, address: str) -> tuple[int, int, int]:
