@@ -194,8 +194,17 @@ build_env() {
         # monitoring), links as copies: the hosts' environment keeps what runs there and nothing
         # else (no pip or setuptools, no lib64 link, one interpreter link).
         run "$env.new/bin/python3" -m pip uninstall -q -y pip setuptools
+        # bin/python3 may be a link to one of the names removed here (venv links the others to the
+        # name of the interpreter that made it): it is made a link to the interpreter itself first.
+        if [ "$dry_run" = 0 ]; then
+            interpreter=$(readlink -f "$env.new/bin/python3") || die "$env.new/bin/python3: no interpreter"
+        else
+            interpreter="<the interpreter $env.new/bin/python3 names>"
+        fi
+        run ln -sfn "$interpreter" "$env.new/bin/python3"
         run rm -f "$env.new/lib64" "$env.new/bin/python" "$env.new/bin/python3.${py_minor}" \
             "$env.new/bin/activate" "$env.new/bin/activate.csh" "$env.new/bin/activate.fish" "$env.new/bin/Activate.ps1"
+        if [ "$dry_run" = 0 ] && [ ! -x "$env.new/bin/python3" ]; then die "$env.new/bin/python3: not executable"; fi
     fi
     echo "+ point the scripts in $env.new/bin at $2"
     if [ "$dry_run" = 0 ]; then

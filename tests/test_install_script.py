@@ -441,3 +441,20 @@ def test_hook_server_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     broken.write_text(unit.read_text().replace("Type=simple", "Type=simple\nRestartSecs=2"))
     warned = subprocess.run([analyze, "verify", str(broken)], capture_output=True, text=True, check=False, timeout=60)
     assert "Unknown key" in warned.stderr  # the check would see a mistake
+
+
+def test_hosts_interpreter_link_survives_an_environment_made_by_a_versioned_interpreter(tmp_path: Path) -> None:
+    """``PYTHON=python3.X``: venv makes ``bin/python3.X`` the real link and ``bin/python3`` a link to
+    it; the hosts' environment drops the versioned name and must keep a working ``bin/python3``."""
+    versioned = Path(f"/usr/bin/python3.{sys.version_info.minor}")
+    if not versioned.exists():
+        needs.unavailable(f"{versioned} missing")
+    root = tmp_path / "root"
+    env = {key: value for key, value in os.environ.items() if key not in ("DESTDIR", "PYTHONPATH")}
+    done = subprocess.run(["sh", str(SCRIPT), "--destdir", str(root), "--no-hooks"], capture_output=True, text=True,
+                          timeout=900, env={**env, "PYTHON": str(versioned)}, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    python = root / "var/lib/one/remotes/aifactory/venv/bin/python3"
+    ran = subprocess.run([str(python), "-c", "import aifactory_core.vmm, lxml; print('ok')"], capture_output=True,
+                         text=True, check=False)
+    assert ran.stdout.strip() == "ok", ran.stderr
