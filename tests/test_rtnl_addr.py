@@ -82,3 +82,98 @@ def test_judging_the_live_hosts_use_loads_no_pyroute2() -> None:
     done = subprocess.run([sys.executable, "-c", statement], capture_output=True, text=True, timeout=60, check=True)
     loaded = set(json.loads(done.stdout.replace("'", '"')))
     assert "aifactory_core" in loaded and "pyroute2" not in loaded, sorted(loaded)
+
+
+# --- answers the kernel will not give on demand: a scripted socket stands in for it ------------------
+
+class _ScriptedSocket:
+    """Gives the datagrams of ``script`` (one list per dump attempt) as ``recvfrom`` answers."""
+
+    def __init__(self, script: list[list[tuple[bytes, int]]]) -> None:
+        self.script = script
+
+    def __call__(self, *args: object) -> _ScriptedSocket:
+        self.answers = self.script.pop(0)
+        return self
+
+    def __enter__(self) -> _ScriptedSocket:
+        return self
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+    def settimeout(self, value: float) -> None:
+        return None
+
+    def bind(self, address: tuple[int, int]) -> None:
+        return None
+
+    def sendall(self, data: bytes) -> None:
+        return None
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[int, int]]:
+        data, port = self.answers.pop(0)
+        return data, (port, 0)
+
+
+def _message(kind: int, body: bytes, flags: int = 0) -> bytes:
+    from aifactory_core.host import rtnl_addr
+
+    header = rtnl_addr.NLMSG_HEADER
+    raw = header.pack(header.size + len(body), kind, flags, rtnl_addr.SEQUENCE, 0) + body
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def _address(index: int, address: str, flags: int = 0) -> bytes:
+    import socket as sockets
+
+    from aifactory_core.host import rtnl_addr
+
+    packed = sockets.inet_aton(address)
+    attribute = rtnl_addr.RTATTR.pack(rtnl_addr.RTATTR.size + 4, rtnl_addr.IFA_LOCAL) + packed
+    body = rtnl_addr.IFADDRMSG.pack(sockets.AF_INET, 24, 0, 0, index) + attribute
+    return _message(rtnl_addr.RTM_NEWADDR, body, flags)
+
+
+def _done(error: int = 0) -> bytes:
+    from aifactory_core.host import rtnl_addr
+
+    return _message(rtnl_addr.NLMSG_DONE, rtnl_addr.ERROR_CODE.pack(error))
+
+
+def _read(monkeypatch: pytest.MonkeyPatch, script: list[list[tuple[bytes, int]]]) -> dict[int, list[str]]:
+    import socket as sockets
+
+    from aifactory_core.host import rtnl_addr
+
+    monkeypatch.setattr(sockets, "socket", _ScriptedSocket(script))
+    return rtnl_addr.ipv4_addresses()
+
+
+def test_an_interrupted_dump_is_read_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aifactory_core.host import rtnl_addr
+
+    def interrupted() -> list[tuple[bytes, int]]:
+        return [(_address(2, "10.0.0.1", rtnl_addr.NLM_F_DUMP_INTR) + _done(), 0)]
+
+    whole = [(_address(2, "10.0.0.1") + _address(3, "10.0.0.2") + _done(), 0)]
+    assert _read(monkeypatch, [interrupted(), whole]) == {2: ["10.0.0.1"], 3: ["10.0.0.2"]}
+    with pytest.raises(OSError, match="kept changing"):
+        _read(monkeypatch, [interrupted() for _ in range(rtnl_addr.ATTEMPTS)])
+
+
+def test_an_error_the_dump_ends_with_is_an_oserror(monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from aifactory_core.host import rtnl_addr
+
+    with pytest.raises(OSError) as raised:
+        _read(monkeypatch, [[(_address(2, "10.0.0.1") + _done(-errno.EINTR), 0)]])
+    assert raised.value.errno == errno.EINTR
+    with pytest.raises(OSError, match="short rtnetlink error"):  # a header alone: no struct.error
+        _read(monkeypatch, [[(_message(rtnl_addr.NLMSG_ERROR, b""), 0)]])
+
+
+def test_datagrams_not_from_the_kernel_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    forged = (_address(2, "10.9.9.9") + _done(), 4242)
+    assert _read(monkeypatch, [[forged, (_address(2, "10.0.0.1") + _done(), 0)]]) == {2: ["10.0.0.1"]}

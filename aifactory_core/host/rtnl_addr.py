@@ -18,12 +18,13 @@ RTATTR = struct.Struct("=HH")  # length, type
 ERROR_CODE = struct.Struct("=i")
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWADDR, RTM_GETADDR = 20, 22
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_DUMP, NLM_F_DUMP_INTR = 0x1, 0x300, 0x10
 IFA_ADDRESS, IFA_LOCAL = 1, 2
 SEQUENCE = 1
 RECEIVE_BYTES = 1 << 16  # more than one dump datagram of the kernel holds
 MAX_DATAGRAMS = 4096  # a bound on a dump that never ends
 TIMEOUT_S = 5.0
+ATTEMPTS = 3
 
 
 def _align(length: int) -> int:
@@ -55,31 +56,58 @@ def _address_of(data: bytes, offset: int, length: int) -> tuple[int, str] | None
 
 
 def ipv4_addresses() -> dict[int, list[str]]:
-    """Interface index -> its IPv4 addresses, as the kernel lists them. Raises OSError."""
+    """Interface index -> its IPv4 addresses, as the kernel lists them. A dump the kernel marks as
+    interrupted (the addresses changed while it ran) is read again, at most :data:`ATTEMPTS`
+    times. Raises OSError."""
+    for _ in range(ATTEMPTS):
+        found, complete = _dump()
+        if complete:
+            return found
+    raise OSError("the interfaces' addresses kept changing while they were read")
+
+
+def _dump() -> tuple[dict[int, list[str]], bool]:
+    """One dump: the addresses, and whether the kernel says it is consistent."""
     request_body = IFADDRMSG.pack(socket.AF_INET, 0, 0, 0, 0)
     request = NLMSG_HEADER.pack(NLMSG_HEADER.size + len(request_body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP,
                                 SEQUENCE, 0) + request_body
     found: dict[int, list[str]] = {}
+    consistent = True
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE) as sock:
         sock.settimeout(TIMEOUT_S)
         sock.bind((0, 0))
         sock.sendall(request)
         for _ in range(MAX_DATAGRAMS):
-            data = sock.recv(RECEIVE_BYTES)
+            data, sender = sock.recvfrom(RECEIVE_BYTES)
+            if sender[0] != 0:
+                continue  # not from the kernel
             offset = 0
             while offset + NLMSG_HEADER.size <= len(data):
-                length, kind, _flags, sequence, _port = NLMSG_HEADER.unpack_from(data, offset)
+                length, kind, flags, sequence, _port = NLMSG_HEADER.unpack_from(data, offset)
                 if length < NLMSG_HEADER.size or offset + length > len(data):
                     raise OSError("truncated rtnetlink message")
                 if sequence == SEQUENCE:
-                    if kind == NLMSG_DONE:
-                        return found
-                    if kind == NLMSG_ERROR:
-                        (error,) = ERROR_CODE.unpack_from(data, offset + NLMSG_HEADER.size)
-                        raise OSError(-error, os.strerror(-error) if error else "rtnetlink dump ended without DONE")
+                    consistent = consistent and not flags & NLM_F_DUMP_INTR
+                    if kind in (NLMSG_DONE, NLMSG_ERROR):
+                        error = _error_code(data, offset, length, kind)
+                        if error:
+                            raise OSError(-error, os.strerror(-error))
+                        if kind == NLMSG_ERROR:
+                            raise OSError("rtnetlink dump ended without DONE")
+                        return found, consistent
                     if kind == RTM_NEWADDR:
                         entry = _address_of(data, offset, length)
                         if entry is not None:
                             found.setdefault(entry[0], []).append(entry[1])
                 offset += _align(length)
     raise OSError("rtnetlink address dump did not end")
+
+
+def _error_code(data: bytes, offset: int, length: int, kind: int) -> int:
+    """The error number a DONE or ERROR message carries (0 for a DONE without one)."""
+    if length < NLMSG_HEADER.size + ERROR_CODE.size:
+        if kind == NLMSG_ERROR:
+            raise OSError("short rtnetlink error message")
+        return 0
+    (error,) = ERROR_CODE.unpack_from(data, offset + NLMSG_HEADER.size)
+    return int(error)
