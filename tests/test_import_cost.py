@@ -83,7 +83,7 @@ def test_the_vmm_fast_path_imports_only_itself(tmp_path: Path, action: str) -> N
 # a VM, the example vendor plugin's accelerator, no NVML, no SR-IOV PF, no readable kernel log), the
 # example plugin installed: what each probe loads beyond the interpreter's own ``-S`` start-up.
 # Everything else is imported inside the function that needs it, only where there is work for it.
-PROBE_STDLIB = {"os", "os.path", "posixpath", "genericpath", "stat", "_stat", "_collections_abc", "gc"}
+PROBE_STDLIB = {"os", "posixpath", "genericpath", "stat", "_stat", "_collections_abc", "gc"}
 PROBE_CORE = {"aifactory_core", "aifactory_core.probes", "aifactory_core.probes.sysfs",
               "aifactory_core.probes.render", "aifactory_core.probes.host_side", "aifactory_core.probes.collect",
               "aifactory_core.probes.plugins", "aifactory_core.probes.api"}
