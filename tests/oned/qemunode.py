@@ -320,6 +320,21 @@ def wait_for(condition: Callable[[], object], what: str, timeout: float,
         time.sleep(1)
 
 
+def onehost_show_section(lines: list[str], header: str) -> list[str]:
+    """``onehost show``'s section under ``header`` (its table, up to the blank line after it); empty
+    when the output has no such section."""
+    begin = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
+    if begin is None:
+        return []
+    section = [lines[begin]]
+    for line in lines[begin + 1:]:
+        if not line.strip() and len(section) > 2:
+            break
+        if line.strip():
+            section.append(line)
+    return section
+
+
 def host_xml(one: RealOne, host: int) -> Any:
     """The host's document as ``one.host.info`` returns it (parsed hardened), template vectors and
     oned's PCI share included (pyone's dict view keeps one vector of a kind)."""

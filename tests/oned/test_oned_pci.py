@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from qemunode import host_xml, pci_share, qemu_node, remove_host, wait_for
+from qemunode import host_xml, onehost_show_section, pci_share, qemu_node, remove_host, wait_for
 from realone import REPO, SYSTEM_PROBES_PERIOD, Installed, RealOne, in_frontend, note
 
 from aifactory_core.samples import extract_sample
@@ -137,17 +137,8 @@ def _doctor(installed: Installed) -> str:
 def _onehost_pci(one: RealOne) -> str:
     """``onehost show``'s PCI section, as an operator sees it."""
     shown = one.run("onehost", "show", NODE).stdout
-    lines = shown.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith("PCI DEVICES")), None)
-    if start is None:
-        return "(no PCI DEVICES section: the host's PCI list is empty)"
-    section = [lines[start]]
-    for line in lines[start + 1:]:
-        if not line.strip() and len(section) > 2:
-            break
-        if line.strip():
-            section.append(line)
-    return "\n".join(section)
+    section = onehost_show_section(shown.splitlines(), "PCI DEVICES")
+    return "\n".join(section) if section else "(no PCI DEVICES section: the host's PCI list is empty)"
 
 
 def test_host_reports_its_gpu_a_vm_gets_it_and_a_failed_gpu_is_not_given_again(

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from hostroots import generate_host
-from qemunode import host_xml, pci_share, qemu_node, remove_host, wait_for
+from qemunode import host_xml, onehost_show_section, pci_share, qemu_node, remove_host, wait_for
 from realone import SYSTEM_PROBES_PERIOD, Installed, RealOne, note
 
 pytestmark = pytest.mark.realone
@@ -109,20 +109,6 @@ def _vector(lines: list[str], name: str) -> list[str]:
     return lines[begin:end + 1]
 
 
-def _section(lines: list[str], header: str) -> list[str]:
-    """``onehost show``'s section under ``header`` (its table, up to the blank line after it)."""
-    begin = next((i for i, line in enumerate(lines) if line.startswith(header)), None)
-    if begin is None:
-        return []
-    section = [lines[begin]]
-    for line in lines[begin + 1:]:
-        if not line.strip() and len(section) > 2:
-            break
-        if line.strip():
-            section.append(line)
-    return section
-
-
 def test_example_plugin_device_reaches_the_host_template_pci_list_and_metrics(
         real_one: RealOne, suite_installed: Installed, accel_host: int) -> None:
     host = accel_host
@@ -171,7 +157,7 @@ def test_example_plugin_device_reaches_the_host_template_pci_list_and_metrics(
     assert host_xml(real_one, host).findtext("TEMPLATE/AIF_PCI_OFFERED") == "0000:01:00.0,0000:02:00.0"
     shown = _onehost_show(real_one)
     template_lines = _vector(shown, "AIF_DEVICE")
-    pci_lines = _section(shown, "PCI DEVICES")
+    pci_lines = onehost_show_section(shown, "PCI DEVICES")
     assert 'PLUGIN="example_accel"' in "\n".join(template_lines), "\n".join(shown)
     assert any("02:00.0" in line and "1da3:1020:1200" in line for line in pci_lines), "\n".join(pci_lines)
     note("vendor plugin: onehost show (template):\n" + "\n".join(template_lines))
