@@ -5,9 +5,11 @@ Each test session gets a fresh self-contained installation (``ONE_LOCATION`` mod
 of its own under ``/var/tmp``: ``bin``, ``lib``, ``share`` and ``include`` link to the cached build,
 ``etc`` and ``var`` are copies, so a session starts on an empty sqlite database with pristine
 remotes, and what the suite installs into them is gone with the session. oned runs as the real
-``oneadmin`` user; the dummy IM/VMM drivers are enabled, the scheduler window is 1 s and the
-host-system probes run every ``SYSTEM_PROBES_PERIOD`` seconds. Stopping ends oned, the hook
-manager and the monitoring agents this session's hosts started.
+``oneadmin`` user; the dummy IM/VMM drivers are enabled, the scheduler window is 1 s, the
+host-system probes run every ``SYSTEM_PROBES_PERIOD`` seconds and the hosts' full VM state
+report every ``SYNC_STATE_VM_PERIOD`` seconds (upstream 180: a host back from ERROR reports
+its VMs with it). Stopping ends oned, the hook manager and the monitoring agents this session's
+hosts started.
 
 Fixture: ``real_one`` (session scope). A missing build or prerequisite skips the tier on a
 developer's machine and fails it under ``CI=true`` (``needs.unavailable``).
@@ -38,6 +40,7 @@ VERSION = "7.0.2"
 READY_BUDGET_S = 15.0  # what a fresh oned must stay under (tests/oned/test_oned_smoke.py)
 READY_TIMEOUT_S = 60.0  # past this the tier cannot run at all
 SYSTEM_PROBES_PERIOD = 10
+SYNC_STATE_VM_PERIOD = 30
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -85,6 +88,7 @@ def configure(etc: Path) -> None:
     _edit(monitord, r"^# (IM_MAD = \[)\n# (    NAME\s*= \"dummy\",)\n((?:# .*\n)+?)# \]",
           lambda match: f"{match[1]}\n{match[2]}\n" + re.sub(r"^# ", "", match[3], flags=re.MULTILINE) + "]")
     _edit(monitord, r"^(\s*SYSTEM_HOST\s*=\s*)\d+", rf"\g<1>{SYSTEM_PROBES_PERIOD}")
+    _edit(monitord, r"^(\s*SYNC_STATE_VM\s*=\s*)\d+", rf"\g<1>{SYNC_STATE_VM_PERIOD}")
     # The first run of the probes over SSH is slow on a loaded 2-core machine: upstream's 90 s
     # start time-out fails the host there.
     _edit(monitord, r"-w 90 (kvm|qemu)\"", r'-w 300 \1"', count=2)

@@ -129,6 +129,7 @@ class EndToEnd:
     template: int = -1
     users: dict[str, tuple[str, str]] = field(default_factory=dict)  # tenant -> (user, password)
     retried: bool = False
+    running: int | None = None  # a VM left RUNNING with the device by one phase for the next
     report: list[str] = field(default_factory=list)
     policy_text: str = ""
 
@@ -216,17 +217,23 @@ def _host_explained(e2e: EndToEnd) -> str:
             f"--- the node's monitoring agent ---\n{agent}")
 
 
-def _ssh_config(one: RealOne, name: str, port: int, key: Path) -> None:
-    """oneadmin's ssh config names the node (oned's drivers run ``ssh <host>``)."""
+def _ssh_config(one: RealOne, name: str, port: int, key: Path, sockets: Path) -> None:
+    """oneadmin's ssh config names the node (oned's drivers run ``ssh <host>``). Connections are
+    shared as on OpenNebula's packaged frontend, whose ``ssh`` (``lib/sh/override/ssh``, first in
+    oned's PATH) adds ``ControlMaster=auto`` where a driver sets none, with ``ControlPersist 70s``
+    from the oneadmin ssh config it installs (``share/ssh/etc/config``)."""
     user = pwd.getpwnam("oneadmin")
     ssh_dir = Path(user.pw_dir) / ".ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     os.chown(ssh_dir, user.pw_uid, user.pw_gid)
+    sockets.mkdir(mode=0o700, exist_ok=True)
+    os.chown(sockets, user.pw_uid, user.pw_gid)
     config = ssh_dir / "config"
     text = _without_block(config.read_text() if config.exists() else "")
     block = (f"{SSH_MARK}\nHost {name}\n  HostName 127.0.0.1\n  Port {port}\n  IdentityFile {key}\n"
              "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
-             "  ConnectTimeout 60\n  ServerAliveInterval 30\n")
+             "  ConnectTimeout 60\n  ServerAliveInterval 10\n"
+             f"  ControlMaster auto\n  ControlPersist 70s\n  ControlPath {sockets}/%r@%h:%p\n")
     config.write_text(block + f"{SSH_MARK} end\n" + text)
     os.chown(config, user.pw_uid, user.pw_gid)
     config.chmod(0o600)
@@ -264,7 +271,7 @@ def bring_up_node(e2e: EndToEnd, attempt: int, booting: Future[testnode.Node]) -
     name = e2e.node.name
     e2e.name = name
     note(f"e2e: node {name} booted (sshd + libvirtd answering) in {e2e.n.boot_s:.1f} s")
-    _ssh_config(e2e.one, name, e2e.n.port, e2e.oneadmin_key)
+    _ssh_config(e2e.one, name, e2e.n.port, e2e.oneadmin_key, e2e.top / "ssh-socks")
     probe = e2e.one.run("ssh", name, "hostname", check=False, timeout=120)
     assert probe.stdout.strip() == name, f"oneadmin cannot ssh to the node: {probe.stdout}{probe.stderr}"
 
@@ -332,6 +339,7 @@ def drop_node(e2e: EndToEnd) -> None:
         except Exception:  # noqa: BLE001 - a host with VMs still leaving is removed when they are gone
             pass
         e2e.host = -1
+    e2e.running = None
     if e2e.node is not None:
         e2e.node.stop()
 
@@ -619,74 +627,94 @@ def wait_state(e2e: EndToEnd, vm: int, state: int, what: str) -> None:
     e2e.wait(f"VM {vm} {what}", lambda: e2e.vm_state(vm)[0] == state, END_TIMEOUT_S, vm)
 
 
-# -- the tests ------------------------------------------------------------------------------------
+# -- the tests ---------------------------------------------------------------------------------------
+#
+# Four deploys cover the issue's sequences: VM A (first tenant) runs, the second tenant's VM B waits,
+# A is powered off hard and terminated; B then gets the device, is undeployed, resumed and
+# terminated; VM C's domain is stopped in the node and C terminated.
 
 
-def test_terminate_gives_the_device_back_and_a_second_tenant_never_gets_it_while_held(e2e: EndToEnd) -> None:
+def test_second_tenant_waits_while_held_and_poweroff_hard_then_terminate_gives_the_device_back(
+        e2e: EndToEnd) -> None:
     first_tenant, second_tenant = list(e2e.users)
 
     def run() -> None:
         t0 = time.monotonic()
-        vm = deploy(e2e, first_tenant, "e2e-terminate")
+        vm = deploy(e2e, first_tenant, "e2e-first")
         note(f"e2e: instantiate as {e2e.users[first_tenant][0]} ({first_tenant}) -> RUNNING: "
              f"{time.monotonic() - t0:.1f} s")
-        held = check_running(e2e, vm, "terminate")
-        # Step 5: the other tenant's VM for the same device waits or is refused, never given.
+        held = check_running(e2e, vm, "first tenant")
+        # Step 5: the other tenant's VM for the same device waits, never given while VM A holds it
+        # (running, then powered off: oned keeps a powered-off VM's devices reserved).
         t1 = time.monotonic()
         other = instantiate(e2e, second_tenant, "e2e-second")
-        seen = set()
-        while time.monotonic() - t1 < 30:
-            state = e2e.vm_state(other)
-            seen.add(state)
-            assert state[0] != 3, f"VM {other} of {second_tenant} became ACTIVE while VM {vm} holds {DEVICE}: {seen}"
-            time.sleep(1)
+        seen: set[tuple[int, int]] = set()
+
+        def refused_by_the_scheduler() -> bool:
+            info = e2e.xml("one.vm.info", other, False)
+            seen.add((int(info.findtext("STATE")), int(info.findtext("LCM_STATE"))))
+            assert all(state != 3 for state, _ in seen), \
+                f"VM {other} of {second_tenant} became ACTIVE while VM {vm} holds {DEVICE}: {sorted(seen)}"
+            return "Cannot allocate" in (info.findtext("USER_TEMPLATE/SCHED_MESSAGE") or "")
+
+        e2e.wait(f"the scheduler to refuse VM {other} a host", refused_by_the_scheduler, 180, every=2.0)
         assert snapshot(e2e, vm).owner == str(vm)
         info = e2e.xml("one.vm.info", other, False)
         e2e.record(f"second tenant's VM {other} ({second_tenant}) while VM {vm} holds {SHORT}",
                    f"states seen (STATE, LCM_STATE): {sorted(seen)}\n"
                    f"AIFACTORY_ADMISSION = {info.findtext('USER_TEMPLATE/AIFACTORY_ADMISSION')}\n"
                    f"SCHED_MESSAGE = {info.findtext('USER_TEMPLATE/SCHED_MESSAGE')}")
-        action(e2e, other, "terminate-hard")
-        wait_state(e2e, other, DONE, "DONE")
-        note(f"e2e: {second_tenant}'s VM {other} kept off the held device for 30 s (states {sorted(seen)})")
+        note(f"e2e: {second_tenant}'s VM {other} refused a host while VM {vm} runs with the device "
+             f"({time.monotonic() - t1:.1f} s, states {sorted(seen)})")
         t2 = time.monotonic()
-        action(e2e, vm, "terminate-hard")
-        wait_state(e2e, vm, DONE, "DONE after terminate")
-        check_given_back(e2e, vm, "terminate", held)
-        note(f"e2e: terminate -> DONE, device back on e1000e: {time.monotonic() - t2:.1f} s")
-
-    attempt(e2e, "deploy, second tenant kept off, terminate", run)
-
-
-def test_poweroff_hard_then_terminate_gives_the_device_back(e2e: EndToEnd) -> None:
-    def run() -> None:
-        vm = deploy(e2e, list(e2e.users)[0], "e2e-poweroff")
-        held = check_running(e2e, vm, "poweroff")
         action(e2e, vm, "poweroff-hard")
         wait_state(e2e, vm, POWEROFF, "POWEROFF")
         check_given_back(e2e, vm, "poweroff --hard", held)
+        assert e2e.vm_state(other)[0] != 3, f"VM {other} became ACTIVE while VM {vm}, powered off, keeps {DEVICE}"
+        note(f"e2e: poweroff --hard -> POWEROFF, device back on e1000e, {second_tenant}'s VM still off it: "
+             f"{time.monotonic() - t2:.1f} s")
+        # B is held while A's terminate is checked (else the scheduler could start B meanwhile),
+        # then released: the second tenant gets the device once nobody holds it.
+        action(e2e, other, "hold")
+        t3 = time.monotonic()
         action(e2e, vm, "terminate-hard")
         wait_state(e2e, vm, DONE, "DONE after poweroff")
         check_given_back(e2e, vm, "poweroff --hard + terminate", held)
+        note(f"e2e: terminate from POWEROFF -> DONE, device still back: {time.monotonic() - t3:.1f} s")
+        t4 = time.monotonic()
+        action(e2e, other, "release")
+        e2e.wait(f"VM {other} RUNNING once the device is free", lambda: e2e.vm_state(other) == RUNNING,
+                 DEPLOY_TIMEOUT_S, other)
+        check_running(e2e, other, "second tenant, once free")
+        e2e.running = other
+        note(f"e2e: {second_tenant}'s VM {other} released -> RUNNING with the device: {time.monotonic() - t4:.1f} s")
 
-    attempt(e2e, "deploy, poweroff --hard, terminate", run)
+    attempt(e2e, "first tenant's VM, second tenant waits, poweroff --hard, terminate, second tenant runs", run)
 
 
 def test_undeploy_resume_terminate_gives_the_device_back(e2e: EndToEnd) -> None:
     def run() -> None:
-        vm = deploy(e2e, list(e2e.users)[0], "e2e-undeploy")
+        vm, e2e.running = e2e.running, None
+        if vm is None or e2e.vm_state(vm) != RUNNING:  # the previous phase failed or the node was replaced
+            vm = deploy(e2e, list(e2e.users)[1], "e2e-undeploy")
         held = check_running(e2e, vm, "undeploy")
+        t0 = time.monotonic()
         action(e2e, vm, "undeploy-hard")
         wait_state(e2e, vm, UNDEPLOYED, "UNDEPLOYED")
         check_given_back(e2e, vm, "undeploy --hard", held)
+        note(f"e2e: undeploy --hard -> UNDEPLOYED, device back: {time.monotonic() - t0:.1f} s")
+        t1 = time.monotonic()
         action(e2e, vm, "resume")
         e2e.wait(f"VM {vm} RUNNING again", lambda: e2e.vm_state(vm) == RUNNING, DEPLOY_TIMEOUT_S, vm)
         held = check_running(e2e, vm, "resume")
+        note(f"e2e: resume -> RUNNING with the device: {time.monotonic() - t1:.1f} s")
+        t2 = time.monotonic()
         action(e2e, vm, "terminate-hard")
         wait_state(e2e, vm, DONE, "DONE after resume")
         check_given_back(e2e, vm, "undeploy + resume + terminate", held)
+        note(f"e2e: terminate from RUNNING -> DONE, device back: {time.monotonic() - t2:.1f} s")
 
-    attempt(e2e, "deploy, undeploy --hard, resume, terminate", run)
+    attempt(e2e, "undeploy --hard, resume, terminate", run)
 
 
 def test_a_domain_stopped_in_the_node_gives_the_device_back(e2e: EndToEnd) -> None:
@@ -696,13 +724,17 @@ def test_a_domain_stopped_in_the_node_gives_the_device_back(e2e: EndToEnd) -> No
     def run() -> None:
         vm = deploy(e2e, list(e2e.users)[0], "e2e-guest-off")
         held = check_running(e2e, vm, "stopped in the node")
+        t0 = time.monotonic()
         e2e.in_node(f"virsh -c qemu:///system destroy one-{vm}")
         wait_state(e2e, vm, POWEROFF, "POWEROFF seen by oned's monitoring")
         period = _vm_probe_period(e2e)
         check_given_back(e2e, vm, "domain stopped in the node", held, timeout=PROBE_CYCLES * period)
+        note(f"e2e: domain destroyed in the node -> POWEROFF, device back: {time.monotonic() - t0:.1f} s")
+        t1 = time.monotonic()
         action(e2e, vm, "terminate-hard")
         wait_state(e2e, vm, DONE, "DONE after the guest's poweroff")
         check_given_back(e2e, vm, "domain stopped in the node + terminate", held)
+        note(f"e2e: terminate from POWEROFF -> DONE, device still back: {time.monotonic() - t1:.1f} s")
 
     attempt(e2e, "deploy, domain stopped in the node, terminate", run)
 
