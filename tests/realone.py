@@ -59,7 +59,7 @@ def built_location() -> Path:
     return location
 
 
-def _edit(path: Path, pattern: str, replacement: str | Callable[[re.Match[str]], str], count: int = 1) -> None:
+def edit_config(path: Path, pattern: str, replacement: str | Callable[[re.Match[str]], str], count: int = 1) -> None:
     text = path.read_text()
     changed, made = re.subn(pattern, replacement, text, count=count, flags=re.MULTILINE)
     if made != count:
@@ -71,27 +71,28 @@ def _edit(path: Path, pattern: str, replacement: str | Callable[[re.Match[str]],
 def configure(etc: Path) -> None:
     """Test settings on top of upstream's shipped configuration (each edit must match once)."""
     oned = etc / "oned.conf"
-    _edit(oned, r"^#VM_MAD = \[ NAME=\"dummy\"(.*)\n#  TYPE=\"xml\" \]", r'VM_MAD = [ NAME="dummy"\1\n  TYPE="xml" ]')
-    _edit(oned, r"^SCHED_MAX_WND_TIME\s*=\s*\d+", "SCHED_MAX_WND_TIME   = 1")
+    edit_config(oned, r"^#VM_MAD = \[ NAME=\"dummy\"(.*)\n#  TYPE=\"xml\" \]",
+                r'VM_MAD = [ NAME="dummy"\1\n  TYPE="xml" ]')
+    edit_config(oned, r"^SCHED_MAX_WND_TIME\s*=\s*\d+", "SCHED_MAX_WND_TIME   = 1")
     # The generic GPU quota, as docs/tenant-policy.md tells the operator to configure it.
-    _edit(oned, r'^#QUOTA_VM_ATTRIBUTE = "VCPU"', 'QUOTA_VM_ATTRIBUTE = "GPU"')
-    _edit(oned, r"^MONITORING_INTERVAL_MARKET\s*=\s*\d+", "MONITORING_INTERVAL_MARKET    = 86400")
-    _edit(oned, r"^MONITORING_INTERVAL_DATASTORE\s*=\s*\d+", "MONITORING_INTERVAL_DATASTORE = 5")
+    edit_config(oned, r'^#QUOTA_VM_ATTRIBUTE = "VCPU"', 'QUOTA_VM_ATTRIBUTE = "GPU"')
+    edit_config(oned, r"^MONITORING_INTERVAL_MARKET\s*=\s*\d+", "MONITORING_INTERVAL_MARKET    = 86400")
+    edit_config(oned, r"^MONITORING_INTERVAL_DATASTORE\s*=\s*\d+", "MONITORING_INTERVAL_DATASTORE = 5")
     # Upstream's self-contained install keeps the hook manager's base path at /var/lib/one: point it
     # into this installation, as its operator would.
     # (a directory other than the installer's fallback, so a misread setting shows in the tests).
-    _edit(etc / "onehem-server.conf", r"^:hook_base_path: '/var/lib/one/remotes/hooks'",
+    edit_config(etc / "onehem-server.conf", r"^:hook_base_path: '/var/lib/one/remotes/hooks'",
           f":hook_base_path: '{etc.parent}/var/remotes/hooks-site'  # this installation's hooks")
     # Hold every new VM until the admission hook releases it (docs/tenant-policy.md).
-    _edit(oned, r'^#VM_SUBMIT_ON_HOLD = "NO"', 'VM_SUBMIT_ON_HOLD = "YES"')
+    edit_config(oned, r'^#VM_SUBMIT_ON_HOLD = "NO"', 'VM_SUBMIT_ON_HOLD = "YES"')
     monitord = etc / "monitord.conf"
-    _edit(monitord, r"^# (IM_MAD = \[)\n# (    NAME\s*= \"dummy\",)\n((?:# .*\n)+?)# \]",
+    edit_config(monitord, r"^# (IM_MAD = \[)\n# (    NAME\s*= \"dummy\",)\n((?:# .*\n)+?)# \]",
           lambda match: f"{match[1]}\n{match[2]}\n" + re.sub(r"^# ", "", match[3], flags=re.MULTILINE) + "]")
-    _edit(monitord, r"^(\s*SYSTEM_HOST\s*=\s*)\d+", rf"\g<1>{SYSTEM_PROBES_PERIOD}")
-    _edit(monitord, r"^(\s*SYNC_STATE_VM\s*=\s*)\d+", rf"\g<1>{SYNC_STATE_VM_PERIOD}")
+    edit_config(monitord, r"^(\s*SYSTEM_HOST\s*=\s*)\d+", rf"\g<1>{SYSTEM_PROBES_PERIOD}")
+    edit_config(monitord, r"^(\s*SYNC_STATE_VM\s*=\s*)\d+", rf"\g<1>{SYNC_STATE_VM_PERIOD}")
     # The first run of the probes over SSH is slow on a loaded 2-core machine: upstream's 90 s
     # start time-out fails the host there.
-    _edit(monitord, r"-w 90 (kvm|qemu)\"", r'-w 300 \1"', count=2)
+    edit_config(monitord, r"-w 90 (kvm|qemu)\"", r'-w 300 \1"', count=2)
 
 
 def _oneadmin() -> pwd.struct_passwd:
