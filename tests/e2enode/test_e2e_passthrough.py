@@ -362,13 +362,25 @@ def e2e(real_one: RealOne, suite_installed: Installed) -> Iterator[EndToEnd]:
         subprocess.run(["usermod", "-p", "*", "oneadmin"], check=True)  # sshd refuses a locked account
     e2e = EndToEnd(real_one, suite_installed, top, key)
     REPORT.write_text("")
+    # The node runs its host-system probes (Ruby and the suite's, under TCG: tens of seconds of its
+    # CPU a round) at upstream's period, not at the test frontend's 10 s, which would keep the
+    # node's CPUs busy with monitoring throughout. oned reads monitord.conf at start: restarted
+    # before the node boots (a boot beside oned's start can time its drivers' start out).
+    monitord = real_one.location / "etc" / "monitord.conf"
+    original_monitord = monitord.read_text()
+    edit_config(monitord, r"^(\s*SYSTEM_HOST\s*=\s*)\d+", rf"\g<1>{NODE_SYSTEM_PROBES_PERIOD}")
+    try:
+        note(f"e2e: oned restarted with SYSTEM_HOST = {NODE_SYSTEM_PROBES_PERIOD}: API ready in "
+             f"{real_one.restart():.1f} s")
+    except BaseException:
+        monitord.write_text(original_monitord)
+        real_one.restart()
+        raise
     booting = start_node(e2e, 1)
     config = real_one.location / "etc" / "aifactory.conf"
     original_config = config.read_text()
     ssh_config = Path(user.pw_dir) / ".ssh" / "config"
     system_tm: str | None = None
-    monitord = real_one.location / "etc" / "monitord.conf"
-    original_monitord = monitord.read_text()
     try:
         # The operator's frontend configuration: the stand-in device into the hosts' PCI lists, and the
         # tenant policy the admission hook reads.
@@ -401,12 +413,6 @@ def e2e(real_one: RealOne, suite_installed: Installed) -> Iterator[EndToEnd]:
         # a system datastore shared between frontend and hosts (TM shared).
         system_tm = client.datastore.info(0).TM_MAD
         client.datastore.update(0, 'TM_MAD = "shared"', 1)
-        # The node runs its host-system probes (Ruby and the suite's, under TCG: tens of seconds of
-        # its CPU a round) at upstream's period, not at the test frontend's 10 s, which would keep
-        # the node's CPUs busy with monitoring throughout; oned reads monitord.conf at start.
-        edit_config(monitord, r"^(\s*SYSTEM_HOST\s*=\s*)\d+", rf"\g<1>{NODE_SYSTEM_PROBES_PERIOD}")
-        note(f"e2e: oned restarted with SYSTEM_HOST = {NODE_SYSTEM_PROBES_PERIOD}: API ready in "
-             f"{real_one.restart():.1f} s")
         synced = suite_installed.install_sh("--sync", "--no-venv")
         assert synced.returncode == 0, synced.stdout + synced.stderr
         qemu_pci = (real_one.location / "var" / "remotes" / "etc" / "im" / "qemu-probes.d" / "pci.conf").read_text()
