@@ -8,21 +8,31 @@ missing), SHORT_ADDRESS alone (resolved against a device list), and TYPE as ``NI
 when TYPE is exactly ``NIC``. The host gate is checked on a random host (device table, devices held
 by other VMs, vm.xml that may lie about devices, hostdevs vm.xml does not list), and across a
 sequence of deploys onto one host: no tenant ever holds more GPUs than its cap, no device is given
-that its tenant was not granted."""
+that its tenant was not granted.
+
+Cost: nearly all of the time goes to drawing (a case is well over a hundred choices), not to the
+code under test. Strategies are therefore built once (module constants, or cached per sampled
+sequence) instead of once per draw, and the stateful tests draw each step's choices through one
+composite strategy rather than many ``data.draw`` calls; the choices drawn, their order and their
+distribution are exactly those of drawing them one by one."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from functools import lru_cache
 from types import MappingProxyType
+from typing import TypeVar
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.strategies import SearchStrategy
 
 from aifactory_core.model import DeployRequest
 from aifactory_core.one.vm import NicRequest, PciRequest, VmRequest
 from aifactory_core.policy.decide import Usage, decide, parse_pkey, resolve_addresses
 from aifactory_core.policy.hostgate import decide_on_host, is_gpu_identity
 from aifactory_core.policy.hostusage import usage_of
-from aifactory_core.policy.schema import Policy, Tenant, parse_policy
+from aifactory_core.policy.schema import DeviceGrant, Policy, Tenant, parse_policy
 
 VENDORS = [0x10DE, 0x1002, 0x15B3]
 DEVICES = [0x2330, 0x2335, 0x20B5, 0x101E]
@@ -31,33 +41,69 @@ TYPES = [None, "NIC", "nic", "Nic", "GPU"]
 SHORT_ADDRESSES = ["17:00.0", "18:00.2", "3b:00.0", "5e:00.1"]
 CLUSTERS = [100, 101, 102]
 NETWORKS = list(range(8))
+GIDS = [0, 100, 101, 102, 103, 500]
+T = TypeVar("T")
+
+BOOLEANS = st.booleans()
+ONE_IN_FOUR = st.integers(0, 3)  # 0: the unusual branch
+VENDOR_IDS = st.sampled_from(VENDORS)
+DEVICE_IDS = st.sampled_from(DEVICES)
+CLASS_IDS = st.sampled_from(CLASSES)
+TENANT_COUNTS = st.integers(1, 4)
+CAPS = st.integers(0, 6)
+CLUSTER_LISTS = st.lists(st.sampled_from(CLUSTERS), unique=True, max_size=3)
+NETWORK_LISTS = st.lists(st.sampled_from(NETWORKS), unique=True, max_size=5)
+RANGE_STARTS = st.integers(1, 900)
+RANGE_WIDTHS = st.integers(0, 50)
+PKEY_WIDTHS = st.integers(0, 63)
+GRANT_COUNTS = st.integers(0, 3)
+ANY_GID = st.sampled_from(GIDS)
+ANY_CLUSTER = st.one_of(st.none(), st.sampled_from(CLUSTERS))
+
+
+@lru_cache(maxsize=4096)
+def one_of_these(values: tuple[T, ...]) -> SearchStrategy[T]:
+    """``st.sampled_from(values)``, built once per sequence (a strategy is costly to build and validate)."""
+    return st.sampled_from(values)
+
+
+@lru_cache(maxsize=4096)
+def unique_lists(values: tuple[T, ...], min_size: int = 0, max_size: int | None = None) -> SearchStrategy[list[T]]:
+    """``st.lists(st.sampled_from(values), unique=True, ...)``, built once per sequence."""
+    return st.lists(st.sampled_from(values), unique=True, min_size=min_size, max_size=max_size)
+
+
+@lru_cache(maxsize=1024)
+def parsed(text: str) -> Policy:
+    """``parse_policy`` (pure) once per text: about half the cases reuse an earlier case's policy."""
+    return parse_policy(text, "random.toml")
 
 
 @st.composite
 def policies(draw: st.DrawFn) -> str:
-    count = draw(st.integers(1, 4))
+    count = draw(TENANT_COUNTS)
     lines = ['[opennebula]\nversion = "7.0"\n']
     for index in range(count):
         base = index * 1000
         lines.append(f"[tenant.t{index}]\ngroup = \"g{index}\"\ngroup_id = {100 + index}")
-        lines.append(f"max_gpus = {draw(st.integers(0, 6))}")
-        clusters = draw(st.lists(st.sampled_from(CLUSTERS), unique=True, max_size=3))
+        lines.append(f"max_gpus = {draw(CAPS)}")
+        clusters = draw(CLUSTER_LISTS)
         lines.append(f"clusters = {clusters}")
-        lines.append(f"networks = {draw(st.lists(st.sampled_from(NETWORKS), unique=True, max_size=5))}")
-        low = draw(st.integers(1, 900))
-        lines.append(f'vlans = ["{base + low}-{base + low + draw(st.integers(0, 50))}"]')
-        lines.append(f'vnis = ["{10000 + base + low}-{10000 + base + low + draw(st.integers(0, 50))}"]')
+        lines.append(f"networks = {draw(NETWORK_LISTS)}")
+        low = draw(RANGE_STARTS)
+        lines.append(f'vlans = ["{base + low}-{base + low + draw(RANGE_WIDTHS)}"]')
+        lines.append(f'vnis = ["{10000 + base + low}-{10000 + base + low + draw(RANGE_WIDTHS)}"]')
         first = 0x100 + index * 0x40
-        lines.append(f'ib_pkeys = ["{hex(first)}-{hex(first + draw(st.integers(0, 63)))}"]')
-        for grant in range(draw(st.integers(0, 3))):
+        lines.append(f'ib_pkeys = ["{hex(first)}-{hex(first + draw(PKEY_WIDTHS))}"]')
+        for grant in range(draw(GRANT_COUNTS)):
             lines.append(f"[[tenant.t{index}.devices]]\nname = \"d{grant}\"")
-            lines.append(f'vendor = "{draw(st.sampled_from(VENDORS)):04x}"')
-            if draw(st.booleans()):
-                lines.append(f'device = "{draw(st.sampled_from(DEVICES)):04x}"')
-            if draw(st.booleans()):
-                lines.append(f'class = "{draw(st.sampled_from(CLASSES)):04x}"')
-            if clusters and draw(st.booleans()):
-                lines.append(f"clusters = {draw(st.lists(st.sampled_from(clusters), unique=True, min_size=1))}")
+            lines.append(f'vendor = "{draw(VENDOR_IDS):04x}"')
+            if draw(BOOLEANS):
+                lines.append(f'device = "{draw(DEVICE_IDS):04x}"')
+            if draw(BOOLEANS):
+                lines.append(f'class = "{draw(CLASS_IDS):04x}"')
+            if clusters and draw(BOOLEANS):
+                lines.append(f"clusters = {draw(unique_lists(tuple(clusters), min_size=1))}")
         lines.append("")
     return "\n".join(lines)
 
@@ -93,25 +139,27 @@ networks = st.one_of(st.none(), st.sampled_from(NETWORKS))
 vn_mads = st.sampled_from([None, "bridge", "802.1Q", "vxlan", "ovswitch", "ovswitch_vxlan"])
 outers = st.one_of(st.none(), st.integers(0, 14000).map(str), st.sampled_from(["", "x12", "123456789"]))
 types = st.sampled_from(TYPES)
-by_selectors = st.builds(pci, st.one_of(st.none(), st.sampled_from(VENDORS)),
-                         st.one_of(st.none(), st.sampled_from(DEVICES)), st.one_of(st.none(), st.sampled_from(CLASSES)),
-                         types, networks, vlans, vn_mads, pkeys, outers)  # fmt: skip
+by_selectors = st.builds(pci, st.one_of(st.none(), VENDOR_IDS), st.one_of(st.none(), DEVICE_IDS),
+                         st.one_of(st.none(), CLASS_IDS), types, networks, vlans, vn_mads, pkeys, outers)  # fmt: skip
 by_address = st.builds(pci, st.none(), st.none(), st.none(), types, networks, vlans, vn_mads, pkeys, outers,
                        st.sampled_from(SHORT_ADDRESSES))  # fmt: skip
 pcis = st.one_of(by_selectors, by_address)
-identities = st.tuples(st.sampled_from(VENDORS), st.sampled_from(DEVICES), st.sampled_from(CLASSES))
+identities = st.tuples(VENDOR_IDS, DEVICE_IDS, CLASS_IDS)
 device_lists = st.dictionaries(st.sampled_from(SHORT_ADDRESSES), identities)  # what sits at each short address
 nics = st.builds(nic, networks, vlans, vn_mads, pkeys, outers)
+REQUEST_GIDS = st.sampled_from([0, 1, 100, 101, 102, 103, 500])
+VM_IDS = st.integers(0, 30)
+PCI_LISTS = st.lists(pcis, max_size=4)
+NIC_LISTS = st.lists(nics, max_size=3)
 
 
 @st.composite
 def requests(draw: st.DrawFn) -> VmRequest:
-    gid = draw(st.sampled_from([0, 1, 100, 101, 102, 103, 500]))
+    gid = draw(REQUEST_GIDS)
     return VmRequest(
-        vm_id=draw(st.integers(0, 30)), name=None, uid=5, gid=gid, uname=None, gname=None, state=None,
-        lcm_state=None, deploy_id=None, host=None, host_id=None,
-        cluster_id=draw(st.one_of(st.none(), st.sampled_from(CLUSTERS))),
-        pci=tuple(draw(st.lists(pcis, max_size=4))), nics=tuple(draw(st.lists(nics, max_size=3))), topology=None,
+        vm_id=draw(VM_IDS), name=None, uid=5, gid=gid, uname=None, gname=None, state=None,
+        lcm_state=None, deploy_id=None, host=None, host_id=None, cluster_id=draw(ANY_CLUSTER),
+        pci=tuple(draw(PCI_LISTS)), nics=tuple(draw(NIC_LISTS)), topology=None,
         numa_nodes=(), vcpu=None, cpu=None, memory_mib=None, hugepage_size=None, template_id=None,
     )  # fmt: skip
 
@@ -188,7 +236,7 @@ def violations(policy: Policy, request: VmRequest, usage: Usage, devices: dict |
 @settings(max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policies(), requests(), usages, device_lists)
 def test_no_admission_outside_the_grant_and_every_refusal_names_its_rule(text, request, entries, devices) -> None:
-    policy = parse_policy(text, "random.toml")
+    policy = parsed(text)
     usage = Usage.of(entries)
     decision = decide(policy, resolve_addresses(request, devices.get), usage)
     expected = violations(policy, request, usage, devices)
@@ -200,36 +248,53 @@ def test_no_admission_outside_the_grant_and_every_refusal_names_its_rule(text, r
 
 # ---- the host gate -------------------------------------------------------------------------------
 
-GIDS = [0, 100, 101, 102, 103, 500]
+HOST_SIZES = st.integers(1, 10)
+HOLDERS = st.integers(0, 12)  # 10..12: a VM the gate never saw holds the device
+MAYBE_GIDS = st.sampled_from([None, *GIDS])
+DEPLOY_COUNTS = st.integers(1, 5)
+GRANTED_DRIVERS = st.sampled_from([None, "802.1Q", "bridge"])
+ONE_IN_FIVE = st.integers(0, 4)
+ONE_IN_SIX = st.integers(0, 5)
 
 
 def host_address(index: int) -> str:
     return f"0000:{0x10 + index:02x}:00.0"
 
 
-def granted_identity(policy: Policy, data: st.DataObject) -> tuple[int, int, int]:
+def granted_identity(grants: tuple[DeviceGrant, ...], draw: st.DrawFn) -> tuple[int, int, int]:
     """Mostly what some tenant's grant names (so admissions happen and can be checked), else any."""
-    grants = [grant for tenant in policy.tenants.values() for grant in tenant.devices]
-    if not grants or not data.draw(st.integers(0, 3)):
-        return data.draw(identities)
-    grant = data.draw(st.sampled_from(grants))
-    return (grant.vendor, grant.device if grant.device is not None else data.draw(st.sampled_from(DEVICES)),
-            grant.device_class if grant.device_class is not None else data.draw(st.sampled_from(CLASSES)))
+    if not grants or not draw(ONE_IN_FOUR):
+        return draw(identities)
+    grant = draw(one_of_these(grants))
+    return (grant.vendor, grant.device if grant.device is not None else draw(DEVICE_IDS),
+            grant.device_class if grant.device_class is not None else draw(CLASS_IDS))
 
 
-def host_table(policy: Policy, data: st.DataObject) -> dict[str, tuple[int, int, int]]:
-    """A host's PCI functions: address -> the identity its sysfs reports."""
-    count = data.draw(st.integers(1, 10))
-    return {host_address(index): granted_identity(policy, data) for index in range(count)}
+@dataclass
+class Host:
+    table: dict[str, tuple[int, int, int]]  # a host's PCI functions: address -> the identity its sysfs reports
+    held: dict[str, int]  # address -> the VM holding it (10..12: VMs the gate never saw)
+    owners: dict[int, int]  # VM -> its group, where known
+    deploys: int  # how many VMs are deployed onto it next
 
 
-def tenant_networks(tenant: Tenant | None, data: st.DataObject) -> tuple[int | None, int | None, str | None]:
+@st.composite
+def hosts(draw: st.DrawFn, policy: Policy) -> Host:
+    """A host with some devices held before, and how many deploys follow."""
+    grants = tuple(grant for tenant in policy.tenants.values() for grant in tenant.devices)
+    count = draw(HOST_SIZES)
+    table = {host_address(index): granted_identity(grants, draw) for index in range(count)}
+    held = {address: vm for address in table if (vm := draw(HOLDERS)) >= 10}
+    owners = {vm: gid for vm in set(held.values()) if (gid := draw(MAYBE_GIDS)) is not None}
+    return Host(table, held, owners, draw(DEPLOY_COUNTS))
+
+
+def tenant_networks(tenant: Tenant | None, draw: st.DrawFn) -> tuple[int | None, int | None, str | None]:
     """NETWORK_ID, VLAN_ID, VN_MAD: mostly within ``tenant``'s grant, else anything."""
-    draw = data.draw
-    if tenant is None or not tenant.networks or not draw(st.integers(0, 3)):
+    if tenant is None or not tenant.networks or not draw(ONE_IN_FOUR):
         return draw(networks), draw(vlans), draw(vn_mads)
-    vlan = None if not tenant.vlans.ranges or draw(st.booleans()) else tenant.vlans.ranges[0][0]
-    return draw(st.sampled_from(sorted(tenant.networks))), vlan, draw(st.sampled_from([None, "802.1Q", "bridge"]))
+    vlan = None if not tenant.vlans.ranges or draw(BOOLEANS) else tenant.vlans.ranges[0][0]
+    return draw(one_of_these(tuple(sorted(tenant.networks)))), vlan, draw(GRANTED_DRIVERS)
 
 
 def allocated(address: str, claimed: tuple[int, int, int], pci_type: str | None,
@@ -278,25 +343,25 @@ def leaks(policy: Policy, table: dict, held: dict[str, int], owners: dict[int, i
     return found + sorted(network_violations(tenant, nic_list))
 
 
-def deploy_onto(policy: Policy, data: st.DataObject, table: dict, held: dict[str, int],
-                vm: int) -> tuple[DeployRequest, VmRequest]:
+@st.composite
+def deploys_onto(draw: st.DrawFn, policy: Policy, table: dict, held: dict[str, int],
+                 vm: int) -> tuple[DeployRequest, VmRequest]:
     """One deploy onto the host: oned allocated free functions to ``vm`` (vm.xml may claim other
     VENDOR/DEVICE/CLASS than the host's, TYPE takes every form), the deployment file may add a
     hostdev vm.xml does not list (or one the host does not have) and name another owner."""
-    draw = data.draw
-    tenant_gids = sorted(policy.by_gid)
-    gid = draw(st.sampled_from(tenant_gids)) if tenant_gids and draw(st.integers(0, 3)) else draw(st.sampled_from(GIDS))
+    tenant_gids = tuple(sorted(policy.by_gid))
+    gid = draw(one_of_these(tenant_gids)) if tenant_gids and draw(ONE_IN_FOUR) else draw(ANY_GID)
     tenant = policy.by_gid.get(gid)
-    free = [address for address in table if address not in held]
-    chosen = draw(st.lists(st.sampled_from(free), unique=True, max_size=4)) if free else []
-    items = [allocated(address, table[address] if draw(st.integers(0, 3)) else draw(identities), draw(types),
-                       tenant_networks(tenant, data)) for address in chosen]  # fmt: skip
-    nic_list = [nic(*tenant_networks(tenant, data), None)] if draw(st.booleans()) else []
-    document = vm_document(vm, gid, draw(st.one_of(st.none(), st.sampled_from(CLUSTERS))), items, nic_list)
+    free = tuple(address for address in table if address not in held)
+    chosen = draw(unique_lists(free, max_size=4)) if free else []
+    items = [allocated(address, table[address] if draw(ONE_IN_FOUR) else draw(identities), draw(types),
+                       tenant_networks(tenant, draw)) for address in chosen]  # fmt: skip
+    nic_list = [nic(*tenant_networks(tenant, draw), None)] if draw(BOOLEANS) else []
+    document = vm_document(vm, gid, draw(ANY_CLUSTER), items, nic_list)
     extra = []
-    if free and draw(st.integers(0, 4)) == 0:
-        extra = [draw(st.sampled_from([*free, "0000:ee:00.0"]))]
-    meta_gid = gid if draw(st.integers(0, 5)) else draw(st.sampled_from([None, *GIDS]))
+    if free and draw(ONE_IN_FIVE) == 0:
+        extra = [draw(one_of_these((*free, "0000:ee:00.0")))]
+    meta_gid = gid if draw(ONE_IN_SIX) else draw(MAYBE_GIDS)
     hostdevs = tuple(dict.fromkeys([*(item.address for item in items), *extra]))
     return DeployRequest(vm_id=vm, pci_addresses=hostdevs, gid=meta_gid), document
 
@@ -311,12 +376,11 @@ def test_host_gate_gives_no_device_outside_the_grant_and_no_tenant_more_gpus_tha
     gives nothing the tenant was not granted and keeps every tenant within its cap on the host,
     whatever vm.xml claims and whatever TYPE the PCI requests carry; on a truthful vm.xml whose
     hostdevs are its PCI list the host decides exactly as the frontend does."""
-    policy = parse_policy(text, "random.toml")
-    table = host_table(policy, data)
-    held = {address: vm for address in table if (vm := data.draw(st.integers(0, 12))) >= 10}
-    owners = {vm: gid for vm in set(held.values()) if (gid := data.draw(st.sampled_from([None, *GIDS]))) is not None}
-    for vm in range(1, data.draw(st.integers(1, 5)) + 1):
-        deploy, document = deploy_onto(policy, data, table, held, vm)
+    policy = parsed(text)
+    host = data.draw(hosts(policy))
+    table, held, owners = host.table, host.held, host.owners
+    for vm in range(1, host.deploys + 1):
+        deploy, document = data.draw(deploys_onto(policy, table, held, vm))
         usage = usage_of(held, lambda holder: (owners[holder], None) if holder in owners else None, policy,
                          lambda address: is_gpu_identity(table.get(address)))
         decision = decide_on_host(policy, deploy, document, table.get, None, usage)
@@ -354,25 +418,76 @@ TENANT_MOVES = {  # what a VM owner may do (MANAGE operations), from -> to, as o
 
 
 def frontend_vm(vm_id: int, gid: int, items: list[PciRequest], state: int) -> VmRequest:
-    from dataclasses import replace
-
     numbered = tuple(replace(item, pci_id=index) for index, item in enumerate(items))
     return replace(vm_document(vm_id, gid, None, [], []), pci=numbered, state=state, lcm_state=0)
 
 
-def granted_pci(tenant: Tenant, data: st.DataObject) -> PciRequest:
+DEVICE_TYPES = st.sampled_from([None, "GPU", "nic"])
+STEP_COUNTS = st.integers(8, 14)
+MOVES = st.sampled_from(["instantiate", "instantiate", "tenant", "tenant", "tenant", "attachpci"])
+PCI_REQUESTS = st.lists(pcis, max_size=3)
+GRANTED_COUNTS = st.integers(1, 3)
+
+
+def granted_pci(tenant: Tenant, draw: st.DrawFn) -> PciRequest:
     """A PCI request one of ``tenant``'s grants covers (any TYPE oned accepts for a device)."""
-    grant = data.draw(st.sampled_from(tenant.devices))
-    device = grant.device if grant.device is not None else data.draw(st.sampled_from(DEVICES))
-    device_class = grant.device_class if grant.device_class is not None else data.draw(st.sampled_from(CLASSES))
-    return pci(grant.vendor, device, device_class, data.draw(st.sampled_from([None, "GPU", "nic"])), None, None,
-               None, None)
+    grant = draw(one_of_these(tenant.devices))
+    device = grant.device if grant.device is not None else draw(DEVICE_IDS)
+    device_class = grant.device_class if grant.device_class is not None else draw(CLASS_IDS)
+    return pci(grant.vendor, device, device_class, draw(DEVICE_TYPES), None, None, None, None)
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step on the frontend: ``move`` on ``vm`` (the new VM, or the one moved or attached to)."""
+
+    move: str
+    vm: VmRequest | None = None
+    target: int | None = None  # a tenant move: the state it leads to
+    item: PciRequest | None = None  # attachpci: the device attached
+    window: bool = False  # the scheduler deploys PENDING VMs after the move
+    skipped: bool = False  # nothing happens (an attach oned would not do): no window, no check
+
+
+@st.composite
+def actions(draw: st.DrawFn, policy: Policy, vms: dict[int, VmRequest], step: int) -> Action:
+    """What happens next, given the VMs so far (every choice of the step, in the order it is made)."""
+    move = draw(MOVES)
+    if move == "instantiate":
+        tenant_gids = tuple(sorted(policy.by_gid))
+        gid = draw(one_of_these(tenant_gids)) if tenant_gids and draw(ONE_IN_FIVE) else draw(ANY_GID)
+        if vms and draw(BOOLEANS):  # the same tenant again: caps are about a tenant's several VMs
+            gid = vms[max(vms)].gid or 0
+        tenant = policy.by_gid.get(gid)
+        items = draw(PCI_REQUESTS)
+        if tenant is not None and tenant.devices and draw(ONE_IN_FOUR):
+            items = [granted_pci(tenant, draw) for _ in range(draw(GRANTED_COUNTS))]
+        action = Action(move, frontend_vm(step, gid, items, STATE_HOLD))
+    elif move == "tenant":
+        movable = tuple(sorted(vm_id for vm_id, vm in vms.items() if vm.state != STATE_DONE))
+        action = Action(move)
+        if movable:
+            vm = vms[draw(one_of_these(movable))]
+            moves = tuple(sorted(name for name, (sources, _) in TENANT_MOVES.items() if vm.state in sources))
+            action = Action(move, vm, target=TENANT_MOVES[draw(one_of_these(moves))][1])
+    else:
+        off = tuple(sorted(vm_id for vm_id, vm in vms.items() if vm.state in (STATE_POWEROFF, STATE_UNDEPLOYED)))
+        if not off:
+            return Action(move, skipped=True)
+        vm = vms[draw(one_of_these(off))]
+        owner = policy.by_gid.get(vm.gid) if vm.gid is not None else None
+        if owner is not None and owner.devices and draw(BOOLEANS):
+            item = granted_pci(owner, draw)
+        else:
+            item = draw(by_selectors)
+        if item.type == "NIC":
+            return Action(move, vm, item=item, skipped=True)  # oned attaches it only through one.vm.attachnic
+        action = Action(move, vm, item=item)
+    return replace(action, window=draw(ONE_IN_FOUR) != 0)
 
 
 def granted_alone(policy: Policy, vm: VmRequest) -> bool:
     """Every PCI of ``vm`` passes the device and tenant rules on its own (the cap aside)."""
-    from dataclasses import replace
-
     for item in vm.pci:
         alone = replace(vm, pci=(item,), nics=())
         if any(not refusal.rule.endswith(".max_gpus") for refusal in decide(policy, alone).refusals):
@@ -394,47 +509,27 @@ def test_frontend_admission_keeps_every_tenant_within_its_cap_across_vms_and_sta
     from aifactory_core.policy.admission import Event, detach_steps, plan, usage_from_pool
     from aifactory_core.policy.decide import gpu_count
 
-    policy = parse_policy(text, "random.toml")
-    tenant_gids = sorted(policy.by_gid)
+    policy = parsed(text)
     vms: dict[int, VmRequest] = {}
-    draw = data.draw
-    for step in range(draw(st.integers(8, 14))):
-        move = draw(st.sampled_from(["instantiate", "instantiate", "tenant", "tenant", "tenant", "attachpci"]))
-        if move == "instantiate":
-            gid = draw(st.sampled_from(tenant_gids)) if tenant_gids and draw(st.integers(0, 4)) else draw(
-                st.sampled_from(GIDS))
-            if vms and draw(st.booleans()):  # the same tenant again: caps are about a tenant's several VMs
-                gid = vms[max(vms)].gid or 0
-            tenant = policy.by_gid.get(gid)
-            items = draw(st.lists(pcis, max_size=3))
-            if tenant is not None and tenant.devices and draw(st.integers(0, 3)):
-                items = [granted_pci(tenant, data) for _ in range(draw(st.integers(1, 3)))]
-            vm = frontend_vm(step, gid, items, STATE_HOLD)
+    for step in range(data.draw(STEP_COUNTS)):
+        action = data.draw(actions(policy, vms, step))
+        if action.skipped:
+            continue
+        if action.move == "instantiate":
+            assert action.vm is not None
+            vm = action.vm
             decision = decide(policy, vm, usage_from_pool(policy, vms.values()))
             vms[vm.vm_id] = vm
             for call in plan(Event("one.template.instantiate", None), vm, decision):  # type: ignore[arg-type]
                 if call.params[0] == "release":
                     vms[vm.vm_id] = VmRequest(**{**vm.__dict__, "state": STATE_PENDING})
-        elif move == "tenant":
-            movable = sorted(vm_id for vm_id, vm in vms.items() if vm.state != STATE_DONE)
-            if movable:
-                vm = vms[draw(st.sampled_from(movable))]
-                moves = sorted(name for name, (sources, _) in TENANT_MOVES.items() if vm.state in sources)
-                target = TENANT_MOVES[draw(st.sampled_from(moves))][1]
-                vms[vm.vm_id] = VmRequest(**{**vm.__dict__, "state": target})
-        elif move == "attachpci":
-            off = sorted(vm_id for vm_id, vm in vms.items() if vm.state in (STATE_POWEROFF, STATE_UNDEPLOYED))
-            if not off:
-                continue
-            vm = vms[draw(st.sampled_from(off))]
-            owner = policy.by_gid.get(vm.gid) if vm.gid is not None else None
-            if owner is not None and owner.devices and draw(st.booleans()):
-                item = granted_pci(owner, data)
-            else:
-                item = draw(by_selectors)
-            if item.type == "NIC":
-                continue  # oned attaches a TYPE = "NIC" device only through one.vm.attachnic
-            vm = frontend_vm(vm.vm_id, vm.gid or 0, [*vm.pci, item], vm.state)
+        elif action.move == "tenant":
+            if action.vm is not None:
+                vms[action.vm.vm_id] = VmRequest(**{**action.vm.__dict__, "state": action.target})
+        elif action.move == "attachpci":
+            assert action.vm is not None and action.item is not None
+            vm = action.vm
+            vm = frontend_vm(vm.vm_id, vm.gid or 0, [*vm.pci, action.item], vm.state)
             event = Event("one.vm.attachpci", None)  # type: ignore[arg-type]
             others = [other for other_id, other in vms.items() if other_id != vm.vm_id]
             usage = usage_from_pool(policy, [*others, vm])
@@ -444,7 +539,7 @@ def test_frontend_admission_keeps_every_tenant_within_its_cap_across_vms_and_sta
             gone = {call.params[1] for call in calls if call.method == "one.vm.detachpci"}
             kept = [pci for pci in vm.pci if pci.pci_id not in gone]
             vms[vm.vm_id] = frontend_vm(vm.vm_id, vm.gid or 0, kept, vm.state)
-        if draw(st.integers(0, 3)):  # the scheduler's window: PENDING VMs are deployed
+        if action.window:  # the scheduler's window: PENDING VMs are deployed
             for vm_id, vm in list(vms.items()):
                 if vm.state == STATE_PENDING:
                     vms[vm_id] = VmRequest(**{**vm.__dict__, "state": STATE_ACTIVE})
