@@ -11,6 +11,12 @@ The template asks for the device as an operator pins one, ``PCI = [SHORT_ADDRESS
 the frontend's admission identifies it from the devices oned's hosts list at that address
 (``policy.admission.address_lookup``) and the host gate again from the node's sysfs.
 
+Four deploys cover the sequences (the tests below, in order): a first tenant's VM runs while a
+second tenant's VM is refused a host, is powered off hard and terminated; the second tenant's VM
+then gets the device, is undeployed, resumed and terminated; a third VM's domain is destroyed in
+the node and the VM terminated. The device must be back on its driver, reset, with no journal or
+ownership record, after each of them.
+
 One node and one oned serve the module; each phase has a hard time-out that fails with the node's
 console tail, and a phase that finds the node hung (a kernel lockup, QEMU gone) is tried once more
 on a freshly booted node. Phase timings go to the session's summary (``realone.note``); the VM's
@@ -640,11 +646,7 @@ def wait_state(e2e: EndToEnd, vm: int, state: int, what: str) -> None:
     e2e.wait(f"VM {vm} {what}", lambda: e2e.vm_state(vm)[0] == state, END_TIMEOUT_S, vm)
 
 
-# -- the tests ---------------------------------------------------------------------------------------
-#
-# Four deploys cover the sequences: VM A (first tenant) runs, the second tenant's VM B waits,
-# A is powered off hard and terminated; B then gets the device, is undeployed, resumed and
-# terminated; VM C's domain is stopped in the node and C terminated.
+# -- the tests (in order: the first leaves its second VM running for the second) -----------------
 
 
 def test_second_tenant_waits_while_held_and_poweroff_hard_then_terminate_gives_the_device_back(
