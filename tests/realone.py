@@ -8,8 +8,9 @@ remotes, and what the suite installs into them is gone with the session. oned ru
 ``oneadmin`` user; the dummy IM/VMM drivers are enabled, the scheduler window is 1 s, the
 host-system probes run every ``SYSTEM_PROBES_PERIOD`` seconds and the hosts' full VM state
 report every ``SYNC_STATE_VM_PERIOD`` seconds (upstream 180: a host back from ERROR reports
-its VMs with it). Stopping ends oned, the hook manager and the monitoring agents this session's
-hosts started.
+its VMs with it; the cost, a VM missing from such a report is POWEROFF at once, where the state
+probe waits for three misses, is the same as upstream's, six times as often). Stopping ends
+oned, the hook manager and the monitoring agents this session's hosts started.
 
 Fixture: ``real_one`` (session scope). A missing build or prerequisite skips the tier on a
 developer's machine and fails it under ``CI=true`` (``needs.unavailable``).

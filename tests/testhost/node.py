@@ -36,7 +36,7 @@ PASSTHROUGH_ADDRESS = "0000:01:00.0"
 PASSTHROUGH_ID = "8086:10d3"
 PORT_RANGE = range(22220, 22320)
 PORT_LOCKS = Path("/var/tmp")
-MUX_PERSIST_S = 120
+MUX_PERSIST_S = 3600
 HUNG_MARKS = ("soft lockup", "hard LOCKUP", "rcu_sched self-detected stall", "blocked for more than")
 
 NODE_GUEST = GuestConfig(
@@ -181,11 +181,11 @@ class Node:
 
     def ssh_argv(self, user: str, command: str) -> list[str]:
         """One connection per user, kept open between calls (a new one costs seconds of the node's
-        emulated CPU); it ends with the node or after ``MUX_PERSIST_S`` idle."""
+        emulated CPU); :meth:`stop` ends it, as does the node's end or ``MUX_PERSIST_S`` idle."""
         return ["ssh", "-i", str(self.key), "-p", str(self.port), "-o", "StrictHostKeyChecking=no",
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "BatchMode=yes",
                 "-o", "ConnectTimeout=30", "-o", "ControlMaster=auto", "-o", f"ControlPath={self.out}/mux-%r",
-                "-o", f"ControlPersist={MUX_PERSIST_S}", "-o", "ServerAliveInterval=15",
+                "-o", f"ControlPersist={MUX_PERSIST_S}", "-o", "ServerAliveInterval=30",
                 f"{user}@127.0.0.1", command]
 
     def ssh(self, command: str, *, user: str = "root", timeout: float = 120, check: bool = True,
@@ -208,6 +208,9 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
+        for user in ("root", "oneadmin"):
+            subprocess.run(["ssh", "-o", f"ControlPath={self.out}/mux-%r", "-O", "exit", f"{user}@127.0.0.1"],
+                           capture_output=True, timeout=30, check=False)
         try:
             (self.out / "stop").touch()
             try:
