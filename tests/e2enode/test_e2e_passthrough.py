@@ -687,27 +687,33 @@ REFUSED = "Host {host} discarded for VM {vm}. Unavailable PCI device."
 PCI device does not (its SCHED_MESSAGE, "Not enough capacity", names no reason)."""
 
 
-def refusals(e2e: EndToEnd, vm: int) -> int:
-    """How often the scheduler has refused ``vm`` the node for want of its PCI device."""
+def scheduler_log(e2e: EndToEnd) -> str:
+    """The last scheduling round's log: the scheduler writes ``rank_sched.log`` anew each round."""
     try:
-        text = (e2e.one.location / "var" / "rank_sched.log").read_text(errors="replace")
+        return (e2e.one.location / "var" / "rank_sched.log").read_text(errors="replace")
     except FileNotFoundError:
-        return 0
-    return text.count(REFUSED.format(host=e2e.host, vm=vm))
+        return ""
 
 
-def wait_refused(e2e: EndToEnd, vm: int, holder: int, before: int, seen: set[tuple[int, int]]) -> int:
-    """Wait for one more such refusal of ``vm``; it must never become ACTIVE meanwhile. Returns the count."""
+def wait_refused(e2e: EndToEnd, vm: int, holder: int, previous: str, seen: set[tuple[int, int]]) -> str:
+    """Wait for a scheduling round after ``previous`` (the log then) that refuses ``vm`` the node
+    for want of its PCI device; ``vm`` must never become ACTIVE meanwhile. Returns that round's log."""
+    line = REFUSED.format(host=e2e.host, vm=vm)
+    rounds: list[str] = []
+
     def refused() -> bool:
         info = e2e.xml("one.vm.info", vm, False)
         seen.add((int(info.findtext("STATE")), int(info.findtext("LCM_STATE"))))
         assert all(state != 3 for state, _ in seen), \
             f"VM {vm} became ACTIVE while VM {holder} holds {DEVICE}: {sorted(seen)}"
-        return refusals(e2e, vm) > before
+        text = scheduler_log(e2e)
+        if text != previous and (not rounds or rounds[-1] != text):
+            rounds.append(text)
+        return bool(rounds) and line in rounds[-1]
 
     e2e.wait(f"the scheduler to refuse VM {vm} the node for want of {SHORT}", refused, 180, every=2.0,
              explain=lambda: e2e.one.log_tail("rank_sched.log", 30))
-    return refusals(e2e, vm)
+    return rounds[-1]
 
 
 def instantiate(e2e: EndToEnd, tenant: str, name: str) -> int:
@@ -748,7 +754,7 @@ def test_second_tenant_waits_while_held_and_poweroff_hard_then_terminate_gives_t
         t1 = time.monotonic()
         other = instantiate(e2e, second_tenant, "e2e-second")
         seen: set[tuple[int, int]] = set()
-        refused = wait_refused(e2e, other, vm, 0, seen)
+        wait_refused(e2e, other, vm, "", seen)
         assert snapshot(e2e, vm).owner == str(vm)
         info = e2e.xml("one.vm.info", other, False)
         e2e.record(f"second tenant's VM {other} ({second_tenant}) while VM {vm} holds {SHORT}",
@@ -764,9 +770,10 @@ def test_second_tenant_waits_while_held_and_poweroff_hard_then_terminate_gives_t
         back = check_given_back(e2e, vm, "poweroff --hard", held)
         # oned keeps a powered-off VM's devices reserved: B, made to be scheduled again now (a
         # release places a VM at once; otherwise only every SCHED_RETRY_TIME), is refused again.
+        before_release = scheduler_log(e2e)
         action(e2e, other, "hold")
         action(e2e, other, "release")
-        wait_refused(e2e, other, vm, refused, seen)
+        wait_refused(e2e, other, vm, before_release, seen)
         note(f"e2e: poweroff --hard -> POWEROFF, device back on e1000e, {second_tenant}'s VM refused again: "
              f"{time.monotonic() - t2:.1f} s")
         # B is held while A's terminate is checked (else the scheduler could start B meanwhile),
