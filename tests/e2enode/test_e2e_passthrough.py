@@ -292,9 +292,10 @@ def bring_up_node(e2e: EndToEnd, attempt: int, booting: Future[testnode.Node]) -
     # node before it starts the monitoring agent: it runs while the first probes do.
     setting_up = ThreadPoolExecutor(1).submit(_host_setup, e2e)
 
-    forced: list[float] = []
+    forced = False
 
     def monitored() -> bool:
+        nonlocal forced
         values = _host_values(e2e)
         if values["STATE"] == 3:
             raise AssertionError(f"host {name} in ERROR: {values.get('ERROR', '')}\n"
@@ -302,7 +303,7 @@ def bring_up_node(e2e: EndToEnd, attempt: int, booting: Future[testnode.Node]) -
         ready = "AIF_GPU_COUNT" in values and any(pci.get("SHORT_ADDRESS") == SHORT for pci in values["PCI"])
         if values["STATE"] == 2 and not ready and not forced:
             # MONITORED from a first round without them: the next round is NODE_SYSTEM_PROBES_PERIOD away.
-            forced.append(time.monotonic())
+            forced = True
             e2e.one.run("onehost", "forceupdate", str(e2e.host), timeout=60)
         return values["STATE"] == 2 and ready
 
@@ -732,8 +733,8 @@ def action(e2e: EndToEnd, vm: int, verb: str) -> None:
     e2e.one.client().vm.action(verb, vm)
 
 
-def wait_state(e2e: EndToEnd, vm: int, state: int, what: str) -> None:
-    e2e.wait(f"VM {vm} {what}", lambda: e2e.vm_state(vm)[0] == state, END_TIMEOUT_S, vm)
+def wait_state(e2e: EndToEnd, vm: int, state: int, what: str, timeout: float = END_TIMEOUT_S) -> None:
+    e2e.wait(f"VM {vm} {what}", lambda: e2e.vm_state(vm)[0] == state, timeout, vm)
 
 
 # -- the tests (in order: the first leaves its second VM running for the second) -----------------
@@ -833,8 +834,7 @@ def test_a_domain_stopped_in_the_node_gives_the_device_back(e2e: EndToEnd) -> No
         held = check_running(e2e, vm, "stopped in the node")
         t0 = time.monotonic()
         e2e.in_node(f"virsh -c qemu:///system destroy one-{vm}")
-        e2e.wait(f"VM {vm} POWEROFF seen by oned's monitoring", lambda: e2e.vm_state(vm)[0] == POWEROFF,
-                 MISSING_TIMEOUT_S, vm)
+        wait_state(e2e, vm, POWEROFF, "POWEROFF seen by oned's monitoring", MISSING_TIMEOUT_S)
         period = _vm_probe_period(e2e)
         back = check_given_back(e2e, vm, "domain stopped in the node", held, timeout=PROBE_CYCLES * period)
         note(f"e2e: domain destroyed in the node -> POWEROFF, device back: {time.monotonic() - t0:.1f} s")

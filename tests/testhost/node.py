@@ -208,8 +208,8 @@ class Node:
         if self._stopped:
             return
         self._stopped = True
-        for user in ("root", "oneadmin"):
-            subprocess.run(["ssh", "-o", f"ControlPath={self.out}/mux-%r", "-O", "exit", f"{user}@127.0.0.1"],
+        for socket_path in self.out.glob("mux-*"):  # the shared connections ssh_argv opened
+            subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "127.0.0.1"],
                            capture_output=True, timeout=30, check=False)
         try:
             (self.out / "stop").touch()
